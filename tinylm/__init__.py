@@ -1,0 +1,12 @@
+"""tinylm: a fast, hackable engine for small causal language models."""
+
+from tinylm.config import ModelConfig
+from tinylm.errors import ConfigError, ContextLengthError, TemplateError, TinyLMError, WeightsError
+from tinylm.llm import LLM, RequestOutput, load
+from tinylm.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM", "ModelConfig", "RequestOutput", "SamplingParams", "load",
+    "TinyLMError", "ConfigError", "WeightsError", "TemplateError", "ContextLengthError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""ModelConfig: one dataclass for every family, built from config.json (transformers 4.x or 5.x) or GGUF metadata.
+
+Differences between families are explicit flags (attention_bias, qk_norm, num_experts, ...), never name checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinylm.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+# Keys each RoPE scaling type needs, as transformers' modeling_rope_utils reads them.
+_ROPE_REQUIRED = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    # RoPE: base, scaling (normalized: {"rope_type": ..., factor, ...} or None) and the rotated fraction of head_dim.
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
+    # Attention flags: biases on q/k/v (Qwen2) and on o (Llama/Qwen3 `attention_bias` covers all four).
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    # Sparse MoE (Qwen3-MoE): 0 experts means every layer is a dense SwiGLU MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # Token ids and the dtype the checkpoint was saved in (informational).
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unknown architecture model_type={self.model_type!r}; tinylm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                     "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (only {SUPPORTED_ACTIVATIONS})")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} gives an odd or empty rotary dim")
+        self._check_rope_scaling()
+        self._check_moe()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling is None:
+            return
+        rope_type = self.rope_scaling.get("rope_type")
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"unsupported RoPE scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        missing = [k for k in _ROPE_REQUIRED[rope_type] if self.rope_scaling.get(k) is None]
+        if missing:
+            raise ConfigError(f"RoPE scaling {rope_type!r} needs {', '.join(missing)}")
+
+    def _check_moe(self) -> None:
+        if not self.num_experts:
+            return
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}"
+            )
+        if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
+            raise ConfigError("a MoE config needs moe_intermediate_size > 0 and decoder_sparse_step > 0")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"mlp_only_layers {bad} are outside 0..{self.num_hidden_layers - 1}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Qwen3-MoE rule: sparse unless listed in mlp_only_layers, every `decoder_sparse_step`-th layer."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is not a JSON object")
+        return cls.from_hf_dict(data)
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Normalize a transformers config.json (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        model_type = data.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unknown architecture model_type={model_type!r} (architectures={data.get('architectures')}); "
+                f"tinylm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            return cls(**_hf_fields(data, model_type))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"config.json for {model_type} is missing or has a bad field: {exc}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that transformers 4.x and 5.x both load (rope_theta + rope_scaling, the hub format)."""
+        data = {
+            "architectures": [_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": self.hidden_act,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id or None,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.torch_dtype or "float32",
+        }
+        if self.partial_rotary_factor != 1.0:
+            data["partial_rotary_factor"] = self.partial_rotary_factor
+        data.update(_family_flags_to_hf(self))
+        return data
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+def _hf_fields(data: dict[str, Any], model_type: str) -> dict[str, Any]:
+    heads = data["num_attention_heads"]
+    rope_theta, rope_scaling, partial = _normalize_rope(data)
+    fields = {
+        "model_type": model_type,
+        "vocab_size": data["vocab_size"],
+        "hidden_size": data["hidden_size"],
+        "intermediate_size": data["intermediate_size"],
+        "num_hidden_layers": data["num_hidden_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": data.get("num_key_value_heads") or heads,
+        "head_dim": data.get("head_dim") or data["hidden_size"] // heads,
+        "max_position_embeddings": data.get("max_position_embeddings", 2048),
+        "rms_norm_eps": data.get("rms_norm_eps", 1e-6),
+        "hidden_act": data.get("hidden_act", "silu"),
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "partial_rotary_factor": partial,
+        "tie_word_embeddings": bool(data.get("tie_word_embeddings", False)),
+        "bos_token_id": data.get("bos_token_id"),
+        "eos_token_id": _as_id_list(data.get("eos_token_id")),
+        "pad_token_id": data.get("pad_token_id"),
+        "torch_dtype": data.get("torch_dtype") or data.get("dtype"),
+    }
+    fields.update(_family_flags_from_hf(data, model_type))
+    return fields
+
+
+def _family_flags_from_hf(data: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The per-family meaning of transformers' flags, from each family's modeling file."""
+    bias = bool(data.get("attention_bias", False))
+    if model_type == "qwen2":
+        # modeling_qwen2: q/k/v always carry a bias, o_proj never does.
+        flags = {"qkv_bias": True, "o_bias": False}
+    else:
+        flags = {"qkv_bias": bias, "o_bias": bias}
+    flags["mlp_bias"] = bool(data.get("mlp_bias", False))
+    flags["qk_norm"] = model_type in ("qwen3", "qwen3_moe")
+    if model_type == "qwen2" and data.get("use_sliding_window"):
+        raise ConfigError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+    if model_type == "qwen3_moe":
+        flags.update(
+            num_experts=data.get("num_experts") or data.get("num_local_experts") or 0,
+            num_experts_per_tok=data.get("num_experts_per_tok", 0),
+            moe_intermediate_size=data.get("moe_intermediate_size", 0),
+            norm_topk_prob=bool(data.get("norm_topk_prob", False)),
+            decoder_sparse_step=data.get("decoder_sparse_step", 1),
+            mlp_only_layers=list(data.get("mlp_only_layers") or []),
+        )
+    return flags
+
+
+def _family_flags_to_hf(config: ModelConfig) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if config.model_type == "qwen2":
+        if config.o_bias or not config.qkv_bias:
+            raise ConfigError("a qwen2 config must have q/k/v biases and no o_proj bias")
+        data["use_sliding_window"] = False
+    else:
+        if config.qkv_bias != config.o_bias:
+            raise ConfigError(f"{config.model_type} has one attention_bias flag for q/k/v/o")
+        data["attention_bias"] = config.qkv_bias
+    if config.model_type == "llama":
+        data["mlp_bias"] = config.mlp_bias
+    if config.model_type == "qwen3_moe":
+        data.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=config.mlp_only_layers,
+        )
+    return data
+
+
+def _normalize_rope(data: dict[str, Any]) -> tuple[float, dict | None, float]:
+    """Return (rope_theta, rope_scaling or None, partial_rotary_factor) from either config format."""
+    params = data.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError("per-layer-type rope_parameters are not supported for this architecture")
+    scaling = dict(params or data.get("rope_scaling") or {})
+    theta = scaling.pop("rope_theta", None) or data.get("rope_theta") or 10000.0
+    partial = scaling.pop("partial_rotary_factor", None) or data.get("partial_rotary_factor") or 1.0
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type == "default":
+        return float(theta), None, float(partial)
+    if rope_type in ("yarn", "llama3"):
+        scaling.setdefault("original_max_position_embeddings", data.get("max_position_embeddings"))
+    return float(theta), {"rope_type": rope_type, **scaling}, float(partial)
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]

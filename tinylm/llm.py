@@ -1,0 +1,160 @@
+"""The public API, shaped like vLLM's: `load()` -> `LLM` with forward, generate, stream and chat."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tinylm import hub
+from tinylm.engine.generate import StepEvent, TokenLogprob, generate_steps
+from tinylm.errors import ConfigError
+from tinylm.model.transformer import CausalLMOutput
+from tinylm.sampling_params import SamplingParams
+from tinylm.weights.loader import LoadedModel, load_model
+
+Prompt = str | Sequence[int]
+Message = dict
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
+
+
+class LLM:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.model.config
+        self.tokenizer = loaded.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None) -> CausalLMOutput:
+        """Full-sequence forward: logits (B, T, V) and the HF-convention loss when labels are given."""
+        tensors = [_as_batch(x, self.device) for x in (input_ids, attention_mask, labels, position_ids)]
+        with torch.inference_mode():
+            return self.model(tensors[0], attention_mask=tensors[1], labels=tensors[2], position_ids=tensors[3])
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Complete each prompt (text, or a list of token ids); several prompts run as one padded batch."""
+        prompts, params = self._normalize(prompts, sampling_params)
+        outputs = [RequestOutput(p if isinstance(p, str) else None, ids) for p, ids in prompts]
+        for events in self._steps([ids for _, ids in prompts], params):
+            for event in events:
+                _collect(outputs[event.index], event, params[event.index])
+        return outputs
+
+    def stream(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
+               ) -> Iterator[StepEvent]:
+        """Yield each generated token as a StepEvent (index, token_id, text delta, logprob, finish_reason).
+
+        `text` deltas never split a UTF-8 character and never show part of a stop string.
+        """
+        prompts, params = self._normalize(prompts, sampling_params)
+        for events in self._steps([ids for _, ids in prompts], params):
+            yield from events
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, **template_kwargs
+             ) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or several; the model's chat template is applied."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, **template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def apply_chat_template(self, messages: list[Message], **kwargs) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer; chat needs one")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer; pass token ids instead of text")
+        return self.tokenizer.encode(text)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_id)
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.eos_token_ids)
+        return ids
+
+    def info(self) -> dict:
+        params = {id(p): p for p in self.model.parameters()}.values()
+        return {
+            "source": str(self.loaded.source),
+            "format": self.loaded.format,
+            "architecture": self.config.model_type,
+            "layers": self.config.num_hidden_layers,
+            "hidden_size": self.config.hidden_size,
+            "heads": f"{self.config.num_attention_heads} query / {self.config.num_key_value_heads} kv",
+            "vocab_size": self.config.vocab_size,
+            "context": self.config.max_position_embeddings,
+            "parameters": sum(p.numel() for p in params),
+            "bytes": sum(p.numel() * p.element_size() for p in params),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
+
+    def _normalize(self, prompts, sampling_params) -> tuple[list[tuple[Prompt, list[int]]], list[SamplingParams]]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        pairs = [(p, self.encode(p) if isinstance(p, str) else [int(t) for t in p]) for p in prompts]
+        for _, ids in pairs:
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(pairs)
+        if len(params) != len(pairs):
+            raise ValueError(f"{len(params)} SamplingParams for {len(pairs)} prompts")
+        return pairs, params
+
+    def _steps(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[StepEvent]]:
+        return generate_steps(self.model, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+
+
+def _collect(output: RequestOutput, event: StepEvent, params: SamplingParams) -> None:
+    output.token_ids.append(event.token_id)
+    output.text += event.text
+    output.finish_reason = event.finish_reason
+    if params.logprobs is not None:
+        output.logprobs = (output.logprobs or []) + [event.logprob]
+
+
+def _as_batch(value, device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    if tensor.dim() == 1:
+        tensor = tensor[None]
+    return tensor.to(device)
+
+
+def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
+         quantize: str | None = None) -> LLM:
+    """Load a built-in model name, a Hugging Face folder, or a .gguf file."""
+    if quantize is not None:
+        raise ConfigError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
+    return LLM(load_model(hub.resolve(model), dtype=dtype, device=device))

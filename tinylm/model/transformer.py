@@ -1,0 +1,131 @@
+"""The one decoder: embeddings, a stack of blocks (mixer + FFN chosen per layer from the config), norm, LM head.
+
+Module names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`) so weights load as stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm.config import ModelConfig
+from tinylm.errors import ContextLengthError
+from tinylm.model.attention import Attention
+from tinylm.model.layers import MLP, RMSNorm
+from tinylm.model.moe import SparseMoE
+from tinylm.model.rotary import RotaryEmbedding
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, k, V) with logits_to_keep=k
+    loss: torch.Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache=None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids (B, T). attention_mask (B, past+T) with 1 for real tokens, 0 for padding (HF convention).
+
+        Positions default to the count of real tokens before each one, so left- and right-padded rows give the
+        same logits at real tokens as unpadded input.
+        """
+        past = cache.length if cache is not None else 0
+        batch, seq = input_ids.shape
+        self._check_length(past + seq)
+        if position_ids is None:
+            position_ids = _default_positions(attention_mask, past, seq, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        mask = build_attention_mask(attention_mask, past, seq, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(seq)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.model.norm(x))
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def _check_length(self, total: int) -> None:
+        limit = self.config.max_position_embeddings
+        if total > limit:
+            raise ContextLengthError(
+                f"sequence of {total} tokens exceeds the model's context of {limit} tokens"
+            )
+
+
+def _default_positions(attention_mask: torch.Tensor | None, past: int, seq: int, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.arange(past, past + seq, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, past+T): index among the row's real tokens
+    return positions.clamp(min=0)[:, -seq:]
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, past: int, seq: int, device) -> torch.Tensor | None:
+    """Boolean mask (B, 1, T, past+T): causal AND key is a real token. None when plain causal suffices.
+
+    Every query may always see itself, so a padding query never has an all-masked row (which gives NaN in SDPA
+    and, through its K/V, could poison nothing else but would still trip NaN checks).
+    """
+    if attention_mask is None:
+        if past == 0 or seq == 1:
+            return None  # SDPA's is_causal (prefill) or no mask at all (one new token sees every key)
+        attention_mask = torch.ones(1, past + seq, dtype=torch.bool, device=device)
+    total = past + seq
+    if attention_mask.shape[-1] != total:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {total}")
+    query_pos = torch.arange(past, total, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(total, device=device)[None, :]  # (1, S)
+    causal = key_pos <= query_pos  # (T, S)
+    mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
+    mask = mask | (key_pos == query_pos)[None]
+    return mask[:, None]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hugging Face convention: predict labels[t+1] from position t; -100 ignored; mean over counted tokens."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
