@@ -1,0 +1,195 @@
+"""`tinylm` command line: generate, chat, convert, info. Bad input ends in one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import tinylm
+from tinylm.errors import TinyLMError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (TinyLMError, ValueError, OSError) as exc:
+        return _fail(exc)
+    except Exception as exc:  # last resort: still one line, with the way to see more
+        if os.environ.get("TINYLM_DEBUG"):
+            raise
+        return _fail(exc, prefix="internal error: ", hint=" (set TINYLM_DEBUG=1 for a traceback)")
+
+
+def _fail(exc: BaseException, prefix: str = "", hint: str = "") -> int:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"tinylm: error: {prefix}{message}{hint}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinylm", description="Run small causal language models.")
+    parser.add_argument("--version", action="version", version=f"tinylm {tinylm.__version__}")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="raw completion of a prompt, printed as it streams")
+    _model_args(gen)
+    _sampling_args(gen, max_tokens=128)
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="multi-turn chat; with -m, answer one message and exit")
+    _model_args(chat)
+    _sampling_args(chat, max_tokens=256)
+    chat.add_argument("-m", "--message", help="answer this one message and exit")
+    chat.add_argument("--system", help="system prompt")
+    chat.set_defaults(handler=cmd_chat)
+
+    convert = commands.add_parser("convert", help="GGUF file -> Hugging Face folder (safetensors)")
+    convert.add_argument("source", type=Path, metavar="SOURCE")
+    convert.add_argument("dest", type=Path, metavar="DEST")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    convert.set_defaults(handler=cmd_convert)
+
+    info = commands.add_parser("info", help="architecture, parameter count and bytes of a model")
+    _model_args(info)
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="built-in name, Hugging Face folder or .gguf file (default: smollm2-135m-instruct)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 where the CPU or GPU computes it natively, else float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args) -> tinylm.SamplingParams:
+    return tinylm.SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos,
+    )
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if _cpu_has_native_bf16() else "float32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_from_args(args) -> tinylm.LLM:
+    return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
+
+
+def cmd_generate(args) -> int:
+    params = sampling_params(args)
+    llm = load_from_args(args)
+    _print_stream(llm, args.prompt, params)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = sampling_params(args)
+    llm = load_from_args(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message is not None:
+        history.append({"role": "user", "content": args.message})
+        _print_stream(llm, llm.apply_chat_template(history), params)
+        return 0
+    return _repl(llm, history, params)
+
+
+def _repl(llm: tinylm.LLM, history: list[dict], params: tinylm.SamplingParams) -> int:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("tinylm chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    start = list(history)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history[:] = start
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            answer = _print_stream(llm, llm.apply_chat_template(history), params)
+        except (TinyLMError, ValueError) as exc:  # e.g. the history outgrew the context: say so, keep the session
+            history.pop()
+            _fail(exc)
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+def _print_stream(llm: tinylm.LLM, prompt, params: tinylm.SamplingParams) -> str:
+    text = []
+    for event in llm.stream(prompt, params):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        text.append(event.text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def cmd_convert(args) -> int:
+    from tinylm.weights.convert import convert_gguf_to_hf
+
+    dest = convert_gguf_to_hf(args.source, args.dest, dtype=args.dtype)
+    print(f"wrote {dest}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    info = load_from_args(args).info()
+    for key, value in info.items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f}M)"
+        elif key == "bytes":
+            value = f"{value:,} ({value / 2**20:.1f} MiB in {info['dtype']})"
+        print(f"{key:>13}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
