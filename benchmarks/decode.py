@@ -1,0 +1,100 @@
+"""Decode speed at batch 1, tinylm vs transformers, side by side in one run, on the same GGUF weights.
+
+    .venv/bin/python benchmarks/decode.py --dtypes float32 bfloat16 --new-tokens 128
+
+Both sides decode greedily from the same prompt with EOS ignored, so they produce the same number of tokens.
+Prefill is timed apart from decode; decode tokens/s = (new tokens - 1) / decode time. Best of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import tinylm
+from tinylm import hub
+
+PROMPT = "The history of the city of Paris begins"
+
+
+def tinylm_decode(llm: tinylm.LLM, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) from the streaming API's first and last token times."""
+    params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for _ in llm.stream([prompt_ids], params):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, (count - 1) / (end - first)
+
+
+def transformers_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+    from transformers import StoppingCriteria
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = torch.tensor([prompt_ids])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, stopping_criteria=[Stamp()], pad_token_id=0)
+    return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def load_transformers(gguf: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def best(fn, repeats: int) -> tuple[float, float]:
+    runs = [fn() for _ in range(repeats)]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores, {mem:.0f} GiB, {platform.machine()}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=hub.DEFAULT_MODEL)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    gguf = hub.resolve(args.model)
+    print(f"machine: {machine()}; model: {gguf.name}; batch 1; {args.new_tokens} new tokens; "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'dtype':>9} | {'tinylm tok/s':>12} | {'transformers tok/s':>18} | {'ratio':>5} | prefill ms (tinylm / hf)")
+    for dtype in args.dtypes:
+        llm = tinylm.load(gguf, dtype=dtype)
+        prompt_ids = llm.encode(PROMPT)
+        tinylm_decode(llm, prompt_ids, 8)  # warm-up
+        ours = best(lambda: tinylm_decode(llm, prompt_ids, args.new_tokens), args.repeats)
+        del llm
+        model = load_transformers(gguf, getattr(torch, dtype))
+        transformers_decode(model, prompt_ids, 8)
+        ref = best(lambda: transformers_decode(model, prompt_ids, args.new_tokens), args.repeats)
+        del model
+        print(f"{dtype:>9} | {ours[1]:12.1f} | {ref[1]:18.1f} | {ours[1] / ref[1]:5.2f} | "
+              f"{ours[0] * 1e3:.0f} / {ref[0] * 1e3:.0f}")
+
+
+if __name__ == "__main__":
+    main()
