@@ -1,0 +1,260 @@
+"""Tokenizer: a Hugging Face `tokenizers` backend, the special tokens, and the chat templates of a model.
+
+tokenizer.json is taken as written: its normalizer, pre-tokenizer, decoder and post-processor decide everything,
+including whether BOS is added. transformers 5 instead rebuilds the pipeline for some `tokenizer_class` values
+(LlamaTokenizer switches to a Metaspace pre-tokenizer that adds no "▁" after special tokens; GPT2Tokenizer drops a
+Digits pre-tokenizer such as SmolLM2's), so for those classes its ids can differ from tokenizer.json's; `save()` writes
+`PreTrainedTokenizerFast`, which transformers (4 and 5) loads as written, so both agree on saved folders.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import tokenizers
+
+from tinylm.chat_template import render
+from tinylm.errors import TemplateError
+
+_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+_TEMPLATE_DIR = "additional_chat_templates"  # transformers' CHAT_TEMPLATE_DIR: one named template per .jinja file
+
+
+class Tokenizer:
+    def __init__(self, backend: tokenizers.Tokenizer, *, chat_template: str | Mapping[str, str] | None = None,
+                 bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None,
+                 unk_token: str | None = None, extra_eos_token_ids: Iterable[int] = ()):
+        self.backend = backend
+        # Named templates ("default", "tool_use", ...), as tokenizer_config.json may list several
+        named = chat_template if isinstance(chat_template, Mapping) else {"default": chat_template}
+        self.templates = {name: source for name, source in named.items() if source is not None}
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self._extra_eos_token_ids = {int(i) for i in extra_eos_token_ids}
+        self._mark_special()
+
+    def _mark_special(self) -> None:
+        """Make the named tokens special in the backend, as transformers does on load.
+
+        encode() then matches them whole, and decode(skip_special_tokens=True) drops them. Tokens the vocabulary
+        lacks are not added (transformers adds them): an id past the embedding table would crash the model.
+        """
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        missing = [t for t in self.special_tokens_map.values()
+                   if t not in special and self.backend.token_to_id(t) is not None]
+        if missing:
+            self.backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                             for t in dict.fromkeys(missing)])
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        """A Hugging Face folder: tokenizer.json, tokenizer_config.json, and the optional files beside them."""
+        folder = Path(folder)
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust side raises plain Exceptions for missing and malformed files
+            raise TemplateError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
+        config = _read_json(folder / "tokenizer_config.json")
+        tokens = {name: _token_text(config.get(name)) for name in _TOKEN_NAMES}
+        if "added_tokens_decoder" not in config:  # older folders: special_tokens_map.json wins, as in transformers
+            legacy = _read_json(folder / "special_tokens_map.json")
+            tokens.update({name: _token_text(legacy[name]) for name in _TOKEN_NAMES if name in legacy})
+        eos_ids = _read_json(folder / "generation_config.json").get("eos_token_id")
+        eos_ids = [eos_ids] if isinstance(eos_ids, int) else eos_ids or []
+        return cls(backend, chat_template=_find_templates(folder, config), extra_eos_token_ids=eos_ids, **tokens)
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json so that tinylm and transformers load the same tokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  **self.special_tokens_map}
+        if set(self.templates) == {"default"}:
+            config["chat_template"] = self.templates["default"]
+        elif self.templates:
+            config["chat_template"] = [{"name": n, "template": t} for n, t in self.templates.items()]
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        # A chat_template.jinja left from another tokenizer would override the config's template in both loaders
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+
+    # --- text <-> ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with add_special_tokens, tokenizer.json's post-processor adds BOS/EOS if it says so."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def token_to_id(self, s: str) -> int | None:
+        return self.backend.token_to_id(s)
+
+    # --- chat
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            tools: list[dict] | None = None, **kwargs) -> str | list[int]:
+        """Render `messages` as transformers does; extra kwargs reach the template (e.g. enable_thinking=False).
+
+        `chat_template=` picks a named template or passes a template's source; `continue_final_message=True`
+        leaves the last message open, to prefill the reply.
+        """
+        source = self._template_for(kwargs.pop("chat_template", None), tools)
+        if not messages:
+            raise TemplateError("cannot apply a chat template to an empty conversation")
+        # The special tokens are template variables; explicit kwargs override them
+        text = render(source, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                      **{**self.special_tokens_map, **kwargs})
+        # The template writes BOS itself where the model wants it, so no post-processor tokens are added
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _template_for(self, name_or_source: str | None, tools: list | None) -> str:
+        """transformers' `get_chat_template`: a name, else "tool_use" when tools are given, else "default"."""
+        if name_or_source is not None:
+            return self.templates.get(name_or_source, name_or_source)
+        if tools is not None and "tool_use" in self.templates:
+            return self.templates["tool_use"]
+        if "default" not in self.templates:
+            names = f" (it has named templates {sorted(self.templates)}; pass chat_template=NAME)" if self.templates \
+                else ""
+            raise TemplateError(f"this tokenizer has no default chat template{names}")
+        return self.templates["default"]
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.templates.get("default")
+
+    @chat_template.setter
+    def chat_template(self, source: str) -> None:
+        self.templates["default"] = source
+
+    # --- special tokens
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set, as the template sees them."""
+        return {name: getattr(self, name) for name in _TOKEN_NAMES if getattr(self, name) is not None}
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id(self.pad_token)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id(self.unk_token)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends generation: eos_token's, plus e.g. generation_config.json's eos list."""
+        ids = set(self._extra_eos_token_ids)
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, {self.special_tokens_map}, templates={sorted(self.templates)})"
+
+
+class IncrementalDecoder:
+    """Streaming detokenizer: push token ids one at a time, get back only new, complete text.
+
+    The prefix-offset technique of TGI and vLLM (`detokenize_incrementally`): decode a short window that starts a
+    few tokens back, and emit what the newest tokens add to it. Decoding a window rather than single tokens keeps
+    SentencePiece's "▁" spaces and the decoder's start-of-text stripping right, and costs O(1) per token. Text that
+    ends in U+FFFD is an incomplete UTF-8 character (byte-fallback or byte-level tokens) and is held back. Special
+    tokens that decode() would skip never enter the window: they add no text, and a run of them (padding, repeated
+    EOS) would otherwise widen it without bound.
+    """
+
+    _CONTEXT = 5  # prompt tokens decoded before the first new one, as vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        added = tokenizer.backend.get_added_tokens_decoder() if skip_special_tokens else {}
+        self._skipped = {i for i, token in added.items() if token.special}
+        # The window: only its tail is ever decoded again
+        self._ids = [i for i in map(int, prompt_ids) if i not in self._skipped][-self._CONTEXT:]
+        self._prefix = 0  # window[_prefix:_read] is text already emitted, decoded again for context
+        self._read = len(self._ids)  # window[_read:] is not emitted yet
+        self._chunks: list[str] = []
+
+    def push(self, token_id: int) -> str:
+        if int(token_id) in self._skipped:
+            return ""
+        self._ids.append(int(token_id))
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # nothing new yet, or a character still missing some of its bytes
+        return self._emit(new_text[len(prefix_text):])
+
+    def flush(self) -> str:
+        """Whatever is still held back (a character that never completed) at the end of the stream."""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        return self._emit(new_text[len(prefix_text):]) if len(new_text) > len(prefix_text) else ""
+
+    def _emit(self, text: str) -> str:
+        # The emitted tokens become the next window's context; older tokens are dropped so memory stays bounded
+        self._ids = self._ids[self._read:]
+        self._prefix, self._read = 0, len(self._ids)
+        self._chunks.append(text)
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        return "".join(self._chunks)
+
+
+def _read_json(path: Path) -> dict:
+    """An optional JSON object: {} when the file is absent, TemplateError when it is unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TemplateError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise TemplateError(f"{path} must hold a JSON object")
+    return data
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with "content"."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _find_templates(folder: Path, config: dict) -> dict[str, str]:
+    """Template files (chat_template.jinja, additional_chat_templates/*.jinja) win over the config's entry."""
+    files = {"default": folder / "chat_template.jinja"} if (folder / "chat_template.jinja").is_file() else {}
+    files.update({p.stem: p for p in sorted((folder / _TEMPLATE_DIR).glob("*.jinja"))})
+    if files:
+        return {name: path.read_text(encoding="utf-8") for name, path in files.items()}
+    entry = config.get("chat_template")
+    if isinstance(entry, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        return {t["name"]: t["template"] for t in entry}
+    return {"default": entry} if entry else {}
