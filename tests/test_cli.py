@@ -1,0 +1,105 @@
+"""The `tinylm` command line: answers on the default model, and one-line errors (no traceback) on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tinylm.cli import main
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tinylm: error:"), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0]
+
+
+def test_chat_once_answers_paris(capsys, smollm2_gguf):
+    code, out, _ = _run(capsys, "chat", "--model", str(smollm2_gguf), "-m", "What is the capital of France?",
+                        "--temperature", "0", "--max-tokens", "24")
+    assert code == 0 and "Paris" in out
+
+
+def test_chat_with_the_builtin_default_as_a_user_runs_it(smollm2_gguf):
+    """No --model: the built-in default (already cached by the fixture), in a real process."""
+    result = subprocess.run([sys.executable, "-m", "tinylm.cli", "chat", "-m", "What is the capital of France?",
+                             "--temperature", "0", "--max-tokens", "16"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_chat_repl_keeps_history(monkeypatch, capsys, smollm2_gguf):
+    """The second turn's prompt holds the first question and the model's first answer."""
+    import io
+
+    import tinylm
+
+    seen: list[list[dict]] = []
+    original = tinylm.LLM.apply_chat_template
+
+    def spy(self, messages, **kwargs):
+        seen.append([dict(m) for m in messages])
+        return original(self, messages, **kwargs)
+
+    monkeypatch.setattr(tinylm.LLM, "apply_chat_template", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("My name is Ada.\n/reset\nHi\nWhat is my name?\n"))
+    code, out, _ = _run(capsys, "chat", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "12")
+    assert code == 0
+    first_answer = out.splitlines()[0]
+    assert seen[0] == [{"role": "user", "content": "My name is Ada."}]
+    assert seen[1] == [{"role": "user", "content": "Hi"}]  # /reset dropped the first exchange
+    assert seen[2][:2] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": seen[2][1]["content"]}]
+    assert seen[2][1]["content"].strip() and seen[2][2] == {"role": "user", "content": "What is my name?"}
+    assert first_answer.strip()
+
+
+def test_generate_streams_text(capsys, smollm2_gguf):
+    code, out, _ = _run(capsys, "generate", "--model", str(smollm2_gguf), "--temperature", "0",
+                        "--max-tokens", "8", "The capital of France is")
+    assert code == 0 and out.strip()
+
+
+def test_info_reports_architecture_and_size(capsys, smollm2_gguf):
+    code, out, _ = _run(capsys, "info", "--model", str(smollm2_gguf), "--dtype", "float32")
+    assert code == 0
+    assert "llama" in out and "134,515,008" in out
+
+
+def test_unknown_model_is_one_line(capsys):
+    code, _, err = _run(capsys, "generate", "--model", "no-such-model", "hi")
+    _assert_one_line_error(code, err, "no-such-model")
+
+
+def test_over_long_prompt_is_one_line(capsys, smollm2_gguf):
+    prompt = "hello " * 9000
+    code, _, err = _run(capsys, "generate", "--model", str(smollm2_gguf), prompt)
+    _assert_one_line_error(code, err, "8192")
+
+
+def test_invalid_sampling_parameter_is_one_line(capsys, smollm2_gguf):
+    code, _, err = _run(capsys, "generate", "--model", str(smollm2_gguf), "--top-p", "0", "hi")
+    _assert_one_line_error(code, err, "top_p")
+
+
+def test_corrupt_gguf_is_one_line(capsys, smollm2_gguf, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(smollm2_gguf.read_bytes()[:1_000_000])
+    code, _, err = _run(capsys, "info", "--model", str(broken))
+    _assert_one_line_error(code, err, "broken.gguf")
+
+
+def test_unknown_architecture_folder_is_one_line(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}')
+    code, _, err = _run(capsys, "info", "--model", str(tmp_path))
+    _assert_one_line_error(code, err, "mamba")
