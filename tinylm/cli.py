@@ -187,6 +187,8 @@ def cmd_info(args) -> int:
             value = f"{value:,} ({value / 1e6:.1f}M)"
         elif key == "bytes":
             value = f"{value:,} ({value / 2**20:.1f} MiB in {info['dtype']})"
+        elif key == "file_bytes":
+            value = f"{value:,} ({value / 2**20:.1f} MiB on disk)"
         print(f"{key:>13}: {value}")
     return 0
 

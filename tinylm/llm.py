@@ -112,6 +112,7 @@ class LLM:
             "context": self.config.max_position_embeddings,
             "parameters": sum(p.numel() for p in params),
             "bytes": sum(p.numel() * p.element_size() for p in params),
+            "file_bytes": _file_bytes(self.loaded.source),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
         }
@@ -141,6 +142,12 @@ def _collect(output: RequestOutput, event: StepEvent, params: SamplingParams) ->
     output.finish_reason = event.finish_reason
     if params.logprobs is not None:
         output.logprobs = (output.logprobs or []) + [event.logprob]
+
+
+def _file_bytes(source) -> int:
+    if source.is_dir():
+        return sum(p.stat().st_size for p in source.iterdir() if p.is_file())
+    return source.stat().st_size
 
 
 def _as_batch(value, device) -> torch.Tensor | None:
