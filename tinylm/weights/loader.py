@@ -79,22 +79,10 @@ def load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
     from tinylm.weights.gguf import load_gguf
 
     gguf_model = load_gguf(path, dtype=dtype)
-    model = build_model(gguf_model.config)
-    _check_gguf_shapes(path, expected_shapes(model), gguf_model.tensors, gguf_model.config.tie_word_embeddings)
+    model = build_model(gguf_model.config)  # load_gguf already checked every tensor's name and shape
     assign_weights(model, gguf_model.tensors, dtype, device)
     return LoadedModel(model=model, tokenizer=gguf_model.tokenizer, source=path, format="gguf",
                        metadata=gguf_model.metadata)
-
-
-def _check_gguf_shapes(path: Path, expected: dict, tensors: dict, tied: bool) -> None:
-    for name, shape in expected.items():
-        if name not in tensors:
-            if name == "lm_head.weight" and tied:
-                continue
-            raise WeightsError(f"{path.name}: missing tensor {name}")
-        if tuple(tensors[name].shape) != shape:
-            raise WeightsError(f"{path.name}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                               f"the config needs {shape}")
 
 
 def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:

@@ -151,6 +151,9 @@ def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], metadata: di
     plain = {name: t.detach().contiguous().clone() if _shares_storage(t, tensors) else t.detach().contiguous()
              for name, t in tensors.items()}
     save_file(plain, str(path), metadata={"format": "pt", **(metadata or {})})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # safetensors writes through a private temp file (0600); give it normal permissions
     write_manifest(folder)
     return path
 

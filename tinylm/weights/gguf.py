@@ -1,0 +1,340 @@
+"""GGUF files (llama.cpp's format) -> a ModelConfig, a state dict in Hugging Face names, and a Tokenizer.
+
+Parsing and dequantization are the `gguf` package's: GGUFReader memory-maps the file and `gguf.quants.dequantize`
+decodes the blocks. This module adds the metadata -> ModelConfig map, the tensor-name map, the undoing of llama.cpp's
+q/k row permutation, and checks that turn every malformed file into a one-line WeightsError.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+from tinylm.config import ModelConfig
+from tinylm.errors import ConfigError, WeightsError
+from tinylm.weights.gguf_tokenizer import build_tokenizer
+
+# Tensor types tinylm dequantizes; each is checked bit-exact against gguf.quants in tests/weights/test_gguf.py.
+SUPPORTED_TYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0,
+                             QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
+_BIG_ARRAY = 64  # metadata arrays longer than this (tokens, merges, scores) are left out of GGUFModel.metadata
+
+
+@dataclass(frozen=True)
+class _Arch:
+    model_type: str
+    # llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute` interleaves the two rotary halves of each q/k head
+    # (HF's rotate_half layout -> GPT-J's pairs) for the llama architecture only; Qwen2Model/Qwen3Model do not.
+    permuted_qk: bool
+
+
+ARCHITECTURES = {"llama": _Arch("llama", True), "qwen2": _Arch("qwen2", False), "qwen3": _Arch("qwen3", False)}
+
+# GGUF tensor names -> Hugging Face module names; the suffix (.weight / .bias) carries over.
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 RoPE factors: read into config.rope_scaling, not a weight
+
+
+@dataclass
+class GGUFModel:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # HF names; lm_head.weight absent when tied
+    tokenizer: Any  # tinylm.tokenizer.Tokenizer, or None for a file without tokenizer.ggml.* metadata
+    metadata: dict = field(default_factory=dict)  # plain key/values (no big arrays), for `tinylm info`
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
+    """Read a GGUF file: config, dequantized tensors cast to `dtype`, tokenizer and metadata."""
+    path = Path(path)
+    reader = _open(path)
+    meta = _fields(reader, path)
+    config = _wrap(path, "model metadata", _config, reader, meta, path, str(dtype).removeprefix("torch."))
+    expected = expected_shapes(config)
+    tensors = {}
+    for tensor in reader.tensors:
+        if tensor.name == _ROPE_FREQS:
+            continue
+        name = hf_name(tensor.name)
+        if name not in expected:
+            raise WeightsError(f"{path.name}: unexpected tensor {tensor.name!r} for a {config.model_type} model "
+                               f"with {config.num_hidden_layers} layers")
+        tensors[name] = _read_tensor(tensor, expected[name], path).to(dtype)
+    _check_complete(path, expected, tensors)
+    if ARCHITECTURES[meta["general.architecture"]].permuted_qk:
+        _unpermute_qk(tensors, config)
+    tokenizer = _wrap(path, "tokenizer metadata", build_tokenizer, {**meta, **_fields(reader, path, long_arrays=True)})
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:  # ids past the embedding would crash
+        raise WeightsError(f"{path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+                           f"{config.vocab_size} rows")
+    return GGUFModel(config=config, tensors=tensors, tokenizer=tokenizer, metadata=meta)
+
+
+def read_gguf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a GGUF file, from its metadata and tensor list only (no weights are decoded)."""
+    path = Path(path)
+    reader = _open(path)
+    return _wrap(path, "model metadata", _config, reader, _fields(reader, path), path, None)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for names tinylm does not map."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _TOP and suffix in ("weight", "bias"):
+        return f"{_TOP[stem]}.{suffix}"
+    match = _LAYER_NAME.fullmatch(gguf_name)
+    if match and match[2] in _LAYER:
+        return f"model.layers.{int(match[1])}.{_LAYER[match[2]]}.{match[3]}"
+    return None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor `config` needs, in HF names and torch shapes (out_features, in_features)."""
+    hidden, head_dim, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+             "self_attn.q_proj.weight": (q_out, hidden), "self_attn.k_proj.weight": (kv_out, hidden),
+             "self_attn.v_proj.weight": (kv_out, hidden), "self_attn.o_proj.weight": (hidden, q_out),
+             "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+             "mlp.down_proj.weight": (hidden, inter)}
+    if config.qkv_bias:
+        layer.update({"self_attn.q_proj.bias": (q_out,), "self_attn.k_proj.bias": (kv_out,),
+                      "self_attn.v_proj.bias": (kv_out,)})
+    if config.o_bias:
+        layer["self_attn.o_proj.bias"] = (hidden,)
+    if config.mlp_bias:
+        layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (hidden,)})
+    if config.qk_norm:
+        layer.update({"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)})
+    for i in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+# --- reading the file
+
+
+class _PastEnd(Exception):
+    pass
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that fails at the first read past the end of the file.
+
+    The stock reader slices its memory map, so reading past the end yields a short array: a truncated string comes
+    back shorter, and an array whose length field is garbage loops over empty reads. Checking every read's bounds
+    turns all of these into one clear error.
+    """
+
+    _itemsize: dict = {}
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        size = self._itemsize.get(dtype) or self._itemsize.setdefault(dtype, np.dtype(dtype).itemsize)
+        end = int(offset) + size * int(count)
+        if end > self.data.size:  # self.data: the whole file as a uint8 memory map
+            raise _PastEnd(f"bytes {int(offset)}..{end} are past its end ({self.data.size} bytes)")
+        return super()._get(offset, dtype, count, override_order)
+
+
+def _open(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such GGUF file")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != b"GGUF":
+        if b"GGUF".startswith(head):
+            raise WeightsError(f"{path.name}: truncated GGUF file ({len(head)} bytes)")
+        raise WeightsError(f"{path.name}: not a GGUF file (starts with {head!r}, not b'GGUF')")
+    try:
+        reader = _CheckedReader(path)
+    except _PastEnd as exc:
+        raise WeightsError(f"{path.name}: truncated or corrupt GGUF file: {exc}") from None
+    except Exception as exc:  # the gguf package raises ValueError, KeyError, IndexError, UnicodeDecodeError, ...
+        raise WeightsError(f"{path.name}: corrupt GGUF header ({_one_line(exc)})") from None
+    if reader.byte_order != "I":
+        raise WeightsError(f"{path.name}: big-endian GGUF files are not supported")
+    return reader
+
+
+def _fields(reader: GGUFReader, path: Path, long_arrays: bool = False) -> dict[str, Any]:
+    """Key/values as plain Python values: the short ones (GGUF.* bookkeeping left out), or the long arrays
+    (tokens, merges, scores, token types) that only the tokenizer needs."""
+    def read() -> dict[str, Any]:
+        return {key: f.contents() for key, f in reader.fields.items()
+                if not key.startswith("GGUF.") and (_array_len(f) > _BIG_ARRAY) == long_arrays}
+    return _wrap(path, "metadata", read)
+
+
+def _array_len(f) -> int:
+    return len(f.data) if f.types and f.types[0] == GGUFValueType.ARRAY else 0
+
+
+def _read_tensor(tensor, shape: tuple[int, ...], path: Path) -> torch.Tensor:
+    """Dequantize one tensor to float32 in torch layout. GGUF lists dims innermost first: ne = (in, out)."""
+    gguf_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if gguf_shape != shape:
+        raise WeightsError(f"{path.name}: tensor {tensor.name!r} has shape {gguf_shape}, the config needs {shape}")
+    if tensor.tensor_type not in SUPPORTED_TYPES:
+        raise WeightsError(f"{path.name}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which tinylm "
+                           f"does not dequantize (supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+    values = _wrap(path, f"tensor {tensor.name!r} ({tensor.tensor_type.name})", dequantize, tensor.data,
+                   tensor.tensor_type)
+    # F32/F16 come back as views of the read-only memory map: copy those so the tensor owns writable memory
+    return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
+
+
+def _check_complete(path: Path, expected: dict, tensors: dict) -> None:
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise WeightsError(f"{path.name}: missing tensors {', '.join(missing[:3])}{more}")
+
+
+def _unpermute_qk(tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Undo `LlamaModel.permute` on q/k weights and biases (rows), as transformers' LlamaTensorProcessor does.
+
+    llama.cpp: w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2); the inverse swaps back from
+    (n_head, rows // n_head // 2, 2, *rest).
+    """
+    for name in list(tensors):
+        if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
+            heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+            w = tensors[name]  # (heads * head_dim, hidden) or (heads * head_dim,)
+            tensors[name] = w.reshape(heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+# --- metadata -> ModelConfig
+
+
+def _config(reader: GGUFReader, meta: dict, path: Path, dtype: str | None) -> ModelConfig:
+    arch_name = meta.get("general.architecture")
+    if arch_name not in ARCHITECTURES:
+        raise ConfigError(f"{path.name}: GGUF architecture {arch_name!r} is not supported "
+                          f"(tinylm reads {', '.join(ARCHITECTURES)})")
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    hp = _Hparams(meta, arch_name, path)
+    heads, hidden = hp.int("attention.head_count"), hp.int("embedding_length")
+    head_dim = hp.int("attention.key_length", hidden // heads)
+    rotary_dim, theta = hp.int("rope.dimension_count", head_dim), float(hp.get("rope.freq_base", 10000.0))
+    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    eos = [_opt_int(meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("eos", "eot", "eom")]
+    return ModelConfig(
+        model_type=ARCHITECTURES[arch_name].model_type,
+        vocab_size=hp.int("vocab_size", shapes.get("token_embd.weight", (0,))[0]),
+        hidden_size=hidden, intermediate_size=hp.int("feed_forward_length"), num_hidden_layers=hp.int("block_count"),
+        num_attention_heads=heads, num_key_value_heads=hp.int("attention.head_count_kv", heads), head_dim=head_dim,
+        max_position_embeddings=hp.int("context_length"),
+        rms_norm_eps=float(hp.get("attention.layer_norm_rms_epsilon", 1e-6)), rope_theta=theta,
+        partial_rotary_factor=rotary_dim / head_dim, rope_scaling=_rope_scaling(hp, freqs, theta, rotary_dim, path),
+        **_flags_from_tensors(set(shapes)),
+        bos_token_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
+        eos_token_id=list(dict.fromkeys(i for i in eos if i is not None)),  # eos, then end-of-turn / end-of-message
+        pad_token_id=_opt_int(meta.get("tokenizer.ggml.padding_token_id")), torch_dtype=dtype,
+    )
+
+
+def _flags_from_tensors(names: set[str]) -> dict[str, bool]:
+    """Features the weights show: biases, q/k norms, a separate output head (principle: detect from tensors)."""
+    def has(suffix: str) -> bool:
+        return any(n.endswith(suffix) for n in names)
+    return {"qkv_bias": has(".attn_q.bias"), "o_bias": has(".attn_output.bias"), "mlp_bias": has(".ffn_up.bias"),
+            "qk_norm": has(".attn_q_norm.weight"), "tie_word_embeddings": "output.weight" not in names}
+
+
+class _Hparams:
+    """`{arch}.key` lookups with one-line errors for missing or mistyped values."""
+
+    def __init__(self, meta: dict, arch: str, path: Path):
+        self.meta, self.arch, self.path = meta, arch, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.get(key, default)
+        if isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]  # a per-layer list with one value (some converters write head counts so)
+        if value is None:
+            raise ConfigError(f"{self.path.name}: GGUF metadata lacks {self.arch}.{key}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.path.name}: GGUF metadata {self.arch}.{key}={value!r} is not an integer")
+        return value
+
+
+def _rope_scaling(hp: _Hparams, freqs, theta: float, rotary_dim: int, path: Path) -> dict | None:
+    """`{arch}.rope.scaling.*` (linear, yarn) or a rope_freqs tensor (llama3) -> HF rope_scaling."""
+    if freqs is not None:
+        values = _wrap(path, f"tensor {_ROPE_FREQS!r}", dequantize, freqs.data, freqs.tensor_type)
+        return _llama3_scaling(np.asarray(values, np.float64).ravel(), theta, rotary_dim, path)
+    kind = hp.get("rope.scaling.type", "none")
+    factor = hp.get("rope.scaling.factor")
+    if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(factor or 1.0)}
+        optional = {"original_max_position_embeddings": "rope.scaling.original_context_length",
+                    "attention_factor": "rope.scaling.yarn_attn_factor", "beta_fast": "rope.scaling.yarn_beta_fast",
+                    "beta_slow": "rope.scaling.yarn_beta_slow"}
+        scaling.update({k: hp.get(key) for k, key in optional.items() if hp.get(key) is not None})
+        return scaling
+    raise ConfigError(f"{path.name}: GGUF RoPE scaling type {kind!r} is not supported (linear, yarn, llama3)")
+
+
+def _llama3_scaling(freqs: np.ndarray, theta: float, rotary_dim: int, path: Path) -> dict:
+    """Recover Llama-3.1 `rope_scaling` from the per-frequency factors llama.cpp stores instead.
+
+    convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors) writes factor 1 for short wavelengths, `factor` for
+    long ones and a smooth blend between, with original_max_position_embeddings read as 8192. Every Llama 3.x uses
+    low_freq_factor=1, high_freq_factor=4; we check the factors match that rule exactly rather than guess.
+    """
+    scaling = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    wavelen, old_ctx = 2 * math.pi / inv_freq, 8192
+    smooth = (old_ctx / wavelen - 1.0) / (4.0 - 1.0)
+    blend = 1 / ((1 - smooth) / scaling["factor"] + smooth)
+    expect = np.where(wavelen < old_ctx / 4.0, 1.0, np.where(wavelen > old_ctx / 1.0, scaling["factor"], blend))
+    if freqs.shape != expect.shape or not np.allclose(freqs, expect, rtol=1e-4):
+        raise ConfigError(f"{path.name}: {_ROPE_FREQS} holds RoPE factors that do not follow Llama-3 scaling")
+    return scaling
+
+
+# --- helpers
+
+
+def _wrap(path: Path, what: str, fn, *args):
+    """Call into the gguf package or the tokenizer builder; any failure becomes one WeightsError line."""
+    try:
+        return fn(*args)
+    except (WeightsError, ConfigError):
+        raise
+    except Exception as exc:
+        raise WeightsError(f"{path.name}: cannot read {what} ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+
+
+def _opt_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
