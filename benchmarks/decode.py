@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/decode.py --dtypes float32 bfloat16 --new-tokens 128
 
 Both sides decode greedily from the same prompt with EOS ignored, so they produce the same number of tokens.
-Prefill is timed apart from decode; decode tokens/s = (new tokens - 1) / decode time. Best of --repeats runs.
+Prefill is timed apart from decode; decode tokens/s = (new tokens - 1) / decode time; end-to-end tokens/s =
+new tokens / (prefill + decode). Best of --repeats runs.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from tinylm import hub
 PROMPT = "The history of the city of Paris begins"
 
 
-def tinylm_decode(llm: tinylm.LLM, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode tokens/s) from the streaming API's first and last token times."""
+def tinylm_decode(llm: tinylm.LLM, prompt_ids: list[int], new_tokens: int) -> tuple[float, float, float]:
+    """(prefill seconds, decode tokens/s, end-to-end tokens/s) from the streaming API's token times."""
     params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     first = None
@@ -33,10 +34,10 @@ def tinylm_decode(llm: tinylm.LLM, prompt_ids: list[int], new_tokens: int) -> tu
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
-    return first - start, (count - 1) / (end - first)
+    return first - start, (count - 1) / (end - first), count / (end - start)
 
 
-def transformers_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+def transformers_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float, float]:
     from transformers import StoppingCriteria
 
     stamps: list[float] = []
@@ -51,7 +52,7 @@ def transformers_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, stopping_criteria=[Stamp()], pad_token_id=0)
-    return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (stamps[-1] - start)
 
 
 def load_transformers(gguf: Path, dtype: torch.dtype):
@@ -61,9 +62,9 @@ def load_transformers(gguf: Path, dtype: torch.dtype):
     return model.to(dtype).eval()
 
 
-def best(fn, repeats: int) -> tuple[float, float]:
+def best(fn, repeats: int) -> tuple[float, float, float]:
     runs = [fn() for _ in range(repeats)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+    return min(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs)
 
 
 def machine() -> str:
@@ -81,7 +82,8 @@ def main() -> None:
     gguf = hub.resolve(args.model)
     print(f"machine: {machine()}; model: {gguf.name}; batch 1; {args.new_tokens} new tokens; "
           f"threads {torch.get_num_threads()}")
-    print(f"{'dtype':>9} | {'tinylm tok/s':>12} | {'transformers tok/s':>18} | {'ratio':>5} | prefill ms (tinylm / hf)")
+    print(f"{'dtype':>9} | {'tinylm decode tok/s':>19} | {'transformers':>12} | {'ratio':>5} | "
+          f"{'end-to-end tok/s (tinylm / hf)':>30} | prefill ms (tinylm / hf)")
     for dtype in args.dtypes:
         llm = tinylm.load(gguf, dtype=dtype)
         prompt_ids = llm.encode(PROMPT)
@@ -92,8 +94,8 @@ def main() -> None:
         transformers_decode(model, prompt_ids, 8)
         ref = best(lambda: transformers_decode(model, prompt_ids, args.new_tokens), args.repeats)
         del model
-        print(f"{dtype:>9} | {ours[1]:12.1f} | {ref[1]:18.1f} | {ours[1] / ref[1]:5.2f} | "
-              f"{ours[0] * 1e3:.0f} / {ref[0] * 1e3:.0f}")
+        print(f"{dtype:>9} | {ours[1]:19.1f} | {ref[1]:12.1f} | {ours[1] / ref[1]:5.2f} | "
+              f"{ours[2]:14.1f} / {ref[2]:<13.1f} | {ours[0] * 1e3:.0f} / {ref[0] * 1e3:.0f}")
 
 
 if __name__ == "__main__":

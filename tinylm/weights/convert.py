@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tinylm.config import ModelConfig
 from tinylm.weights import safetensors_io
+from tinylm.weights.export import generation_config
 from tinylm.weights.gguf import load_gguf
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,13 +36,6 @@ def convert_gguf_to_hf(source: str | Path, dest: str | Path, dtype: str = "float
     # model.safetensors last: save_checkpoint refreshes the manifest over every file in the folder
     safetensors_io.save_checkpoint(dest, model.tensors, metadata={"source": Path(source).name})
     return dest
-
-
-def generation_config(config: ModelConfig) -> dict:
-    """The special ids generate() reads from generation_config.json (eos may be a list: several stop tokens)."""
-    eos = config.eos_token_id
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-            "pad_token_id": config.pad_token_id}
 
 
 def _check_dest(dest: Path) -> None:

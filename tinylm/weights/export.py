@@ -23,14 +23,14 @@ def export_hf_folder(model, folder: str | Path, tokenizer=None, dtype: torch.dty
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(folder)
     safetensors_io.save_checkpoint(folder, state)  # writes the manifest last, over every file above
     return folder
 
 
-def _generation_config(config) -> dict:
+def generation_config(config) -> dict:
     eos = config.eos_token_id
     return {
         "bos_token_id": config.bos_token_id,
