@@ -6,7 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "dev" ] && extras="[dev]"
+log=.venv/bootstrap.log
+
+pip_install() {
+    # pip's build chatter goes to the log; on failure its tail is shown.
+    if ! .venv/bin/python -m pip install --disable-pip-version-check "$@" >>"$log" 2>&1; then
+        echo "bootstrap: pip install $* failed; last lines of $log:" >&2
+        tail -n 25 "$log" >&2
+        exit 1
+    fi
+}
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+: >"$log"
+echo "bootstrap: installing torch==2.13.0 and tinylm${extras} into .venv ..." >&2
+pip_install "torch==2.13.0"
+pip_install -e ".${extras}"

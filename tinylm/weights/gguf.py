@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
+from tqdm import tqdm
 
 from tinylm.config import ModelConfig
 from tinylm.errors import ConfigError, WeightsError
@@ -67,7 +69,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
     config = _wrap(path, "model metadata", _config, reader, meta, path, str(dtype).removeprefix("torch."))
     expected = expected_shapes(config)
     tensors = {}
-    for tensor in reader.tensors:
+    # Dequantizing takes seconds on a CPU: show it (on stderr, and only where someone is watching).
+    progress = tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", file=sys.stderr, leave=False,
+                    disable=not sys.stderr.isatty())
+    for tensor in progress:
         if tensor.name == _ROPE_FREQS:
             continue
         name = hf_name(tensor.name)
