@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinylm.config_qed import qed_fields, qed_to_hf
 from tinylm.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qed")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -50,6 +51,7 @@ class ModelConfig:
     qk_norm: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    lm_head_bias: bool = False  # QED: the output head has a bias even when its weight is tied to the embedding
     # Sparse MoE (Qwen3-MoE): 0 experts means every layer is a dense SwiGLU MLP.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -59,11 +61,12 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     # Token ids and the dtype the checkpoint was saved in (informational).
     bos_token_id: int | None = None
-    eos_token_id: list[int] = field(default_factory=list)
+    eos_token_id: list[int] = field(default_factory=list)  # an int or list is accepted and normalized
     pad_token_id: int | None = None
     torch_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        self.eos_token_id = _as_id_list(self.eos_token_id)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unknown architecture model_type={self.model_type!r}; tinylm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -140,12 +143,16 @@ class ModelConfig:
                 f"tinylm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         try:
-            return cls(**_hf_fields(data, model_type))
+            return cls(**(qed_fields(data) if model_type == "qed" else _hf_fields(data, model_type)))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"config.json for {model_type} is missing or has a bad field: {exc}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json that transformers 4.x and 5.x both load (rope_theta + rope_scaling, the hub format)."""
+        """A config.json that transformers 4.x and 5.x both load (rope_theta + rope_scaling, the hub format).
+
+        QED has no transformers class: its config.json uses QED's own keys."""
+        if self.model_type == "qed":
+            return qed_to_hf(self)
         data = {
             "architectures": [_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
@@ -204,7 +211,7 @@ def _hf_fields(data: dict[str, Any], model_type: str) -> dict[str, Any]:
         "partial_rotary_factor": partial,
         "tie_word_embeddings": bool(data.get("tie_word_embeddings", False)),
         "bos_token_id": data.get("bos_token_id"),
-        "eos_token_id": _as_id_list(data.get("eos_token_id")),
+        "eos_token_id": data.get("eos_token_id"),
         "pad_token_id": data.get("pad_token_id"),
         "torch_dtype": data.get("torch_dtype") or data.get("dtype"),
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tinylm.weights import safetensors_io
+from tinylm.weights import name_maps, safetensors_io
 
 
 def export_hf_folder(model, folder: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
@@ -20,6 +20,7 @@ def export_hf_folder(model, folder: str | Path, tokenizer=None, dtype: torch.dty
              for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: the embedding is stored once, as the hub checkpoints do
+    state = {name_maps.to_checkpoint_name(config.model_type, name): t for name, t in state.items()}
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

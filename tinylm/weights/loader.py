@@ -10,10 +10,8 @@ import torch
 from tinylm.config import ModelConfig
 from tinylm.errors import WeightsError
 from tinylm.model.transformer import CausalLM
-from tinylm.weights import safetensors_io
+from tinylm.weights import name_maps, safetensors_io
 
-# Buffers some checkpoints still carry that the model recomputes.
-IGNORED_PREFIXES = ("model.rotary_emb.",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,7 +63,8 @@ def load_folder(folder: Path, dtype: torch.dtype, device: str) -> LoadedModel:
     config = ModelConfig.from_file(config_path)
     model = build_model(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    tensors = safetensors_io.load_checkpoint(folder, expected_shapes(model), optional, IGNORED_PREFIXES)
+    tensors = safetensors_io.load_checkpoint(folder, expected_shapes(model), optional,
+                                             rename=lambda stored: _module_name(config.model_type, stored))
     assign_weights(model, tensors, dtype, device)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
@@ -73,6 +72,11 @@ def load_folder(folder: Path, dtype: torch.dtype, device: str) -> LoadedModel:
 
         tokenizer = Tokenizer.from_folder(folder)
     return LoadedModel(model=model, tokenizer=tokenizer, source=folder, format="safetensors")
+
+
+def _module_name(model_type: str, stored: str) -> str | None:
+    """None for rotary tables some checkpoints carry as buffers: the model recomputes them."""
+    return None if name_maps.is_computed_buffer(stored) else name_maps.to_module_name(model_type, stored)
 
 
 def load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:

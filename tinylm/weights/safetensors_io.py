@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,33 +99,40 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 def load_checkpoint(folder: Path, expected: dict[str, tuple[int, ...]], optional: set[str] = frozenset(),
-                    ignored_prefixes: tuple[str, ...] = (),
+                    rename: Callable[[str], str | None] = lambda name: name,
                     allowed_dtypes: tuple[str, ...] = FLOAT_DTYPES) -> dict[str, torch.Tensor]:
     """Load every tensor of a checkpoint folder after checking names, shapes and dtypes against `expected`.
 
-    `optional` names may be absent (a tied lm_head); names starting with `ignored_prefixes` are skipped
-    (rotary caches some old checkpoints carry).
+    `rename` maps a stored name to the module name (None: skip the tensor, e.g. a precomputed rotary table);
+    `optional` module names may be absent (a tied lm_head). Returns tensors under module names.
     """
     verify_manifest(folder)
     files = checkpoint_files(folder)
-    headers = {path: read_header(path) for path in files}
-    found = {name: (path, entry) for path, header in headers.items() for name, entry in header.items()}
-    found = {n: v for n, v in found.items() if not n.startswith(ignored_prefixes)}
+    found = {}  # module name -> (file, stored name, header entry)
+    for path in files:
+        for stored, entry in read_header(path).items():
+            name = rename(stored)
+            if name is not None:
+                found[name] = (path, stored, entry)
     _check_names(folder, expected, optional, found)
-    for name, (path, entry) in found.items():
+    for name, (path, stored, entry) in found.items():
         if tuple(entry["shape"]) != tuple(expected[name]):
-            raise WeightsError(f"{path.name}: tensor {name!r} has shape {tuple(entry['shape'])}, "
+            raise WeightsError(f"{path.name}: tensor {stored!r} has shape {tuple(entry['shape'])}, "
                                f"the config needs {tuple(expected[name])}")
         if entry["dtype"] not in allowed_dtypes:
-            raise WeightsError(f"{path.name}: tensor {name!r} has dtype {entry['dtype']}, "
+            raise WeightsError(f"{path.name}: tensor {stored!r} has dtype {entry['dtype']}, "
                                f"expected one of {', '.join(allowed_dtypes)}")
+    return _read_tensors(files, {(path, stored): name for name, (path, stored, _) in found.items()})
+
+
+def _read_tensors(files: list[Path], wanted: dict[tuple[Path, str], str]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as reader:
-                for name in reader.keys():
-                    if name in found:
-                        tensors[name] = reader.get_tensor(name)
+                for stored in reader.keys():
+                    if (path, stored) in wanted:
+                        tensors[wanted[path, stored]] = reader.get_tensor(stored)
         except Exception as exc:  # safetensors raises its own error types; name the file instead
             raise WeightsError(f"{path.name}: cannot read safetensors data ({exc})") from None
     return tensors
