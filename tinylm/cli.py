@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     convert.set_defaults(handler=cmd_convert)
 
+    tiny = commands.add_parser("tiny", help="write a tiny random checkpoint of a family, with a small tokenizer")
+    tiny.add_argument("arch", metavar="ARCH", help="llama, qwen2, qwen3, qwen3_moe, qwen3_next or qed")
+    tiny.add_argument("out", type=Path, metavar="OUT")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=cmd_tiny)
+
     info = commands.add_parser("info", help="architecture, parameter count and bytes of a model")
     _model_args(info)
     info.set_defaults(handler=cmd_info)
@@ -177,6 +183,13 @@ def cmd_convert(args) -> int:
 
     dest = convert_gguf_to_hf(args.source, args.dest, dtype=args.dtype)
     print(f"wrote {dest}")
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from tinylm.tiny import make_tiny
+
+    print(f"wrote {make_tiny(args.arch, args.out, seed=args.seed)}")
     return 0
 
 
