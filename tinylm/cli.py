@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -69,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="architecture, parameter count and bytes of a model")
     _model_args(info)
     info.set_defaults(handler=cmd_info)
+    for module in _COMMAND_GROUPS:
+        importlib.import_module(module).register(commands)
     return parser
+
+
+# Packages that add their own subcommands: each has `register(commands)` (an argparse subparsers object) and keeps
+# its heavy imports inside its handlers, so `tinylm chat` never pays for the server or the trainer.
+_COMMAND_GROUPS: list[str] = []
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
