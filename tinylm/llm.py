@@ -161,7 +161,5 @@ def _as_batch(value, device) -> torch.Tensor | None:
 
 def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
          quantize: str | None = None) -> LLM:
-    """Load a built-in model name, a Hugging Face folder, or a .gguf file."""
-    if quantize is not None:
-        raise ConfigError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
-    return LLM(load_model(hub.resolve(model), dtype=dtype, device=device))
+    """Load a built-in model name, a Hugging Face folder, or a .gguf file; quantize: None | "int8" | "int4"."""
+    return LLM(load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize))

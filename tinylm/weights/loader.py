@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tinylm.config import ModelConfig
-from tinylm.errors import WeightsError
+from tinylm.errors import ConfigError, WeightsError
 from tinylm.model.transformer import CausalLM
 from tinylm.weights import name_maps, safetensors_io
 
@@ -89,7 +89,10 @@ def load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
                        metadata=gguf_model.metadata)
 
 
-def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               quantize: str | None = None) -> LoadedModel:
+    if quantize is not None:
+        raise ConfigError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
     torch_dtype = parse_dtype(dtype)
     if path.is_dir():
         return load_folder(path, torch_dtype, device)
