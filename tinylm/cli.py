@@ -86,6 +86,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the CPU or GPU computes it natively, else float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantize", default=None, metavar="Q",
+                        help="weight-only quantization applied at load: int8, int4, or a policy name (see `tinylm quantize`)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -127,7 +129,8 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def load_from_args(args) -> tinylm.LLM:
-    return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
+    return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
+                       quantize=args.quantize)
 
 
 def cmd_generate(args) -> int:
