@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinylm import config_next
 from tinylm.config_qed import qed_fields, qed_to_hf
 from tinylm.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qed")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qed")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -59,6 +60,18 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    shared_expert_intermediate_size: int = 0  # > 0: a shared SwiGLU expert behind a sigmoid gate (Qwen3-Next)
+    # Hybrid stacks (Qwen3-Next): each layer's token mixer, "full_attention" (softmax) or "linear_attention"
+    # (Gated DeltaNet); empty means softmax attention everywhere.
+    layer_types: list[str] = field(default_factory=list)
+    attn_output_gate: bool = False  # q_proj also yields a per-channel gate: out * sigmoid(gate) before o_proj
+    zero_centered_norm: bool = False  # RMSNorm weights stored as w and applied as (1 + w)
+    # Gated DeltaNet sizes (linear_attention layers only).
+    linear_conv_kernel_dim: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
     # Token ids and the dtype the checkpoint was saved in (informational).
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)  # an int or list is accepted and normalized
@@ -87,6 +100,7 @@ class ModelConfig:
             raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} gives an odd or empty rotary dim")
         self._check_rope_scaling()
         self._check_moe()
+        config_next.check_layers(self)
 
     def _check_rope_scaling(self) -> None:
         if self.rope_scaling is None:
@@ -115,6 +129,14 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def layer_type(self, layer_idx: int) -> str:
+        """The token mixer of layer `layer_idx`: "full_attention" or "linear_attention"."""
+        return self.layer_types[layer_idx] if self.layer_types else "full_attention"
+
+    @property
+    def has_linear_layers(self) -> bool:
+        return "linear_attention" in self.layer_types
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Qwen3-MoE rule: sparse unless listed in mlp_only_layers, every `decoder_sparse_step`-th layer."""
         return (
@@ -136,6 +158,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Normalize a transformers config.json (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        if config_next.is_hybrid(data):
+            data = config_next.with_defaults(data)
         model_type = data.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -188,6 +212,7 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
 }
 
 
@@ -228,10 +253,10 @@ def _family_flags_from_hf(data: dict[str, Any], model_type: str) -> dict[str, An
     else:
         flags = {"qkv_bias": bias, "o_bias": bias}
     flags["mlp_bias"] = bool(data.get("mlp_bias", False))
-    flags["qk_norm"] = model_type in ("qwen3", "qwen3_moe")
+    flags["qk_norm"] = model_type in ("qwen3", "qwen3_moe", "qwen3_next")
     if model_type == "qwen2" and data.get("use_sliding_window"):
         raise ConfigError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
-    if model_type == "qwen3_moe":
+    if model_type in ("qwen3_moe", "qwen3_next"):
         flags.update(
             num_experts=data.get("num_experts") or data.get("num_local_experts") or 0,
             num_experts_per_tok=data.get("num_experts_per_tok", 0),
@@ -240,6 +265,8 @@ def _family_flags_from_hf(data: dict[str, Any], model_type: str) -> dict[str, An
             decoder_sparse_step=data.get("decoder_sparse_step", 1),
             mlp_only_layers=list(data.get("mlp_only_layers") or []),
         )
+    if model_type == "qwen3_next":
+        flags.update(config_next.hybrid_flags(data))
     return flags
 
 
@@ -255,7 +282,7 @@ def _family_flags_to_hf(config: ModelConfig) -> dict[str, Any]:
         data["attention_bias"] = config.qkv_bias
     if config.model_type == "llama":
         data["mlp_bias"] = config.mlp_bias
-    if config.model_type == "qwen3_moe":
+    if config.model_type in ("qwen3_moe", "qwen3_next"):
         data.update(
             num_experts=config.num_experts,
             num_experts_per_tok=config.num_experts_per_tok,
@@ -264,6 +291,8 @@ def _family_flags_to_hf(config: ModelConfig) -> dict[str, Any]:
             decoder_sparse_step=config.decoder_sparse_step,
             mlp_only_layers=config.mlp_only_layers,
         )
+    if config.model_type == "qwen3_next":
+        data.update(config_next.hybrid_to_hf(config))
     return data
 
 

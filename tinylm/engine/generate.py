@@ -12,17 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from tinylm.engine import sampler
+from tinylm.engine.sequence import TokenLogprob
 from tinylm.engine.stop import StopChecker
 from tinylm.errors import ContextLengthError
-from tinylm.model.cache import KVCache
+from tinylm.model.cache import make_cache
 from tinylm.sampling_params import SamplingParams
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), most likely first
 
 
 @dataclass
@@ -55,9 +49,8 @@ def generate_steps(model, tokenizer, prompts: list[list[int]], params: list[Samp
                 for i, (ids, p) in enumerate(zip(prompts, params))]
     input_ids, mask = _left_pad(prompts, tokenizer, device)
     longest = max(len(p) for p in prompts)
-    cache = KVCache(model.config.num_hidden_layers, len(prompts), model.config.num_key_value_heads,
-                    model.config.head_dim, longest + max(r.max_new for r in requests),
-                    model.lm_head.weight.dtype, device)
+    cache = make_cache(model.config, len(prompts), longest + max(r.max_new for r in requests),
+                       model.lm_head.weight.dtype, device)
     vocab = model.config.vocab_size
     prompt_mask = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
     for row, ids in enumerate(prompts):

@@ -1,4 +1,5 @@
-"""Softmax attention: GQA/MQA through SDPA, optional q/k/v/o biases, per-head q/k RMSNorm, partial rotary."""
+"""Softmax attention: GQA/MQA through SDPA, optional q/k/v/o biases, per-head q/k RMSNorm, partial rotary,
+and an optional sigmoid output gate (Qwen3-Next's gated attention)."""
 
 from __future__ import annotations
 
@@ -19,21 +20,24 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        # Gated attention: q_proj yields, per head, the query then a gate of the same size (Qwen3NextAttention).
+        self.output_gate = config.attn_output_gate
+        q_size = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
+        self.q_proj = nn.Linear(hidden, q_size, bias=config.qkv_bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
         if config.qk_norm:
             # Qwen3: RMSNorm over each head's vector before rotary (modeling_qwen3.py Qwen3Attention).
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.zero_centered_norm)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.zero_centered_norm)
         self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
         """x (B, T, C); cos/sin (B, T, R); mask (B, 1, T, S) bool or None for plain causal; -> (B, T, C)."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        q, gate = self._query(x)  # (B, T, H, D), (B, T, H*D) or None
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -46,4 +50,14 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=self.num_kv_heads != self.num_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq, _ = x.shape
+        if not self.output_gate:
+            return self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), None
+        q, gate = self.q_proj(x).view(batch, seq, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        return q, gate.reshape(batch, seq, self.num_heads * self.head_dim)

@@ -1,4 +1,4 @@
-"""Small building blocks shared by every family: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks shared by every family: RMSNorm (plain, zero-centred, gated) and the SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -8,18 +8,41 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and cast back before the weight (as transformers' LlamaRMSNorm)."""
+    """x / rms(x) * weight, computed in float32 and cast back before the weight (as transformers' LlamaRMSNorm).
+
+    zero_centered (Qwen3-Next): the stored weight w is applied as (1 + w), in float32 before the cast back, as
+    Qwen3NextRMSNorm does (transformers/models/qwen3_next/modeling_qwen3_next.py, PR #29402 for the order).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+        self.eps = eps
+        self.zero_centered = zero_centered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (x32 * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * x32.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Gated DeltaNet's output norm: RMSNorm(x) * weight, then * silu(gate) in float32 (Qwen3NextRMSNormGated)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x, gate (..., dim) -> (..., dim) in x's dtype."""
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return ((self.weight * x32.to(dtype)) * F.silu(gate.float())).to(dtype)
 
 
 class MLP(nn.Module):

@@ -1,7 +1,9 @@
-"""Sparse mixture of experts (Qwen3-MoE): softmax router, top-k, optional renormalization, SwiGLU experts.
+"""Sparse mixture of experts (Qwen3-MoE, Qwen3-Next): softmax router, top-k, optional renormalization, SwiGLU
+experts, and optionally a shared expert behind a sigmoid gate (Qwen3NextSparseMoeBlock).
 
 Follows transformers' Qwen3MoeTopKRouter / Qwen3MoeExperts; experts keep the checkpoint's per-expert names
-(`mlp.experts.N.gate_proj`) so the weights load as they are stored.
+(`mlp.experts.N.gate_proj`, `mlp.shared_expert.gate_proj`, `mlp.shared_expert_gate`) so the weights load as the
+hub stores them and as transformers 5's save_pretrained writes them (it un-fuses its 3D expert tensors on save).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts)
         )
+        self.has_shared = config.shared_expert_intermediate_size > 0
+        if self.has_shared:
+            self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C): each token is the weighted sum of its top-k experts' outputs."""
@@ -43,4 +49,7 @@ class SparseMoE(nn.Module):
             token_idx, slot = torch.where(experts == expert_idx)
             expert_out = self.experts[expert_idx](tokens[token_idx]) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, expert_out.to(out.dtype))
+        if self.has_shared:
+            # Every token also goes through the shared expert, scaled by its own sigmoid gate (N, 1).
+            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
         return out.reshape(shape)

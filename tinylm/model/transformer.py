@@ -14,6 +14,7 @@ from torch import nn
 from tinylm.config import ModelConfig
 from tinylm.errors import ContextLengthError
 from tinylm.model.attention import Attention
+from tinylm.model.deltanet import GatedDeltaNet
 from tinylm.model.layers import MLP, RMSNorm
 from tinylm.model.moe import SparseMoE
 from tinylm.model.rotary import RotaryEmbedding
@@ -26,18 +27,30 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
+    """Token mixer (softmax attention or Gated DeltaNet, per `config.layer_types`) + FFN (SwiGLU or MoE)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm_args = (config.hidden_size, config.rms_norm_eps, config.zero_centered_norm)
+        self.input_layernorm = RMSNorm(*norm_args)
+        self.is_linear = config.layer_type(layer_idx) == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(*norm_args)
         if config.is_moe_layer(layer_idx):
             self.mlp = SparseMoE(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
-    def forward(self, x, cos, sin, mask, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, pad_mask=None) -> torch.Tensor:
+        """x (B, T, C); mask (B, 1, T, S) for attention; pad_mask (B, T) or None for DeltaNet -> (B, T, C)."""
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            x = x + self.linear_attn(h, pad_mask, cache)
+        else:
+            x = x + self.self_attn(h, cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -46,7 +59,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.zero_centered_norm)
 
 
 class CausalLM(nn.Module):
@@ -78,8 +91,9 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = build_attention_mask(attention_mask, past, seq, x.device)
+        pad_mask = padding_mask(attention_mask, seq) if self.config.has_linear_layers else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, pad_mask)
         if cache is not None:
             cache.advance(seq)
         if logits_to_keep:
@@ -122,6 +136,17 @@ def build_attention_mask(attention_mask: torch.Tensor | None, past: int, seq: in
     mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
     mask = mask | (key_pos == query_pos)[None]
     return mask[:, None]
+
+
+def padding_mask(attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
+    """The (B, T) mask of the new tokens for DeltaNet inputs, or None when nothing is padding.
+
+    As transformers' create_recurrent_attention_mask: a 1-token step is never padding, an all-ones mask is none.
+    """
+    if attention_mask is None or seq == 1:
+        return None
+    current = attention_mask[:, -seq:]
+    return None if bool(current.all()) else current
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

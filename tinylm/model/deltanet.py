@@ -1,0 +1,82 @@
+"""Gated DeltaNet, the linear-attention token mixer of Qwen3-Next's `linear_attention` layers.
+
+in_proj_qkvz / in_proj_ba -> causal depthwise conv (rolling state) + SiLU over q, k, v -> gated delta rule
+(decay from A_log and dt_bias, write strength beta) -> gated RMSNorm with z -> out_proj. Module and parameter names
+are the checkpoint's (`linear_attn.in_proj_qkvz`, `linear_attn.A_log`, ...). Reference: Qwen3NextGatedDeltaNet in
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm.config import ModelConfig
+from tinylm.model.delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from tinylm.model.layers import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim  # q, k and v go through the conv; z, b, a do not
+        kernel = config.linear_conv_kernel_dim
+        hidden = config.hidden_size
+        self.in_proj_qkvz = nn.Linear(hidden, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(hidden, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim, padding=kernel - 1,
+                                bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))  # decay rate log(A); loaded or set by the init
+        self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """x (B, T, C); pad_mask (B, T), 0 at padding, or None; cache with linear_state / set_linear_state.
+
+        Padding inputs are zeroed first, as the reference does, so they write nothing into the conv or delta state:
+        a left-padded row then equals the unpadded one at its real tokens.
+        """
+        batch, seq, _ = x.shape
+        if pad_mask is not None:
+            x = (x * pad_mask[:, :, None]).to(x.dtype)
+        state = cache.linear_state(self.layer_idx) if cache is not None else None
+        conv_state, recurrent_state = state if state is not None else (None, None)
+        qkv, z, b, a = self._project(x)
+        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, conv_state)  # (B, conv_dim, T)
+        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(batch, seq, self.num_v_heads, self.head_v_dim)
+        beta = b.sigmoid()  # (B, T, H_v)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (B, T, H_v) log decay, float32
+        # As the reference: the recurrent form only for a 1-token step that continues a state.
+        rule = recurrent_gated_delta_rule if recurrent_state is not None and seq == 1 else chunk_gated_delta_rule
+        out, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state)  # (B, T, H_v, D_v)
+        if cache is not None:
+            cache.set_linear_state(self.layer_idx, conv_state, recurrent_state)
+        out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        return self.out_proj(out.reshape(batch, seq, self.value_dim))
+
+    def _project(self, x: torch.Tensor):
+        """x (B, T, C) -> qkv (B, T, conv_dim) as [q | k | v], z (B, T, H_v, D_v), b and a (B, T, H_v).
+
+        The fused projections are laid out per key head: [q, k, v-group, z-group] and [b-group, a-group], where a
+        group holds the H_v / H_k value heads that share the key head (fix_query_key_value_ordering).
+        """
+        batch, seq, _ = x.shape
+        per_k = self.num_v_heads // self.num_k_heads
+        qkvz = self.in_proj_qkvz(x).view(batch, seq, self.num_k_heads, -1)
+        ba = self.in_proj_ba(x).view(batch, seq, self.num_k_heads, 2 * per_k)
+        q, k, v, z = qkvz.split([self.head_k_dim, self.head_k_dim, per_k * self.head_v_dim,
+                                 per_k * self.head_v_dim], dim=3)
+        b, a = ba.split([per_k, per_k], dim=3)
+        qkv = torch.cat([t.reshape(batch, seq, -1) for t in (q, k, v)], dim=-1)
+        z = z.reshape(batch, seq, self.num_v_heads, self.head_v_dim)
+        return qkv, z, b.reshape(batch, seq, self.num_v_heads), a.reshape(batch, seq, self.num_v_heads)
