@@ -22,10 +22,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None,
+                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv + SiLU over time, continuing from `state`.
 
-    x (B, C, T); weight (C, 1, K); state (B, C, K-1), the last K-1 inputs before x (zeros when None).
+    x (B, C, T); weight (C, 1, K); state (B, C, K-1), the last K-1 inputs before x (zeros when None);
+    lengths (B,) or None: real inputs per row when x is right-padded, so the new state ends at the last real one.
     Returns (silu(conv) (B, C, T) in x's dtype, new state (B, C, K-1): the last K-1 inputs of [state, x]).
     """
     kernel = weight.shape[-1]
@@ -37,7 +39,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | N
         out = (full.to(weight.dtype) * weight[:, 0]).sum(dim=-1, keepdim=True)  # (B, C, 1)
     else:
         out = F.conv1d(full.to(weight.dtype), weight, groups=x.shape[1])  # (B, C, T): no padding, state is the past
-    new_state = full[:, :, full.shape[-1] - (kernel - 1):].contiguous()
+    if lengths is None:
+        new_state = full[:, :, full.shape[-1] - (kernel - 1):].contiguous()
+    else:  # row b's state is full[b, :, lengths[b] : lengths[b] + K-1]
+        index = (lengths[:, None] + torch.arange(kernel - 1, device=x.device))[:, None, :]  # (B, 1, K-1)
+        new_state = full.gather(2, index.expand(-1, full.shape[1], -1))
     return F.silu(out).to(x.dtype), new_state
 
 

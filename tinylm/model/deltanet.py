@@ -4,6 +4,11 @@ in_proj_qkvz / in_proj_ba -> causal depthwise conv (rolling state) + SiLU over q
 (decay from A_log and dt_bias, write strength beta) -> gated RMSNorm with z -> out_proj. Module and parameter names
 are the checkpoint's (`linear_attn.in_proj_qkvz`, `linear_attn.A_log`, ...). Reference: Qwen3NextGatedDeltaNet in
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py
+
+Padding: the reference zeroes padded inputs, which keeps a fresh left-padded row equal to the unpadded one but
+lets padding decay a state the row continues (and sit between that state and the new tokens in the conv window).
+Here padded tokens are moved after the real ones and write nothing, so a padded row equals the unpadded one
+with or without a cached state (the serving engine left-pads decode rows next to prefill chunks).
 """
 
 from __future__ import annotations
@@ -38,31 +43,33 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """x (B, T, C); pad_mask (B, T), 0 at padding, or None; cache with linear_state / set_linear_state.
-
-        Padding inputs are zeroed first, as the reference does, so they write nothing into the conv or delta state:
-        a left-padded row then equals the unpadded one at its real tokens.
-        """
+        """x (B, T, C); pad_mask (B, T), 0 at padding, or None; cache with linear_state / set_linear_state."""
         batch, seq, _ = x.shape
+        order = None
         if pad_mask is not None:
-            x = (x * pad_mask[:, :, None]).to(x.dtype)
+            order, pad_mask = _real_tokens_first(pad_mask)
+            x = (_take(x, order) * pad_mask[:, :, None]).to(x.dtype)  # zeroed as the reference does
         state = cache.linear_state(self.layer_idx) if cache is not None else None
         conv_state, recurrent_state = state if state is not None else (None, None)
         qkv, z, b, a = self._project(x)
-        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, conv_state)  # (B, conv_dim, T)
+        lengths = None if pad_mask is None else pad_mask.sum(dim=1).long()  # (B,) real tokens per row
+        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, conv_state, lengths)
         q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
         k = k.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
         v = v.reshape(batch, seq, self.num_v_heads, self.head_v_dim)
         beta = b.sigmoid()  # (B, T, H_v)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (B, T, H_v) log decay, float32
+        if pad_mask is not None:  # padding neither decays nor writes the state
+            beta, g = beta * pad_mask[:, :, None], g * pad_mask[:, :, None]
         # As the reference: the recurrent form only for a 1-token step that continues a state.
         rule = recurrent_gated_delta_rule if recurrent_state is not None and seq == 1 else chunk_gated_delta_rule
         out, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state)  # (B, T, H_v, D_v)
         if cache is not None:
             cache.set_linear_state(self.layer_idx, conv_state, recurrent_state)
         out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
-        return self.out_proj(out.reshape(batch, seq, self.value_dim))
+        out = self.out_proj(out.reshape(batch, seq, self.value_dim))
+        return out if order is None else _take(out, torch.argsort(order, dim=1))
 
     def _project(self, x: torch.Tensor):
         """x (B, T, C) -> qkv (B, T, conv_dim) as [q | k | v], z (B, T, H_v, D_v), b and a (B, T, H_v).
@@ -80,3 +87,16 @@ class GatedDeltaNet(nn.Module):
         qkv = torch.cat([t.reshape(batch, seq, -1) for t in (q, k, v)], dim=-1)
         z = z.reshape(batch, seq, self.num_v_heads, self.head_v_dim)
         return qkv, z, b.reshape(batch, seq, self.num_v_heads), a.reshape(batch, seq, self.num_v_heads)
+
+
+def _real_tokens_first(pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pad_mask (B, T) -> (order (B, T): a stable permutation putting each row's real tokens first, the mask in
+    that order). Padding anywhere (left, as the generation loop and engine pad) then sits after the real tokens,
+    so the conv window and the delta state run over real tokens only, also when a row continues a cached state."""
+    order = torch.argsort((pad_mask == 0).to(torch.int8), dim=1, stable=True)
+    return order, pad_mask.gather(1, order).to(torch.float32)
+
+
+def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) reordered along T by order (B, T)."""
+    return x.gather(1, order[:, :, None].expand_as(x))
