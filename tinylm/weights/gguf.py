@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,33 +61,70 @@ class GGUFModel:
     metadata: dict = field(default_factory=dict)  # plain key/values (no big arrays), for `tinylm info`
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
-    """Read a GGUF file: config, dequantized tensors cast to `dtype`, tokenizer and metadata."""
+@dataclass
+class GGUFFile:
+    """An open GGUF file whose tensor names, shapes and types are checked, read one tensor at a time (so a
+    quantized load never holds a float copy of the whole model)."""
+
+    path: Path
+    reader: GGUFReader
+    config: ModelConfig
+    metadata: dict
+    tensors: dict[str, Any]  # HF name -> the reader's tensor (memory-mapped blocks)
+    permuted_qk: bool
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor dequantized to float32 in torch layout, with llama.cpp's q/k row permutation undone."""
+        values = _read_tensor(self.tensors[name], self.path)
+        return self.unpermute(name, values)
+
+    def unpermute(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Undo the q/k row permutation on any tensor whose first dim is the rows of `name` (weights, biases,
+        or per-row block scales of a quantized weight)."""
+        if not self.permuted_qk or not (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            return rows
+        heads = self.config.num_attention_heads if ".q_proj." in name else self.config.num_key_value_heads
+        return _unpermute(rows, heads)
+
+    def tokenizer(self) -> Any:
+        meta = {**self.metadata, **_fields(self.reader, self.path, long_arrays=True)}
+        tokenizer = _wrap(self.path, "tokenizer metadata", build_tokenizer, meta)
+        if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:  # ids past the table crash
+            raise WeightsError(f"{self.path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                               f"embedding only {self.config.vocab_size} rows")
+        return tokenizer
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """Open a GGUF file and check its metadata and tensor list; no weights are decoded yet."""
     path = Path(path)
     reader = _open(path)
     meta = _fields(reader, path)
-    config = _wrap(path, "model metadata", _config, reader, meta, path, str(dtype).removeprefix("torch."))
+    config = _wrap(path, "model metadata", _config, reader, meta, path, None)
     expected = expected_shapes(config)
     tensors = {}
-    # Dequantizing takes seconds on a CPU: show it (on stderr, and only where someone is watching).
-    progress = tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", file=sys.stderr, leave=False,
-                    disable=not sys.stderr.isatty())
-    for tensor in progress:
+    for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS:
             continue
         name = hf_name(tensor.name)
         if name not in expected:
             raise WeightsError(f"{path.name}: unexpected tensor {tensor.name!r} for a {config.model_type} model "
                                f"with {config.num_hidden_layers} layers")
-        tensors[name] = _read_tensor(tensor, expected[name], path).to(dtype)
+        _check_tensor(tensor, expected[name], path)
+        tensors[name] = tensor
     _check_complete(path, expected, tensors)
-    if ARCHITECTURES[meta["general.architecture"]].permuted_qk:
-        _unpermute_qk(tensors, config)
-    tokenizer = _wrap(path, "tokenizer metadata", build_tokenizer, {**meta, **_fields(reader, path, long_arrays=True)})
-    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:  # ids past the embedding would crash
-        raise WeightsError(f"{path.name}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
-                           f"{config.vocab_size} rows")
-    return GGUFModel(config=config, tensors=tensors, tokenizer=tokenizer, metadata=meta)
+    return GGUFFile(path, reader, config, meta, tensors, ARCHITECTURES[meta["general.architecture"]].permuted_qk)
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
+    """Read a GGUF file: config, dequantized tensors cast to `dtype`, tokenizer and metadata."""
+    gguf_file = open_gguf(path)
+    config = replace(gguf_file.config, torch_dtype=str(dtype).removeprefix("torch."))
+    # Dequantizing takes seconds on a CPU: show it (on stderr, and only where someone is watching).
+    progress = tqdm(list(gguf_file.tensors), desc=f"loading {gguf_file.path.name}", unit="tensor", file=sys.stderr,
+                    leave=False, disable=not sys.stderr.isatty())
+    tensors = {name: gguf_file.read(name).to(dtype) for name in progress}
+    return GGUFModel(config=config, tensors=tensors, tokenizer=gguf_file.tokenizer(), metadata=gguf_file.metadata)
 
 
 def read_gguf_config(path: str | Path) -> ModelConfig:
@@ -192,14 +229,19 @@ def _array_len(f) -> int:
     return len(f.data) if f.types and f.types[0] == GGUFValueType.ARRAY else 0
 
 
-def _read_tensor(tensor, shape: tuple[int, ...], path: Path) -> torch.Tensor:
-    """Dequantize one tensor to float32 in torch layout. GGUF lists dims innermost first: ne = (in, out)."""
+def _check_tensor(tensor, shape: tuple[int, ...], path: Path) -> None:
+    """GGUF lists dims innermost first: ne = (in, out); torch's shape is (out, in)."""
     gguf_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     if gguf_shape != shape:
         raise WeightsError(f"{path.name}: tensor {tensor.name!r} has shape {gguf_shape}, the config needs {shape}")
     if tensor.tensor_type not in SUPPORTED_TYPES:
         raise WeightsError(f"{path.name}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which tinylm "
                            f"does not dequantize (supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+
+
+def _read_tensor(tensor, path: Path) -> torch.Tensor:
+    """Dequantize one (checked) tensor to float32 in torch layout."""
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     values = _wrap(path, f"tensor {tensor.name!r} ({tensor.tensor_type.name})", dequantize, tensor.data,
                    tensor.tensor_type)
     # F32/F16 come back as views of the read-only memory map: copy those so the tensor owns writable memory
@@ -213,17 +255,13 @@ def _check_complete(path: Path, expected: dict, tensors: dict) -> None:
         raise WeightsError(f"{path.name}: missing tensors {', '.join(missing[:3])}{more}")
 
 
-def _unpermute_qk(tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    """Undo `LlamaModel.permute` on q/k weights and biases (rows), as transformers' LlamaTensorProcessor does.
+def _unpermute(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo `LlamaModel.permute` on the rows of a q/k tensor, as transformers' LlamaTensorProcessor does.
 
     llama.cpp: w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2); the inverse swaps back from
-    (n_head, rows // n_head // 2, 2, *rest).
+    (n_head, rows // n_head // 2, 2, *rest). rows (heads * head_dim, ...) -> same shape.
     """
-    for name in list(tensors):
-        if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
-            heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
-            w = tensors[name]  # (heads * head_dim, hidden) or (heads * head_dim,)
-            tensors[name] = w.reshape(heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+    return rows.reshape(heads, -1, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
 
 
 # --- metadata -> ModelConfig
