@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tinylm.engine.sequence import TokenLogprob
 from tinylm.sampling_params import SamplingParams
 
 
@@ -70,6 +71,21 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[to
     logprobs = logits.float().log_softmax(dim=-1)
     values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
     return logprobs.gather(-1, chosen[:, None]).squeeze(-1), values, ids
+
+
+def logprob_entries(logits: torch.Tensor, chosen: torch.Tensor, wanted: list[int | None]) -> list[TokenLogprob | None]:
+    """One TokenLogprob per row (None where that row asked for none): the chosen token's logprob and the top-N.
+
+    logits (B, V) raw; chosen (B,); wanted[b] = N for row b, or None.
+    """
+    if all(w is None for w in wanted):
+        return [None] * len(wanted)
+    k = max(w or 0 for w in wanted)
+    values, top, ids = (t.tolist() for t in top_logprobs(logits, chosen, k))
+    return [
+        None if w is None else TokenLogprob(token, values[row], list(zip(ids[row][:w], top[row][:w])))
+        for row, (w, token) in enumerate(zip(wanted, chosen.tolist()))
+    ]
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

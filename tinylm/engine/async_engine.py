@@ -1,0 +1,132 @@
+"""AsyncEngine: an LLMEngine stepped by one background thread, with an asyncio stream per request.
+
+The server's event loop never runs the model: it validates a request, hands it to the engine thread, and awaits
+StepOutputs on the request's own asyncio.Queue. torch releases the GIL inside its kernels, so HTTP stays
+responsive while a step runs. A stream that is closed early (client disconnect, cancellation) aborts its request,
+which frees its KV blocks at the start of the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from tinylm.engine.engine import LLMEngine
+from tinylm.engine.sequence import StepOutput
+from tinylm.sampling_params import SamplingParams
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float
+    last_token: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_output: Callable[[StepOutput, float, float | None], None] | None = None):
+        """on_output(output, seconds since arrival, seconds since the previous token or None) feeds metrics."""
+        self.engine = engine
+        self.on_output = on_output
+        self._pending: deque[tuple] = deque()  # ("add", args) / ("abort", request_id), applied by the engine thread
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="tinylm-engine", daemon=True)
+        self.last_error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       prompt_logprobs: int | None = None) -> AsyncIterator[StepOutput]:
+        """Stream a request's outputs. Bad input raises here, before the first output (call `validate` first to
+        answer it before a response starts)."""
+        request_id = request_id or self.new_request_id()
+        self.engine.validate(prompt_token_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        self._streams[request_id] = stream
+        self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(("abort", request_id))
+
+    def _submit(self, command: tuple) -> None:
+        self._pending.append(command)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._apply_pending()
+            if not self.engine.has_unfinished():
+                self._wakeup.wait(0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # an internal error: fail the running requests, keep serving the next ones
+                self.last_error = exc
+                self._fail_all(exc)
+                continue
+            self._publish(outputs)
+
+    def _apply_pending(self) -> None:
+        while self._pending:
+            command = self._pending.popleft()
+            if command[0] == "abort":
+                self.engine.abort(command[1])
+                continue
+            _, request_id, prompt, params, prompt_logprobs = command
+            if request_id not in self._streams:
+                continue  # the client left before its request reached the engine
+            try:
+                self.engine.add_request(request_id, prompt, params, prompt_logprobs)
+            except Exception as exc:
+                self._deliver(request_id, exc)
+
+    def _publish(self, outputs: list[StepOutput]) -> None:
+        now = time.monotonic()
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if self.on_output is not None:
+                since_last = None if stream.last_token is None else now - stream.last_token
+                self.on_output(output, now - stream.arrival, since_last)
+            stream.last_token = now
+            self._deliver(output.request_id, output)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, RuntimeError(f"internal error while generating: {exc}"))

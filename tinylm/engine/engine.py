@@ -1,0 +1,211 @@
+"""LLMEngine: requests in, tokens out, one `step()` at a time (continuous batching over a paged KV cache).
+
+    engine = LLMEngine(model, tokenizer, eos_token_ids)
+    engine.add_request("a", prompt_ids, SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for output in engine.step(): ...
+
+Split as nano-vllm is: sequence (state of a request), block_manager (paged memory, prefix cache), scheduler (who
+runs now), runner (the forward pass), sampler (pure functions). Not thread-safe: the async wrapper
+(tinylm/engine/async_engine.py) drives it from one thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinylm.engine import sampler
+from tinylm.engine.block_manager import BlockManager
+from tinylm.engine.kv_pool import KVPool
+from tinylm.engine.runner import ModelRunner
+from tinylm.engine.scheduler import Scheduler
+from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
+from tinylm.engine.stop import StopChecker
+from tinylm.errors import ContextLengthError, TinyLMError
+from tinylm.sampling_params import SamplingParams
+
+
+class QueueFullError(TinyLMError):
+    """More requests are waiting than the engine was configured to queue (the server answers 429)."""
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30  # memory budget for the paged K/V pool
+    max_num_seqs: int = 64  # sequences in the running batch
+    max_num_batched_tokens: int = 512  # tokens per step: bounds a prefill chunk's stall of running streams
+    enable_prefix_caching: bool = True
+    max_queue: int | None = None  # waiting requests beyond this are refused with QueueFullError
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, eos_token_ids: set[int], config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.config = config = config or EngineConfig()
+        model_config = model.config
+        self.context = model_config.max_position_embeddings
+        self.vocab_size = model_config.vocab_size
+        dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+        self.hybrid = model_config.has_linear_layers
+        num_blocks = max(2, config.kv_cache_bytes // KVPool.bytes_per_block(model_config, config.block_size, dtype))
+        self.pool = KVPool(model_config, num_blocks, config.block_size, config.max_num_seqs, dtype, device)
+        # Prefix reuse needs the recurrent state at the prefix end, which paged K/V alone cannot give: off for hybrids
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not self.hybrid)
+        self.scheduler = Scheduler(self.blocks, self.pool, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.hybrid)
+        self.runner = ModelRunner(model, self.pool, self.blocks)
+        self.requests: dict[str, Sequence] = {}
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.blocks.num_blocks - 1) * self.blocks.block_size
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt_logprobs: int | None = None) -> Sequence:
+        """Queue a request. Raises ValueError/ContextLengthError for bad input and QueueFullError when full."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        device = self.model.lm_head.weight.device
+        seq = Sequence(request_id, list(prompt_token_ids), params, StopChecker(self.tokenizer, params, stop_ids),
+                       generator=sampler.make_generator(params.seed, device),
+                       max_new=min(params.max_tokens, self.context - len(prompt_token_ids)),
+                       prompt_logprobs=prompt_logprobs)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """The checks add_request makes, callable from any thread (reads only): ValueError, ContextLengthError,
+        QueueFullError."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(ids) >= self.context:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the model's context is {self.context} "
+                                     "tokens (at least one must be left to generate)")
+        needed = min(len(ids) + params.max_tokens, self.context)
+        if needed > self.capacity_tokens:
+            raise ContextLengthError(f"the request needs {needed} tokens of KV cache; the cache holds "
+                                     f"{self.capacity_tokens} (raise the cache memory budget)")
+        if self.config.max_queue is not None and len(self.scheduler.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request wherever it is (queued, in prefill, decoding) and free its memory at once."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def step(self) -> list[StepOutput]:
+        """Run one scheduled batch; return the new token (or prompt logprobs) of every request that produced one."""
+        step = self.scheduler.schedule()
+        outputs: list[StepOutput] = []
+        if step.decode:
+            logits = self.runner.forward([(seq, 1) for seq in step.decode])
+            outputs += self._after_forward(step.decode, [1] * len(step.decode), logits)
+        for group in self._prefill_groups(step.prefill):
+            outputs += self._run_prefill(group)
+        return outputs
+
+    def _prefill_groups(self, prefill: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """Chunks that can share one padded forward. DeltaNet layers would decay their state over left padding,
+        and prompt logprobs need every position: those run alone."""
+        alone = [[item] for item in prefill if self.hybrid or item[0].wants_prompt_logprobs]
+        together = [item for item in prefill if not (self.hybrid or item[0].wants_prompt_logprobs)]
+        return alone + ([together] if together else [])
+
+    def _run_prefill(self, group: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        seqs = [seq for seq, _ in group]
+        if seqs[0].wants_prompt_logprobs:
+            seq, n = group[0]
+            logits = self.runner.forward(group, all_logits=True)[0]  # (n, V)
+            _record_prompt_logprobs(seq, logits, n)
+            return self._after_forward(seqs, [n], logits[-1:])
+        return self._after_forward(seqs, [n for _, n in group], self.runner.forward(group))
+
+    def _after_forward(self, seqs: list[Sequence], counts: list[int], logits: torch.Tensor) -> list[StepOutput]:
+        """Advance each sequence's computed tokens; sample for those whose every token is now computed."""
+        ready = []
+        for row, (seq, n) in enumerate(zip(seqs, counts)):
+            self.blocks.mark_computed(seq, n)
+            if seq.num_uncomputed == 0:
+                ready.append(row)
+        if not ready:
+            return []
+        rows = torch.tensor(ready, device=logits.device)
+        return self._sample([seqs[r] for r in ready], logits.index_select(0, rows))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        """logits (B, V) float32 at each sequence's last token -> one new token per sequence."""
+        params = [seq.params for seq in seqs]
+        raw = logits
+        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
+            logits = sampler.apply_penalties(logits, params, *_penalty_state(seqs, logits.shape[-1], logits.device))
+        tokens = sampler.sample(logits, params, [seq.generator for seq in seqs])
+        entries = sampler.logprob_entries(raw, tokens, [p.logprobs for p in params])
+        return [self._append(seq, token, entry) for seq, token, entry in zip(seqs, tokens.tolist(), entries)]
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        seq.output_token_ids.append(token)
+        text, reason = seq.stop.push(token)
+        if reason is None and len(seq.output_token_ids) >= seq.max_new:
+            text, reason = text + seq.stop.finish(), "length"
+        first = len(seq.output_token_ids) == 1 and seq.prompt_logprobs is not None
+        prompt_logprobs = seq.prompt_logprob_values if first else None
+        if reason is not None:
+            self._finish(seq, reason)
+        return StepOutput(seq.request_id, token, text, logprob, reason, len(seq.prompt_token_ids),
+                          len(seq.output_token_ids), prompt_logprobs)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.scheduler.remove(seq)
+        self.requests.pop(seq.request_id, None)
+
+
+def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, n: int) -> None:
+    """logits (n, V) of the chunk ending at seq.num_computed + n: they score prompt tokens start+1 .. start+n."""
+    start = seq.num_computed
+    if start == 0:
+        seq.prompt_logprob_values = [None]  # the first token has no context to be scored from
+    targets = seq.prompt_token_ids[start + 1:start + n + 1]
+    if targets:
+        chosen = torch.tensor(targets, device=logits.device)
+        seq.prompt_logprob_values += sampler.logprob_entries(logits[:len(targets)], chosen,
+                                                             [seq.prompt_logprobs] * len(targets))
+    seq.prompt_logprobs_done = start + n >= len(seq.prompt_token_ids)
+
+
+def _penalty_state(seqs: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) bool: token in the prompt; (B, V) int32: times generated so far."""
+    prompt_mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=device)
+    counts = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=device)
+    for row, seq in enumerate(seqs):
+        prompt_mask[row, torch.tensor(seq.prompt_token_ids, device=device)] = True
+        if seq.output_token_ids:
+            out = torch.tensor(seq.output_token_ids, device=device)
+            counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+    return prompt_mask, counts

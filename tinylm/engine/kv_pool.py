@@ -1,0 +1,107 @@
+"""The engine's cache memory: a paged K/V pool for softmax-attention layers and a slot pool for DeltaNet states.
+
+`KVPool` owns the tensors; `PagedBatch` is the view one forward pass sees. It implements the cache contract of
+tinylm/model/cache.py (`length`, `update`, `advance`, `linear_state`, `set_linear_state`), so the one decoder
+runs unchanged on paged memory.
+
+Layout: per attention layer, K and V are (num_slots, H_kv, D) with num_slots = num_blocks * block_size, so a
+token's slot index addresses its K/V row directly. A forward over B rows with T new tokens each writes the new
+rows (index_copy_) and gathers, for row b, the S slots of its whole context, right-aligned: (B, S, H_kv, D) viewed
+as (B, H_kv, S, D). Right alignment (left padding) keeps every row's newest token at the same query position, so
+the model's causal + key-padding mask (tinylm.model.transformer.build_attention_mask) is exactly right.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinylm.config import ModelConfig
+
+
+class KVPool:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, max_num_seqs: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.block_size = block_size
+        self.num_slots = num_blocks * block_size
+        shape = (self.num_slots, config.num_key_value_heads, config.head_dim)
+        layers = [i for i in range(config.num_hidden_layers) if config.layer_type(i) == "full_attention"]
+        # torch.empty: the OS commits pages only as blocks are used. Every gathered slot is written before it is
+        # read, except block 0, which padding points at: it must hold finite values (0 * NaN would poison SDPA).
+        self.keys = {i: _empty_pool(shape, block_size, dtype, device) for i in layers}
+        self.values = {i: _empty_pool(shape, block_size, dtype, device) for i in layers}
+        # DeltaNet states, one row per running sequence (allocated on first write: their shapes come from the layer)
+        self.max_num_seqs = max_num_seqs
+        self.conv: dict[int, torch.Tensor] = {}  # layer -> (max_num_seqs, conv_dim, kernel-1)
+        self.recurrent: dict[int, torch.Tensor] = {}  # layer -> (max_num_seqs, H_v, D_k, D_v) float32
+        self.free_state_slots = list(range(max_num_seqs - 1, -1, -1))
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        attention_layers = sum(config.layer_type(i) == "full_attention" for i in range(config.num_hidden_layers))
+        per_token = 2 * attention_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        return max(1, per_token * block_size)
+
+    def take_state_slot(self) -> int | None:
+        """A zeroed row of the DeltaNet state pool, or None when every row is in use."""
+        if not self.free_state_slots:
+            return None
+        slot = self.free_state_slots.pop()
+        for pool in (*self.conv.values(), *self.recurrent.values()):
+            pool[slot].zero_()
+        return slot
+
+    def release_state_slot(self, slot: int | None) -> None:
+        if slot is not None:
+            self.free_state_slots.append(slot)
+
+
+def _empty_pool(shape: tuple[int, ...], block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    pool = torch.empty(shape, dtype=dtype, device=device)
+    pool[:block_size].zero_()
+    return pool
+
+
+class PagedBatch:
+    """The cache one forward pass sees: B rows, T new tokens per row (left-padded), S context slots per row.
+
+    write_slots (N,): pool slots of the N real new tokens, in row-major order of `write_mask` (B, T) bool;
+    gather_slots (B, S): the slots of each row's context, right-aligned, padding pointing at slot 0 (block 0 is
+    never handed out); state_rows (B,): each row's DeltaNet state slot (hybrid models only).
+    """
+
+    def __init__(self, pool: KVPool, write_slots: torch.Tensor, write_mask: torch.Tensor | None,
+                 gather_slots: torch.Tensor, state_rows: torch.Tensor | None) -> None:
+        self.pool = pool
+        self.write_slots = write_slots
+        self.write_mask = write_mask  # None: every (row, step) is a real token
+        self.gather_slots = gather_slots.reshape(-1)
+        self.batch, self.context = gather_slots.shape
+        self.state_rows = state_rows
+        self.length = 0  # set by the runner to S - T, the query offset the model's mask builder expects
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the real rows of k, v (B, H_kv, T, D); return every row's context K, V (B, H_kv, S, D)."""
+        return self._write_and_gather(self.pool.keys[layer_idx], k), self._write_and_gather(self.pool.values[layer_idx], v)
+
+    def _write_and_gather(self, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        rows = new.transpose(1, 2)  # (B, T, H_kv, D)
+        rows = rows.reshape(-1, *rows.shape[2:]) if self.write_mask is None else rows[self.write_mask]
+        flat.index_copy_(0, self.write_slots, rows.to(flat.dtype))
+        gathered = flat.index_select(0, self.gather_slots)  # (B*S, H_kv, D)
+        return gathered.view(self.batch, self.context, *flat.shape[1:]).transpose(1, 2)
+
+    def advance(self, num_tokens: int) -> None:
+        """The engine's block manager does the bookkeeping; nothing to do here."""
+
+    def linear_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if layer_idx not in self.pool.conv:
+            return None  # nothing written yet: every row starts from the zero state
+        return self.pool.conv[layer_idx][self.state_rows], self.pool.recurrent[layer_idx][self.state_rows]
+
+    def set_linear_state(self, layer_idx: int, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
+        if layer_idx not in self.pool.conv:
+            self.pool.conv[layer_idx] = conv_state.new_zeros(self.pool.max_num_seqs, *conv_state.shape[1:])
+            self.pool.recurrent[layer_idx] = recurrent_state.new_zeros(self.pool.max_num_seqs,
+                                                                      *recurrent_state.shape[1:])
+        self.pool.conv[layer_idx].index_copy_(0, self.state_rows, conv_state)
+        self.pool.recurrent[layer_idx].index_copy_(0, self.state_rows, recurrent_state)

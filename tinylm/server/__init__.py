@@ -1,0 +1,1 @@
+"""OpenAI- and TGI-compatible HTTP server over the continuous-batching engine."""
