@@ -90,13 +90,14 @@ def restore(tr, folder: Path) -> None:
 
 
 def _restore_weights(model, folder: Path) -> None:
-    from tinylm.weights import safetensors_io
-    from tinylm.weights.loader import _module_name, expected_shapes
+    from tinylm.weights import name_maps, safetensors_io
 
     config = model.config
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    tensors = safetensors_io.load_checkpoint(folder, expected_shapes(model), optional,
-                                             rename=lambda stored: _module_name(config.model_type, stored))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tensors = safetensors_io.load_checkpoint(folder, shapes, optional, rename=lambda stored: None if
+                                             name_maps.is_computed_buffer(stored) else
+                                             name_maps.to_module_name(config.model_type, stored))
     missing, unexpected = model.load_state_dict(tensors, strict=False)  # copies into the optimizer's parameters
     if [m for m in missing if m not in optional] or unexpected:
         raise ckpt.CheckpointError(f"{folder}: weights do not fit the model ({missing[:3]}, {unexpected[:3]})")
