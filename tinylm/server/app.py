@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinylm.engine.async_engine import AsyncEngine
 from tinylm.engine.engine import EngineConfig, LLMEngine, QueueFullError
@@ -101,6 +102,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         return error_response(request.url.path, 400, _describe(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for undecodable bytes
+            message = "the request body is not valid JSON: it is not UTF-8 text"
+        return error_response(request.url.path, exc.status_code, message)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 
@@ -70,5 +72,17 @@ def _make_server(config, ready_message: str):
             await super().startup(sockets)
             if self.started:
                 print(ready_message, file=sys.stderr, flush=True)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGTERM / SIGINT start a graceful shutdown. uvicorn re-raises the signal once it is done, which
+            ends the process as killed; a server that shut down cleanly exits 0 instead."""
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     return Server(config)
