@@ -180,6 +180,18 @@ def test_card_naming_qwen3moe_with_linear_layers_is_the_hybrid(pair, tmp_path):
     assert torch.equal(card.forward(ids).logits, llm.forward(ids).logits)
 
 
+def test_multi_token_prediction_tensors_are_skipped(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, llm, folder = pair
+    tensors = load_file(folder / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.zeros(128, 256)  # the hub's Qwen3-Next checkpoints carry an MTP head
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    ids, _ = _padded_batch()
+    assert torch.equal(tinylm.load(tmp_path).forward(ids).logits, llm.forward(ids).logits)
+
+
 def _copy_with_config(src, dst, config: dict) -> None:
     (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     (dst / "config.json").write_text(json.dumps(config))

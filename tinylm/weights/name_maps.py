@@ -26,6 +26,9 @@ _QED_TO_CHECKPOINT = [
     (r"^model\.norm\.", "norm."),
 ]
 _TO_MODULE = {"qed": _QED_TO_MODULE}
+# Tensors a family's checkpoints carry that the model does not run: Qwen3-Next's multi-token-prediction head
+# (`mtp.*`), which transformers also skips (Qwen3NextPreTrainedModel._keys_to_ignore_on_load_unexpected).
+_UNUSED = {"qwen3_next": re.compile(r"^mtp\.")}
 _TO_CHECKPOINT = {"qed": _QED_TO_CHECKPOINT}
 # Precomputed rotary tables some checkpoints carry as buffers; tinylm recomputes them.
 _COMPUTED_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|inv_freq|cos_cached|sin_cached)$")
@@ -35,8 +38,12 @@ def is_computed_buffer(name: str) -> bool:
     return bool(_COMPUTED_BUFFERS.search(name))
 
 
-def to_module_name(model_type: str, name: str) -> str:
-    """A checkpoint tensor name -> the tinylm module name (unchanged for families transformers knows)."""
+def to_module_name(model_type: str, name: str) -> str | None:
+    """A checkpoint tensor name -> the tinylm module name (unchanged for families transformers knows);
+    None for a tensor the model does not use."""
+    unused = _UNUSED.get(model_type)
+    if unused is not None and unused.search(name):
+        return None
     return _apply(_TO_MODULE.get(model_type, []), name)
 
 
