@@ -187,6 +187,8 @@ def _convert(hint, value: Any, key: str) -> Any:
         hint = next(a for a in args if a is not type(None))
     if dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, f"{key}.")
+    if hint in (int, float) and isinstance(value, str):
+        value = _yaml11_number(value)  # PyYAML reads `lr: 4e-4` (no dot) as a string
     if hint is bool and isinstance(value, bool):
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -206,6 +208,13 @@ def _convert(hint, value: Any, key: str) -> Any:
         raise TrainConfigError(f"config: {key} must be a string or a list of strings, got {value!r}")
     kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
     raise TrainConfigError(f"config: {key} must be {kind.get(hint, hint)}, got {value!r}")
+
+
+def _yaml11_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _check(config: TrainConfig) -> None:
