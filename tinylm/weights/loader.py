@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from tinylm.config import ModelConfig
-from tinylm.errors import ConfigError, WeightsError
+from tinylm.errors import WeightsError
 from tinylm.model.transformer import CausalLM
 from tinylm.weights import name_maps, safetensors_io
 
@@ -64,7 +64,7 @@ def load_folder(folder: Path, dtype: torch.dtype, device: str) -> LoadedModel:
     model = build_model(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     tensors = safetensors_io.load_checkpoint(folder, expected_shapes(model), optional,
-                                             rename=lambda stored: _module_name(config.model_type, stored))
+                                             rename=lambda stored: module_name(config.model_type, stored))
     assign_weights(model, tensors, dtype, device)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
@@ -74,7 +74,7 @@ def load_folder(folder: Path, dtype: torch.dtype, device: str) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, source=folder, format="safetensors")
 
 
-def _module_name(model_type: str, stored: str) -> str | None:
+def module_name(model_type: str, stored: str) -> str | None:
     """None for rotary tables some checkpoints carry as buffers: the model recomputes them."""
     return None if name_maps.is_computed_buffer(stored) else name_maps.to_module_name(model_type, stored)
 
@@ -90,12 +90,66 @@ def load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
 
 
 def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               quantize: str | None = None) -> LoadedModel:
-    if quantize is not None:
-        raise ConfigError(f"quantize={quantize!r}: weight-only quantization is not implemented yet")
+               quantize=None) -> LoadedModel:
+    """A Hugging Face folder, a tinylm quantized folder or a .gguf file; `quantize` (a policy name such as "int8",
+    "int4", "qkv-fp16", optionally with options, or a tinylm.quant.QuantPolicy) quantizes while loading."""
     torch_dtype = parse_dtype(dtype)
     if path.is_dir():
+        from tinylm.quant.checkpoint import load_quantized_folder, quantization_config
+
+        if quantization_config(path) is not None:
+            return load_quantized_folder(path, torch_dtype, device, quantize)
+        if quantize is not None:
+            return _quantized(load_folder_meta(path), path, torch_dtype, device, quantize, "safetensors")
         return load_folder(path, torch_dtype, device)
     if path.suffix.lower() == ".gguf":
+        if quantize is not None:
+            return _quantized(load_gguf_meta(path), path, torch_dtype, device, quantize, "gguf")
         return load_gguf_file(path, torch_dtype, device)
     raise WeightsError(f"{path}: expected a Hugging Face folder or a .gguf file")
+
+
+def load_folder_meta(folder: Path):
+    """(meta model, tensor source, tokenizer loader) of a float folder, for a streaming quantized load."""
+    from tinylm.quant.sources import SafetensorsSource
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{folder} has no config.json")
+    config = ModelConfig.from_file(config_path)
+    model = build_model(config)
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    source = SafetensorsSource(folder, expected_shapes(model), optional,
+                               rename=lambda stored: module_name(config.model_type, stored))
+
+    def tokenizer():
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        from tinylm.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(folder)
+    return model, source, tokenizer, {}
+
+
+def load_gguf_meta(path: Path):
+    from tinylm.quant.sources import GGUFSource
+    from tinylm.weights.gguf import open_gguf
+
+    gguf_file = open_gguf(path)
+    return build_model(gguf_file.config), GGUFSource(gguf_file), gguf_file.tokenizer, gguf_file.metadata
+
+
+def _quantized(parts, path: Path, dtype: torch.dtype, device: str, quantize, fmt: str) -> LoadedModel:
+    """Quantize while reading: one float tensor at a time, never a float copy of the whole model."""
+    from tinylm.quant.apply import build_quantized
+    from tinylm.quant.policy import parse_policy
+
+    model, source, tokenizer, metadata = parts
+    policy = parse_policy(quantize)
+    try:
+        build_quantized(model, policy, source, dtype, device)
+    finally:
+        source.close()
+    model.config = replace(model.config, torch_dtype=str(dtype).removeprefix("torch."))
+    return LoadedModel(model=model, tokenizer=tokenizer(), source=path, format=fmt,
+                       metadata={**metadata, "quantization": policy.spec})

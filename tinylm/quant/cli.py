@@ -1,0 +1,64 @@
+"""`tinylm quantize MODEL OUT --policy P`: write a quantized checkpoint; with --check, run the quality gate on it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tinylm.quant.policy import BUILTIN
+
+
+def register(commands) -> None:
+    policies = "; ".join(f"{name}: {p.description}" for name, p in BUILTIN.items())
+    parser = commands.add_parser(
+        "quantize", help="write a weight-only quantized checkpoint (int8, int4, mixed-precision policies)",
+        description=f"Policies: {policies}. Options go after the name: NAME:group_size=128,head_chunk=8192,"
+                    "mlp_chunk=2048,kernel_dtype=model,int8_group_size=32.")
+    parser.add_argument("model", metavar="MODEL", help="built-in name, Hugging Face folder or .gguf file")
+    parser.add_argument("out", type=Path, metavar="OUT", help="folder to write (config.json with "
+                        "quantization_config, model.safetensors, tokenizer, SHA256SUMS)")
+    parser.add_argument("--policy", default="int8", help=f"one of {', '.join(BUILTIN)}, with options (default int8)")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 or 256")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="activation dtype of the model (auto: bfloat16 where the CPU has it, else float32)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the saved checkpoint with the unquantized model on a fixed text (KL, top-1, "
+                             "perplexity); exit status 1 when the policy fails its thresholds")
+    parser.set_defaults(handler=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import tinylm
+    from tinylm.cli import resolve_dtype
+    from tinylm.quant.checkpoint import save_quantized
+    from tinylm.quant.policy import parse_policy
+
+    spec = args.policy + (f"{',' if ':' in args.policy else ':'}group_size={args.group_size}"
+                          if args.group_size is not None else "")
+    policy = parse_policy(spec)  # bad names and options fail here, before any weight is read
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"{args.out} exists and is not empty; choose a new folder")
+    dtype = resolve_dtype(args.dtype, "cpu")
+    # mlp_chunk splits layers at load time: build unsplit, record it in the policy for later loads
+    llm = tinylm.load(args.model, dtype=dtype, quantize=replace(policy, mlp_chunk=0))
+    save_quantized(llm.model, args.out, policy, llm.tokenizer)
+    print(f"wrote {args.out} (policy {policy.spec}, {_weight_mib(llm.model):.1f} MiB of weights)")
+    if not args.check:
+        return 0
+    del llm
+    from tinylm.quant.quality import evaluate
+
+    report = evaluate(tinylm.load(args.model, dtype=dtype), tinylm.load(args.out, dtype=dtype), policy.spec)
+    print(report.line())
+    if not report.passed:
+        print(f"tinylm: quality gate failed for policy {policy.spec}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _weight_mib(model) -> float:
+    from tinylm.quant.memory import weight_bytes
+
+    return weight_bytes(model) / 2**20

@@ -1,0 +1,65 @@
+"""llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks -> the integer values, scales and zeros of tinylm's quantized layers.
+
+Block layouts as gguf-py decodes them (gguf/quants.py, `dequantize_blocks`), 32 weights per block:
+  Q8_0: f16 d, 32 x int8 q                       w = d * q
+  Q4_0: f16 d, 16 bytes (q_j low nibble, q_j+16 high)  w = d * (q - 8)
+  Q4_1: f16 d, f16 m, 16 bytes as Q4_0            w = d * q + m
+Int4Linear computes (q - 8) * scale + zero, so Q4_0 maps to (scale d, zero 0) and Q4_1 to (scale d, zero m + 8d):
+both bit-exact in float32 whenever m + 8d is exact in float32 (two f16 values whose exponents are within 13 of
+each other: min and max of one block always are in practice; tests check it against gguf.quants.dequantize). In
+bfloat16 the kernel's scales and zeros are rounded to 8 significant bits, which f16 block scales do not fit: close,
+not exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+
+BLOCK = 32
+NATIVE_TYPES = {QType.Q8_0: "int8", QType.Q4_0: "int4", QType.Q4_1: "int4"}
+
+
+@dataclass
+class NativeWeight:
+    """Quantized values as stored: int8 q (N, K) with scales (N,) or (N, G); or int4 q (N, K) uint8 in [0, 15]
+    with scales and zeros (N, G) such that w = (q - 8) * scale + zero."""
+
+    kind: str  # "int8" | "int4"
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+    @property
+    def group_size(self) -> int | None:
+        """Input features per scale; None for one scale per output channel (scales (N,))."""
+        return None if self.scales.dim() == 1 else self.q.shape[1] // self.scales.shape[1]
+
+    def rows(self, fn) -> NativeWeight:
+        """Apply a row permutation `fn` (a function of a (N, ...) tensor) to every part."""
+        return NativeWeight(self.kind, fn(self.q), fn(self.scales), None if self.zeros is None else fn(self.zeros))
+
+
+def decode(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> NativeWeight | None:
+    """data: the tensor's raw blocks (N, row bytes) uint8; shape (N, K). None for types with no native layer."""
+    if qtype not in NATIVE_TYPES:
+        return None
+    rows, cols = shape
+    blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
+    d = _f16(blocks[..., 0:2])
+    if qtype == QType.Q8_0:
+        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols))
+        return NativeWeight("int8", q.clone(), d)
+    offset = 4 if qtype == QType.Q4_1 else 2
+    nibbles = blocks[..., offset:]  # (N, G, 16): byte j holds q_j (low) and q_j+16 (high)
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)
+    zeros = _f16(blocks[..., 2:4]) + 8 * d if qtype == QType.Q4_1 else torch.zeros_like(d)
+    return NativeWeight("int4", torch.from_numpy(q), d, zeros)
+
+
+def _f16(pairs: np.ndarray) -> torch.Tensor:
+    """(N, G, 2) bytes holding little-endian f16 values -> (N, G) float32."""
+    return torch.from_numpy(np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32))

@@ -1,0 +1,182 @@
+"""Weight-only quantized linear layers on PyTorch's CPU kernels; activations stay floating point.
+
+Int8Linear: symmetric int8, one scale per output channel, `torch.ops.aten._weight_int8pack_mm` (as gpt-fast's
+WeightOnlyInt8Linear); or one scale per group of input features (GGUF Q8_0 blocks, exact), run by dequantizing row
+chunks. Int4Linear: asymmetric 4-bit by groups on `_weight_int4pack_mm_for_cpu` (tinygemm's convention, see
+int4pack.py). Both keep checkpoint-readable names (`qweight`, `scales`, `zeros`, `bias`), and both can also return
+dequantized rows (`lookup`), which is how one quantized copy serves as the embedding and the tied output head.
+
+`kernel_dtype` is the dtype the kernel computes in; `dtype` is the model's, which outputs are cast back to.
+Forward passes have no data-dependent Python branches and no host syncs, so torch.compile can trace them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm.quant import int4pack
+
+_DEQUANT_ROWS = 4096  # rows dequantized at a time by the grouped-int8 path: bounds its float temporaries
+
+
+class QuantLinearBase(nn.Module):
+    """What every quantized layer shares: shapes, dtypes, bias, and a `.weight` stand-in."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, kernel_dtype: torch.dtype,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.kernel_dtype = dtype, kernel_dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.row_chunk = 0  # > 0: output rows per chunk in matmul (policy option head_chunk)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A 0-element tensor in the model's dtype and device: code that reads `lm_head.weight.dtype` / `.device`
+        keeps working. The integer weights are in `qweight`; `dequantize()` gives the float matrix."""
+        return torch.empty(0, dtype=self.dtype, device=self.qweight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in the model dtype. With `row_chunk` > 0 (a chunked output head) the product is
+        taken `row_chunk` output rows at a time, so a dequantizing path never holds more than one chunk of floats."""
+        flat = x.reshape(-1, self.in_features).to(self.kernel_dtype).contiguous()  # (M, K); no-ops when it is
+        rows, chunk = self.out_features, self.row_chunk
+        if chunk and chunk < rows:
+            y = torch.cat([self._mm(flat, slice(s, min(s + chunk, rows))) for s in range(0, rows, chunk)], dim=-1)
+        else:
+            y = self._mm(flat, slice(0, rows))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(self.dtype).reshape(*x.shape[:-1], rows)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, dtype={self.dtype}, kernel_dtype={self.kernel_dtype}")
+
+
+class Int8Linear(QuantLinearBase):
+    """qweight (N, K) int8; scales (N,) per channel, or (N, K / group_size) per group."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 dtype: torch.dtype, kernel_dtype: torch.dtype | None = None) -> None:
+        super().__init__(qweight.shape[1], qweight.shape[0], dtype, kernel_dtype or dtype, bias)
+        self.group_size = None if scales.dim() == 1 else qweight.shape[1] // scales.shape[1]
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.to(self.kernel_dtype).contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int | None = None,
+                   dtype: torch.dtype, kernel_dtype: torch.dtype | None = None) -> Int8Linear:
+        """Symmetric: scale = max|w| / 127 per output channel (or per group of input features), q = round(w / s)."""
+        rows, cols = weight.shape
+        group = group_size or cols
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        scales = torch.empty(rows, cols // group)
+        for start in range(0, rows, _DEQUANT_ROWS):  # fp32 temporaries for a row chunk only
+            w = weight[start:start + _DEQUANT_ROWS].float().reshape(-1, cols // group, group)  # (n, G, g)
+            scale = (w.abs().amax(dim=-1) / 127).clamp(min=1e-10)
+            q[start:start + _DEQUANT_ROWS] = (w / scale[..., None]).round().clamp(-128, 127).reshape(-1, cols)
+            scales[start:start + _DEQUANT_ROWS] = scale
+        return cls(q, scales if group_size else scales[:, 0], bias, dtype=dtype, kernel_dtype=kernel_dtype)
+
+    def _mm(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
+        if self.group_size is None:
+            return torch.ops.aten._weight_int8pack_mm(flat, self.qweight[rows], self.scales[rows])
+        chunks = []  # grouped scales: no fused kernel; dequantize a bounded number of rows at a time
+        for start in range(rows.start, rows.stop, _DEQUANT_ROWS):
+            part = slice(start, min(start + _DEQUANT_ROWS, rows.stop))
+            chunks.append(F.linear(flat, self._dequant(self.qweight[part], self.scales[part], flat.dtype)))
+        return torch.cat(chunks, dim=-1)
+
+    def _dequant(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """q (..., K), scales (...,) or (..., G) -> (..., K) in `dtype`."""
+        if self.group_size is None:
+            return (q.to(dtype) * scales[..., None].to(dtype))
+        grouped = q.reshape(*q.shape[:-1], -1, self.group_size).to(dtype) * scales[..., None].to(dtype)
+        return grouped.reshape(q.shape)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows: ids (...) -> (..., K) in the model dtype."""
+        return self._dequant(self.qweight[ids], self.scales[ids], self.kernel_dtype).to(self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (N, K) matrix the kernel multiplies by."""
+        return self._dequant(self.qweight, self.scales.float(), torch.float32)
+
+
+class Int4Linear(QuantLinearBase):
+    """qweight kernel-packed (N_pad, K/2) uint8; scales_and_zeros (K / group_size, N_pad, 2). N_pad = N rounded up
+    to 16 (the kernel's requirement); padded rows are zero and cut from outputs."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None,
+                 *, dtype: torch.dtype, kernel_dtype: torch.dtype | None = None) -> None:
+        """q (N, K) values in [0, 15]; scales, zeros (N, G): weight = (q - 8) * scale + zero."""
+        rows, cols = q.shape
+        super().__init__(cols, rows, dtype, kernel_dtype or dtype, bias)
+        self.group_size = cols // scales.shape[1]
+        self.layout = int4pack.kernel_layout()  # found once per process, outside any traced code
+        pad = -rows % int4pack.ROW_MULTIPLE
+        if pad:
+            q = torch.cat([q, torch.full((pad, cols), 8, dtype=q.dtype)])
+            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+        self.register_buffer("qweight", int4pack.to_kernel(q))
+        self.register_buffer("scales_and_zeros", int4pack.scales_and_zeros(scales, zeros, self.kernel_dtype))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int,
+                   dtype: torch.dtype, kernel_dtype: torch.dtype | None = None) -> Int4Linear:
+        q, scales, zeros = int4pack.quantize_int4(weight, group_size)
+        return cls(q, scales, zeros, bias, dtype=dtype, kernel_dtype=kernel_dtype)
+
+    def _mm(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
+        if rows == slice(0, self.out_features):  # the whole weight (padded rows cut after)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size,
+                                                           self.scales_and_zeros)
+            return y[:, :self.out_features]
+        # a row chunk (the chunked head): starts at a multiple of 64 rows, so it is itself a valid packed weight
+        pad = -(rows.stop - rows.start) % int4pack.ROW_MULTIPLE
+        stop = rows.stop + pad
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight[rows.start:stop], self.group_size,
+                                                       self.scales_and_zeros[:, rows.start:stop].contiguous())
+        return y[:, :rows.stop - rows.start]
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows: ids (...) -> (..., K) in the model dtype; reads only those rows' bytes."""
+        q = int4pack.gather_rows(self.qweight, ids, self.in_features, self.layout)  # (..., K)
+        sz = self.scales_and_zeros[:, ids].movedim(0, -2).float()  # (..., G, 2)
+        w = (q.float() - 8).unflatten(-1, (-1, self.group_size)) * sz[..., :1] + sz[..., 1:]
+        return w.flatten(-2).to(self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return int4pack.dequantize_int4(*self.portable_parts())
+
+    def portable_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q (N, K) uint8 in [0, 15], scales (N, G), zeros (N, G)) without the padding rows."""
+        q = int4pack.from_kernel(self.qweight, self.in_features)[:self.out_features]
+        sz = self.scales_and_zeros[:, :self.out_features].transpose(0, 1)  # (N, G, 2)
+        return q, sz[..., 0].contiguous(), sz[..., 1].contiguous()
+
+    # Checkpoints hold the portable layout (qweight (N, K/2), scales, zeros): the kernel's depends on the CPU.
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        q, scales, zeros = self.portable_parts()
+        destination[prefix + "qweight"] = int4pack.pack_portable(q)
+        destination[prefix + "scales"], destination[prefix + "zeros"] = scales, zeros
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        names = ["qweight", "scales", "zeros"] + (["bias"] if self.bias is not None else [])
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        fresh = Int4Linear(int4pack.unpack_portable(state_dict[prefix + "qweight"]), state_dict[prefix + "scales"],
+                           state_dict[prefix + "zeros"], state_dict.get(prefix + "bias"), dtype=self.dtype,
+                           kernel_dtype=self.kernel_dtype)
+        self.qweight, self.scales_and_zeros, self.bias = fresh.qweight, fresh.scales_and_zeros, fresh.bias
