@@ -115,9 +115,9 @@ def test_fewshot_draws_follow_one_seeded_generator_per_task():
     # Random(1234).sample(range(3), 2) four times: [1, 0], [0, 2], [2, 0], [2, 0]
     firsts = [s[0].split(":")[0] for s in shots]
     assert firsts == ["Making a sandwich", "Brushing teeth", "Walking the dog", "Walking the dog"]
-    other_seed = {g: build_requests(TASKS["hellaswag"], grp, 2, seed=7)
-                  for g, grp in [("", load_groups(DATA, TASKS["hellaswag"], 2)[0])]}
-    assert [r[0].context for r in other_seed[""]] != [r[0].context for r in requests("hellaswag", 2)[""]]
+    group = load_groups(DATA, TASKS["hellaswag"], 2)[0]
+    other_seed = build_requests(TASKS["hellaswag"], group, 2, seed=7)
+    assert [r[0].context for r in other_seed] != [r[0].context for r in requests("hellaswag", 2)[""]]
 
 
 def test_limit_keeps_the_first_docs_and_their_shots():
@@ -143,6 +143,34 @@ def test_original_winogrande_file_names_are_found(tmp_path):
     shutil.copytree(DATA / "winogrande", tmp_path / "winogrande")
     assert (tmp_path / "winogrande" / "dev.jsonl").is_file()
     assert len(requests("winogrande", 1, tmp_path)[""]) == 3
+
+
+def _original_layout(task: str, row: dict) -> dict:
+    """The same row in the original release's layout (nested question, int label)."""
+    if task.startswith("arc"):
+        choices = [{"text": t, "label": lab} for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]
+        return {"id": row["id"], "question": {"stem": row["question"], "choices": choices}, "answerKey": row["answerKey"]}
+    if task == "commonsense_qa":
+        choices = [{"label": lab, "text": t} for lab, t in zip(row["choices"]["label"], row["choices"]["text"])]
+        return {"answerKey": row["answerKey"], "id": row["id"],
+                "question": {"question_concept": row["question_concept"], "choices": choices, "stem": row["question"]}}
+    return {**row, "label": int(row["label"])}  # hellaswag_val.jsonl has integer labels
+
+
+@pytest.mark.parametrize("task, folder, names", [
+    ("arc_easy", "ai2_arc", {"test": "ARC-Easy-Test.jsonl", "train": "ARC-Easy-Train.jsonl"}),
+    ("commonsense_qa", "commonsense_qa", {"validation": "dev_rand_split.jsonl", "train": "train_rand_split.jsonl"}),
+    ("hellaswag", "hellaswag", {"validation": "hellaswag_val.jsonl", "train": "hellaswag_train.jsonl"}),
+])
+def test_original_release_files_read_like_the_hugging_face_layout(tmp_path, task, folder, names):
+    spec = TASKS[task]
+    source = DATA / folder / (spec.subfolder if task.startswith("arc") else "")
+    (tmp_path / folder).mkdir()
+    for split, name in names.items():
+        rows = [json.loads(line) for line in (source / f"{split}.jsonl").read_text().splitlines()]
+        lines = [json.dumps(_original_layout(task, row)) for row in rows]
+        (tmp_path / folder / name).write_text("\n".join(lines) + "\n")
+    assert requests(task, 1, tmp_path) == requests(task, 1)
 
 
 def test_unknown_task_is_named():

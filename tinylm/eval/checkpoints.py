@@ -99,6 +99,5 @@ def _tokens_from_name(name: str) -> float | None:
 
 
 def _step_from_name(name: str) -> float | None:
-    match = re.search(r"(?:step|checkpoint)[-_]?(\d+)([kK]?)(?![\w.])", name) or \
-        re.search(r"(?:step|checkpoint)[-_]?(\d+)([kK]?)(?=[-_])", name)
+    match = re.search(r"(?:step|checkpoint)[-_]?(\d+)([kK]?)(?![\w.])", name)
     return _value(*match.groups()) if match else None

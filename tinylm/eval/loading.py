@@ -4,7 +4,7 @@ For a task whose folder is F (with Hugging Face config folder C) and a split S, 
 
     DIR/F/C/S.parquet | S.jsonl            DIR/F/S.parquet | S.jsonl
     DIR/F/C/S-*.parquet | S-*.jsonl        DIR/F/S-*.parquet | S-*.jsonl     (shards, read in name order)
-    DIR/F/<the original release's file name for S>
+    DIR/F/C/<the original release's file name for S>   DIR/F/<the same>
 
 so a snapshot of the Hugging Face dataset repository (`huggingface-cli download allenai/ai2_arc --repo-type dataset
 --local-dir DIR/ai2_arc`) works as it is, as do JSONL exports of it (`Dataset.to_json`).
@@ -37,8 +37,9 @@ def split_files(data_dir: Path, spec: TaskSpec, split: str) -> list[Path]:
             if hits:
                 return hits
     original = spec.original_files.get(split)
-    if original and (base / original).is_file():
-        return [base / original]
+    for folder in folders if original else []:
+        if (folder / original).is_file():
+            return [folder / original]
     where = folders[0] / f"{split}.parquet"
     alt = f" or {base / original}" if original else ""
     raise EvalDataError(f"{spec.name}: no {split} split found: expected {where} (or .jsonl, or {split}-*.parquet "

@@ -63,7 +63,7 @@ def _bars(ax, rows: list[dict], tasks: list[str]) -> None:
         ax.bar(xs, [row.get(c) or 0.0 for c in columns], width=width, label=label)
     for c, task in enumerate(columns):
         if task in CHANCE:
-            ax.hlines(CHANCE[task], c - 0.45, c + 0.45, colors="grey", linestyles="dashed", linewidth=1)
+            ax.hlines(CHANCE[task], c - 0.45, c + 0.45, colors="black", linestyles="dashed", linewidth=1, zorder=3)
     ax.set_xticks(range(len(columns)), columns, rotation=20)
     ax.set_ylim(0, 1)
     ax.set_xlabel("task (dashed: chance)")
