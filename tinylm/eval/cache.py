@@ -34,7 +34,7 @@ def model_fingerprint(source: Path, **settings) -> str:
 class ResultCache:
     def __init__(self, path: Path | None):
         self.path = Path(path) if path is not None else None
-        self.records: dict[tuple[str, int], dict] = {}
+        self.records: dict[tuple[str, int, str], dict] = {}  # (group, index, digest): 0- and 5-shot both stay
         self._file = None
         if self.path is not None and self.path.is_file():
             self._load()
@@ -43,17 +43,16 @@ class ResultCache:
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-                self.records[(record["g"], record["i"])] = record
+                self.records[(record["g"], record["i"], record["h"])] = record
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line a crash cut short
 
     def get(self, group: str, index: int, digest: str) -> dict | None:
-        record = self.records.get((group, index))
-        return record if record is not None and record.get("h") == digest else None
+        return self.records.get((group, index, digest))
 
     def put(self, group: str, index: int, digest: str, lls: list[float], greedy: list[bool]) -> None:
         record = {"g": group, "i": index, "h": digest, "ll": lls, "greedy": greedy}
-        self.records[(group, index)] = record
+        self.records[(group, index, digest)] = record
         if self.path is None:
             return
         if self._file is None:

@@ -34,6 +34,8 @@ class Scorer:
 
     @classmethod
     def from_llm(cls, llm, max_length: int | None = None, add_bos: bool = False) -> Scorer:
+        if llm.tokenizer is None:
+            raise EvalDataError("this model has no tokenizer; evaluating text needs one")
         return cls(lambda ids: llm.forward(ids).logits, llm.tokenizer, max_length or llm.config.max_position_embeddings,
                    prefix_token_id(llm), add_bos)
 
