@@ -214,3 +214,11 @@ def test_perplexity_documents_from_text_jsonl_and_missing_field(tmp_path):
         read_documents(tmp_path / "b.jsonl")
     with pytest.raises(EvalDataError, match="no such file"):
         read_documents(tmp_path / "missing.txt")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"text": "row one"}, {"text": "row two"}]), tmp_path / "d.parquet")
+    assert read_documents(tmp_path / "d.parquet") == ["row one", "row two"]
+    (tmp_path / "e.parquet").write_bytes(b"not parquet")
+    with pytest.raises(EvalDataError, match="e.parquet: not a readable parquet file"):
+        read_documents(tmp_path / "e.parquet")
