@@ -18,6 +18,12 @@ def llm(tmp_path_factory):
     return tinylm.load(make_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama", seed=2))
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen3_next"])
+def any_llm(request, tmp_path_factory):
+    """A softmax-attention model and a hybrid one (DeltaNet states live in the engine's state pool)."""
+    return tinylm.load(make_tiny(request.param, tmp_path_factory.mktemp("tiny") / request.param, seed=2))
+
+
 def _prompts(llm, count=6):
     texts = ["Once upon a time", "The capital of France is Paris. " * 3, "def add(a, b):", "Numbers 0 1 2 3 4 5",
              "The robot loved to read every day about the sea and the stars and the forest " * 2, "Hi"]
@@ -60,14 +66,16 @@ def _tokens_per_block_byte(llm, block_size):
     {"max_num_batched_tokens": 5, "block_size": 4},  # chunked prefill interleaved with decoding
     {"max_num_seqs": 2},  # requests join as others finish
 ], ids=["batched", "chunked-prefill", "two-at-a-time"])
-def test_batched_greedy_equals_reference(llm, config):
+def test_batched_greedy_equals_reference(any_llm, config):
+    llm = any_llm
     prompts = _prompts(llm)
     out = _run(_engine(llm, **config), prompts)
     for i, prompt in enumerate(prompts):
         assert out[str(i)] == _reference(llm, prompt, GREEDY.max_tokens), f"request {i}"
 
 
-def test_preemption_recomputes_and_changes_nothing(llm):
+def test_preemption_recomputes_and_changes_nothing(any_llm):
+    llm = any_llm
     prompts = _prompts(llm)
     # Room for about two sequences at a time: the others are preempted and recomputed.
     per_block = _tokens_per_block_byte(llm, 4)

@@ -46,8 +46,9 @@ class KVPool:
         if not self.free_state_slots:
             return None
         slot = self.free_state_slots.pop()
-        for pool in (*self.conv.values(), *self.recurrent.values()):
-            pool[slot].zero_()
+        with torch.inference_mode():  # the pools were created inside a forward pass, as inference tensors
+            for pool in (*self.conv.values(), *self.recurrent.values()):
+                pool[slot].zero_()
         return slot
 
     def release_state_slot(self, slot: int | None) -> None:
