@@ -119,3 +119,42 @@ def test_sample_order_is_a_pure_function_and_ranks_partition_the_batch():
     assert [SampleOrder(10, seed=3).index(k) for k in range(25)] == first
     ranks = [list(rank_slice(16, 8, r, 2)) for r in range(2)]
     assert ranks == [list(range(16, 20)), list(range(20, 24))]
+
+
+def test_example_configs_validate():
+    import glob
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = sorted(glob.glob(os.path.join(repo, "examples", "*.yaml")))
+    assert len(paths) == 4
+    for path in paths:
+        load_config(path)
+    recipe = load_config(os.path.join(repo, "examples", "tinyllama_pretrain.yaml"))
+    # TinyLlama (seed 001): cosine from 4e-4 after 2000 warmup steps, 1024 x 2048 = 2M-token batches, 3T tokens
+    assert (recipe.optim.lr, recipe.optim.warmup_steps, recipe.optim.schedule) == (4e-4, 2000, "cosine")
+    assert recipe.train.global_batch_size * recipe.data.seq_len == 2_097_152
+    assert recipe.train.max_tokens == 3_000_000_000_000
+    from tinylm.train.setup import new_model_config
+
+    model = new_model_config(recipe)
+    assert (model.num_hidden_layers, model.num_attention_heads, model.num_key_value_heads) == (22, 32, 4)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "sft", "dpo"])
+def test_example_runs_end_to_end_briefly(mode, tmp_path, monkeypatch, capsys):
+    """The example configs as shipped (data paths included), cut to 2 steps."""
+    import os
+
+    from tinylm.tiny import make_tiny
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(repo)
+    args = ["train", mode, f"examples/{mode}.yaml", "--set", "train.max_steps=2", "--set", "train.progress=false",
+            "--set", f"checkpoint.out_dir={tmp_path / 'out'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=2", "--set", "train.eval_batches=1"]
+    if mode != "pretrain":
+        args += ["--set", f"model.path={make_tiny('qwen2', tmp_path / 'tiny', seed=0)}"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "checkpoint-0000002" in capsys.readouterr().out
+    assert (tmp_path / "out" / "checkpoint-0000002" / "model.safetensors").is_file()
