@@ -104,6 +104,20 @@ def test_token_shards_dtype_boundaries_and_cache(tmp_path):
     assert build_shards([str(f) for f in files], tokenizer, tmp_path / "cache", "text", 512, 7) != folder
 
 
+def test_large_txt_streams_in_chunks_as_one_document(tmp_path, monkeypatch):
+    from tinylm.train import shards
+
+    monkeypatch.setattr(shards, "_LINES_PER_CHUNK", 2)
+    monkeypatch.setattr(shards, "_PIECES_PER_BATCH", 2)
+    tokenizer = build_tokenizer()
+    text = "".join(f"Line {i} of the story about the sea.\n" for i in range(7))
+    (tmp_path / "big.txt").write_text(text)
+    folder = build_shards([str(tmp_path / "big.txt")], tokenizer, tmp_path / "cache", "text", 512, 1000)
+    tokens = TokenShards(folder).read(0, 10_000).tolist()
+    assert tokens == tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert json.loads((folder / "meta.json").read_text())["documents"] == 1
+
+
 def test_jsonl_errors_name_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n{"body": "no text"}\n')

@@ -8,6 +8,7 @@ and an interrupted tokenization is never mistaken for a finished one.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ import numpy as np
 from tinylm.errors import TinyLMError
 
 _VERSION = 1  # bump when the shard layout or document rules change
-_LINES_PER_CHUNK = 2000  # .txt files are tokenized in chunks of lines, so a large file never sits in memory twice
+_LINES_PER_CHUNK = 2000  # .txt files are streamed in chunks of lines: a large file never sits in memory whole
+_PIECES_PER_BATCH = 256  # texts per encode_batch call (the tokenizer's threads work on a batch)
 
 
 class DataError(TinyLMError, ValueError):
@@ -45,8 +47,8 @@ class TokenShards:
         return int(self.offsets[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the stream as int64."""
-        parts = []
+        """Tokens [start, stop) of the stream as int64 (stop is clamped to the end)."""
+        parts, stop = [], min(stop, len(self))
         index = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while start < stop:
             shard = self.shards[index]
@@ -70,7 +72,7 @@ def build_shards(files: list[str], tokenizer, cache_dir: Path, text_field: str, 
     tmp = cache_dir / f".tmp-{folder.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    meta = _write_shards(tmp, _documents(paths, text_field), tokenizer, token_dtype(vocab_size), shard_tokens)
+    meta = _write_shards(tmp, _pieces(paths, text_field), tokenizer, token_dtype(vocab_size), shard_tokens)
     if not sum(meta["counts"]):
         shutil.rmtree(tmp)
         raise DataError(f"no text in {', '.join(files)}")
@@ -97,25 +99,24 @@ def _cache_key(paths: list[Path], tokenizer, text_field: str, vocab_size: int) -
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _documents(paths: list[Path], text_field: str) -> Iterator[list[str]]:
-    """Each document as a list of text chunks: a .txt file is one document, a .jsonl line is one."""
+def _pieces(paths: list[Path], text_field: str) -> Iterator[tuple[str, bool]]:
+    """(text, ends a document): a .jsonl line is a document; a .txt file is one, streamed in chunks of lines."""
     for path in paths:
         if path.suffix == ".jsonl":
-            yield from ([text] for text in _jsonl_texts(path, text_field))
+            yield from ((text, True) for text in _jsonl_texts(path, text_field))
         else:
             yield from _txt_chunks(path)
 
 
-def _txt_chunks(path: Path) -> Iterator[list[str]]:
+def _txt_chunks(path: Path) -> Iterator[tuple[str, bool]]:
     with open(path, encoding="utf-8", errors="replace") as handle:
-        chunks, lines = [], []
-        for line in handle:
-            lines.append(line)
-            if len(lines) == _LINES_PER_CHUNK:
-                chunks.append("".join(lines))
-                lines = []
-        chunks.append("".join(lines))
-    yield [c for c in chunks if c]
+        pending = None
+        while lines := list(itertools.islice(handle, _LINES_PER_CHUNK)):
+            if pending is not None:
+                yield pending, False
+            pending = "".join(lines)
+        if pending is not None:
+            yield pending, True
 
 
 def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
@@ -133,31 +134,50 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
             yield text
 
 
-def _write_shards(folder: Path, documents: Iterator[list[str]], tokenizer, dtype: np.dtype,
+class _ShardWriter:
+    """Buffers token arrays and writes full shards of `shard_tokens` (the last one may be shorter)."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int) -> None:
+        self.folder, self.dtype, self.size = folder, dtype, shard_tokens
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.files: list[str] = []
+        self.counts: list[int] = []
+
+    def add(self, ids: list[int]) -> None:
+        self.parts.append(np.asarray(ids, dtype=self.dtype))
+        self.buffered += len(ids)
+        while self.buffered >= self.size:
+            self._write(self.size)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, count: int) -> None:
+        tokens = np.concatenate(self.parts)
+        name = f"shard-{len(self.files):05d}.bin"
+        tokens[:count].tofile(self.folder / name)
+        self.files.append(name)
+        self.counts.append(count)
+        self.parts, self.buffered = [tokens[count:]], len(tokens) - count
+
+
+def _write_shards(folder: Path, pieces: Iterator[tuple[str, bool]], tokenizer, dtype: np.dtype,
                   shard_tokens: int) -> dict:
-    """Documents are tokenized (BOS if the tokenizer's post-processor adds one) and each is followed by EOS."""
-    eos = tokenizer.eos_token_id
-    files, counts, buffer, documents_seen = [], [], [], 0
-
-    def flush(final: bool) -> None:
-        while len(buffer) >= shard_tokens or (final and buffer):
-            chunk = np.asarray(buffer[:shard_tokens], dtype=dtype)
-            del buffer[:shard_tokens]
-            name = f"shard-{len(files):05d}.bin"
-            chunk.tofile(folder / name)
-            files.append(name)
-            counts.append(len(chunk))
-
-    for chunks in documents:
-        encodings = tokenizer.backend.encode_batch(chunks, add_special_tokens=False)
-        ids = [i for enc in encodings for i in enc.ids]
-        if tokenizer.bos_token_id is not None and _adds_bos(tokenizer):
-            ids.insert(0, tokenizer.bos_token_id)
-        buffer.extend(ids + ([eos] if eos is not None else []))
-        documents_seen += 1
-        flush(final=False)
-    flush(final=True)
-    return {"version": _VERSION, "dtype": dtype.name, "files": files, "counts": counts, "documents": documents_seen}
+    """Each document: BOS first if the tokenizer's post-processor adds one, its tokens, then EOS."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
+    writer, documents, at_start = _ShardWriter(folder, dtype, shard_tokens), 0, True
+    while group := list(itertools.islice(pieces, _PIECES_PER_BATCH)):
+        encodings = tokenizer.backend.encode_batch([text for text, _ in group], add_special_tokens=False)
+        for (_, ends), encoding in zip(group, encodings):
+            writer.add((bos if at_start else []) + encoding.ids + (eos if ends else []))
+            documents += ends
+            at_start = ends
+    writer.close()
+    return {"version": _VERSION, "dtype": dtype.name, "files": writer.files, "counts": writer.counts,
+            "documents": documents}
 
 
 def _adds_bos(tokenizer) -> bool:
