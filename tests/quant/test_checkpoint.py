@@ -15,7 +15,7 @@ from tinylm.quant.apply import quantize_model
 from tinylm.quant.checkpoint import save_quantized
 from tinylm.quant.chunked import ChunkedMLP
 from tinylm.quant.embedding import TiedHead
-from tinylm.quant.linear import Int4Linear, Int8Linear, QuantLinearBase
+from tinylm.quant.linear import HalfLinear, Int4Linear, Int8Linear, QuantLinearBase
 from tinylm.quant.policy import parse_policy
 from tinylm.tiny import make_tiny
 
@@ -69,7 +69,9 @@ def test_policies_choose_the_layers_they_name(tiny, policy):
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     body = Int8Linear if policy == "int8" else Int4Linear
     assert type(mlp.down_proj) is body and type(attn.o_proj) is body
-    assert type(attn.q_proj) is (nn.Linear if policy == "qkv-fp16" else body)
+    assert type(attn.q_proj) is (HalfLinear if policy == "qkv-fp16" else body)
+    if policy == "qkv-fp16":
+        assert attn.q_proj.weight.dtype == torch.float16 and attn.q_proj(torch.randn(2, 64)).dtype == torch.float32
     table = model.model.embed_tokens
     assert isinstance(table, Int4Linear if policy == "int4-tiedq" else Int8Linear)
     assert isinstance(model.lm_head, TiedHead) and model.lm_head.table is table  # one copy, also the head

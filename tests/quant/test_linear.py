@@ -62,6 +62,32 @@ def test_int4_kernel_layout_round_trip(rows):
     assert torch.equal(int4pack.unpack_portable(int4pack.pack_portable(q)), q)
 
 
+def _reference_pack(q: torch.Tensor, layout: int4pack.Layout) -> torch.Tensor:
+    """aten/src/ATen/native/cpu/int4mm_kernel.cpp weight_to_int4pack_kernel, written out: per block of B rows and
+    per k, a full block (AVX2/AVX512) stores row j | row j + B/2 << 4; others store row n | row n + 1 << 4."""
+    out = []
+    for start in range(0, q.shape[0], layout.block):
+        rows = q[start:start + layout.block].T  # (K, nb)
+        if layout.blocked and rows.shape[1] == layout.block:
+            out.append(rows[:, :layout.block // 2] | rows[:, layout.block // 2:] << 4)
+        else:
+            out.append(rows[:, 0::2] | rows[:, 1::2] << 4)
+    return torch.cat([o.reshape(-1) for o in out]).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("layout", [int4pack.Layout(64, True), int4pack.Layout(32, True), int4pack.Layout(32, False),
+                                    int4pack.Layout(64, False)], ids=str)
+def test_int4_readers_on_every_known_layout(layout):
+    """AVX512, AVX2 and plain layouts (not only this CPU's) read back by both readers."""
+    q = torch.randint(0, 16, (2 * 64 + 48, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    packed = _reference_pack(q, layout)
+    assert torch.equal(int4pack.from_kernel(packed, 32, layout), q)
+    ids = torch.tensor([[0, 31, 32, 63], [64, 150, 175, 100]])
+    assert torch.equal(int4pack.gather_rows(packed, ids, 32, layout), q[ids])
+    if layout == int4pack.kernel_layout():
+        assert torch.equal(packed, int4pack.to_kernel(q))
+
+
 def test_int4_padding_rows_are_cut():
     """out_features not a multiple of 16: padded for the kernel, invisible outside."""
     layer = Int4Linear.from_float(torch.randn(50, 64), None, group_size=32, dtype=F32, kernel_dtype=F32)

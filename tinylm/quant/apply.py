@@ -15,8 +15,8 @@ from tinylm.errors import ConfigError
 from tinylm.quant import int4pack
 from tinylm.quant.chunked import chunk_mlps
 from tinylm.quant.embedding import TiedHead, as_embedding
-from tinylm.quant.linear import Int4Linear, Int8Linear, QuantLinearBase
-from tinylm.quant.policy import QuantPolicy, parse_policy
+from tinylm.quant.linear import HalfLinear, Int4Linear, Int8Linear, QuantLinearBase
+from tinylm.quant.policy import HALF, QuantPolicy, parse_policy
 from tinylm.quant.sources import ModuleSource, TensorSource
 
 EMBEDDING, HEAD = "model.embed_tokens", "lm_head"
@@ -63,7 +63,7 @@ def validate(model: nn.Module, policy: QuantPolicy) -> None:
             module.out_features, module.in_features)
         if scheme == "int4":
             int4pack.check_shape(name, rows, cols, policy.int4_group())
-        elif policy.int8_group_size and cols % policy.int8_group_size:
+        elif scheme == "int8" and policy.int8_group_size and cols % policy.int8_group_size:
             raise ConfigError(f"int8 group size {policy.int8_group_size} does not divide in_features {cols} of {name}")
 
 
@@ -104,7 +104,9 @@ class _Builder:
         bias = self._float(f"{name}.bias") if module.bias is not None else None
         return self._quantize(name, scheme, bias)
 
-    def _quantize(self, name: str, scheme: str, bias: torch.Tensor | None) -> QuantLinearBase:
+    def _quantize(self, name: str, scheme: str, bias: torch.Tensor | None) -> nn.Module:
+        if scheme in HALF:
+            return HalfLinear(self._weight(name), bias, HALF[scheme])
         dtypes = {"dtype": self.dtype, "kernel_dtype": self.kernel}
         native = self.source.native(f"{name}.weight")
         if native is not None and self.policy.takes_as_is(native.kind, scheme, native.group_size):

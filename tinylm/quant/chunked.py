@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.errors import ConfigError
-from tinylm.quant.linear import Int4Linear, Int8Linear
+from tinylm.quant.linear import HalfLinear, Int4Linear, Int8Linear
 
 Bounds = list[tuple[int, int]]
 
@@ -63,7 +63,7 @@ def split_rows(module: nn.Module, bounds: Bounds) -> list[nn.Module]:
     if isinstance(module, Int4Linear):
         q, scales, zeros = module.portable_parts()
         return [Int4Linear(q[a:b], scales[a:b], zeros[a:b], _part(bias, a, b), **_dtypes(module)) for a, b in bounds]
-    return [_float_linear(module.weight[a:b], _part(bias, a, b)) for a, b in bounds]
+    return [_float_like(module, module.weight[a:b], _part(bias, a, b)) for a, b in bounds]
 
 
 def split_cols(module: nn.Module, bounds: Bounds) -> list[nn.Module]:
@@ -79,7 +79,7 @@ def split_cols(module: nn.Module, bounds: Bounds) -> list[nn.Module]:
         g = module.group_size
         return [Int4Linear(q[:, a:b], s[:, a // g:b // g], z[:, a // g:b // g], bias, **_dtypes(module))
                 for (a, b), bias in zip(bounds, biases)]
-    return [_float_linear(module.weight[:, a:b].contiguous(), bias) for (a, b), bias in zip(bounds, biases)]
+    return [_float_like(module, module.weight[:, a:b].contiguous(), bias) for (a, b), bias in zip(bounds, biases)]
 
 
 def concat_rows(modules: list[nn.Module]) -> nn.Module:
@@ -97,7 +97,7 @@ def concat_rows(modules: list[nn.Module]) -> nn.Module:
     if isinstance(first, Int4Linear):
         parts = [m.portable_parts() for m in modules]
         return Int4Linear(*(torch.cat([p[i] for p in parts]) for i in range(3)), bias, **_dtypes(first))
-    return _float_linear(torch.cat([m.weight for m in modules]), bias)
+    return _float_like(first, torch.cat([m.weight for m in modules]), bias)
 
 
 def _dtypes(module) -> dict:
@@ -106,6 +106,13 @@ def _dtypes(module) -> dict:
 
 def _part(bias: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
     return None if bias is None else bias[a:b]
+
+
+def _float_like(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A float piece of the same kind as `module` (nn.Linear, or HalfLinear with its 16-bit storage)."""
+    if isinstance(module, HalfLinear):
+        return HalfLinear(weight, bias, module.weight.dtype)
+    return _float_linear(weight, bias)
 
 
 def _float_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

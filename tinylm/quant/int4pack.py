@@ -100,13 +100,28 @@ def gather_rows(packed: torch.Tensor, rows: torch.Tensor, cols: int, layout: Lay
     return ((values >> shift[..., None]) & 15).to(torch.uint8)
 
 
-def from_kernel(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """The whole kernel-packed (N, K/2) weight -> (N, K) uint8 values, in row chunks."""
-    out = torch.empty(packed.shape[0], cols, dtype=torch.uint8)
-    for start in range(0, packed.shape[0], _CHUNK_ROWS):
-        rows = torch.arange(start, min(start + _CHUNK_ROWS, packed.shape[0]))
-        out[start:start + _CHUNK_ROWS] = gather_rows(packed, rows, cols)
+def from_kernel(packed: torch.Tensor, cols: int, layout: Layout | None = None) -> torch.Tensor:
+    """The whole kernel-packed (N, K/2) weight -> (N, K) uint8 values, by reshapes (uint8 temporaries only)."""
+    layout = layout or kernel_layout()
+    rows, block = packed.shape[0], layout.block
+    full = rows // block * block
+    out = torch.empty(rows, cols, dtype=torch.uint8)
+    for start in range(0, full, _CHUNK_ROWS):  # chunks of whole blocks: 4096 is a multiple of 32 and 64
+        stop = min(start + _CHUNK_ROWS, full)
+        blocks = packed[start:stop].reshape(-1, cols, block // 2)  # (blocks, K, B/2)
+        out[start:stop] = _nibbles(blocks, layout.blocked).transpose(1, 2).reshape(-1, cols)
+    if full < rows:  # a last partial block always pairs rows n, n+1
+        tail = packed[full:].reshape(cols, (rows - full) // 2)  # (K, nb/2)
+        out[full:] = _nibbles(tail, False).T
     return out
+
+
+def _nibbles(data: torch.Tensor, blocked: bool) -> torch.Tensor:
+    """(..., B/2) bytes -> (..., B) values: [low nibbles, high nibbles] (blocked) or interleaved pairs."""
+    low, high = data & 15, data >> 4
+    if blocked:
+        return torch.cat([low, high], dim=-1)
+    return torch.stack([low, high], dim=-1).flatten(-2)
 
 
 @lru_cache(maxsize=1)

@@ -21,6 +21,23 @@ from tinylm.quant import int4pack
 _DEQUANT_ROWS = 4096  # rows dequantized at a time by the grouped-int8 path: bounds its float temporaries
 
 
+class HalfLinear(nn.Module):
+    """A float linear layer stored in 16 bits (`fp16` / `bf16` schemes) whatever the model dtype: inputs are cast
+    to the storage dtype and outputs back. Seed 003 keeps q/k/v so while the rest is quantized."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight = nn.Parameter(weight.detach().to(storage), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(storage), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float()
+
+
 class QuantLinearBase(nn.Module):
     """What every quantized layer shares: shapes, dtypes, bias, and a `.weight` stand-in."""
 

@@ -2,8 +2,9 @@
 per-module overrides by name pattern, and the options that shape the quantized model.
 
 A policy is named on the command line and in `tinylm.load(quantize=...)` as `NAME[:key=value,...]`, for example
-`int4`, `qkv-fp16:group_size=128`, `int8:head_chunk=8192`. Schemes: `float` (kept in the model dtype), `int8`
-(per output channel, or by groups of `int8_group_size`), `int4` (by groups of `group_size`).
+`int4`, `qkv-fp16:group_size=128`, `int8:head_chunk=8192`. Schemes: `float` (kept in the model dtype), `fp16` / `bf16` (stored in 16 bits
+whatever the model dtype), `int8` (per output channel, or by groups of `int8_group_size`), `int4` (by groups of
+`group_size`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from tinylm.errors import ConfigError
 from tinylm.quant.int4pack import GROUP_SIZES
 
-SCHEMES = ("float", "int8", "int4")
+SCHEMES = ("float", "fp16", "bf16", "int8", "int4")
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}  # 16-bit float storage whatever the model dtype
 DEFAULT_GROUP_SIZE = 64  # divides every in_features of SmolLM2 (576, 1536) and Qwen2.5-3B (2048, 11008)
 KERNEL_DTYPES = {"auto": None, "model": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Always left in floating point: MoE routers and shared-expert gates are tiny and decide routing.
@@ -41,6 +43,8 @@ class QuantPolicy:
         for scheme in (self.default, self.embedding, *(s for _, s in self.overrides)):
             if scheme not in SCHEMES:
                 raise ConfigError(f"policy {self.name!r}: unknown scheme {scheme!r} (schemes: {', '.join(SCHEMES)})")
+        if self.embedding in HALF:
+            raise ConfigError(f"policy {self.name!r}: the embedding is float, int8 or int4, not {self.embedding}")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise ConfigError(f"policy {self.name!r}: group_size must be one of "
                               f"{', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
@@ -113,8 +117,8 @@ BUILTIN = {p.name: p for p in (
     QuantPolicy("int4", "int4", "int8", description="linear layers int4 by groups; embedding/head int8"),
     QuantPolicy("int4-tiedq", "int4", "int4", description="fully 4-bit, including the embedding that is also the "
                 "tied head"),
-    QuantPolicy("qkv-fp16", "int4", "int8", overrides=tuple((p, "float") for p in _QKV),
-                description="q/k/v in the model's float dtype, the rest int4, one int8 embedding/head (seed 003)"),
+    QuantPolicy("qkv-fp16", "int4", "int8", overrides=tuple((p, "fp16") for p in _QKV),
+                description="q/k/v in float16, the rest int4, one int8 embedding/head (seed 003's winner)"),
 )}
 ALIASES = {"qkvfp16": "qkv-fp16", "tiedq": "int4-tiedq"}
 

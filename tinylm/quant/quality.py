@@ -69,16 +69,24 @@ def distribution_metrics(reference: torch.Tensor, quantized: torch.Tensor, targe
     return {"kl": float(kl), "top1": float(top1), "ppl_reference": ppl(ref), "ppl": ppl(quant)}
 
 
+class Reference:
+    """The unquantized model's logits on the text, computed once for every policy compared with it."""
+
+    def __init__(self, llm, text: str = QUALITY_SAMPLE) -> None:
+        self.ids = llm.encode(text)[:llm.config.max_position_embeddings]
+        self.logits = llm.forward([self.ids]).logits[0]  # (T, V)
+
+
 def evaluate(reference, quantized, policy: str, text: str = QUALITY_SAMPLE, gate: Gate | None = None
              ) -> QualityReport:
-    """reference, quantized: tinylm.LLM objects with the same tokenizer. `policy` names the gate to apply."""
-    ids = reference.encode(text)
-    limit = reference.config.max_position_embeddings
-    ids = ids[:limit]
-    logits = [llm.forward([ids]).logits[0] for llm in (reference, quantized)]  # (T, V) each
-    metrics = distribution_metrics(*logits, torch.tensor(ids[1:]))
+    """reference: the unquantized tinylm.LLM (or a Reference of it); quantized: an LLM with the same tokenizer.
+    `policy` names the gate applied unless `gate` is given."""
+    if not isinstance(reference, Reference):
+        reference = Reference(reference, text)
+    logits = quantized.forward([reference.ids]).logits[0]
+    metrics = distribution_metrics(reference.logits, logits, torch.tensor(reference.ids[1:]))
     gate = gate or GATES.get(policy.partition(":")[0])
-    report = QualityReport(policy, len(ids), gate=gate, **metrics)
+    report = QualityReport(policy, len(reference.ids), gate=gate, **metrics)
     if gate is not None:
         report.failures = _failures(report, gate)
     return report
