@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tinylm import hub
-from tinylm.engine.generate import StepEvent, TokenLogprob, generate_steps
+from tinylm.engine.engine import EngineConfig, LLMEngine
+from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.errors import ConfigError
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.sampling_params import SamplingParams
@@ -17,6 +18,17 @@ from tinylm.weights.loader import LoadedModel, load_model
 
 Prompt = str | Sequence[int]
 Message = dict
+
+
+@dataclass
+class StepEvent:
+    """One generated token of one prompt, with the text it completes (may be empty while UTF-8 is partial)."""
+
+    index: int  # which prompt of the call
+    token_id: int
+    text: str
+    logprob: TokenLogprob | None
+    finish_reason: str | None  # None while running; "stop" (EOS / stop string / stop token) or "length"
 
 
 @dataclass
@@ -34,11 +46,21 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, engine_config: EngineConfig | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.model.config
         self.tokenizer = loaded.tokenizer
+        self.engine_config = engine_config or EngineConfig()
+        self._engine: LLMEngine | None = None
+        self._request_ids = 0
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The continuous-batching engine behind generate/stream/chat (created on first use)."""
+        if self._engine is None:
+            self._engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, self.engine_config)
+        return self._engine
 
     @property
     def device(self) -> torch.device:
@@ -133,7 +155,27 @@ class LLM:
         return pairs, params
 
     def _steps(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[StepEvent]]:
-        return generate_steps(self.model, self.tokenizer, prompt_ids, params, self.eos_token_ids)
+        """Run every prompt through the engine; yield each step's events. Every prompt is checked before any
+        runs, and leaving early (an exception, a closed stream) cancels what is left."""
+        engine = self.engine
+        for ids, p in zip(prompt_ids, params):
+            engine.validate(ids, p)
+        index_of: dict[str, int] = {}
+        try:
+            for index, (ids, p) in enumerate(zip(prompt_ids, params)):
+                self._request_ids += 1
+                request_id = f"llm-{self._request_ids}"
+                engine.add_request(request_id, ids, p)
+                index_of[request_id] = index
+            while any(r in engine.requests for r in index_of):
+                yield [_event(index_of[o.request_id], o) for o in engine.step() if o.request_id in index_of]
+        finally:
+            for request_id in index_of:
+                engine.abort(request_id)
+
+
+def _event(index: int, output: StepOutput) -> StepEvent:
+    return StepEvent(index, output.token_id, output.text, output.logprob, output.finish_reason)
 
 
 def _collect(output: RequestOutput, event: StepEvent, params: SamplingParams) -> None:

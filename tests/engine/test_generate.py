@@ -1,4 +1,4 @@
-"""The plain generation loop on a tiny random model (no tokenizer): context limits and batch bookkeeping."""
+"""LLM.generate on a tiny random model (no tokenizer): context limits and batch bookkeeping."""
 
 from __future__ import annotations
 
