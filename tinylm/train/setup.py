@@ -85,9 +85,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from tinylm.cli import _cpu_has_native_bf16
+    from tinylm.cli import resolve_dtype  # "auto" there: bf16 where the CPU computes it natively (avx512_bf16/amx)
 
-    return "bf16" if _cpu_has_native_bf16() else "fp32"
+    return "bf16" if resolve_dtype("auto", "cpu") == "bfloat16" else "fp32"
 
 
 def autocast(precision: str, device: torch.device):
