@@ -51,6 +51,10 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 

@@ -66,16 +66,11 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path != "/metrics":
-            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.get("/health")
     async def health() -> Response:
-        alive = state.engine._thread.is_alive()
+        alive = state.engine.is_alive
         return Response(status_code=200 if alive else 503)
 
     @app.get("/metrics")
@@ -174,3 +169,22 @@ class _BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class _CountRequests:
+    """ASGI middleware: count responses by route and status. (Pure ASGI, not BaseHTTPMiddleware, so handlers
+    still see the client's disconnect.)"""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") == "/metrics":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(scope.get("path", ""), str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
