@@ -128,3 +128,13 @@ def test_tokenize_and_detokenize(server, default_llm):
     tokens = post(url, "/tokenize", {"prompt": "Hello world"}).json()
     assert tokens["tokens"] == default_llm.encode("Hello world") and tokens["count"] == len(tokens["tokens"])
     assert post(url, "/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"] == "Hello world"
+
+
+def test_streamed_chunks_never_split_a_character(client):
+    """Multi-byte characters (emoji, CJK, accents) come out whole in every chunk, and the chunks add up."""
+    args = dict(model="smollm2", max_tokens=48, temperature=0,
+                messages=[{"role": "user", "content": "Write three emoji and the Japanese word for cat (猫)."}])
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**args, stream=True)]
+    assert any(ord(ch) > 0x7F for ch in whole), whole  # the answer does hold multi-byte characters
+    assert "".join(chunks) == whole and not any("\ufffd" in chunk for chunk in chunks)
