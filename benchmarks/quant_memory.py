@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from tinylm.quant.sources import Rows
+
 POLICIES = ["int8", "int4", "qkv-fp16", "int4-tiedq"]
 CHUNKED = {"default": "qkv-fp16:head_chunk=8192,mlp_chunk=512", "qwen2.5-3b": "qkv-fp16:head_chunk=16384,mlp_chunk=2048"}
 FLOAT = {"default": ["float32", "bfloat16"], "qwen2.5-3b": ["bfloat16"]}
@@ -41,13 +43,19 @@ class RandomSource:
         self.shapes = shapes
 
     def get(self, name: str) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        tensor = torch.empty(self.shapes[name], dtype=torch.bfloat16)
+        return self._rows(name, 0, self.shapes[name][0])
+
+    def rows(self, name: str) -> Rows:
+        return Rows(self.shapes[name], lambda a, b: self._rows(name, a, b))
+
+    def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{name}:{start}".encode()))
+        tensor = torch.empty(stop - start, *self.shapes[name][1:], dtype=torch.bfloat16)
         if name.endswith("norm.weight"):
             return tensor.fill_(1.0)
         return tensor.normal_(0.0, 0.02, generator=generator)
 
-    def native(self, name: str) -> None:
+    def native(self, name: str, scheme: str) -> None:
         return None
 
     def close(self) -> None:

@@ -26,7 +26,8 @@ IDS = torch.tensor([[5, 17, 99, 300, 2, 64, 128, 7], [9, 8, 7, 6, 5, 4, 3, 2]])
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folders = {}
-    for arch in ("qwen2", "llama", "qwen3_next"):  # tied + q/k/v bias, untied head, hybrid DeltaNet + MoE
+    # tied + q/k/v bias, untied head, hybrid DeltaNet + MoE, tied head with its own bias
+    for arch in ("qwen2", "llama", "qwen3_next", "qed"):
         folders[arch] = make_tiny(arch, tmp_path_factory.mktemp(arch), seed=1)
     return folders
 
@@ -44,13 +45,16 @@ def _dequantized_copy(model: nn.Module) -> nn.Module:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, linear)
     if isinstance(model.lm_head, TiedHead):
-        model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+        bias = model.lm_head.bias
+        model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=bias is not None)
         model.lm_head.weight = model.model.embed_tokens.weight
+        if bias is not None:
+            model.lm_head.bias = bias
     return model
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3_next", "qed"])
 def test_quantized_forward_is_the_float_forward_of_dequantized_weights(tiny, arch, policy):
     spec = f"{policy}:kernel_dtype=model"  # float32 kernels: the comparison is exact up to rounding
     if arch == "qwen3_next" and policy != "int8":

@@ -74,7 +74,7 @@ def test_real_file_blocks_are_exact(smollm2_gguf):
                             ("token_embd.weight", "model.embed_tokens.weight")):
         tensor = raw[gguf_name]
         expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # (out, in): v_proj's rows are not permuted
-        native = source.native(name)
+        native = source.native(name, "int8" if tensor.tensor_type == Q.Q8_0 else "int4")
         if native.kind == "int4":
             layer = Int4Linear(native.q, native.scales, native.zeros, dtype=torch.float32)
         else:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tinylm.errors import ConfigError
-from tinylm.quant import int4pack
+from tinylm.quant import int4pack, memory
 from tinylm.quant.chunked import chunk_mlps
 from tinylm.quant.embedding import TiedHead, as_embedding
 from tinylm.quant.linear import HalfLinear, Int4Linear, Int8Linear, QuantLinearBase
@@ -45,6 +45,7 @@ def build_quantized(model: nn.Module, policy: str | QuantPolicy, source: TensorS
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name != HEAD and policy.scheme_for(name) != "float":
             set_module(model, name, build.linear(name, module, policy.scheme_for(name)))
+            memory.trim()  # hand the float temporaries back now: the allocator would keep them as resident
     _fill_float(model, source, dtype, device)
     if model.config.tie_word_embeddings and table is None:
         model.tie_weights()  # float embedding: the head shares its weight, as after a plain load
@@ -106,9 +107,9 @@ class _Builder:
 
     def _quantize(self, name: str, scheme: str, bias: torch.Tensor | None) -> nn.Module:
         if scheme in HALF:
-            return HalfLinear(self._weight(name), bias, HALF[scheme])
+            return HalfLinear(self.source.get(f"{name}.weight"), bias, HALF[scheme])
         dtypes = {"dtype": self.dtype, "kernel_dtype": self.kernel}
-        native = self.source.native(f"{name}.weight")
+        native = self.source.native(f"{name}.weight", scheme)
         if native is not None and self.policy.takes_as_is(native.kind, scheme, native.group_size):
             if native.kind == "int8":  # GGUF Q8_0 blocks or a checkpoint's int8, exactly
                 return Int8Linear(native.q, native.scales, bias, **dtypes)
@@ -117,9 +118,10 @@ class _Builder:
             return Int8Linear.from_float(self._weight(name), bias, group_size=self.policy.int8_group_size, **dtypes)
         return Int4Linear.from_float(self._weight(name), bias, group_size=self.policy.int4_group(), **dtypes)
 
-    def _weight(self, name: str) -> torch.Tensor:
-        """The float values (GGUF blocks that do not fit the scheme are dequantized and quantized again)."""
-        return self.source.get(f"{name}.weight")
+    def _weight(self, name: str):
+        """The float values, read by row ranges as the quantizer goes (GGUF blocks that do not fit the scheme are
+        dequantized and quantized again)."""
+        return self.source.rows(f"{name}.weight")
 
     def _float(self, name: str) -> torch.Tensor:
         return self.source.get(name).to(self.dtype)

@@ -119,10 +119,10 @@ class CheckpointSource(SafetensorsSource):
         optional = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         super().__init__(folder, expected, optional, rename, extra=lambda name: _is_quant(name, self.quantized))
 
-    def native(self, name: str) -> NativeWeight | None:
+    def native(self, name: str, scheme: str) -> NativeWeight | None:
         layer = name.removesuffix(".weight")
         if layer not in self.quantized:
-            return None
+            return None  # (a stored layer of another kind than the recorded policy says fails in takes_as_is)
         rows, cols = self.quantized[layer]
         q, scales = self._read(f"{layer}.qweight"), self._read(f"{layer}.scales")
         if q.dtype == torch.int8:

@@ -6,20 +6,38 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
+from gguf.quants import dequantize
 from safetensors import safe_open
 
 from tinylm.errors import WeightsError
-from tinylm.quant.gguf_blocks import NativeWeight, decode
+from tinylm.quant.gguf_blocks import NATIVE_TYPES, NativeWeight, decode
 from tinylm.weights import safetensors_io
+
+
+class Rows:
+    """A 2-D float weight read by ranges of rows: the quantizers take it 4096 rows at a time (`weight[a:b]`), so
+    a 150k-row embedding is never in memory as a whole float tensor."""
+
+    def __init__(self, shape: tuple[int, ...], read: Callable[[int, int], torch.Tensor]) -> None:
+        self.shape, self._read = tuple(shape), read
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        start, stop, step = index.indices(self.shape[0])
+        assert step == 1, "rows are read in ranges"
+        return self._read(start, stop)
 
 
 class TensorSource(Protocol):
     def get(self, name: str) -> torch.Tensor:
         """The tensor under a module name, as stored (float; cast by the caller)."""
 
-    def native(self, name: str) -> NativeWeight | None:
-        """The stored quantized blocks of a weight when a quantized layer can take them as they are."""
+    def rows(self, name: str) -> Rows | torch.Tensor:
+        """A 2-D weight to be quantized, readable by row ranges where the format allows (else the tensor)."""
+
+    def native(self, name: str, scheme: str) -> NativeWeight | None:
+        """The stored quantized values of a weight when they are of `scheme`'s kind (int8 / int4), else None."""
 
     def close(self) -> None: ...
 
@@ -38,7 +56,10 @@ class ModuleSource:
             del self.tensors[alias]
         return value.detach()
 
-    def native(self, name: str) -> None:
+    def rows(self, name: str) -> torch.Tensor:
+        return self.get(name)
+
+    def native(self, name: str, scheme: str) -> None:
         return None
 
     def close(self) -> None:
@@ -68,15 +89,22 @@ class SafetensorsSource:
         self.handles: dict[Path, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
+        return self._call(name, lambda handle, stored: handle.get_tensor(stored))
+
+    def rows(self, name: str) -> Rows:
+        shape = self._call(name, lambda handle, stored: handle.get_slice(stored).get_shape())
+        return Rows(shape, lambda a, b: self._call(name, lambda handle, stored: handle.get_slice(stored)[a:b]))
+
+    def _call(self, name: str, fn):
         path, stored = self.found[name]
         try:
             if path not in self.handles:
                 self.handles[path] = safe_open(str(path), framework="pt")
-            return self.handles[path].get_tensor(stored)
+            return fn(self.handles[path], stored)
         except Exception as exc:  # safetensors raises its own error types; name the file instead
             raise WeightsError(f"{path.name}: cannot read safetensors data ({exc})") from None
 
-    def native(self, name: str) -> None:
+    def native(self, name: str, scheme: str) -> None:
         return None
 
     def close(self) -> None:
@@ -103,9 +131,25 @@ class GGUFSource:
     def get(self, name: str) -> torch.Tensor:
         return self.file.read(name)
 
-    def native(self, name: str) -> NativeWeight | None:
+    def rows(self, name: str) -> Rows | torch.Tensor:
+        """Blocks never span rows, so row ranges dequantize on their own (q/k rows of llama files are permuted
+        within each head: those small tensors are read whole)."""
+        if self.file.permuted_qk and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            return self.get(name)
+        tensor = self.file.tensors[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        return Rows(shape, lambda a, b: self._read_rows(tensor, a, b))
+
+    def _read_rows(self, tensor, start: int, stop: int) -> torch.Tensor:
+        try:
+            values = dequantize(tensor.data[start:stop], tensor.tensor_type)
+        except Exception as exc:  # the gguf package raises many types; name the tensor instead
+            raise WeightsError(f"{self.file.path.name}: cannot read tensor {tensor.name!r} ({exc})") from None
+        return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(stop - start, -1)
+
+    def native(self, name: str, scheme: str) -> NativeWeight | None:
         tensor = self.file.tensors.get(name)
-        if tensor is None or tensor.data.ndim != 2:
+        if tensor is None or NATIVE_TYPES.get(tensor.tensor_type) != scheme:  # decode only what will be kept
             return None
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         weight = decode(tensor.tensor_type, tensor.data, shape)
