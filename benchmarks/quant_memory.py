@@ -3,6 +3,7 @@ after load, and the peak while generating.
 
   .venv/bin/python benchmarks/quant_memory.py                     # default model (SmolLM2-135M-Instruct GGUF)
   .venv/bin/python benchmarks/quant_memory.py --model qwen2.5-3b  # Qwen2.5-3B shape, random weights
+  .venv/bin/python benchmarks/quant_memory.py --speed --new-tokens 64   # eager decode tok/s per policy
 
 Each policy runs in its own subprocess, so one measurement's heap never inflates the next. The 3B-shaped model is
 built on the meta device and filled layer by layer with random bfloat16 weights that are quantized as they are
@@ -106,6 +107,25 @@ def worker(model_name: str, policy: str, new_tokens: int, prompt_tokens: int) ->
     return result
 
 
+def speed(policies: list[str], new_tokens: int, repeats: int) -> None:
+    """Eager decode tok/s at batch 1 on the default model, every policy loaded in this one process and run in
+    turns (best of `repeats`), so background load hits them alike; ratios against bfloat16."""
+    import tinylm
+
+    llms = {p: tinylm.load(dtype="bfloat16", quantize=None if p == "bfloat16" else p) for p in policies}
+    params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    prompt = llms[policies[0]].apply_chat_template([{"role": "user", "content": "Tell me a story about a cat."}])
+    best = dict.fromkeys(policies, 0.0)
+    for _ in range(repeats):
+        for policy, llm in llms.items():
+            stamps = [time.perf_counter() for _ in llm.stream([prompt], params)]
+            best[policy] = max(best[policy], (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    print(f"| policy | decode tok/s (batch 1, {new_tokens} new tokens, {torch.get_num_threads()} threads) | vs bf16 |")
+    print("|---|---:|---:|")
+    for policy, rate in best.items():
+        print(f"| {policy} | {rate:.1f} | {rate / best.get('bfloat16', rate):.2f} |")
+
+
 def measure(model_name: str, policy: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", model_name, "--policy", policy, "--new-tokens",
            str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
@@ -148,12 +168,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--speed", action="store_true", help="instead: eager decode tok/s of the default model, "
+                        "every policy in one process, in turns")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.model, args.policy[0], args.new_tokens, args.prompt_tokens)))
+        return
+    if args.speed:
+        speed(args.policy or ["bfloat16"] + POLICIES, args.new_tokens, args.repeats)
         return
     policies = args.policy or FLOAT[args.model] + POLICIES + [CHUNKED[args.model]]
     rows = []

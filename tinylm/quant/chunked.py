@@ -38,10 +38,13 @@ def chunk_mlps(model: nn.Module, chunk: int) -> None:
     """Replace every SwiGLU MLP (dense or expert) wider than `chunk` by a ChunkedMLP, in place."""
     from tinylm.model.layers import MLP  # the model's own class: only it is known to be plain SwiGLU
 
-    for name, module in list(model.named_modules()):
-        if type(module) is MLP and module.gate_proj.out_features > chunk:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, chunked_mlp(module, chunk, name))
+    from tinylm.quant.memory import trim
+
+    names = [n for n, m in model.named_modules() if type(m) is MLP and m.gate_proj.out_features > chunk]
+    for name in names:  # by name, so each replaced MLP is freed before the next is split
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, chunked_mlp(model.get_submodule(name), chunk, name))
+        trim()
 
 
 def chunked_mlp(mlp: nn.Module, chunk: int, name: str = "mlp") -> ChunkedMLP:
