@@ -1,4 +1,4 @@
-"""A contiguous, preallocated state cache for incremental forward calls (the serving engine has its own, paged)."""
+"""A contiguous, preallocated state cache for incremental forward calls (the serving engine has its own, paged).
 
 The contract the model relies on (the serving engine's paged cache implements the same methods):
 - `length`: tokens already stored for every row; `advance(n)` once every layer has written n more.
