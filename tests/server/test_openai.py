@@ -114,7 +114,7 @@ def test_sixteen_concurrent_greedy_requests_equal_one_at_a_time(client):
                enumerate(["cat", "dog", "fox", "owl", "bee", "cow", "elk", "yak"] * 2)]
 
     def ask(prompt):
-        return client.completions.create(model="smollm2", prompt=prompt, max_tokens=32, temperature=0,
+        return client.completions.create(model="smollm2", prompt=prompt, max_tokens=16, temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].text
 
     one_at_a_time = [ask(p) for p in prompts]
