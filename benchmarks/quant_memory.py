@@ -107,12 +107,12 @@ def worker(model_name: str, policy: str, new_tokens: int, prompt_tokens: int) ->
     return result
 
 
-def speed(policies: list[str], new_tokens: int, repeats: int) -> None:
+def speed(policies: list[str], new_tokens: int, repeats: int, dtype: str) -> None:
     """Eager decode tok/s at batch 1 on the default model, every policy loaded in this one process and run in
-    turns (best of `repeats`), so background load hits them alike; ratios against bfloat16."""
+    turns (best of `repeats`), so background load hits them alike; ratios against the first (unquantized)."""
     import tinylm
 
-    llms = {p: tinylm.load(dtype="bfloat16", quantize=None if p == "bfloat16" else p) for p in policies}
+    llms = {p: tinylm.load(dtype=dtype, quantize=None if p == dtype else p) for p in policies}
     params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     prompt = llms[policies[0]].apply_chat_template([{"role": "user", "content": "Tell me a story about a cat."}])
     best = dict.fromkeys(policies, 0.0)
@@ -120,10 +120,11 @@ def speed(policies: list[str], new_tokens: int, repeats: int) -> None:
         for policy, llm in llms.items():
             stamps = [time.perf_counter() for _ in llm.stream([prompt], params)]
             best[policy] = max(best[policy], (len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    print(f"| policy | decode tok/s (batch 1, {new_tokens} new tokens, {torch.get_num_threads()} threads) | vs bf16 |")
+    print(f"| policy ({dtype} activations) | decode tok/s (batch 1, {new_tokens} new tokens, "
+          f"{torch.get_num_threads()} threads) | vs {policies[0]} |")
     print("|---|---:|---:|")
     for policy, rate in best.items():
-        print(f"| {policy} | {rate:.1f} | {rate / best.get('bfloat16', rate):.2f} |")
+        print(f"| {policy} | {rate:.1f} | {rate / best[policies[0]]:.2f} |")
 
 
 def measure(model_name: str, policy: str, args: argparse.Namespace) -> dict:
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="instead: eager decode tok/s of the default model, "
                         "every policy in one process, in turns")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="--speed only")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -179,7 +181,7 @@ def main() -> None:
         print(json.dumps(worker(args.model, args.policy[0], args.new_tokens, args.prompt_tokens)))
         return
     if args.speed:
-        speed(args.policy or ["bfloat16"] + POLICIES, args.new_tokens, args.repeats)
+        speed(args.policy or [args.dtype] + POLICIES, args.new_tokens, args.repeats, args.dtype)
         return
     policies = args.policy or FLOAT[args.model] + POLICIES + [CHUNKED[args.model]]
     rows = []
