@@ -5,8 +5,8 @@ Block layouts as gguf-py decodes them (gguf/quants.py, `dequantize_blocks`), 32 
   Q4_0: f16 d, 16 bytes (q_j low nibble, q_j+16 high)  w = d * (q - 8)
   Q4_1: f16 d, f16 m, 16 bytes as Q4_0            w = d * q + m
 Int4Linear computes (q - 8) * scale + zero, so Q4_0 maps to (scale d, zero 0) and Q4_1 to (scale d, zero m + 8d):
-both bit-exact in float32 whenever m + 8d is exact in float32 (two f16 values whose exponents are within 13 of
-each other: min and max of one block always are in practice; tests check it against gguf.quants.dequantize). In
+both bit-exact in float32 whenever m + 8d is exact in float32, i.e. the exponents of m and 8d are within 13 of each
+other (true of the real blocks we checked: tests compare with gguf.quants.dequantize, on the default model too). In
 bfloat16 the kernel's scales and zeros are rounded to 8 significant bits, which f16 block scales do not fit: close,
 not exact.
 """
