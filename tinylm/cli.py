@@ -210,7 +210,7 @@ def cmd_info(args) -> int:
         if key == "parameters":
             value = f"{value:,} ({value / 1e6:.1f}M)"
         elif key == "bytes":
-            value = f"{value:,} ({value / 2**20:.1f} MiB in {info['dtype']})"
+            value = f"{value:,} ({value / 2**20:.1f} MiB of weights in memory)"
         elif key == "file_bytes":
             value = f"{value:,} ({value / 2**20:.1f} MiB on disk)"
         print(f"{key:>13}: {value}")

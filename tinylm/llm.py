@@ -122,7 +122,11 @@ class LLM:
         return ids
 
     def info(self) -> dict:
-        params = {id(p): p for p in self.model.parameters()}.values()
+        from tinylm.quant.memory import weight_bytes
+        from tinylm.weights.loader import build_model
+
+        # Counted on the unquantized architecture (a meta model, no memory): packed int4 buffers are not parameters
+        params = {id(p): p for p in build_model(self.config).parameters()}.values()
         return {
             "source": str(self.loaded.source),
             "format": self.loaded.format,
@@ -133,7 +137,7 @@ class LLM:
             "vocab_size": self.config.vocab_size,
             "context": self.config.max_position_embeddings,
             "parameters": sum(p.numel() for p in params),
-            "bytes": sum(p.numel() * p.element_size() for p in params),
+            "bytes": weight_bytes(self.model),  # what the loaded weights (quantized or not) hold in memory
             "file_bytes": _file_bytes(self.loaded.source),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
