@@ -102,6 +102,7 @@ def test_checkpoint_series_plot_against_training_tokens(capsys, tmp_path):
     make_tiny("llama", run_dir / "step-2", seed=2)
     (run_dir / "step-2" / "tinylm_checkpoint.json").write_text(json.dumps({"tokens": 2_500_000}))
     make_tiny("llama", run_dir / "checkpoint-3", seed=3)
+    make_tiny("llama", run_dir / ".tmp-checkpoint-0000004-99", seed=4)  # a checkpoint still being written: skipped
     png = tmp_path / "series.png"
     code, out, _ = run(capsys, "tasks", str(run_dir), "--series", "--tokens-per-step", "1000000", "--tasks",
                        "arc_easy,winogrande", "--data-dir", DATA, "--output", str(tmp_path / "o"), "--dtype",
@@ -123,6 +124,10 @@ def test_training_tokens_conventions(tmp_path):
     folder.mkdir()
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 9, "num_input_tokens_seen": 12345}))
     assert checkpoint_info(folder, tokens_per_step=10).tokens == 12345
+    tinylm_run = tmp_path / "checkpoint-0000040"  # what `tinylm train` writes
+    (tinylm_run / "trainer").mkdir(parents=True)
+    (tinylm_run / "trainer" / "state.json").write_text(json.dumps({"step": 40, "tokens": 40 * 8 * 512}))
+    assert (checkpoint_info(tinylm_run).tokens, checkpoint_info(tinylm_run).step) == (163840, 40)
 
 
 def test_quantize_and_dtype_reach_the_loader(capsys, tiny, tmp_path, monkeypatch):

@@ -3,8 +3,8 @@
 Convention. A run folder holds one sub-folder per checkpoint (any folder tinylm loads: config.json, or a .gguf file).
 A checkpoint's training tokens are, first found:
 1. a numeric top-level key `tokens`, `train_tokens`, `training_tokens`, `tokens_seen` or `num_input_tokens_seen`
-   (what the Hugging Face Trainer writes) in one of the folder's JSON files: tinylm_checkpoint.json,
-   checkpoint.json, metadata.json, trainer_state.json, config.json;
+   (what the Hugging Face Trainer writes) in one of the folder's JSON files: trainer/state.json (what
+   `tinylm train` writes), tinylm_checkpoint.json, checkpoint.json, metadata.json, trainer_state.json, config.json;
 2. the folder name: `tokens-N`, `tokens_N` or `N-tokens`, N with an optional k/M/B/T suffix (`tokens-2.5B`),
    or TinyLlama's `...-step-480k-1T` (a step segment and a final token count in B or T);
 3. the step (`global_step` / `step` in those files, or a name `step-N`, `step_N`, `checkpoint-N`, N with an
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tinylm.eval.data import EvalDataError
 
-_FILES = ("tinylm_checkpoint.json", "checkpoint.json", "metadata.json", "trainer_state.json", "config.json")
+_FILES = ("trainer/state.json", "tinylm_checkpoint.json", "checkpoint.json", "metadata.json", "trainer_state.json", "config.json")
 _TOKEN_KEYS = ("tokens", "train_tokens", "training_tokens", "tokens_seen", "num_input_tokens_seen")
 _STEP_KEYS = ("global_step", "step")
 _UNITS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
@@ -35,7 +35,10 @@ class Checkpoint:
 
 
 def is_model_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
+    """A loadable folder; hidden ones (a trainer's `.tmp-checkpoint-*` being written) are not checkpoints yet."""
+    if path.name.startswith(".") or not path.is_dir():
+        return False
+    return (path / "config.json").is_file() or any(path.glob("*.gguf"))
 
 
 def checkpoint_info(path: Path, tokens_per_step: int | None = None) -> Checkpoint:
