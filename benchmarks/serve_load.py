@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/serve_load.py --clients 1 4 16 64 --new-tokens 128
 
-tinylm: the real server (uvicorn + engine, in this process) on the default model in bf16; N clients send
+tinylm: the real server (uvicorn + engine, in this process) on the default model (--dtype, bf16 by default); N clients send
 /v1/completions with stream=true at once, fixed prompts, 128 tokens each (EOS ignored). Time to first token is
 measured by each client from its request to its first token; inter-token latency from consecutive tokens.
-transformers: `generate` on the same N prompts as one left-padded batch, bf16, same weights; a logits processor
+transformers: `generate` on the same N prompts as one left-padded batch, same dtype, same weights; a logits processor
 timestamps every step (its TTFT is the batch prefill, its ITL the batch step). Both report total tokens/s.
 """
 
@@ -117,12 +117,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     gguf = hub.resolve(None)
     print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; model {gguf.name}, bf16, {args.new_tokens} new tokens per client")
-    llm = tinylm.load(gguf, dtype="bfloat16")
+          f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; model {gguf.name}, "
+          f"{args.dtype}, {args.new_tokens} new tokens per client")
+    llm = tinylm.load(gguf, dtype=args.dtype)
     url = start_server(llm, max(args.clients))
     reference = None
     if not args.skip_transformers:
@@ -130,7 +132,7 @@ def main() -> None:
 
         from decode import load_transformers  # benchmarks/decode.py: dequantized once, then plain bf16 Linear
 
-        reference = load_transformers(gguf, torch.bfloat16)
+        reference = load_transformers(gguf, getattr(torch, args.dtype))
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     asyncio.run(tinylm_load(url, 1, 8))  # warm-up
     header = "| clients | system | total tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |"
