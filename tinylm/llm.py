@@ -206,6 +206,9 @@ def _as_batch(value, device) -> torch.Tensor | None:
 
 
 def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-         quantize: str | None = None) -> LLM:
-    """Load a built-in model name, a Hugging Face folder, or a .gguf file; quantize: None | "int8" | "int4"."""
-    return LLM(load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize))
+         quantize: str | None = None, compile: bool = False) -> LLM:
+    """Load a built-in model name, a Hugging Face folder, or a .gguf file; quantize: None | "int8" | "int4" | a
+    policy name. compile: decode through torch.compile with fused projections (inference only, see
+    tinylm/engine/compiled.py)."""
+    return LLM(load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize),
+               EngineConfig(compile=compile))

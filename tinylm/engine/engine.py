@@ -12,18 +12,21 @@ runs now), runner (the forward pass), sampler (pure functions). Not thread-safe:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from tinylm.engine import sampler
 from tinylm.engine.block_manager import BlockManager
+from tinylm.engine.compiled import can_compile
 from tinylm.engine.kv_pool import KVPool
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
 from tinylm.engine.stop import StopChecker
 from tinylm.errors import ContextLengthError, TinyLMError
+from tinylm.model.fuse import fuse_projections
 from tinylm.sampling_params import SamplingParams
 
 
@@ -39,6 +42,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step: bounds a prefill chunk's stall of running streams
     enable_prefix_caching: bool = True
     max_queue: int | None = None  # waiting requests beyond this are refused with QueueFullError
+    compile: bool = False  # decode steps through torch.compile (tinylm/engine/compiled.py); eager fallback
 
 
 class LLMEngine:
@@ -58,8 +62,18 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not self.hybrid)
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.hybrid)
-        self.runner = ModelRunner(model, self.pool, self.blocks)
+        compile_decode, why_not = can_compile(model) if config.compile else (False, "")
+        if why_not:
+            warnings.warn(f"not compiling: {why_not}", RuntimeWarning, stacklevel=2)
+        if compile_decode:
+            fuse_projections(model)  # fewer, larger matmuls in the compiled step (inference only: see fuse.py)
+        self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode)
         self.requests: dict[str, Sequence] = {}
+
+    def warmup(self) -> None:
+        """Compile the decode graphs now (a no-op unless EngineConfig.compile): a server does it before it is ready."""
+        if self.runner.compiled is not None:
+            self.runner.compiled.warmup()
 
     @property
     def capacity_tokens(self) -> int:

@@ -87,8 +87,7 @@ class PagedBatch:
     def _write_and_gather(self, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         rows = new.transpose(1, 2)  # (B, T, H_kv, D)
         rows = rows.reshape(-1, *rows.shape[2:]) if self.write_mask is None else rows[self.write_mask]
-        flat.index_copy_(0, self.write_slots, rows.to(flat.dtype))
-        gathered = flat.index_select(0, self.gather_slots)  # (B*S, H_kv, D)
+        gathered = write_and_gather(flat, rows.to(flat.dtype), self.write_slots, self.gather_slots)  # (B*S, H_kv, D)
         return gathered.view(self.batch, self.context, *flat.shape[1:]).transpose(1, 2)
 
     def advance(self, num_tokens: int) -> None:
@@ -106,3 +105,15 @@ class PagedBatch:
                                                                       *recurrent_state.shape[1:])
         self.pool.conv[layer_idx].index_copy_(0, self.state_rows, conv_state)
         self.pool.recurrent[layer_idx].index_copy_(0, self.state_rows, recurrent_state)
+
+
+
+def write_and_gather(pool: torch.Tensor, rows: torch.Tensor, write_slots: torch.Tensor,
+                     gather_slots: torch.Tensor) -> torch.Tensor:
+    """pool (num_slots, H_kv, D): store rows (N, H_kv, D) at write_slots (N,), return pool[gather_slots] (M, H_kv, D).
+
+    Under torch.compile Inductor re-inplaces the write (the pool is mutated where it lies, not copied: a copy of
+    the cache budget per layer would show as a 100x slower step) and fuses the gather into its consumers.
+    """
+    pool.index_copy_(0, write_slots, rows)
+    return pool.index_select(0, gather_slots)

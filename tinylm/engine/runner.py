@@ -9,16 +9,18 @@ from __future__ import annotations
 import torch
 
 from tinylm.engine.block_manager import BlockManager
+from tinylm.engine.compiled import CompiledDecode
 from tinylm.engine.kv_pool import KVPool, PagedBatch
 from tinylm.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, pool: KVPool, blocks: BlockManager) -> None:
+    def __init__(self, model, pool: KVPool, blocks: BlockManager, compile_decode: bool = False) -> None:
         self.model = model
         self.pool = pool
         self.blocks = blocks
         self.device = model.lm_head.weight.device
+        self.compiled = CompiledDecode(model, pool) if compile_decode else None
 
     @torch.inference_mode()
     def forward(self, rows: list[tuple[Sequence, int]], all_logits: bool = False) -> torch.Tensor:
@@ -31,6 +33,15 @@ class ModelRunner:
         table = self._block_table(rows)
         gather, valid = self._gather_slots(table, contexts, width)
         write_slots = self._slots_of(table, positions, write_mask)
+        # No padding anywhere (batch 1, or rows of equal context): SDPA's unmasked path, and one graph fewer
+        key_mask = None if bool(valid.all()) else valid.to(self.device)
+        if self.compiled is not None and steps == 1 and not all_logits:
+            # batch 1 has no padding; larger batches always pass the mask: two graphs in all, not three
+            logits = self.compiled(ids.to(self.device), positions.to(self.device),
+                                   None if batch == 1 else valid.to(self.device),
+                                   write_slots.to(self.device), gather.to(self.device))
+            if logits is not None:
+                return logits
         state_rows = None
         if self.pool.conv or any(seq.state_slot is not None for seq, _ in rows):
             state_rows = torch.tensor([seq.state_slot for seq, _ in rows], device=self.device)
@@ -38,7 +49,7 @@ class ModelRunner:
                            None if bool(write_mask.all()) else write_mask.to(self.device),
                            gather.to(self.device), state_rows)
         cache.length = width - steps
-        out = self.model(ids.to(self.device), attention_mask=valid.to(self.device),
+        out = self.model(ids.to(self.device), attention_mask=key_mask,
                          position_ids=positions.to(self.device), cache=cache, logits_to_keep=0 if all_logits else 1)
         logits = out.logits.float()
         return logits if all_logits else logits[:, -1]

@@ -32,14 +32,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.zero_centered_norm)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.zero_centered_norm)
         self.qk_norm = config.qk_norm
+        self.qkv_proj: nn.Module | None = None  # set by fuse_qkv (inference only): one product instead of three
+        self.qkv_sizes = (q_size, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+
+    def fuse_qkv(self, fused: nn.Module) -> None:
+        """Replace q/k/v by one layer whose outputs are theirs concatenated (tinylm.model.fuse)."""
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache=None) -> torch.Tensor:
         """x (B, T, C); cos/sin (B, T, R); mask (B, 1, T, S) bool or None for plain causal; -> (B, T, C)."""
         batch, seq, _ = x.shape
-        q, gate = self._query(x)  # (B, T, H, D), (B, T, H*D) or None
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, gate = self._query(q)  # (B, T, H, D), (B, T, H*D) or None
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
@@ -55,9 +66,10 @@ class Attention(nn.Module):
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
 
-    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, seq, _ = x.shape
+    def _query(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q_proj's output (B, T, q_size) -> query (B, T, H, D) and the output gate (B, T, H*D) or None."""
+        batch, seq, _ = projected.shape
         if not self.output_gate:
-            return self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim), None
-        q, gate = self.q_proj(x).view(batch, seq, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            return projected.view(batch, seq, self.num_heads, self.head_dim), None
+        q, gate = projected.view(batch, seq, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         return q, gate.reshape(batch, seq, self.num_heads * self.head_dim)

@@ -41,7 +41,8 @@ def server_config(args):
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
     engine = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_memory * 2**30),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue)
+                          enable_prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,
+                          compile=args.compile)
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
     return ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes, engine=engine)
 
@@ -54,6 +55,9 @@ def cmd_serve(args) -> int:
 
     config = server_config(args)
     llm = load_from_args(args)
+    if args.compile:
+        print("tinylm: compiling the decode step (about a minute per graph the first time; cached on disk)",
+              file=sys.stderr, flush=True)
     app = create_app(llm, config)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                timeout_graceful_shutdown=args.graceful_timeout)

@@ -1,0 +1,110 @@
+"""Compiled decode (torch.compile over the paged decode step) and fused projections change speed, not results:
+greedy tokens equal the eager engine's, fused layers give the unfused logits, and a compiler failure falls back
+to eager decoding with a warning instead of an error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinylm
+from tinylm.engine.engine import EngineConfig, LLMEngine
+from tinylm.model.fuse import fuse_projections
+from tinylm.quant.apply import quantize_model
+from tinylm.quant.policy import QuantPolicy
+from tinylm.tiny import make_tiny
+
+GREEDY = tinylm.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+TEXTS = ["Once upon a time", "The capital of France is Paris. " * 3, "def add(a, b):", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3", seed=3)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    out = {str(i): [] for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    while engine.has_unfinished():
+        for output in engine.step():
+            out[output.request_id].append(output.token_id)
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def _generate(tiny_dir, compile_: bool, quantize=None) -> list[list[int]]:
+    llm = tinylm.load(tiny_dir, quantize=quantize)
+    engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=compile_))
+    prompts = [llm.encode(t) for t in TEXTS]
+    # batch 1 (its own graph), then a padded batch of 4 whose rows finish and join at different steps
+    return _run(engine, prompts[:1]) + _run(engine, prompts)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_gives_eager_tokens(tiny_dir, quantize):
+    eager = _generate(tiny_dir, False, quantize)
+    compiled = _generate(tiny_dir, True, quantize)
+    assert compiled == eager
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in compiled)
+
+
+@pytest.mark.parametrize("policy", [None, "int8", "int4"])
+def test_fused_projections_keep_logits(tiny_dir, policy):
+    llm = tinylm.load(tiny_dir)
+    if policy:
+        quantize_model(llm.model, policy)
+    ids = torch.tensor([llm.encode(TEXTS[1])])
+    before = llm.forward(ids).logits
+    assert fuse_projections(llm.model) == 2 * llm.config.num_hidden_layers  # q/k/v and gate/up per layer
+    attention = llm.model.model.layers[0].self_attn
+    assert attention.qkv_proj is not None and not hasattr(attention, "q_proj")
+    torch.testing.assert_close(llm.forward(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_of_different_schemes_stay_unfused(tiny_dir):
+    llm = tinylm.load(tiny_dir)
+    # q_proj in fp16, k/v and the MLP in int4: q/k/v cannot share one kernel, gate/up can
+    policy = QuantPolicy("mixed", "int4", "int8", overrides=(("*.self_attn.q_proj", "fp16"),))
+    quantize_model(llm.model, policy)
+    ids = torch.tensor([llm.encode(TEXTS[1])])
+    before = llm.forward(ids).logits
+    assert fuse_projections(llm.model) == llm.config.num_hidden_layers
+    layer = llm.model.model.layers[0]
+    assert layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is not None
+    torch.testing.assert_close(llm.forward(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_failure_falls_back_to_eager(tiny_dir, monkeypatch):
+    eager = _generate(tiny_dir, False)
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        assert _generate(tiny_dir, True) == eager
+
+
+def test_hybrid_models_decode_eagerly(tmp_path):
+    llm = tinylm.load(make_tiny("qwen3_next", tmp_path / "next", seed=1))
+    with pytest.warns(RuntimeWarning, match="Gated DeltaNet"):
+        engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
+    assert engine.runner.compiled is None
+    assert len(_run(engine, [llm.encode("Hi there")])[0]) == GREEDY.max_tokens
+
+
+def test_warmup_compiles_every_graph_before_requests(tiny_dir):
+    from torch._dynamo.utils import counters
+
+    llm = tinylm.load(tiny_dir)
+    engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
+    torch._dynamo.reset()
+    engine.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # batch 1 and batched
+    outputs = _run(engine, [llm.encode(t) for t in TEXTS])  # batch 4, then 3, 2, 1 as rows finish; growing S
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in outputs)
+    assert counters["stats"]["unique_graphs"] == graphs  # no request paid for a compile

@@ -1,0 +1,83 @@
+"""Decode steps through torch.compile: one graph for every batch size and context length.
+
+A decode step (one new token per row) is where eager PyTorch loses most: about 20 small ops per layer (norms,
+rotary, casts, residual adds, the SwiGLU product) each pay dispatcher and allocation costs that dwarf their work at
+batch 1. Inductor fuses them into a few C++ loops; the matmuls and the paged cache write/gather
+(`tinylm::paged_write_and_gather`, an opaque op that mutates the pool in place) run as extern calls.
+
+The traced function takes only tensors; the paged view is built inside the graph, so the context length S and
+the batch size B are symbolic (marked dynamic): no recompilation as sequences grow or join. Batch 1 gets its own
+graph (PyTorch specializes sizes 0 and 1) and larger batches another, which always carries the key mask.
+Prefill stays eager: it is matmul-bound, where compiling buys little and costs a graph per prompt shape.
+
+If compiling fails (no C++ compiler, an op Inductor cannot lower), the engine warns once and decodes eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from tinylm.engine.kv_pool import KVPool, PagedBatch
+
+log = logging.getLogger(__name__)
+
+
+def can_compile(model) -> tuple[bool, str]:
+    """Whether this model's decode step is compiled; the reason when it is not."""
+    config = model.config
+    if config.has_linear_layers:
+        return False, "Gated DeltaNet layers decode eagerly (their state update is not traced yet)"
+    if any(config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
+        return False, "mixture-of-experts layers route tokens with data-dependent shapes"
+    return True, ""
+
+
+class CompiledDecode:
+    """Callable like `model(...)` for decode steps: (ids (B, 1), positions (B, 1), key mask (B, S) or None,
+    write slots (B,), gather slots (B, S)) -> float32 logits (B, V) at the new token."""
+
+    def __init__(self, model, pool: KVPool) -> None:
+        self.model = model
+        self.pool = pool
+        self.failed = False
+        # Only the batch and context sizes are marked dynamic (in __call__): dynamic=True would also make every
+        # weight and pool dimension symbolic, and equal sizes would be unified with them (duck sizing).
+        self._compiled = torch.compile(self._step)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
+                 write_slots: torch.Tensor, gather_slots: torch.Tensor) -> torch.Tensor | None:
+        """Logits, or None when compiling failed (the caller runs the eager path, now and from then on)."""
+        if self.failed:
+            return None
+        torch._dynamo.mark_dynamic(gather_slots, 1)
+        if ids.shape[0] > 1:  # size 1 is always its own graph
+            for tensor in (ids, positions, write_slots, gather_slots, valid):
+                torch._dynamo.mark_dynamic(tensor, 0)
+            torch._dynamo.mark_dynamic(valid, 1)
+        try:
+            return self._compiled(ids, positions, valid, write_slots, gather_slots)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+            self.failed = True
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          "decoding eagerly", RuntimeWarning, stacklevel=2)
+            return None
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile the batch-1 graph and the batched one now, so no request waits for the compiler. The dummy
+        steps write to slot 0, the padding block, which only ever needs finite values."""
+        for batch in (1, 2):
+            context = 17  # unlike the batch size: PyTorch would otherwise assume the two equal (duck sizing)
+            valid = None if batch == 1 else torch.ones(batch, context, dtype=torch.bool)
+            ids, positions = torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long)
+            self(ids, positions, valid, torch.zeros(batch, dtype=torch.long),
+                 torch.zeros(batch, context, dtype=torch.long))  # distinct tensors: aliasing would be guarded on
+
+    def _step(self, ids, positions, valid, write_slots, gather_slots) -> torch.Tensor:
+        cache = PagedBatch(self.pool, write_slots, None, gather_slots, None)
+        cache.length = gather_slots.shape[1] - 1  # context before the new token: the query offset
+        out = self.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
+        return out.logits[:, -1].float()
