@@ -1,0 +1,87 @@
+"""Batch-1 decode of the default model, every tinylm configuration against transformers and llama.cpp, in one run.
+
+    .venv/bin/python benchmarks/decode_fast.py --repeats 3
+
+tinylm: float32 / bfloat16 / int8 / int4 weights, eager and compiled (`tinylm.load(..., compile=True)`: the
+decode step through torch.compile, fused q/k/v and gate/up; compile time is reported apart and not counted).
+transformers: the same GGUF dequantized to float32 / bfloat16 (benchmarks/decode.py's loader). llama.cpp: the
+GGUF as stored (Q4_1) through llama-cpp-python built from source, greedy. Same prompt, 128 new tokens, EOS
+ignored, decode tokens/s = (tokens - 1) / time after the first token, best of --repeats. Ratios are against
+transformers bfloat16 and llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import tinylm
+from tinylm import hub
+
+from decode import PROMPT, best, load_transformers, machine, tinylm_decode, transformers_decode
+
+CONFIGS = [("float32", None, False), ("float32", None, True), ("bfloat16", None, False), ("bfloat16", None, True),
+           ("float32", "int8", False), ("float32", "int8", True), ("float32", "int4", False), ("float32", "int4", True)]
+
+
+def llama_cpp_decode(gguf, new_tokens: int, repeats: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    prompt = llm.tokenize(PROMPT.encode())
+
+    def run() -> tuple[float, float, float]:
+        llm.reset()
+        start, stamps = time.perf_counter(), []
+        for _ in llm.generate(prompt, top_k=1, temp=0.0):
+            stamps.append(time.perf_counter())
+            if len(stamps) == new_tokens:
+                break
+        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), 0.0
+
+    run()
+    return best(run, repeats)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    gguf = hub.resolve(None)
+    print(f"machine: {machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
+          f"model {gguf.name}; batch 1; {args.new_tokens} new tokens")
+    prompt_ids = tinylm.load(gguf).encode(PROMPT)
+    reference = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_transformers(gguf, getattr(torch, dtype))
+        transformers_decode(model, prompt_ids, 8)
+        reference[dtype] = best(lambda: transformers_decode(model, prompt_ids, args.new_tokens), args.repeats)[1]
+        del model
+    llama = llama_cpp_decode(gguf, args.new_tokens, args.repeats)
+    base, anchor = reference["bfloat16"], llama or float("nan")
+    print("| system | weights | decode | tok/s | vs transformers bf16 | vs llama.cpp Q4_1 | compile s |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for dtype, value in reference.items():
+        print(f"| transformers | {dtype} | eager | {value:.1f} | {value / base:.2f}x | {value / anchor:.2f}x | |")
+    if llama:
+        print(f"| llama.cpp | Q4_1 (as stored) | native | {llama:.1f} | {llama / base:.2f}x | 1.00x | |")
+    for dtype, quantize, compiled in CONFIGS:
+        llm = tinylm.load(gguf, dtype=dtype, quantize=quantize, compile=compiled)
+        start = time.perf_counter()
+        llm.engine.warmup()
+        tinylm_decode(llm, prompt_ids, 8)
+        compile_s = time.perf_counter() - start
+        value = best(lambda: tinylm_decode(llm, prompt_ids, args.new_tokens), args.repeats)[1]
+        weights = f"{dtype} + {quantize}" if quantize else dtype
+        print(f"| tinylm | {weights} | {'compiled' if compiled else 'eager'} | {value:.1f} | {value / base:.2f}x | "
+              f"{value / anchor:.2f}x | {compile_s if compiled else 0:.0f} |", flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
