@@ -23,7 +23,8 @@ from tinylm import hub
 from decode import PROMPT, best, load_transformers, machine, tinylm_decode, transformers_decode
 
 CONFIGS = [("float32", None, False), ("float32", None, True), ("bfloat16", None, False), ("bfloat16", None, True),
-           ("float32", "int8", False), ("float32", "int8", True), ("float32", "int4", False), ("float32", "int4", True)]
+           ("float32", "int8", False), ("float32", "int8", True), ("float32", "int4", False), ("float32", "int4", True),
+           ("bfloat16", "int8", True), ("bfloat16", "int4", True)]
 
 
 def llama_cpp_decode(gguf, new_tokens: int, repeats: int) -> float | None:

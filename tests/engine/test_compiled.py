@@ -108,3 +108,24 @@ def test_warmup_compiles_every_graph_before_requests(tiny_dir):
     outputs = _run(engine, [llm.encode(t) for t in TEXTS])  # batch 4, then 3, 2, 1 as rows finish; growing S
     assert all(len(tokens) == GREEDY.max_tokens for tokens in outputs)
     assert counters["stats"]["unique_graphs"] == graphs  # no request paid for a compile
+
+
+def test_each_engine_keeps_its_own_graphs(tiny_dir, monkeypatch):
+    """Graphs are cached per engine: a second model compiled in the same process neither counts against the
+    first one's recompile limit nor makes it recompile."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # exactly one engine's two graphs
+    engines = []
+    for dtype in ("float32", "bfloat16"):
+        llm = tinylm.load(tiny_dir, dtype=dtype)
+        engines.append((llm, LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))))
+    torch._dynamo.reset()
+    for _, engine in engines:
+        graphs = counters["stats"]["unique_graphs"]
+        engine.warmup()
+        assert counters["stats"]["unique_graphs"] == graphs + 2  # compiled, not refused by the limit
+    graphs = counters["stats"]["unique_graphs"]
+    for llm, engine in engines:
+        assert all(len(t) == GREEDY.max_tokens for t in _run(engine, [llm.encode(t) for t in TEXTS]))
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -2,8 +2,9 @@
 
 A decode step (one new token per row) is where eager PyTorch loses most: about 20 small ops per layer (norms,
 rotary, casts, residual adds, the SwiGLU product) each pay dispatcher and allocation costs that dwarf their work at
-batch 1. Inductor fuses them into a few C++ loops; the matmuls and the paged cache write/gather
-(`tinylm::paged_write_and_gather`, an opaque op that mutates the pool in place) run as extern calls.
+batch 1. Inductor fuses them into a few C++ loops; the matmuls run as extern calls, and the paged cache
+write/gather (index_copy_ into the pool, index_select out of it) is reinplaced by Inductor, so the pool is never
+copied.
 
 The traced function takes only tensors; the paged view is built inside the graph, so the context length S and
 the batch size B are symbolic (marked dynamic): no recompilation as sequences grow or join. Batch 1 gets its own
@@ -16,6 +17,7 @@ If compiling fails (no C++ compiler, an op Inductor cannot lower), the engine wa
 from __future__ import annotations
 
 import logging
+import types
 import warnings
 
 import torch
@@ -45,7 +47,7 @@ class CompiledDecode:
         self.failed = False
         # Only the batch and context sizes are marked dynamic (in __call__): dynamic=True would also make every
         # weight and pool dimension symbolic, and equal sizes would be unified with them (duck sizing).
-        self._compiled = torch.compile(self._step)
+        self._compiled = torch.compile(types.MethodType(_own_code(CompiledDecode._step), self))
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
                  write_slots: torch.Tensor, gather_slots: torch.Tensor) -> torch.Tensor | None:
@@ -81,3 +83,12 @@ class CompiledDecode:
         cache.length = gather_slots.shape[1] - 1  # context before the new token: the query offset
         out = self.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+
+def _own_code(function):
+    """A copy of `function` with its own code object. Dynamo keeps compiled graphs (and counts recompilations
+    against `recompile_limit`) per code object: with a shared one, every model compiled in this process would
+    check the guards of all the others' graphs each step and, after 8 graphs, decode eagerly. A private copy
+    scopes the cache to one engine and frees it with the engine."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
