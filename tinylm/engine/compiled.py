@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from tinylm.engine.kv_pool import KVPool, PagedBatch
+from tinylm.quant.linear import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class CompiledDecode:
         self.failed = False
         # Only the batch and context sizes are marked dynamic (in __call__): dynamic=True would also make every
         # weight and pool dimension symbolic, and equal sizes would be unified with them (duck sizing).
-        self._compiled = torch.compile(types.MethodType(_own_code(CompiledDecode._step), self))
+        self._compiled = torch.compile(types.MethodType(_own_code(CompiledDecode._step), self),
+                                       options=_inductor_options(model))
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
                  write_slots: torch.Tensor, gather_slots: torch.Tensor) -> torch.Tensor | None:
@@ -83,6 +85,19 @@ class CompiledDecode:
         cache.length = gather_slots.shape[1] - 1  # context before the new token: the query offset
         out = self.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
         return out.logits[:, -1].float()
+
+
+def _inductor_options(model) -> dict:
+    """Inductor settings for this model's decode graph.
+
+    Batch-1 products are reductions over a weight row (tinylm/model/gemv.py, Int8Linear). By default Inductor
+    inlines the pointwise ops that make a reduction's input (the RMSNorm, SwiGLU's silu * up) into the reduction's
+    loop, recomputing them for every output row: harmless next to bf16 rows, but it makes int8 rows compute-bound
+    (9 GB/s instead of 36 on the 2-core EPYC). A low realize threshold stores such inputs once instead; it costs
+    float rows their wide vector loop, so it is set only where int8 rows are reduced."""
+    if any(isinstance(m, Int8Linear) and m.group_size is None for m in model.modules()):
+        return {"realize_opcount_threshold": 2}
+    return {}
 
 
 def _own_code(function):

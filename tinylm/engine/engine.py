@@ -27,6 +27,7 @@ from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
 from tinylm.engine.stop import StopChecker
 from tinylm.errors import ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
+from tinylm.model.gemv import use_gemv
 from tinylm.sampling_params import SamplingParams
 
 
@@ -67,6 +68,7 @@ class LLMEngine:
             warnings.warn(f"not compiling: {why_not}", RuntimeWarning, stacklevel=2)
         if compile_decode:
             fuse_projections(model)  # fewer, larger matmuls in the compiled step (inference only: see fuse.py)
+            use_gemv(model)  # batch-1 products as reductions Inductor streams at memory speed (see gemv.py)
         self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode)
         self.requests: dict[str, Sequence] = {}
 

@@ -102,6 +102,11 @@ class Int8Linear(QuantLinearBase):
         return cls(q, scales if group_size else scales[:, 0], bias, dtype=dtype, kernel_dtype=kernel_dtype)
 
     def _mm(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
+        if self.group_size is None and torch.compiler.is_compiling() and flat.shape[0] == 1:
+            # one row inside a compiled graph: a reduction Inductor streams faster than the kernel reads small
+            # matrices (tinylm/model/gemv.py; compiled.py stores its input first), (1, N)
+            y = (flat.float() * self.qweight[rows].float()).sum(dim=-1) * self.scales[rows].float()
+            return y.to(flat.dtype)[None]
         if self.group_size is None:
             return torch.ops.aten._weight_int8pack_mm(flat, self.qweight[rows], self.scales[rows])
         chunks = []  # grouped scales: no fused kernel; dequantize a bounded number of rows at a time

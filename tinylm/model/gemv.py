@@ -1,0 +1,45 @@
+"""Matrix-vector products written for Inductor: the batch-1 decode step's projections at memory speed.
+
+At batch 1 every projection is a GEMV that reads its whole weight once; its speed is the rate it streams the
+weight from memory. PyTorch's CPU GEMV (oneDNN / MKL) streams small matrices badly: about 20 GB/s over the
+default model's layers on a 2-core AVX512-BF16 EPYC, where a plain reduction `(x * W).sum(-1)` that Inductor
+compiles into one vectorized C++ loop reaches about 37 GB/s (BENCHMARKS.md, issue 5). So inside a
+compiled graph, and only for a single row, `GemvLinear` writes the product as that reduction (products in float32,
+as the library kernels accumulate); everywhere else (eager, prefill, batches, training) it is `F.linear`.
+
+Eagerly the reduction would materialize an (N, K) float32 temporary: it is never taken outside torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose single-row products inside torch.compile are a streaming reduction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:  # one row: static in the batch-1 graph
+            return gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) holding one row, weight (N, K) -> (..., N) in x's dtype; float32 products and sums."""
+    y = (x.reshape(1, -1).float() * weight.float()).sum(dim=-1)  # (N,): Inductor fuses cast, product and sum
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def use_gemv(model: nn.Module) -> int:
+    """Make every plain float nn.Linear of `model` a GemvLinear in place (same parameters, tied ones stay tied);
+    returns how many. Inference only, like fused projections: the engine applies it when it compiles decode."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = GemvLinear
+            count += 1
+    return count
