@@ -110,12 +110,16 @@ def test_warmup_compiles_every_graph_before_requests(tiny_dir):
     assert counters["stats"]["unique_graphs"] == graphs  # no request paid for a compile
 
 
-def test_each_engine_keeps_its_own_graphs(tiny_dir, monkeypatch):
+def test_each_engine_keeps_its_own_graphs(tiny_dir):
     """Graphs are cached per engine: a second model compiled in the same process neither counts against the
     first one's recompile limit nor makes it recompile."""
+    with torch._dynamo.config.patch(recompile_limit=2):  # exactly one engine's two graphs
+        _compile_two_engines(tiny_dir)
+
+
+def _compile_two_engines(tiny_dir) -> None:
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # exactly one engine's two graphs
     engines = []
     for dtype in ("float32", "bfloat16"):
         llm = tinylm.load(tiny_dir, dtype=dtype)
@@ -129,3 +133,14 @@ def test_each_engine_keeps_its_own_graphs(tiny_dir, monkeypatch):
     for llm, engine in engines:
         assert all(len(t) == GREEDY.max_tokens for t in _run(engine, [llm.encode(t) for t in TEXTS]))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_sdpa(masked):
+    from tinylm.model.attention import _decode_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)  # GQA: 3 heads per K/V
+    mask = (torch.arange(9) < torch.tensor([[9], [4], [1]]))[:, None, None, :] if masked else None
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(_decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)

@@ -58,9 +58,12 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if seq == 1 and torch.compiler.is_compiling():
+            out = _decode_attention(q, k, v, mask)  # Inductor fuses it; SDPA's CPU kernel is slow on one query
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                enable_gqa=self.num_kv_heads != self.num_heads)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
@@ -73,3 +76,16 @@ class Attention(nn.Module):
             return projected.view(batch, seq, self.num_heads, self.head_dim), None
         q, gate = projected.view(batch, seq, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         return q, gate.reshape(batch, seq, self.num_heads * self.head_dim)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row, written out for Inductor: q (B, H, 1, D), k/v (B, H_kv, S, D), mask (B, 1, 1, S) bool
+    or None -> (B, H, 1, D). The H / H_kv query heads sharing a K/V head are stacked as G rows (GQA)."""
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, H_kv, G, D)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * dim ** -0.5  # (B, H_kv, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1), v.float())  # (B, H_kv, G, D)
+    return out.to(v.dtype).reshape(batch, heads, 1, dim)

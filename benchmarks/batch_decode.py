@@ -1,0 +1,81 @@
+"""16 prompts at once, 128 new tokens each: total tokens/s of tinylm's configurations against transformers bf16
+batch 16, in one run (issue 5, item 2).
+
+    .venv/bin/python benchmarks/batch_decode.py --batch 16 --new-tokens 128
+
+transformers: `generate` on the N prompts as one left-padded bf16 batch (the GGUF dequantized, as in
+benchmarks/decode.py), greedy, EOS suppressed by min_new_tokens. tinylm: `LLM.generate` on the same N prompts
+(the engine batches them continuously), greedy, EOS ignored. Total tokens/s = N x new tokens / wall time,
+prefill included, best of --repeats. Compiled configurations compile before timing (reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import tinylm
+from tinylm import hub
+
+from decode import load_transformers, machine
+from serve_load import PROMPTS
+
+CONFIGS = [("bfloat16", None, False), ("bfloat16", None, True), ("float32", None, True),
+           ("bfloat16", "int8", True), ("bfloat16", "int4", True)]
+
+
+def transformers_batch(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+    return generated / (time.perf_counter() - start)
+
+
+def tinylm_batch(llm: tinylm.LLM, prompts: list[str], new_tokens: int) -> float:
+    params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    return sum(len(r.token_ids) for r in results) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    gguf = hub.resolve(None)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    print(f"machine: {machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
+          f"model {gguf.name}; {args.batch} prompts x {args.new_tokens} new tokens")
+    import transformers
+
+    model = load_transformers(gguf, torch.bfloat16)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    transformers_batch(model, tokenizer, prompts[:2], 4)
+    base = max(transformers_batch(model, tokenizer, prompts, args.new_tokens) for _ in range(args.repeats))
+    del model
+    print("| system | weights | decode | total tok/s | vs transformers bf16 | compile s |")
+    print("|---|---|---|---:|---:|---:|")
+    print(f"| transformers | bfloat16 | eager | {base:.1f} | 1.00x | |", flush=True)
+    for dtype, quantize, compiled in CONFIGS:
+        llm = tinylm.load(gguf, dtype=dtype, quantize=quantize, compile=compiled)
+        start = time.perf_counter()
+        llm.engine.warmup()
+        tinylm_batch(llm, prompts[:2], 4)
+        compile_s = time.perf_counter() - start
+        value = max(tinylm_batch(llm, prompts, args.new_tokens) for _ in range(args.repeats))
+        weights = f"{dtype} + {quantize}" if quantize else dtype
+        print(f"| tinylm | {weights} | {'compiled' if compiled else 'eager'} | {value:.1f} | {value / base:.2f}x | "
+              f"{compile_s if compiled else 0:.0f} |", flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
