@@ -97,7 +97,7 @@ def transformers_load(model, tokenizer, clients: int, new_tokens: int) -> dict:
     return summary(generated / wall, [stamp.times[0] - start] * clients, itl * clients)
 
 
-def start_server(llm, max_num_seqs: int):
+def start_server(llm, max_num_seqs: int, compile_decode: bool = False):
     import threading
 
     import uvicorn
@@ -105,7 +105,8 @@ def start_server(llm, max_num_seqs: int):
     from tinylm.engine.engine import EngineConfig
     from tinylm.server.app import ServerConfig, create_app
 
-    config = ServerConfig(model_name="smollm2", engine=EngineConfig(max_num_seqs=max_num_seqs))
+    engine = EngineConfig(max_num_seqs=max_num_seqs, compile=compile_decode)
+    config = ServerConfig(model_name="smollm2", engine=engine)
     server = uvicorn.Server(uvicorn.Config(create_app(llm, config), host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -118,14 +119,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantize", default=None, help="tinylm side only: int8, int4 or a policy")
+    parser.add_argument("--compile", action="store_true", help="tinylm side only: compiled decode (warmed up first)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     gguf = hub.resolve(None)
     print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; torch {torch.__version__}; "
           f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}; model {gguf.name}, "
-          f"{args.dtype}, {args.new_tokens} new tokens per client")
-    llm = tinylm.load(gguf, dtype=args.dtype)
-    url = start_server(llm, max(args.clients))
+          f"{args.dtype}, {args.new_tokens} new tokens per client; tinylm quantize={args.quantize}, "
+          f"compile={args.compile}")
+    llm = tinylm.load(gguf, dtype=args.dtype, quantize=args.quantize)  # the server builds its own engine
+    url = start_server(llm, max(args.clients), args.compile)
     reference = None
     if not args.skip_transformers:
         import transformers
