@@ -19,7 +19,7 @@ import torch
 import tinylm
 from tinylm import hub
 
-from decode import load_transformers, machine
+from decode import load_transformers, machine, tinylm_configs
 from serve_load import PROMPTS
 
 CONFIGS = [("bfloat16", None, False), ("bfloat16", None, True), ("float32", None, True),
@@ -64,18 +64,10 @@ def main() -> None:
     print("| system | weights | decode | total tok/s | vs transformers bf16 | compile s |")
     print("|---|---|---|---:|---:|---:|")
     print(f"| transformers | bfloat16 | eager | {base:.1f} | 1.00x | |", flush=True)
-    for dtype, quantize, compiled in CONFIGS:
-        llm = tinylm.load(gguf, dtype=dtype, quantize=quantize, compile=compiled)
-        start = time.perf_counter()
-        llm.engine.warmup()
-        tinylm_batch(llm, prompts[:2], 4)
-        compile_s = time.perf_counter() - start
-        value = max(tinylm_batch(llm, prompts, args.new_tokens) for _ in range(args.repeats))
-        weights = f"{dtype} + {quantize}" if quantize else dtype
-        print(f"| tinylm | {weights} | {'compiled' if compiled else 'eager'} | {value:.1f} | {value / base:.2f}x | "
-              f"{compile_s if compiled else 0:.0f} |", flush=True)
-        del llm
-
+    rows = tinylm_configs(gguf, CONFIGS, lambda llm: tinylm_batch(llm, prompts[:2], 4),
+                          lambda llm: max(tinylm_batch(llm, prompts, args.new_tokens) for _ in range(args.repeats)))
+    for weights, mode, value, compile_s in rows:
+        print(f"| tinylm | {weights} | {mode} | {value:.1f} | {value / base:.2f}x | {compile_s:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

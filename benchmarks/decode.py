@@ -62,6 +62,20 @@ def load_transformers(gguf: Path, dtype: torch.dtype):
     return model.to(dtype).eval()
 
 
+def tinylm_configs(path, configs, warm, measure):
+    """For each (dtype, quantize, compiled) in `configs`: load, warm up (compiling both decode graphs when asked),
+    measure. Yields (weights label, "compiled" or "eager", measure's value, compile seconds or 0)."""
+    for dtype, quantize, compiled in configs:
+        llm = tinylm.load(path, dtype=dtype, quantize=quantize, compile=compiled)
+        start = time.perf_counter()
+        llm.engine.warmup()
+        warm(llm)
+        compile_s = time.perf_counter() - start if compiled else 0.0
+        weights = f"{dtype} + {quantize}" if quantize else dtype
+        yield weights, "compiled" if compiled else "eager", measure(llm), compile_s
+        del llm
+
+
 def best(fn, repeats: int) -> tuple[float, float, float]:
     runs = [fn() for _ in range(repeats)]
     return min(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs)

@@ -20,7 +20,8 @@ import torch
 import tinylm
 from tinylm import hub
 
-from decode import PROMPT, best, load_transformers, machine, tinylm_decode, transformers_decode
+from decode import (PROMPT, best, load_transformers, machine, tinylm_configs, tinylm_decode,
+                    transformers_decode)
 
 CONFIGS = [("float32", None, False), ("float32", None, True), ("bfloat16", None, False), ("bfloat16", None, True),
            ("float32", "int8", False), ("float32", "int8", True), ("float32", "int4", False), ("float32", "int4", True),
@@ -71,18 +72,11 @@ def main() -> None:
         print(f"| transformers | {dtype} | eager | {value:.1f} | {value / base:.2f}x | {value / anchor:.2f}x | |")
     if llama:
         print(f"| llama.cpp | Q4_1 (as stored) | native | {llama:.1f} | {llama / base:.2f}x | 1.00x | |")
-    for dtype, quantize, compiled in CONFIGS:
-        llm = tinylm.load(gguf, dtype=dtype, quantize=quantize, compile=compiled)
-        start = time.perf_counter()
-        llm.engine.warmup()
-        tinylm_decode(llm, prompt_ids, 8)
-        compile_s = time.perf_counter() - start
-        value = best(lambda: tinylm_decode(llm, prompt_ids, args.new_tokens), args.repeats)[1]
-        weights = f"{dtype} + {quantize}" if quantize else dtype
-        print(f"| tinylm | {weights} | {'compiled' if compiled else 'eager'} | {value:.1f} | {value / base:.2f}x | "
-              f"{value / anchor:.2f}x | {compile_s if compiled else 0:.0f} |", flush=True)
-        del llm
-
+    rows = tinylm_configs(gguf, CONFIGS, lambda llm: tinylm_decode(llm, prompt_ids, 8),
+                          lambda llm: best(lambda: tinylm_decode(llm, prompt_ids, args.new_tokens), args.repeats)[1])
+    for weights, mode, value, compile_s in rows:
+        print(f"| tinylm | {weights} | {mode} | {value:.1f} | {value / base:.2f}x | {value / anchor:.2f}x | "
+              f"{compile_s:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

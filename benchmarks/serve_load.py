@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import time
 
 import httpx

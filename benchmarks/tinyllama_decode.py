@@ -12,18 +12,16 @@ report their one-time compile apart (a first short run), not in the figure.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
-import tinylm
 from tinylm.config import ModelConfig
 from tinylm.model.transformer import CausalLM
 from tinylm.tiny import build_tokenizer, init_weights
 from tinylm.weights.export import export_hf_folder
 
-from decode import best, machine, tinylm_decode, transformers_decode
+from decode import best, machine, tinylm_configs, tinylm_decode, transformers_decode
 
 # TinyLlama-1.1B (seed 001): 22 layers, d 2048, 32 heads (GQA 4 KV heads), SwiGLU 5632, vocab 32000, context 2048
 TINYLLAMA = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -61,17 +59,10 @@ def main() -> None:
     print("| system | weights | decode | tok/s | vs transformers bf16 | compile s |")
     print("|---|---|---|---:|---:|---:|")
     print(f"| transformers | bfloat16 | eager | {base:.2f} | 1.00x | |", flush=True)
-    for dtype, quantize, compiled in CONFIGS:
-        llm = tinylm.load(folder, dtype=dtype, quantize=quantize, compile=compiled)
-        start = time.perf_counter()
-        tinylm_decode(llm, PROMPT_IDS, 4)  # compiles the batch-1 graph when compiled
-        warm = time.perf_counter() - start
-        value = best(lambda: tinylm_decode(llm, PROMPT_IDS, args.new_tokens), args.repeats)[1]
-        weights = f"{dtype} + {quantize}" if quantize else dtype
-        print(f"| tinylm | {weights} | {'compiled' if compiled else 'eager'} | {value:.2f} | {value / base:.2f}x | "
-              f"{warm if compiled else 0:.0f} |", flush=True)
-        del llm
-
+    rows = tinylm_configs(folder, CONFIGS, lambda llm: tinylm_decode(llm, PROMPT_IDS, 4),
+                          lambda llm: best(lambda: tinylm_decode(llm, PROMPT_IDS, args.new_tokens), args.repeats)[1])
+    for weights, mode, value, compile_s in rows:
+        print(f"| tinylm | {weights} | {mode} | {value:.2f} | {value / base:.2f}x | {compile_s:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,15 @@ from tinylm.quant import int4pack
 _DEQUANT_ROWS = 4096  # rows dequantized at a time by the grouped-int8 path: bounds its float temporaries
 
 
+def _aligned(weight: torch.Tensor) -> torch.Tensor:
+    """`weight`, copied when its data does not start on a 64-byte boundary. `_weight_int8pack_mm`'s AVX-512 path
+    (torch 2.13, M > 1) uses aligned loads and segfaults otherwise; tensors read from a safetensors file, or a row
+    chunk starting mid-row-block, can start anywhere. PyTorch's own allocations are 64-byte aligned."""
+    if torch.compiler.is_compiling():  # data_ptr cannot be traced; whole buffers were aligned when built
+        return weight
+    return weight if weight.data_ptr() % 64 == 0 else weight.clone()
+
+
 class HalfLinear(nn.Module):
     """A float linear layer stored in 16 bits (`fp16` / `bf16` schemes) whatever the model dtype: inputs are cast
     to the storage dtype and outputs back. Seed 003 keeps q/k/v so while the rest is quantized."""
@@ -83,7 +92,7 @@ class Int8Linear(QuantLinearBase):
                  dtype: torch.dtype, kernel_dtype: torch.dtype | None = None) -> None:
         super().__init__(qweight.shape[1], qweight.shape[0], dtype, kernel_dtype or dtype, bias)
         self.group_size = None if scales.dim() == 1 else qweight.shape[1] // scales.shape[1]
-        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("qweight", _aligned(qweight.to(torch.int8).contiguous()))
         self.register_buffer("scales", scales.to(self.kernel_dtype).contiguous())
 
     @classmethod
@@ -108,7 +117,7 @@ class Int8Linear(QuantLinearBase):
             y = (flat.float() * self.qweight[rows].float()).sum(dim=-1) * self.scales[rows].float()
             return y.to(flat.dtype)[None]
         if self.group_size is None:
-            return torch.ops.aten._weight_int8pack_mm(flat, self.qweight[rows], self.scales[rows])
+            return torch.ops.aten._weight_int8pack_mm(flat, _aligned(self.qweight[rows]), self.scales[rows])
         chunks = []  # grouped scales: no fused kernel; dequantize a bounded number of rows at a time
         for start in range(rows.start, rows.stop, _DEQUANT_ROWS):
             part = slice(start, min(start + _DEQUANT_ROWS, rows.stop))
