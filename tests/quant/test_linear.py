@@ -147,3 +147,19 @@ def test_forward_compiles_without_graph_breaks():
                                                kernel_dtype=BF16))
     explain = torch._dynamo.explain(lambda ids: layer.matmul(layer(ids)))(torch.tensor([[1, 5, 63]]))
     assert explain.graph_break_count == 0
+
+
+@pytest.mark.parametrize("offset", [8, 24])
+def test_int8_weights_read_from_anywhere_are_aligned_for_the_kernel(offset):
+    """A qweight that does not start on a 64-byte boundary (a tensor inside a safetensors file) is copied: the
+    AVX-512 kernel of torch 2.13 uses aligned loads for several rows and crashed the process on such weights."""
+    torch.manual_seed(0)
+    reference = Int8Linear.from_float(torch.randn(512, 64), dtype=BF16)
+    buffer = torch.empty(512 * 64 + 128, dtype=torch.int8)
+    start = -buffer.data_ptr() % 64 + offset
+    misaligned = buffer[start:start + 512 * 64].view(512, 64)
+    misaligned.copy_(reference.qweight)
+    layer = Int8Linear(misaligned, reference.scales, dtype=BF16)
+    assert layer.qweight.data_ptr() % 64 == 0
+    x = torch.randn(4, 64, dtype=BF16)
+    _close(layer(x), x.float() @ reference.dequantize().T, BF16)
