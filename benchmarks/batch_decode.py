@@ -69,5 +69,6 @@ def main() -> None:
     for weights, mode, value, compile_s in rows:
         print(f"| tinylm | {weights} | {mode} | {value:.1f} | {value / base:.2f}x | {compile_s:.0f} |", flush=True)
 
+
 if __name__ == "__main__":
     main()
