@@ -41,7 +41,7 @@ def _generate(tiny_dir, compile_: bool, quantize=None) -> list[list[int]]:
     return _run(engine, prompts[:1]) + _run(engine, prompts)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "w8a8"])
 def test_compiled_decode_gives_eager_tokens(tiny_dir, quantize):
     eager = _generate(tiny_dir, False, quantize)
     compiled = _generate(tiny_dir, True, quantize)

@@ -33,7 +33,7 @@ def test_parse_names_aliases_and_options():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("int3", "unknown quantization policy 'int3' (known: int8, int4, int4-tiedq, qkv-fp16)"),
+    ("int3", "unknown quantization policy 'int3' (known: int8, w8a8, int4, int4-tiedq, qkv-fp16)"),
     ("int4:group_size=48", "group_size must be one of 32, 64, 128, 256, got 48"),
     ("int4:group_size=big", "group_size must be an integer, got 'big'"),
     ("int4:colour=red", "bad option 'colour=red'"),

@@ -21,6 +21,7 @@ import types
 import warnings
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_force_stride_order (attention.py)
 
 from tinylm.engine.kv_pool import KVPool, PagedBatch
 from tinylm.quant.linear import Int8Linear

@@ -80,12 +80,25 @@ class Attention(nn.Module):
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One query per row, written out for Inductor: q (B, H, 1, D), k/v (B, H_kv, S, D), mask (B, 1, 1, S) bool
-    or None -> (B, H, 1, D). The H / H_kv query heads sharing a K/V head are stacked as G rows (GQA)."""
+    or None -> (B, H, 1, D). The H / H_kv query heads sharing a K/V head are stacked as G rows (GQA).
+
+    Both products are sums over the cache rows' contiguous D axis, not matmuls: Inductor then reads K and V
+    where the paged cache keeps them, gather included, in one vectorized loop each. Matmuls need the rows copied
+    out first (transposed, in float32): 2x slower at batch 16 and 1.5x at batch 1 (benchmarks/README, issue 5).
+    q and the probabilities are stored once; left inline, the rotary embedding would be recomputed per key."""
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
-    q = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, H_kv, G, D)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * dim ** -0.5  # (B, H_kv, G, S)
+    q = _stored(q.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float().contiguous() * dim ** -0.5)
+    scores = (q * k[:, :, None].float()).sum(dim=-1)  # (B, H_kv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    out = torch.matmul(scores.softmax(dim=-1), v.float())  # (B, H_kv, G, D)
+    probs = _stored(scores.softmax(dim=-1).transpose(-1, -2).contiguous()).transpose(-1, -2)  # S-major storage
+    out = (probs[..., None] * v[:, :, None].float()).sum(dim=-2)  # (B, H_kv, G, D), D the vector axis
     return out.to(v.dtype).reshape(batch, heads, 1, dim)
+
+
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """x (contiguous), written to memory once by the compiled graph rather than recomputed inside each loop that
+    reads it: Inductor inlines cheap producers into their consumers, and a layout request forces the store.
+    Compiled graphs only (the prim is Inductor's, registered by tinylm.engine.compiled)."""
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())

@@ -17,29 +17,41 @@ from tinylm.quant.chunked import chunk_mlps
 from tinylm.quant.embedding import TiedHead, as_embedding
 from tinylm.quant.linear import HalfLinear, Int4Linear, Int8Linear, QuantLinearBase
 from tinylm.quant.policy import HALF, QuantPolicy, parse_policy
+from tinylm.quant.smooth import calibrate
 from tinylm.quant.sources import ModuleSource, TensorSource
 
 EMBEDDING, HEAD = "model.embed_tokens", "lm_head"
 
 
-def quantize_model(model: nn.Module, policy: str | QuantPolicy) -> nn.Module:
-    """Quantize a loaded float model in place (its float weights are released layer by layer)."""
+def quantize_model(model: nn.Module, policy: str | QuantPolicy, calibration_ids: list[int] | None = None
+                   ) -> nn.Module:
+    """Quantize a loaded float model in place (its float weights are released layer by layer). A policy with
+    int8 activations is smoothed first (tinylm/quant/smooth.py), calibrated on `calibration_ids`."""
     dtype = model.model.norm.weight.dtype
+    policy = parse_policy(policy)
+    smoothing = None
+    if policy.activations == "int8":
+        if not calibration_ids:
+            raise ConfigError(f"policy {policy.name!r} quantizes activations: it needs calibration tokens "
+                              "(the model's tokenizer) to measure their ranges")
+        smoothing = calibrate(model, calibration_ids)
     source = ModuleSource(model)
     try:
-        return build_quantized(model, policy, source, dtype, model.model.norm.weight.device)
+        return build_quantized(model, policy, source, dtype, model.model.norm.weight.device, smoothing)
     finally:
         source.close()
 
 
 def build_quantized(model: nn.Module, policy: str | QuantPolicy, source: TensorSource, dtype: torch.dtype,
-                    device: str | torch.device = "cpu") -> nn.Module:
-    """Fill `model` (meta or real) from `source` under `policy`; returns it in eval mode."""
+                    device: str | torch.device = "cpu", smoothing: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Fill `model` (meta or real) from `source` under `policy`; returns it in eval mode. `smoothing`: layer name
+    -> input_scale (K,) for int8-activation layers quantized here from float weights (stored int8 layers carry
+    their own)."""
     policy = parse_policy(policy)
     if torch.device(device).type != "cpu":
         raise ConfigError(f"weight-only quantization runs on PyTorch's CPU kernels; device {device!r} is not a CPU")
     validate(model, policy)
-    build = _Builder(policy, source, dtype, policy.kernel_dtype_for(dtype))
+    build = _Builder(policy, source, dtype, policy.kernel_dtype_for(dtype), smoothing or {})
     table = build.table(model)
     build.head(model, table)  # right after the table: a tied float copy is released as soon as possible
     for name, module in list(model.named_modules()):
@@ -77,14 +89,17 @@ def _scheme(model: nn.Module, policy: QuantPolicy, name: str) -> str:
 
 
 class _Builder:
-    def __init__(self, policy: QuantPolicy, source: TensorSource, dtype: torch.dtype, kernel: torch.dtype) -> None:
+    def __init__(self, policy: QuantPolicy, source: TensorSource, dtype: torch.dtype, kernel: torch.dtype,
+                 smoothing: dict[str, torch.Tensor]) -> None:
         self.policy, self.source, self.dtype, self.kernel = policy, source, dtype, kernel
+        self.smoothing = smoothing
 
     def table(self, model: nn.Module) -> QuantLinearBase | None:
         """The quantized embedding (V, C), or None when the policy keeps it in float."""
         if self.policy.embedding == "float":
             return None
-        table = as_embedding(self._quantize(EMBEDDING, self.policy.embedding, None))
+        tied = model.config.tie_word_embeddings  # the table is also the head: smoothed for the head's input
+        table = as_embedding(self._quantize(EMBEDDING, self.policy.embedding, None, HEAD if tied else None))
         table.row_chunk = self.policy.head_chunk if model.config.tie_word_embeddings else 0
         set_module(model, EMBEDDING, table)
         return table
@@ -105,17 +120,21 @@ class _Builder:
         bias = self._float(f"{name}.bias") if module.bias is not None else None
         return self._quantize(name, scheme, bias)
 
-    def _quantize(self, name: str, scheme: str, bias: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, name: str, scheme: str, bias: torch.Tensor | None, smoothed_as: str | None = "") -> nn.Module:
+        """`smoothed_as`: the layer whose input smoothing applies ("" = this one, None = none)."""
         if scheme in HALF:
             return HalfLinear(self.source.get(f"{name}.weight"), bias, HALF[scheme])
         dtypes = {"dtype": self.dtype, "kernel_dtype": self.kernel}
         native = self.source.native(f"{name}.weight", scheme)
         if native is not None and self.policy.takes_as_is(native.kind, scheme, native.group_size):
             if native.kind == "int8":  # GGUF Q8_0 blocks or a checkpoint's int8, exactly
-                return Int8Linear(native.q, native.scales, bias, **dtypes)
+                return Int8Linear(native.q, native.scales, bias, **dtypes, activations=self.policy.activations,
+                                  input_scale=native.input_scale)
             return Int4Linear(native.q, native.scales, native.zeros, bias, **dtypes)  # GGUF Q4_0/Q4_1, exactly
         if scheme == "int8":
-            return Int8Linear.from_float(self._weight(name), bias, group_size=self.policy.int8_group_size, **dtypes)
+            smoothing = None if smoothed_as is None else self.smoothing.get(smoothed_as or name)
+            return Int8Linear.from_float(self._weight(name), bias, group_size=self.policy.int8_group_size, **dtypes,
+                                         activations=self.policy.activations, input_scale=smoothing)
         return Int4Linear.from_float(self._weight(name), bias, group_size=self.policy.int4_group(), **dtypes)
 
     def _weight(self, name: str):

@@ -128,7 +128,10 @@ class CheckpointSource(SafetensorsSource):
         if q.dtype == torch.int8:
             _expect(layer, "qweight", q, (rows, cols))
             _check_scales(layer, scales, rows, cols)
-            return NativeWeight("int8", q, scales.float())
+            smoothing = self.get(f"{layer}.input_scale").float() if f"{layer}.input_scale" in self.found else None
+            if smoothing is not None:
+                _expect(layer, "input_scale", smoothing, (cols,))
+            return NativeWeight("int8", q, scales.float(), input_scale=smoothing)
         zeros = self._read(f"{layer}.zeros")
         _expect(layer, "qweight", q, (rows, cols // 2))
         _check_scales(layer, scales, rows, cols, int4=True)
@@ -159,7 +162,7 @@ def _quantized_entries(folder: Path, layers: dict, rename) -> dict[str, tuple[in
 
 def _is_quant(name: str | None, quantized: dict) -> bool:
     layer, _, suffix = (name or "").rpartition(".")
-    return layer in quantized and suffix in ("qweight", "scales", "zeros")
+    return layer in quantized and suffix in ("qweight", "scales", "zeros", "input_scale")
 
 
 def _expect(layer: str, part: str, tensor: torch.Tensor, shape: tuple) -> None:

@@ -61,8 +61,8 @@ def split_rows(module: nn.Module, bounds: Bounds) -> list[nn.Module]:
     """Pieces computing output rows [a, b) each."""
     bias = module.bias
     if isinstance(module, Int8Linear):
-        return [Int8Linear(module.qweight[a:b], module.scales[a:b], _part(bias, a, b), **_dtypes(module))
-                for a, b in bounds]
+        return [Int8Linear(module.qweight[a:b], module.scales[a:b], _part(bias, a, b), **_dtypes(module),
+                           input_scale=module.input_scale) for a, b in bounds]
     if isinstance(module, Int4Linear):
         q, scales, zeros = module.portable_parts()
         return [Int4Linear(q[a:b], scales[a:b], zeros[a:b], _part(bias, a, b), **_dtypes(module)) for a, b in bounds]
@@ -75,8 +75,8 @@ def split_cols(module: nn.Module, bounds: Bounds) -> list[nn.Module]:
     if isinstance(module, Int8Linear):
         group = module.group_size
         scales = (lambda a, b: module.scales) if group is None else (lambda a, b: module.scales[:, a // group:b // group])
-        return [Int8Linear(module.qweight[:, a:b], scales(a, b), bias, **_dtypes(module))
-                for (a, b), bias in zip(bounds, biases)]
+        return [Int8Linear(module.qweight[:, a:b], scales(a, b), bias, **_dtypes(module),
+                           input_scale=_part(module.input_scale, a, b)) for (a, b), bias in zip(bounds, biases)]
     if isinstance(module, Int4Linear):
         q, s, z = module.portable_parts()
         g = module.group_size
@@ -89,14 +89,16 @@ def concat_rows(modules: list[nn.Module]) -> nn.Module:
     """One layer computing the concatenated outputs of `modules` (same scheme, in_features, group size)."""
     first = modules[0]
     if any(type(m) is not type(first) or getattr(m, "group_size", None) != getattr(first, "group_size", None)
-           for m in modules):
+           or getattr(m, "activations", None) != getattr(first, "activations", None) for m in modules):
         raise ConfigError("concat_rows: the layers differ in scheme or group size")
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(m.out_features, dtype=first.weight.dtype) for m, b in zip(modules, biases)])
     if isinstance(first, Int8Linear):
+        if not all(_same(m.input_scale, first.input_scale) for m in modules):
+            raise ConfigError("concat_rows: the int8 layers are smoothed differently")
         return Int8Linear(torch.cat([m.qweight for m in modules]), torch.cat([m.scales for m in modules]), bias,
-                          **_dtypes(first))
+                          **_dtypes(first), input_scale=first.input_scale)
     if isinstance(first, Int4Linear):
         parts = [m.portable_parts() for m in modules]
         return Int4Linear(*(torch.cat([p[i] for p in parts]) for i in range(3)), bias, **_dtypes(first))
@@ -104,7 +106,15 @@ def concat_rows(modules: list[nn.Module]) -> nn.Module:
 
 
 def _dtypes(module) -> dict:
-    return {"dtype": module.dtype, "kernel_dtype": module.kernel_dtype}
+    """The constructor options a part (or a concatenation) of `module` keeps."""
+    options = {"dtype": module.dtype, "kernel_dtype": module.kernel_dtype}
+    if isinstance(module, Int8Linear):
+        options["activations"] = module.activations
+    return options
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _part(bias: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:

@@ -32,6 +32,7 @@ class NativeWeight:
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None  # int8 with int8 activations: the SmoothQuant factor (K,), if any
 
     @property
     def group_size(self) -> int | None:

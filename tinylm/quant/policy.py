@@ -4,7 +4,7 @@ per-module overrides by name pattern, and the options that shape the quantized m
 A policy is named on the command line and in `tinylm.load(quantize=...)` as `NAME[:key=value,...]`, for example
 `int4`, `qkv-fp16:group_size=128`, `int8:head_chunk=8192`. Schemes: `float` (kept in the model dtype), `fp16` / `bf16` (stored in 16 bits
 whatever the model dtype), `int8` (per output channel, or by groups of `int8_group_size`), `int4` (by groups of
-`group_size`).
+`group_size`). Option `activations=int8` also quantizes the inputs of int8 layers per token (W8A8 dynamic).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tinylm.quant.int4pack import GROUP_SIZES
 SCHEMES = ("float", "fp16", "bf16", "int8", "int4")
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}  # 16-bit float storage whatever the model dtype
 DEFAULT_GROUP_SIZE = 64  # divides every in_features of SmolLM2 (576, 1536) and Qwen2.5-3B (2048, 11008)
+ACTIVATIONS = ("float", "int8")
 KERNEL_DTYPES = {"auto": None, "model": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Always left in floating point: MoE routers and shared-expert gates are tiny and decide routing.
 _ALWAYS_FLOAT = ("*.mlp.gate", "*.shared_expert_gate")
@@ -37,6 +38,7 @@ class QuantPolicy:
     head_chunk: int = 0  # > 0: the output head computes this many vocab rows at a time
     mlp_chunk: int = 0  # > 0: each MLP runs by chunks of this many intermediate features
     kernel_dtype: str = "auto"  # auto: bfloat16 (the CPU kernels' fast path); model: the model's own dtype
+    activations: str = "float"  # int8: int8 layers quantize their inputs per token too (W8A8, int8 matmul kernels)
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,12 @@ class QuantPolicy:
             raise ConfigError(f"policy {self.name!r}: head_chunk must be a multiple of 64, got {self.head_chunk}")
         if self.mlp_chunk < 0 or self.mlp_chunk % 64:
             raise ConfigError(f"policy {self.name!r}: mlp_chunk must be a multiple of 64, got {self.mlp_chunk}")
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError(f"policy {self.name!r}: activations must be one of {', '.join(ACTIVATIONS)}, "
+                              f"got {self.activations!r}")
+        if self.activations == "int8" and self.int8_group_size is not None:
+            raise ConfigError(f"policy {self.name!r}: activations=int8 needs per-channel int8 weights "
+                              "(no int8_group_size)")
         if self.kernel_dtype not in KERNEL_DTYPES:
             raise ConfigError(f"policy {self.name!r}: kernel_dtype must be one of {', '.join(KERNEL_DTYPES)}, "
                               f"got {self.kernel_dtype!r}")
@@ -109,11 +117,14 @@ def _options(policy: QuantPolicy) -> dict:
     return {k: getattr(policy, k) for k in _OPTION_TYPES}
 
 
-_OPTION_TYPES = {"group_size": int, "int8_group_size": int, "head_chunk": int, "mlp_chunk": int, "kernel_dtype": str}
+_OPTION_TYPES = {"group_size": int, "int8_group_size": int, "head_chunk": int, "mlp_chunk": int, "kernel_dtype": str,
+                 "activations": str}
 
 BUILTIN = {p.name: p for p in (
     QuantPolicy("int8", "int8", "int8", description="every linear layer and the embedding/head in int8 per channel: "
                 "the true 8-bit baseline"),
+    QuantPolicy("w8a8", "int8", "int8", activations="int8", description="int8 per channel as `int8`, and every "
+                "layer's input quantized to int8 per token: batched decode and prefill on int8 matmul kernels"),
     QuantPolicy("int4", "int4", "int8", description="linear layers int4 by groups; embedding/head int8"),
     QuantPolicy("int4-tiedq", "int4", "int4", description="fully 4-bit, including the embedding that is also the "
                 "tied head"),

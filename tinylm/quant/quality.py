@@ -25,6 +25,7 @@ class Gate:
 # well-chosen 4-bit scheme shows on small models (llama.cpp's Q4 files move KL by a few hundredths of a nat).
 GATES = {
     "int8": Gate(max_kl=0.02, min_top1=0.93, max_ppl_increase=0.02),
+    "w8a8": Gate(max_kl=0.02, min_top1=0.93, max_ppl_increase=0.02),
     "int4": Gate(max_kl=0.10, min_top1=0.85, max_ppl_increase=0.10),
     "qkv-fp16": Gate(max_kl=0.10, min_top1=0.85, max_ppl_increase=0.10),
     "int4-tiedq": Gate(max_kl=0.10, min_top1=0.85, max_ppl_increase=0.10),

@@ -31,3 +31,26 @@ In 1969, two astronauts walked on the Moon while a third orbited above them. The
 
 The committee met on Tuesday to discuss the budget for the coming year. After a long debate, its members agreed to spend more on schools and roads, and less on new offices. The final report will be published next month, once the numbers have been checked again.
 """
+
+# SmoothQuant's calibration text (tinylm/quant/smooth.py): other topics and words than QUALITY_SAMPLE, so the
+# quality gate never scores the text the activation ranges were measured on.
+CALIBRATION_SAMPLE = """\
+Snow had closed the pass for three days, and the hut above the glacier was full. A guide from the valley mended a torn glove by the stove, two students argued about the best route to the summit, and a tired cook stirred a pot of lentil soup with smoked sausage.
+
+Chemistry note: when sodium reacts with chlorine, each sodium atom gives one electron to a chlorine atom. The ions that form attract each other strongly, which is why table salt has such a high melting point, about 801 degrees.
+
+function average(values) {
+  if (values.length === 0) return null;
+  const total = values.reduce((sum, v) => sum + v, 0);
+  return total / values.length;
+}
+
+Q: Which is longer, the Nile or the Amazon?
+A: Most sources give the Nile as slightly longer, at roughly 6,650 kilometres, though some measurements of the Amazon come out ahead.
+
+The square of a sum is not the sum of the squares: (a + b)^2 = a^2 + 2ab + b^2. For a = 3 and b = 4 this gives 49, while 3^2 + 4^2 is only 25.
+
+Quarterly report, Q3 2024: revenue 14.2 million (up 8%), operating costs 11.9 million, net margin 16.2%. Headcount rose from 212 to 236. Shipping delays in August cut sales in the northern region by roughly a tenth.
+
+Dear Mr. Okafor, thank you for your letter of 12 May. I am sorry to hear that the parcel arrived damaged. We will send a replacement this week, free of charge, and you are welcome to keep the original.
+"""

@@ -99,10 +99,14 @@ def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "
 
         if quantization_config(path) is not None:
             return load_quantized_folder(path, torch_dtype, device, quantize)
+        if quantize is not None and _quantizes_activations(quantize):
+            return _smoothed(load_folder(path, torch_dtype, device), quantize)
         if quantize is not None:
             return _quantized(load_folder_meta(path), path, torch_dtype, device, quantize, "safetensors")
         return load_folder(path, torch_dtype, device)
     if path.suffix.lower() == ".gguf":
+        if quantize is not None and _quantizes_activations(quantize):
+            return _smoothed(load_gguf_file(path, torch_dtype, device), quantize)
         if quantize is not None:
             return _quantized(load_gguf_meta(path), path, torch_dtype, device, quantize, "gguf")
         return load_gguf_file(path, torch_dtype, device)
@@ -137,6 +141,27 @@ def load_gguf_meta(path: Path):
 
     gguf_file = open_gguf(path)
     return build_model(gguf_file.config), GGUFSource(gguf_file), gguf_file.tokenizer, gguf_file.metadata
+
+
+def _quantizes_activations(quantize) -> bool:
+    from tinylm.quant.policy import parse_policy
+
+    return parse_policy(quantize).activations == "int8"
+
+
+def _smoothed(loaded: LoadedModel, quantize) -> LoadedModel:
+    """W8A8 policies: the float model is loaded whole, run once over the calibration text to measure its
+    activation ranges (SmoothQuant, tinylm/quant/smooth.py), then quantized in place. Peak memory is the float
+    model's, unlike the streaming path of weight-only policies."""
+    from tinylm.quant.apply import quantize_model
+    from tinylm.quant.policy import parse_policy
+    from tinylm.quant.sample_text import CALIBRATION_SAMPLE
+
+    policy = parse_policy(quantize)
+    ids = loaded.tokenizer.encode(CALIBRATION_SAMPLE) if loaded.tokenizer is not None else None
+    quantize_model(loaded.model, policy, ids[:loaded.model.config.max_position_embeddings] if ids else None)
+    loaded.metadata = {**loaded.metadata, "quantization": policy.spec}
+    return loaded
 
 
 def _quantized(parts, path: Path, dtype: torch.dtype, device: str, quantize, fmt: str) -> LoadedModel:
