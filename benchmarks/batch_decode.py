@@ -23,7 +23,7 @@ from decode import load_transformers, machine, tinylm_configs
 from serve_load import PROMPTS
 
 CONFIGS = [("bfloat16", None, False), ("bfloat16", None, True), ("float32", None, True),
-           ("bfloat16", "int8", True), ("bfloat16", "int4", True)]
+           ("bfloat16", "int8", True), ("bfloat16", "int4", True), ("bfloat16", "w8a8", True)]
 
 
 def transformers_batch(model, tokenizer, prompts: list[str], new_tokens: int) -> float:

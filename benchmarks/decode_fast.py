@@ -25,7 +25,7 @@ from decode import (PROMPT, best, load_transformers, machine, tinylm_configs, ti
 
 CONFIGS = [("float32", None, False), ("float32", None, True), ("bfloat16", None, False), ("bfloat16", None, True),
            ("float32", "int8", False), ("float32", "int8", True), ("float32", "int4", False), ("float32", "int4", True),
-           ("bfloat16", "int8", True), ("bfloat16", "int4", True)]
+           ("bfloat16", "int8", True), ("bfloat16", "int4", True), ("bfloat16", "w8a8", True)]
 
 
 def llama_cpp_decode(gguf, new_tokens: int, repeats: int) -> float | None:

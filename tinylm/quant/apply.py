@@ -121,20 +121,22 @@ class _Builder:
         return self._quantize(name, scheme, bias)
 
     def _quantize(self, name: str, scheme: str, bias: torch.Tensor | None, smoothed_as: str | None = "") -> nn.Module:
-        """`smoothed_as`: the layer whose input smoothing applies ("" = this one, None = none)."""
+        """`smoothed_as`: the layer whose inputs this one multiplies ("" = itself; None = none: an untied
+        embedding, only looked up, keeps weight-only int8)."""
         if scheme in HALF:
             return HalfLinear(self.source.get(f"{name}.weight"), bias, HALF[scheme])
         dtypes = {"dtype": self.dtype, "kernel_dtype": self.kernel}
+        activations = "float" if smoothed_as is None else self.policy.activations
         native = self.source.native(f"{name}.weight", scheme)
         if native is not None and self.policy.takes_as_is(native.kind, scheme, native.group_size):
             if native.kind == "int8":  # GGUF Q8_0 blocks or a checkpoint's int8, exactly
-                return Int8Linear(native.q, native.scales, bias, **dtypes, activations=self.policy.activations,
+                return Int8Linear(native.q, native.scales, bias, **dtypes, activations=activations,
                                   input_scale=native.input_scale)
             return Int4Linear(native.q, native.scales, native.zeros, bias, **dtypes)  # GGUF Q4_0/Q4_1, exactly
         if scheme == "int8":
             smoothing = None if smoothed_as is None else self.smoothing.get(smoothed_as or name)
             return Int8Linear.from_float(self._weight(name), bias, group_size=self.policy.int8_group_size, **dtypes,
-                                         activations=self.policy.activations, input_scale=smoothing)
+                                         activations=activations, input_scale=smoothing)
         return Int4Linear.from_float(self._weight(name), bias, group_size=self.policy.int4_group(), **dtypes)
 
     def _weight(self, name: str):

@@ -13,9 +13,9 @@ from tinylm.quant.policy import BUILTIN
 def register(commands) -> None:
     policies = "; ".join(f"{name}: {p.description}" for name, p in BUILTIN.items())
     parser = commands.add_parser(
-        "quantize", help="write a weight-only quantized checkpoint (int8, int4, mixed-precision policies)",
+        "quantize", help="write a quantized checkpoint (int8, int4, w8a8, mixed-precision policies)",
         description=f"Policies: {policies}. Options go after the name: NAME:group_size=128,head_chunk=8192,"
-                    "mlp_chunk=2048,kernel_dtype=model,int8_group_size=32.")
+                    "mlp_chunk=2048,kernel_dtype=model,int8_group_size=32,activations=int8.")
     parser.add_argument("model", metavar="MODEL", help="built-in name, Hugging Face folder or .gguf file")
     parser.add_argument("out", type=Path, metavar="OUT", help="folder to write (config.json with "
                         "quantization_config, model.safetensors, tokenizer, SHA256SUMS)")
