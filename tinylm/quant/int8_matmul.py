@@ -37,8 +37,17 @@ def prepack(qweight: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     return handle, packed
 
 
-@torch.library.custom_op("tinylm::int8_mm", mutates_args=())
+# Registered with torch.library.Library rather than @custom_op: a call through the dispatcher then costs ~1 us
+# instead of ~7 (custom_op's wrappers), which is 0.7 ms per decode step at 121 products.
+_LIBRARY = torch.library.Library("tinylm", "FRAGMENT")
+_LIBRARY.define("int8_mm(Tensor x_u8, Tensor qweight, Tensor weight_scales, int handle) -> Tensor")
+
+
 def int8_mm(x_u8: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.ops.tinylm.int8_mm.default(x_u8, qweight, weight_scales, handle)
+
+
+def _int8_mm_cpu(x_u8: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, handle: int) -> torch.Tensor:
     """x_u8 (M, K) uint8 = int8 activations + 128 (oneDNN's x86 kernels take unsigned inputs with a zero point),
     qweight (N, K) int8, weight_scales (N,) float32 -> (M, N) float32 = (x_int8 @ qweight.T) * weight_scales.
     Sums are exact (int32) on either path."""
@@ -50,7 +59,10 @@ def int8_mm(x_u8: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tens
                                               1.0, 0, torch.float32, "none", [], "")
 
 
-@int8_mm.register_fake
+_LIBRARY.impl("int8_mm", _int8_mm_cpu, "CPU")
+
+
+@torch.library.register_fake("tinylm::int8_mm", lib=_LIBRARY)
 def _(x_u8: torch.Tensor, qweight: torch.Tensor, weight_scales: torch.Tensor, handle: int) -> torch.Tensor:
     return x_u8.new_empty((x_u8.shape[0], qweight.shape[0]), dtype=torch.float32)
 
