@@ -82,7 +82,8 @@ def test_models_load_smoothed_and_stay_near_the_float_model(tiny, arch):
     layers = [m for m in llm.model.modules() if isinstance(m, Int8Linear) and m is not table]
     assert layers and all(m.activations == "int8" for m in layers)
     # the table is also the head where they are tied; an untied one is only looked up: weight-only, not packed
-    assert table.activations == ("float" if arch == "llama" else "int8") and (table._packed is None) == (arch == "llama")
+    untied = arch == "llama"
+    assert table.activations == ("float" if untied else "int8") and (table._packed is None) == untied
     layer = llm.model.model.layers[0]
     if hasattr(layer, "self_attn"):
         attention = layer.self_attn

@@ -3,11 +3,12 @@
 Int8Linear: symmetric int8, one scale per output channel, `torch.ops.aten._weight_int8pack_mm` (as gpt-fast's
 WeightOnlyInt8Linear); or one scale per group of input features (GGUF Q8_0 blocks, exact), run by dequantizing row
 chunks. With `activations="int8"` (per channel only) each input row is also quantized to int8 on the fly, one
-scale per token (W8A8 dynamic, as vLLM's int8 w8a8), and the product runs on `torch._int_mm` (oneDNN, VNNI): on
-the 2-core AVX-512 EPYC, 57 us for 16 rows of a 3072x576 layer where `_weight_int8pack_mm` takes 196 and bf16
-127, which is what batched decode and prefill are made of. Int4Linear: asymmetric 4-bit by groups on `_weight_int4pack_mm_for_cpu` (tinygemm's convention, see
-int4pack.py). Both keep checkpoint-readable names (`qweight`, `scales`, `zeros`, `bias`), and both can also return
-dequantized rows (`lookup`), which is how one quantized copy serves as the embedding and the tied output head.
+scale per token (W8A8 dynamic, as vLLM's int8 w8a8), and several rows multiply on oneDNN's int8 kernels (VNNI)
+over a prepacked weight (int8_matmul.py): on the 2-core AVX-512 EPYC, 16 rows of a 3072x576 layer take 57 us on
+`torch._int_mm` with the weight in cache, where `_weight_int8pack_mm` takes 196 and bf16 127. Int4Linear:
+asymmetric 4-bit by groups on `_weight_int4pack_mm_for_cpu` (tinygemm's convention, see int4pack.py). Both keep
+checkpoint-readable names (`qweight`, `scales`, `zeros`, `bias`), and both can also return dequantized rows
+(`lookup`), which is how one quantized copy serves as the embedding and the tied output head.
 
 `kernel_dtype` is the dtype the kernel computes in; `dtype` is the model's, which outputs are cast back to.
 Forward passes have no data-dependent Python branches and no host syncs, so torch.compile can trace them.
@@ -116,8 +117,8 @@ class Int8Linear(QuantLinearBase):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int | None = None,
-                    dtype: torch.dtype, kernel_dtype: torch.dtype | None = None, activations: str = "float",
-                  input_scale: torch.Tensor | None = None) -> Int8Linear:
+                   dtype: torch.dtype, kernel_dtype: torch.dtype | None = None, activations: str = "float",
+                   input_scale: torch.Tensor | None = None) -> Int8Linear:
         """Symmetric: scale = max|w| / 127 per output channel (or per group of input features), q = round(w / s).
         With `input_scale` the quantized matrix is w / input_scale (each input feature's column divided)."""
         rows, cols = weight.shape
