@@ -5,6 +5,8 @@ save and load back; bad requests are one-line errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -57,6 +59,14 @@ def test_packed_and_fallback_paths_agree():
     assert layer._packed[1] is not None or not int8_matmul._HAS_ONEDNN  # packed where oneDNN exists
     del int8_matmul._PACKED[layer._packed[0]]
     torch.testing.assert_close(layer(x), packed, rtol=1e-6, atol=1e-6)  # exact int sums; scales applied alike
+
+
+def test_copies_get_their_own_packed_weight():
+    layer = Int8Linear.from_float(torch.randn(64, 32), None, dtype=torch.float32, activations="int8")
+    twin = copy.deepcopy(layer)  # e.g. a DPO reference model: the opaque packed tensor cannot be copied
+    assert twin._packed[0] != layer._packed[0]
+    x = torch.randn(4, 32)
+    assert torch.equal(twin(x), layer(x))
 
 
 def test_smoothing_keeps_the_product_and_tames_outlier_features():

@@ -169,6 +169,15 @@ class Int8Linear(QuantLinearBase):
             y = torch._int_mm(xq.to(torch.int8), weight.t()).float() * weight_scales
         return (y * x_scale).to(flat.dtype)
 
+    # The packed weight is an opaque oneDNN tensor that cannot be copied or pickled: copies repack their own.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_packed": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.activations == "int8":
+            self._packed = prepack(self.qweight)
+
     def _packed_handle(self) -> int:
         """The handle of this layer's oneDNN-packed weight (tinylm/quant/int8_matmul.py); torch.compile reads it
         as a constant."""
