@@ -100,7 +100,7 @@ class _Builder:
             return None
         tied = model.config.tie_word_embeddings  # the table is also the head: smoothed for the head's input
         table = as_embedding(self._quantize(EMBEDDING, self.policy.embedding, None, HEAD if tied else None))
-        table.row_chunk = self.policy.head_chunk if model.config.tie_word_embeddings else 0
+        table.row_chunk = self.policy.head_chunk if tied else 0
         set_module(model, EMBEDDING, table)
         return table
 

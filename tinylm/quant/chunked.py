@@ -90,7 +90,7 @@ def concat_rows(modules: list[nn.Module]) -> nn.Module:
     first = modules[0]
     if any(type(m) is not type(first) or getattr(m, "group_size", None) != getattr(first, "group_size", None)
            or getattr(m, "activations", None) != getattr(first, "activations", None) for m in modules):
-        raise ConfigError("concat_rows: the layers differ in scheme or group size")
+        raise ConfigError("concat_rows: the layers differ in scheme, group size or activations")
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(m.out_features, dtype=first.weight.dtype) for m, b in zip(modules, biases)])
