@@ -18,7 +18,7 @@ from tinylm.quant.apply import quantize_model
 from tinylm.quant.checkpoint import save_quantized
 from tinylm.quant.linear import Int8Linear
 from tinylm.quant.policy import parse_policy
-from tinylm.quant.smooth import sibling_groups
+from tinylm.quant.smooth import input_scales, sibling_groups
 from tinylm.tiny import make_tiny
 
 IDS = torch.tensor([[5, 17, 99, 300, 2, 64, 128, 7], [9, 8, 7, 6, 5, 4, 3, 2]])
@@ -110,6 +110,15 @@ def test_sibling_groups_are_the_layers_sharing_an_input(tiny):
             "model.layers.0.self_attn.v_proj"] in groups
     assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in groups
     assert ["lm_head"] in groups and sum(len(g) for g in groups) == 7 * model.config.num_hidden_layers + 1
+
+
+def test_features_calibration_never_saw_are_not_amplified():
+    layer = torch.nn.Linear(8, 4, bias=False)
+    maxima = {"only": torch.tensor([5.0, 0.0, 2.0, 1e-9, 3.0, 4.0, 1.0, 2.0])}
+    model = torch.nn.ModuleDict({"only": layer})
+    scale = input_scales(model, maxima)["only"]
+    assert scale[1] == 1 and scale[3] == 1  # unseen: left as they are
+    assert scale[0] != 1 and torch.isfinite(scale).all()
 
 
 def test_fused_w8a8_projections_keep_logits(tiny):

@@ -21,7 +21,8 @@ from tinylm.model.attention import Attention
 from tinylm.model.layers import MLP
 
 ALPHA = 0.6
-_TINY = 1e-5  # floor for maxima and factors: features never seen in calibration keep s = 1-ish, not 0 or inf
+_TINY = 1e-5  # floor for weight maxima and factors: no division by zero
+_UNSEEN = 1e-3  # a feature whose calibration max is below this share of its layer's median was never active
 
 
 @torch.inference_mode()
@@ -69,7 +70,11 @@ def input_scales(model: nn.Module, maxima: dict[str, torch.Tensor], alpha: float
         if group[0] not in maxima:
             continue  # never ran (an unused expert): left unsmoothed
         weight_max = torch.stack([model.get_submodule(n).weight.detach().abs().amax(dim=0).float() for n in group])
-        s = maxima[group[0]].clamp(min=_TINY) ** alpha / weight_max.amax(dim=0).clamp(min=_TINY) ** (1 - alpha)
+        seen = maxima[group[0]]
+        s = seen ** alpha / weight_max.amax(dim=0).clamp(min=_TINY) ** (1 - alpha)
+        # a feature calibration never saw active keeps s = 1: a tiny s would blow it up 1/s-fold, and ruin that
+        # token's quantization, the day it does show up
+        s = torch.where(seen > _UNSEEN * seen.median(), s, torch.ones_like(s))
         for name in group:
             scales[name] = 1 / s.clamp(min=_TINY)
     return scales
