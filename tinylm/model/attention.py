@@ -84,7 +84,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
     Both products are sums over the cache rows' contiguous D axis, not matmuls: Inductor then reads K and V
     where the paged cache keeps them, gather included, in one vectorized loop each. Matmuls need the rows copied
-    out first (transposed, in float32): 2x slower at batch 16 and 1.5x at batch 1 (benchmarks/README, issue 5).
+    out first (transposed, in float32): 2x slower at batch 16 and 1.5x at batch 1 (BENCHMARKS.md, issue 5).
     q and the probabilities are stored once; left inline, the rotary embedding would be recomputed per key."""
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]

@@ -3,9 +3,10 @@
 At batch 1 every projection is a GEMV that reads its whole weight once; its speed is the rate it streams the
 weight from memory. PyTorch's CPU GEMV (oneDNN / MKL) streams small matrices badly: about 20 GB/s over the
 default model's layers on a 2-core AVX512-BF16 EPYC, where a plain reduction `(x * W).sum(-1)` that Inductor
-compiles into one vectorized C++ loop reaches about 37 GB/s (BENCHMARKS.md, issue 5). So inside a
-compiled graph, and only for a single row, `GemvLinear` writes the product as that reduction (products in float32,
-as the library kernels accumulate); everywhere else (eager, prefill, batches, training) it is `F.linear`.
+compiles into one vectorized C++ loop reads as fast as a bare `sum` (37-51 GB/s from day to day there;
+benchmarks/gemv_bandwidth.py, BENCHMARKS.md issue 5). So inside a compiled graph, and only for a single row,
+`GemvLinear` writes the product as that reduction (products in float32, as the library kernels accumulate);
+everywhere else (eager, prefill, batches, training) it is `F.linear`.
 
 Eagerly the reduction would materialize an (N, K) float32 temporary: it is never taken outside torch.compile.
 """

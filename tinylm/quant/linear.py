@@ -87,8 +87,7 @@ class QuantLinearBase(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, dtype={self.dtype}, kernel_dtype={self.kernel_dtype}"
-                + (f", activations={self.activations}" if hasattr(self, "activations") else ""))
+                f"bias={self.bias is not None}, dtype={self.dtype}, kernel_dtype={self.kernel_dtype}")
 
 
 class Int8Linear(QuantLinearBase):
@@ -139,10 +138,7 @@ class Int8Linear(QuantLinearBase):
         if self.activations == "int8":
             return self._mm_int8_activations(flat, rows)
         if self.group_size is None and torch.compiler.is_compiling() and flat.shape[0] == 1:
-            # one row inside a compiled graph: a reduction Inductor streams faster than the kernel reads small
-            # matrices (tinylm/model/gemv.py; compiled.py stores its input first), (1, N)
-            y = (flat.float() * self.qweight[rows].float()).sum(dim=-1) * self.scales[rows].float()
-            return y.to(flat.dtype)[None]
+            return self._reduced_row(flat.float(), rows).to(flat.dtype)
         if self.group_size is None:
             return torch.ops.aten._weight_int8pack_mm(flat, _aligned(self.qweight[rows]), self.scales[rows])
         chunks = []  # grouped scales: no fused kernel; dequantize a bounded number of rows at a time
@@ -158,16 +154,23 @@ class Int8Linear(QuantLinearBase):
         x = flat.float() if self.input_scale is None else flat.float() * self.input_scale  # (M, K), smoothed
         x_scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-10)  # (M, 1)
         xq = (x / x_scale).round().clamp(-127, 127)  # (M, K) integers, in float
-        weight, weight_scales = self.qweight[rows], self.scales[rows].float()  # (N, K), (N,)
         if torch.compiler.is_compiling() and flat.shape[0] == 1:
-            # one row in a compiled graph: the streaming reduction (see _mm); sums of int products, exact in fp32
-            # while below 2^24 (|q_x q_w| <= 127^2, so any K up to 1040 and in practice far beyond)
-            y = (xq * weight.float()).sum(dim=-1)[None] * weight_scales  # (1, N)
+            # sums of int products, exact in fp32 while below 2^24 (|q_x q_w| <= 127^2: K up to 1040 at worst)
+            y = self._reduced_row(xq, rows)
         elif rows == slice(0, self.out_features):
-            y = int8_mm((xq + 128).to(torch.uint8), self.qweight, weight_scales, self._packed_handle())
+            y = int8_mm((xq + 128).to(torch.uint8), self.qweight, self.scales.float(), self._packed_handle())
         else:  # a row chunk of the chunked head: no packed copy of it
-            y = torch._int_mm(xq.to(torch.int8), weight.t()).float() * weight_scales
+            y = torch._int_mm(xq.to(torch.int8), self.qweight[rows].t()).float() * self.scales[rows].float()
         return (y * x_scale).to(flat.dtype)
+
+    def _reduced_row(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """One row inside a compiled graph, x (1, K) float32 -> (1, N) float32: a reduction over the weight rows
+        that Inductor streams faster than the kernels read small matrices (tinylm/model/gemv.py; compiled.py
+        stores its input first)."""
+        return ((x * self.qweight[rows].float()).sum(dim=-1) * self.scales[rows].float())[None]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activations={self.activations}"
 
     # The packed weight is an opaque oneDNN tensor that cannot be copied or pickled: copies repack their own.
     def __getstate__(self) -> dict:
