@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_force_stride_order (attention.py)
 
+from tinylm import kernels
 from tinylm.engine.kv_pool import KVPool, PagedBatch
 from tinylm.quant.linear import Int8Linear
 
@@ -47,6 +48,7 @@ class CompiledDecode:
         self.model = model
         self.pool = pool
         self.failed = False
+        self.attention_kernel = kernels.available()  # paged one-query attention in C++ (else Inductor's loops)
         # Only the batch and context sizes are marked dynamic (in __call__): dynamic=True would also make every
         # weight and pool dimension symbolic, and equal sizes would be unified with them (duck sizing).
         # No guards on the model's modules and parameters: checking them cost ~1 ms per step (a quantized model
@@ -88,6 +90,7 @@ class CompiledDecode:
 
     def _step(self, ids, positions, valid, write_slots, gather_slots) -> torch.Tensor:
         cache = PagedBatch(self.pool, write_slots, None, gather_slots, None)
+        cache.attention_kernel = self.attention_kernel
         cache.length = gather_slots.shape[1] - 1  # context before the new token: the query offset
         out = self.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
         return out.logits[:, -1].float()

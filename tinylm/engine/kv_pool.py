@@ -79,10 +79,27 @@ class PagedBatch:
         self.batch, self.context = gather_slots.shape
         self.state_rows = state_rows
         self.length = 0  # set by the runner to S - T, the query offset the model's mask builder expects
+        self.attention_kernel = False  # set by the compiled decode step when tinylm.kernels are built
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the real rows of k, v (B, H_kv, T, D); return every row's context K, V (B, H_kv, S, D)."""
         return self._write_and_gather(self.pool.keys[layer_idx], k), self._write_and_gather(self.pool.values[layer_idx], v)
+
+    def decode_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor | None:
+        """One new token per row: store k, v (B, H_kv, 1, D) and attend q (B, H, 1, D) to each row's context
+        with mask (B, 1, 1, S) bool or None, reading K/V in the pool (tinylm/kernels/decode_attention.cpp).
+        Returns (B, H, 1, D), or None where the kernel does not apply (the caller gathers and attends itself)."""
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        batch, heads, _, dim = q.shape
+        if not self.attention_kernel or k.shape[2] != 1 or dim % 16 or dim > 256 or keys.dtype != v.dtype:
+            return None
+        for flat, new in ((keys, k), (values, v)):
+            flat.index_copy_(0, self.write_slots, new.reshape(batch, *flat.shape[1:]).to(flat.dtype))
+        valid = None if mask is None else mask.reshape(batch, self.context)
+        out = torch.ops.tinylm.paged_attention(q.reshape(batch, heads, dim).float().contiguous(), keys, values,
+                                               self.gather_slots.view(batch, self.context), valid, dim ** -0.5)
+        return out.to(v.dtype).view(batch, heads, 1, dim)
 
     def _write_and_gather(self, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         rows = new.transpose(1, 2)  # (B, T, H_kv, D)

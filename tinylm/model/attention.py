@@ -56,18 +56,26 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
         v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
-        if seq == 1 and torch.compiler.is_compiling():
-            out = _decode_attention(q, k, v, mask)  # Inductor fuses it; SDPA's CPU kernel is slow on one query
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
-                enable_gqa=self.num_kv_heads != self.num_heads)
+        out = self._attend(q, k, v, mask, cache)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                cache) -> torch.Tensor:
+        """q (B, H, T, D), the new k/v (B, H_kv, T, D), through the cache when there is one -> (B, H, T, D)."""
+        seq = q.shape[2]
+        if seq == 1 and hasattr(cache, "decode_attention"):
+            out = cache.decode_attention(self.layer_idx, q, k, v, mask)  # the paged pool's own kernel, if built
+            if out is not None:
+                return out
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
+        if seq == 1 and torch.compiler.is_compiling():
+            return _decode_attention(q, k, v, mask)  # Inductor fuses it; SDPA's CPU kernel is slow on one query
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                              enable_gqa=self.num_kv_heads != self.num_heads)
 
     def _query(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q_proj's output (B, T, q_size) -> query (B, T, H, D) and the output gate (B, T, H*D) or None."""

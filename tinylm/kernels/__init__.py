@@ -1,0 +1,85 @@
+"""Hand-written CPU kernels for the compiled decode step, built once for this machine on first use.
+
+Inductor writes good loops for element-wise work and streaming reductions, but not for one-query attention over a
+paged cache (it reduces every score with a horizontal vector sum and runs the softmax on one thread: 134 us per
+layer at batch 16 on the 2-core EPYC, BENCHMARKS.md issue 5). `decode_attention.cpp` does it flash-decoding
+style. The sources are compiled with torch's cpp_extension (C++ compiler and ninja, which torch.compile's own
+C++ backend needs anyway) into ~/.cache/torch_extensions, once per source and CPU (`-march=native`); if that is
+impossible, `available()` says False and callers keep their pure-PyTorch formulation.
+
+    tinylm.kernels.available()  -> True once torch.ops.tinylm.paged_attention exists
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCES = [Path(__file__).with_name("decode_attention.cpp")]
+_STATE: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the kernels are built and registered (builds them on the first call: ~20 s, then cached on disk)."""
+    if "ok" not in _STATE:
+        _STATE["ok"] = _build()
+    return _STATE["ok"]
+
+
+def _build() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("building tinylm's CPU kernels (once per machine; cached in torch's extension directory)")
+        load(_extension_name(), [str(s) for s in SOURCES], is_python_module=False, verbose=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()], extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back, say why once
+        warnings.warn(f"tinylm's CPU kernels could not be built ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using PyTorch formulations",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    _register_fakes()
+    return True
+
+
+def _vector_flags() -> list[str]:
+    """ATen's vector types (at::vec::Vectorized) at the width PyTorch itself picked for this CPU, as Inductor does."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX512", "AVX2"):
+        return [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    return []
+
+
+def _extension_name() -> str:
+    """One build per source text and CPU: `-march=native` code must not run on another CPU sharing the cache."""
+    digest = hashlib.sha1()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(_cpu_flags().encode())
+    digest.update(torch.__version__.encode())
+    return f"tinylm_kernels_{digest.hexdigest()[:12]}"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing (the op itself only runs on real tensors)."""
+    @torch.library.register_fake("tinylm::paged_attention")
+    def _(q, k_pool, v_pool, slots, valid, scale):
+        return torch.empty_like(q)
