@@ -1,5 +1,6 @@
 """W8A8 (policy `w8a8`: int8 weights per channel, inputs quantized to int8 per token, SmoothQuant calibration):
-the layer computes what its definition says, on the packed oneDNN path and on the fallback alike; smoothing keeps
+the layer computes what its definition says, on tinylm's VNNI kernel, oneDNN's packed path and the
+fallback alike; smoothing keeps
 the float product and cuts the error where inputs have outlier features; models of each family load, fuse,
 save and load back; bad requests are one-line errors."""
 
@@ -39,34 +40,62 @@ def _reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     return xq @ weight.T
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "int_mm-fallback"])
-def test_layer_is_its_definition(rows, packed):
+PATHS = ["vnni", "onednn-packed", "int_mm-fallback"]
+
+
+def _on_path(layer: Int8Linear, path: str) -> Int8Linear:
+    """Put the layer's batched product on one implementation: tinylm's VNNI kernel (where it runs), oneDNN over
+    the packed weight, or torch._int_mm."""
+    if path == "vnni":
+        if layer.weight_sums is None:
+            pytest.skip("tinylm's VNNI kernel does not run here (no AVX-512 VNNI or no C++ toolchain)")
+        return layer
+    layer.weight_sums = None
+    layer._packed = layer._prepack()
+    if path == "int_mm-fallback":
+        int8_matmul._PACKED.pop(layer._packed[0], None)
+    return layer
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 21])
+@pytest.mark.parametrize("path", PATHS)
+def test_layer_is_its_definition(rows, path):
     torch.manual_seed(0)
-    layer = Int8Linear.from_float(torch.randn(200, 96) * 0.05, None, dtype=torch.float32, activations="int8",
+    layer = Int8Linear.from_float(torch.randn(208, 96) * 0.05, None, dtype=torch.float32, activations="int8",
                                   input_scale=torch.rand(96) + 0.5)
-    if not packed:
-        del int8_matmul._PACKED[layer._packed[0]]
+    layer = _on_path(layer, path)
     x = torch.randn(rows, 96)
     torch.testing.assert_close(layer(x).double(), _reference(layer, x), rtol=1e-3, atol=1e-4)
 
 
-def test_packed_and_fallback_paths_agree():
+def test_every_path_gives_the_same_sums():
     torch.manual_seed(1)
-    layer = Int8Linear.from_float(torch.randn(64, 128), None, dtype=torch.float32, activations="int8")
-    x = torch.randn(16, 128)
-    packed = layer(x)
-    assert layer._packed[1] is not None or not int8_matmul._HAS_ONEDNN  # packed where oneDNN exists
-    del int8_matmul._PACKED[layer._packed[0]]
-    torch.testing.assert_close(layer(x), packed, rtol=1e-6, atol=1e-6)  # exact int sums; scales applied alike
+    x, weight = torch.randn(16, 128), torch.randn(64, 128)
+    outputs = []
+    for path in PATHS:
+        layer = Int8Linear.from_float(weight, None, dtype=torch.float32, activations="int8")
+        if path == "vnni" and layer.weight_sums is None:
+            continue
+        outputs.append(_on_path(layer, path)(x))
+    for other in outputs[1:]:
+        torch.testing.assert_close(other, outputs[0], rtol=1e-6, atol=1e-6)  # exact int sums; scales applied alike
 
 
-def test_copies_get_their_own_packed_weight():
+def test_layers_the_vnni_kernel_cannot_tile_use_onednn():
+    layer = Int8Linear.from_float(torch.randn(200, 96), None, dtype=torch.float32, activations="int8")
+    assert layer.weight_sums is None and layer._packed is not None  # 200 rows: not a multiple of 16
+
+
+def test_copies_keep_a_working_batched_product():
     layer = Int8Linear.from_float(torch.randn(64, 32), None, dtype=torch.float32, activations="int8")
-    twin = copy.deepcopy(layer)  # e.g. a DPO reference model: the opaque packed tensor cannot be copied
-    assert twin._packed[0] != layer._packed[0]
+    onednn = _on_path(Int8Linear.from_float(torch.randn(64, 32), None, dtype=torch.float32, activations="int8"),
+                      "onednn-packed")
     x = torch.randn(4, 32)
-    assert torch.equal(twin(x), layer(x))
+    for original in (layer, onednn):
+        twin = copy.deepcopy(original)  # e.g. a DPO reference model: the opaque packed tensor cannot be copied
+        if original._packed is not None:
+            assert twin._packed[0] != original._packed[0]  # its own packed weight
+        assert torch.equal(twin(x), original(x))
 
 
 def test_smoothing_keeps_the_product_and_tames_outlier_features():
@@ -93,7 +122,8 @@ def test_models_load_smoothed_and_stay_near_the_float_model(tiny, arch):
     assert layers and all(m.activations == "int8" for m in layers)
     # the table is also the head where they are tied; an untied one is only looked up: weight-only, not packed
     untied = arch == "llama"
-    assert table.activations == ("float" if untied else "int8") and (table._packed is None) == untied
+    assert table.activations == ("float" if untied else "int8")
+    assert (table._packed is None and table.weight_sums is None) == untied
     layer = llm.model.model.layers[0]
     if hasattr(layer, "self_attn"):
         attention = layer.self_attn

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("decode_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int8_gemm.cpp")]
 _STATE: dict[str, bool] = {}
 
 
@@ -42,12 +42,17 @@ def _build() -> bool:
         load(_extension_name(), [str(s) for s in SOURCES], is_python_module=False, verbose=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back, say why once
-        warnings.warn(f"tinylm's CPU kernels could not be built ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using PyTorch formulations",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"tinylm's CPU kernels could not be built ({type(exc).__name__}: {_first_error(exc)}); "
+                      "using PyTorch formulations", RuntimeWarning, stacklevel=3)
         return False
     _register_fakes()
     return True
+
+
+def _first_error(exc: Exception) -> str:
+    """The compiler's first error line when there is one (the exception starts with the whole command line)."""
+    lines = str(exc).splitlines() or [""]
+    return next((line for line in lines if "error" in line.lower() and ": " in line), lines[0])[:300]
 
 
 def _vector_flags() -> list[str]:
@@ -83,3 +88,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::paged_attention")
     def _(q, k_pool, v_pool, slots, valid, scale):
         return torch.empty_like(q)
+
+    @torch.library.register_fake("tinylm::int8_gemm")
+    def _(x_u8, weight, weight_sums, weight_scales):
+        return x_u8.new_empty((x_u8.shape[0], weight.shape[0]), dtype=torch.float32)
+
+
+def int8_gemm_available() -> bool:
+    """Whether tinylm::int8_gemm runs here (the kernels are built and the CPU has AVX-512 VNNI)."""
+    return available() and bool(torch.ops.tinylm.int8_vnni_available())

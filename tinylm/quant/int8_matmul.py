@@ -23,6 +23,25 @@ _HANDLES = itertools.count(1)
 _HAS_ONEDNN = hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mkldnn.is_available()
 
 
+def vnni_sums(qweight: torch.Tensor) -> torch.Tensor | None:
+    """(N,) int32 row sums of qweight (N, K) for tinylm::int8_gemm (tinylm/kernels/int8_gemm.cpp, which reads the
+    plain weight: no packed copy), or None where that kernel cannot run (no AVX-512 VNNI, no C++ toolchain, N not
+    a multiple of 16 or K of 4); oneDNN's packed product is used then."""
+    from tinylm import kernels
+
+    rows, cols = qweight.shape
+    if rows % 16 or cols % 4 or qweight.device.type != "cpu" or not kernels.int8_gemm_available():
+        return None
+    return qweight.sum(dim=1, dtype=torch.int32)
+
+
+def int8_gemm(x_u8: torch.Tensor, qweight: torch.Tensor, weight_sums: torch.Tensor,
+              weight_scales: torch.Tensor) -> torch.Tensor:
+    """x_u8 (M, K) uint8 = int8 + 128, qweight (N, K) int8 -> (M, N) float32 = (x_int8 @ qweight.T) * weight_scales,
+    on tinylm's VNNI kernel (exact int32 sums, as oneDNN's)."""
+    return torch.ops.tinylm.int8_gemm(x_u8, qweight, weight_sums, weight_scales)
+
+
 def prepack(qweight: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     """(handle, packed weight or None when oneDNN cannot pack it). The caller keeps the packed tensor alive; the
     registry only points at it."""

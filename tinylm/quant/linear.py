@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.quant import int4pack
-from tinylm.quant.int8_matmul import int8_mm, prepack
+from tinylm.quant.int8_matmul import int8_gemm, int8_mm, prepack, vnni_sums
 
 _DEQUANT_ROWS = 4096  # rows dequantized at a time by the grouped-int8 path: bounds its float temporaries
 
@@ -111,8 +111,12 @@ class Int8Linear(QuantLinearBase):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().contiguous())
         self.register_buffer("qweight", _aligned(qweight.to(torch.int8).contiguous()))
         self.register_buffer("scales", scales.to(self.kernel_dtype).contiguous())
-        # (handle, packed copy of qweight) for the batched int8 product; made here, outside any traced code
-        self._packed = prepack(self.qweight) if activations == "int8" else None
+        # The batched int8 product: tinylm's VNNI kernel on qweight itself (it needs the row sums), else oneDNN's
+        # over a (handle, packed copy of qweight); made here, outside any traced code.
+        self.weight_sums: torch.Tensor | None
+        self.register_buffer("weight_sums", vnni_sums(self.qweight) if activations == "int8" else None,
+                             persistent=False)
+        self._packed = self._prepack()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int | None = None,
@@ -157,6 +161,9 @@ class Int8Linear(QuantLinearBase):
         if torch.compiler.is_compiling() and flat.shape[0] == 1:
             # sums of int products, exact in fp32 while below 2^24 (|q_x q_w| <= 127^2: K up to 1040 at worst)
             y = self._reduced_row(xq, rows)
+        elif self.weight_sums is not None and (rows.stop - rows.start) % 16 == 0:
+            y = int8_gemm((xq + 128).to(torch.uint8), self.qweight[rows], self.weight_sums[rows],
+                          self.scales[rows].float())
         elif rows == slice(0, self.out_features):
             y = int8_mm((xq + 128).to(torch.uint8), self.qweight, self.scales.float(), self._packed_handle())
         else:  # a row chunk of the chunked head: no packed copy of it
@@ -178,8 +185,11 @@ class Int8Linear(QuantLinearBase):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if self.activations == "int8":
-            self._packed = prepack(self.qweight)
+        self._packed = self._prepack()
+
+    def _prepack(self) -> tuple[int, torch.Tensor | None] | None:
+        """oneDNN's packed copy, for W8A8 layers that tinylm's VNNI kernel cannot run."""
+        return prepack(self.qweight) if self.activations == "int8" and self.weight_sums is None else None
 
     def _packed_handle(self) -> int:
         """The handle of this layer's oneDNN-packed weight (tinylm/quant/int8_matmul.py); torch.compile reads it

@@ -1,0 +1,128 @@
+// W8A8 products for decode batches on AVX-512 VNNI, straight from the plain (N, K) int8 weight.
+//
+// x_u8 (M, K) uint8 = int8 activations + 128, weight (N, K) int8 row-major, weight_sums (N,) int32 = each row's
+// sum, weight_scales (N,) float32 -> (M, N) float32 = (x_int8 @ weight.T) * weight_scales. Up to 16 rows (decode
+// batches) run here; more rows (prefill) go to oneDNN through at::_int_mm.
+//
+// The 16 lanes of a vector are 16 activation rows (a tile of M), not 16 weight columns: one VPDPBUSD multiplies
+// 4 consecutive k of 16 rows (uint8, packed once per call) by the same 4 k of one weight row, broadcast from
+// memory. So the weight is read in its stored layout, in order (no second, reordered copy as oneDNN keeps), each
+// weight byte feeding 16 multiply-adds. A tile of 16 weight rows keeps 16 accumulators in registers; each holds
+// one output column for the 16 rows, scattered into place. x + 128 is corrected exactly by
+// subtracting 128 * weight_sums[n].
+//
+// Without AVX-512 VNNI the op refuses (int8_vnni_available() is false) and tinylm uses oneDNN instead.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define TINYLM_VNNI 1
+#endif
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // activation rows per tile
+
+bool int8_vnni_available() {
+#ifdef TINYLM_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef TINYLM_VNNI
+constexpr int64_t kRows = 16;   // weight rows per tile
+constexpr int64_t kPrefetchTiles = 1;  // how far ahead the weight is prefetched
+
+// xt (K/4, 16) int32: for each 4 k, the 4 uint8 of each of the (up to 16) rows; rows past M are 0
+void pack_rows(const uint8_t* x, int64_t rows, int64_t k, int32_t* xt) {
+  std::memset(xt, 0, sizeof(int32_t) * (k / 4) * kLanes);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t g = 0; g < k / 4; ++g) std::memcpy(&xt[g * kLanes + i], x + i * k + 4 * g, 4);
+  }
+}
+
+// Weight rows [n0, n0 + kRows) against the m (<= 16) activation rows: columns n0.. of out (m, N).
+void tile(const int32_t* xt, const int8_t* w, const int32_t* sums, const float* scales, int64_t k, int64_t n,
+          int64_t n0, int64_t m, float* out) {
+  __m512i acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_si512();
+  const int8_t* base = w + n0 * k;
+  // The next tile's 16 rows are the next 16*K contiguous bytes: one cache line of them per step of 4 k (16K/64 =
+  // K/4 lines), so they arrive from memory while this tile computes. Without it the core stalls on every new
+  // row: 9.9 ms for the default model's products at 16 rows instead of 5.4 (BENCHMARKS.md issue 5).
+  const char* next = reinterpret_cast<const char*>(base + kPrefetchTiles * kRows * k);
+  for (int64_t g = 0; g < k / 4; ++g) {
+    _mm_prefetch(next + 64 * g, _MM_HINT_T0);
+    const __m512i a = _mm512_loadu_si512(xt + g * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      int32_t quad;
+      std::memcpy(&quad, base + r * k + 4 * g, 4);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], a, _mm512_set1_epi32(quad));
+    }
+  }
+  // lane i of acc[r] is out[i, n0 + r]: the 16 x 16 block is transposed through the stack (L1), so each output
+  // row gets one contiguous 16-float store (a scatter straight into the (m, N) output was 1.6x slower overall).
+  alignas(64) float block[kRows][kLanes];
+  for (int r = 0; r < kRows; ++r) {
+    const __m512i exact = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(128 * sums[n0 + r]));
+    _mm512_store_ps(block[r], _mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(scales[n0 + r])));
+  }
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+  for (int64_t i = 0; i < m; ++i) {
+    _mm512_storeu_ps(out + i * n + n0, _mm512_i32gather_ps(column, &block[0][i], 4));
+  }
+}
+#endif
+
+at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at::Tensor& weight_sums,
+                     const at::Tensor& weight_scales) {
+  TORCH_CHECK(int8_vnni_available(), "tinylm::int8_gemm needs AVX-512 VNNI");
+  TORCH_CHECK(x_u8.dim() == 2 && x_u8.scalar_type() == at::kByte && x_u8.is_contiguous(), "x_u8: contiguous (M, K) uint8");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "weight: contiguous (N, K) int8");
+  const int64_t m = x_u8.size(0), k = x_u8.size(1), n = weight.size(0);
+  TORCH_CHECK(weight.size(1) == k && k % 4 == 0 && n % 16 == 0, "shapes: K must match and be a multiple of 4, N of 16");
+  TORCH_CHECK(weight_sums.numel() == n && weight_sums.scalar_type() == at::kInt && weight_sums.is_contiguous(),
+              "weight_sums: (N,) int32");
+  TORCH_CHECK(weight_scales.numel() == n && weight_scales.scalar_type() == at::kFloat && weight_scales.is_contiguous(),
+              "weight_scales: (N,) float32");
+  if (m > kLanes) {
+    // More rows than one tile (prefill): oneDNN's kernel, which reorders the weight per call, is faster there
+    // (1.7-2x at 24-512 rows: it reuses each loaded weight vector across rows; this kernel reloads per row).
+    return at::_int_mm(x_u8.to(at::kShort).sub(128).to(at::kChar), weight.t()).to(at::kFloat).mul_(weight_scales);
+  }
+  at::Tensor out = at::empty({m, n}, x_u8.options().dtype(at::kFloat));
+#ifdef TINYLM_VNNI
+  at::Tensor packed = at::empty({k / 4, kLanes}, x_u8.options().dtype(at::kInt));
+  int32_t* xt = packed.data_ptr<int32_t>();
+  pack_rows(x_u8.data_ptr<uint8_t>(), m, k, xt);
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const int32_t* sums = weight_sums.data_ptr<int32_t>();
+  const float* scales = weight_scales.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n / kRows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) tile(xt, w, sums, scales, k, n, block * kRows, m, dst);
+  });
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinylm, m) {
+  m.def("int8_gemm(Tensor x_u8, Tensor weight, Tensor weight_sums, Tensor weight_scales) -> Tensor");
+  m.def("int8_vnni_available() -> bool");
+}
+
+TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("int8_gemm", &int8_gemm); }
+
+TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("int8_vnni_available", &int8_vnni_available); }
