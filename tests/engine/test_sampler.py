@@ -26,6 +26,17 @@ def test_greedy_is_argmax():
     assert sampler.sample(logits, params, [None, None]).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("vocab", [49152, 5000, 2100])
+def test_blocked_argmax_is_torch_argmax_ties_included(vocab):
+    torch.manual_seed(0)
+    logits = torch.randn(6, vocab)
+    logits[1, 7] = logits[1, vocab - 3] = 50.0  # a tie across the partial last block: the first one wins
+    logits[2, 1030] = logits[2, 2000] = 50.0  # a tie across whole blocks
+    logits[3, vocab - 1] = 60.0  # the maximum in the last, partial block
+    logits[4] = 0.0  # all equal: index 0
+    assert torch.equal(sampler.argmax(logits), logits.argmax(dim=-1))
+
+
 def test_top_k_one_is_argmax_at_any_temperature():
     logits = _logits([0.2, 0.5, 0.3])
     assert set(_draws(logits, SamplingParams(temperature=5.0, top_k=1))) == {1}

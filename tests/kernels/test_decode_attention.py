@@ -71,3 +71,14 @@ def test_build_failure_warns_and_reports_unavailable(monkeypatch):
     monkeypatch.setattr(kernels, "_STATE", {})
     with pytest.warns(RuntimeWarning, match="could not be built"):
         assert kernels.available() is False
+
+
+def test_version_follows_the_sources(monkeypatch, tmp_path):
+    """Compiled graphs are cached under the kernels' version (tinylm/engine/compiled.py): a changed source must
+    give another one, or a graph built for the old kernel would be reused."""
+    source = tmp_path / "kernel.cpp"
+    source.write_text("// one")
+    monkeypatch.setattr(kernels, "SOURCES", [source])
+    first = kernels.version()
+    source.write_text("// two")
+    assert kernels.version() != first

@@ -22,6 +22,7 @@ import warnings
 
 import torch
 import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_force_stride_order (attention.py)
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from tinylm import kernels
 from tinylm.engine.kv_pool import KVPool, PagedBatch
@@ -56,7 +57,8 @@ class CompiledDecode:
         # cache pool stay guarded. Nor does the compiled code re-check every weight's size and alignment at each
         # call (Inductor's debug asserts: ~250 checks, 0.25 ms per batch-1 step).
         options = {**_inductor_options(model), "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                   "size_asserts": False, "alignment_asserts": False}
+                   "size_asserts": False, "alignment_asserts": False,
+                   "post_grad_custom_post_pass": _KernelSources()}
         self._compiled = torch.compile(types.MethodType(_own_code(CompiledDecode._step), self), options=options)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
@@ -96,17 +98,35 @@ class CompiledDecode:
         return out.logits[:, -1].float()
 
 
+class _KernelSources(CustomGraphPass):
+    """Changes nothing in the graph. Its uuid puts tinylm's kernel sources in Inductor's on-disk cache key: a graph
+    is compiled against the kernels' output layouts (their fake implementations), and one compiled against an
+    older version must not be reused (it gave wrong tokens, not an error)."""
+
+    def __call__(self, graph) -> None:
+        pass
+
+    def uuid(self) -> str:
+        return kernels.version()
+
+
 def _inductor_options(model) -> dict:
     """Inductor settings for this model's decode graph.
 
-    Batch-1 products are reductions over a weight row (tinylm/model/gemv.py, Int8Linear). By default Inductor
-    inlines the pointwise ops that make a reduction's input (the RMSNorm, SwiGLU's silu * up) into the reduction's
-    loop, recomputing them for every output row: harmless next to bf16 rows, but it makes int8 rows compute-bound
-    (9 GB/s instead of 36 on the 2-core EPYC). A low realize threshold stores such inputs once instead; it costs
-    float rows their wide vector loop, so it is set only where int8 rows are reduced."""
+    Float weights are frozen: Inductor takes them as constants of the compiled code instead of ~250 graph inputs
+    that dynamo's prologue and the wrapper pass on every call (bf16 batch 1 on the 2-core EPYC: 126 -> 144
+    tok/s). The compiled engine's model is inference-only already (fuse_projections copies q/k/v and gate/up).
+    oneDNN weight prepacking, which freezing would also do, stays off: it keeps a second copy of each weight.
+
+    int8 layers are not frozen (constant folding keeps float copies of some int8 tensors: +0.18 GiB for w8a8, and
+    batch-1 int8 decode was slower). Their batch-1 products are reductions over a weight row (Int8Linear); by
+    default Inductor inlines the pointwise ops that make a reduction's input (the RMSNorm, SwiGLU's silu * up) into
+    the reduction's loop, recomputing them for every output row, which makes int8 rows compute-bound (9 GB/s
+    instead of 36). A low realize threshold stores such inputs once instead (it would cost float rows their wide
+    vector loop)."""
     if any(isinstance(m, Int8Linear) and m.group_size is None for m in model.modules()):
         return {"realize_opcount_threshold": 2}
-    return {}
+    return {"freezing": True, "cpp.weight_prepack": False}
 
 
 def _own_code(function):

@@ -171,8 +171,9 @@ class LLMEngine:
                 ready.append(row)
         if not ready:
             return []
-        rows = torch.tensor(ready, device=logits.device)
-        return self._sample([seqs[r] for r in ready], logits.index_select(0, rows))
+        if len(ready) < len(seqs):  # rows still in prefill produced no token yet
+            logits = logits.index_select(0, torch.tensor(ready, device=logits.device))
+        return self._sample([seqs[r] for r in ready], logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """logits (B, V) float32 at each sequence's last token -> one new token per sequence."""

@@ -50,9 +50,26 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """logits (B, V) -> (B,) index of each row's first maximum, as `logits.argmax(-1)`. For several rows, through
+    the blocks' maxima: PyTorch's CPU argmax is not vectorized (16 x 49152 float32: 219 us; `amax` 19 us; this 45)."""
+    rows, vocab = logits.shape
+    if rows == 1 or vocab < 2 * block:
+        return logits.argmax(dim=-1)
+    whole = vocab // block * block
+    blocks = logits[:, :whole].reshape(rows, -1, block)  # (B, n, block)
+    best = blocks.amax(dim=-1).argmax(dim=-1)  # (B,) the first block holding the row's maximum
+    token = best * block + blocks[torch.arange(rows, device=logits.device), best].argmax(dim=-1)
+    if whole < vocab:  # the last, partial block wins only with a strictly larger value (first maximum wins ties)
+        tail = logits[:, whole:].max(dim=-1)
+        larger = tail.values > logits.gather(1, token[:, None])[:, 0]
+        token = torch.where(larger, whole + tail.indices, token)
+    return token
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """Pick one token per row (B,): argmax for greedy rows, a draw from softmax(filtered logits) otherwise."""
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax(logits)
     if all(p.greedy for p in params):
         return greedy
     probs = filter_logits(logits, params).softmax(dim=-1)

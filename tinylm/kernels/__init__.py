@@ -3,9 +3,10 @@
 Inductor writes good loops for element-wise work and streaming reductions, but not for one-query attention over a
 paged cache (it reduces every score with a horizontal vector sum and runs the softmax on one thread: 134 us per
 layer at batch 16 on the 2-core EPYC, BENCHMARKS.md issue 5). `decode_attention.cpp` does it flash-decoding
-style. The sources are compiled with torch's cpp_extension (C++ compiler and ninja, which torch.compile's own
-C++ backend needs anyway) into ~/.cache/torch_extensions, once per source and CPU (`-march=native`); if that is
-impossible, `available()` says False and callers keep their pure-PyTorch formulation.
+style; `int8_gemm.cpp` runs W8A8 decode batches on AVX-512 VNNI from the stored weight. The sources are compiled
+with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
+~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded in about a second); if that
+is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
 
     tinylm.kernels.available()  -> True once torch.ops.tinylm.paged_attention exists
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import shutil
 import warnings
 from pathlib import Path
 
@@ -32,9 +35,15 @@ def available() -> bool:
     return _STATE["ok"]
 
 
+def version() -> str:
+    """Changes with the kernel sources, the CPU and torch: the name of this machine's build."""
+    return _extension_name()
+
+
 def _build() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
         return False
+    _find_ninja()
     try:
         from torch.utils.cpp_extension import load
 
@@ -47,6 +56,17 @@ def _build() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def _find_ninja() -> None:
+    """cpp_extension runs `ninja` from PATH; the pip package's binary is not there unless the venv is activated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _first_error(exc: Exception) -> str:

@@ -58,18 +58,21 @@ void attend_chunk(const float* q, const T* keys, const T* values, const int64_t*
   alignas(64) float scores[kMaxGroup][kChunk];
   const int64_t stride = kv_heads * dim;  // one slot's K (or V) rows, all heads
   const int64_t n = s1 - s0;
-  for (int64_t g = 0; g < groups; ++g) {
-    Vec qg[kSlots];
-    for (int i = 0; i < nv; ++i) qg[i] = Vec::loadu(q + g * dim + i * Vec::size()) * Vec(scale);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t s = s0 + j;
-      if (valid != nullptr && !valid[s]) {
-        scores[g][j] = kNegInf;
-        continue;
-      }
-      const T* row = keys + slots[s] * stride + kv_head * dim;
-      Vec sum = qg[0] * load_vec(row);
-      for (int i = 1; i < nv; ++i) sum = at::vec::fmadd(qg[i], load_vec(row + i * Vec::size()), sum);
+  alignas(64) float qs[kMaxGroup * kMaxDim];  // the G query rows, scaled
+  for (int64_t i = 0; i < groups * dim; i += Vec::size()) (Vec::loadu(q + i) * Vec(scale)).store(qs + i);
+  for (int64_t j = 0; j < n; ++j) {  // each key row is read and widened once for all G query heads
+    const int64_t s = s0 + j;
+    if (valid != nullptr && !valid[s]) {
+      for (int64_t g = 0; g < groups; ++g) scores[g][j] = kNegInf;
+      continue;
+    }
+    const T* row = keys + slots[s] * stride + kv_head * dim;
+    Vec k[kSlots];
+    for (int i = 0; i < nv; ++i) k[i] = load_vec(row + i * Vec::size());
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = qs + g * dim;
+      Vec sum = Vec::loadu(qg) * k[0];
+      for (int i = 1; i < nv; ++i) sum = at::vec::fmadd(Vec::loadu(qg + i * Vec::size()), k[i], sum);
       scores[g][j] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
     }
   }

@@ -1,4 +1,5 @@
-"""int8 x int8 products for W8A8 layers, on a weight oneDNN has reordered once instead of on every call.
+"""int8 x int8 products for W8A8 layers: tinylm's VNNI kernel over the stored weight where it runs (`vnni_sums`,
+`int8_gemm`; tinylm/kernels/int8_gemm.cpp), else oneDNN over a weight it has reordered once instead of on every call.
 
 `torch._int_mm` (oneDNN underneath) reorders the weight into its blocked VNNI layout on every call: at batch 16
 that reorder reads the whole weight from memory again and costs as much as the product (the default model's layers:
