@@ -2,9 +2,9 @@
 
 A decode step (one new token per row) is where eager PyTorch loses most: about 20 small ops per layer (norms,
 rotary, casts, residual adds, the SwiGLU product) each pay dispatcher and allocation costs that dwarf their work at
-batch 1. Inductor fuses them into a few C++ loops; the matmuls run as extern calls, and the paged cache
-write/gather (index_copy_ into the pool, index_select out of it) is reinplaced by Inductor, so the pool is never
-copied.
+batch 1. Inductor fuses them into a few C++ loops; the matmuls run as extern calls, the new K/V rows are written
+into the pool in place (index_copy_, reinplaced by Inductor, so the pool is never copied), and attention reads the
+pool through tinylm's C++ kernel (tinylm/kernels; Inductor's own loops where it cannot be built).
 
 The traced function takes only tensors; the paged view is built inside the graph, so the context length S and
 the batch size B are symbolic (marked dynamic): no recompilation as sequences grow or join. Batch 1 gets its own
