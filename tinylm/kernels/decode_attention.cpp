@@ -8,8 +8,9 @@
 // thread at batch 1 (3 K/V heads alone would leave a thread idle), each writing a partial softmax (max m, sum l,
 // unnormalized output) that a second pass combines. Rows are ATen's Vectorized<float> (16 lanes on AVX-512), at the
 // width PyTorch picked for this CPU (tinylm/kernels/__init__.py builds with -march=native). Measured on the 2-core
-// EPYC (default model's shapes, bf16 cache): 7 us at batch 1 / 150 keys and 54 us at batch 16 / 140 keys per
-// layer, against 28 and 131 us for Inductor's loops over the same pool.
+// EPYC (default model's shapes, bf16 cache): 7-10 us at batch 1 / 150 keys and 54 us at batch 16 / 140 keys per
+// layer, against 28-33 and 116-131 us for Inductor's loops over the same pool. The work is instructions, not memory
+// (a pool that fits in L2 is as slow): each item widens its rows once and sums scores 16 keys at a time.
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -45,35 +46,82 @@ inline Vec load_vec(const c10::Half* p) {
   return out;
 }
 
+// parts[j] (Vec::size() of them) -> one vector whose lane j is the sum of parts[j]'s lanes. On AVX-512 a
+// transpose-and-add tree: 45 shuffles and adds for 16 sums, where reducing each vector alone takes ~150.
+inline Vec sum_each(const Vec* parts) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    const __m512 a = parts[2 * i], b = parts[2 * i + 1];
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: 4 parts' sums over that lane
+    d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int i = 0; i < 2; ++i) {  // 128-bit lanes added in pairs
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(d[2 * i], d[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d[2 * i], d[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  return Vec(_mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1))));
+#else
+  alignas(64) float sums[Vec::size()];
+  for (int j = 0; j < Vec::size(); ++j) {
+    Vec part = parts[j];
+    sums[j] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, part);
+  }
+  return Vec::loadu(sums);
+#endif
+}
+
 // Item (b, kv head, keys [s0, s1)) for its G query heads: m[g] (max score), l[g] (sum of exp(score - m)),
 // acc[g][D] (sum of exp(score - m) * v). NV = D / Vec::size() vectors per head row, a compile-time constant for
 // the usual head sizes (the row then lives in registers), 0 for any other multiple of the vector width.
+// The chunk's K and V rows are widened to float once (masked rows as zeros: their slot may hold anything), then
+// read by every query head of the group; scores are summed Vec::size() keys at a time (sum_each).
 template <typename T, int NV>
 void attend_chunk(const float* q, const T* keys, const T* values, const int64_t* slots, const bool* valid,
                   int64_t s0, int64_t s1, int64_t kv_head, int64_t kv_heads, int64_t groups, int64_t head_dim,
                   float scale, float* m, float* l, float* acc) {
   constexpr int kSlots = NV > 0 ? NV : kMaxDim / Vec::size();
-  const int nv = NV > 0 ? NV : static_cast<int>(head_dim / Vec::size());
-  const int64_t dim = nv * Vec::size();
-  alignas(64) float scores[kMaxGroup][kChunk];
+  constexpr int64_t kLanes = Vec::size();
+  const int nv = NV > 0 ? NV : static_cast<int>(head_dim / kLanes);
+  const int64_t dim = nv * kLanes;
   const int64_t stride = kv_heads * dim;  // one slot's K (or V) rows, all heads
   const int64_t n = s1 - s0;
-  alignas(64) float qs[kMaxGroup * kMaxDim];  // the G query rows, scaled
-  for (int64_t i = 0; i < groups * dim; i += Vec::size()) (Vec::loadu(q + i) * Vec(scale)).store(qs + i);
-  for (int64_t j = 0; j < n; ++j) {  // each key row is read and widened once for all G query heads
+  alignas(64) float scores[kMaxGroup][kChunk];
+  alignas(64) float k_rows[kChunk * kMaxDim];
+  alignas(64) float v_rows[kChunk * kMaxDim];
+  for (int64_t j = 0; j < n; ++j) {
     const int64_t s = s0 + j;
-    if (valid != nullptr && !valid[s]) {
-      for (int64_t g = 0; g < groups; ++g) scores[g][j] = kNegInf;
-      continue;
+    const bool real = valid == nullptr || valid[s];
+    const T* k_row = keys + slots[s] * stride + kv_head * dim;
+    const T* v_row = values + slots[s] * stride + kv_head * dim;
+    for (int i = 0; i < nv; ++i) {
+      (real ? load_vec(k_row + i * kLanes) : Vec(0.f)).store(k_rows + j * dim + i * kLanes);
+      (real ? load_vec(v_row + i * kLanes) : Vec(0.f)).store(v_rows + j * dim + i * kLanes);
     }
-    const T* row = keys + slots[s] * stride + kv_head * dim;
-    Vec k[kSlots];
-    for (int i = 0; i < nv; ++i) k[i] = load_vec(row + i * Vec::size());
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* qg = qs + g * dim;
-      Vec sum = Vec::loadu(qg) * k[0];
-      for (int i = 1; i < nv; ++i) sum = at::vec::fmadd(Vec::loadu(qg + i * Vec::size()), k[i], sum);
-      scores[g][j] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    Vec qg[kSlots];
+    for (int i = 0; i < nv; ++i) qg[i] = Vec::loadu(q + g * dim + i * kLanes) * Vec(scale);
+    for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+      Vec parts[kLanes];
+      for (int64_t jj = 0; jj < kLanes; ++jj) {
+        if (j0 + jj >= n) {
+          parts[jj] = Vec(0.f);
+          continue;
+        }
+        const float* row = k_rows + (j0 + jj) * dim;
+        Vec sum = qg[0] * Vec::loadu(row);
+        for (int i = 1; i < nv; ++i) sum = at::vec::fmadd(qg[i], Vec::loadu(row + i * kLanes), sum);
+        parts[jj] = sum;
+      }
+      sum_each(parts).store(&scores[g][j0]);  // kChunk is a multiple of kLanes: stays inside the row
+    }
+    if (valid != nullptr) {
+      for (int64_t j = 0; j < n; ++j) scores[g][j] = valid[s0 + j] ? scores[g][j] : kNegInf;
     }
   }
   for (int64_t g = 0; g < groups; ++g) {
@@ -82,7 +130,7 @@ void attend_chunk(const float* q, const T* keys, const T* values, const int64_t*
     float total = 0.f;
     if (top != kNegInf) {
       int64_t j = 0;
-      for (; j + Vec::size() <= n; j += Vec::size()) {
+      for (; j + kLanes <= n; j += kLanes) {
         Vec e = (Vec::loadu(&scores[g][j]) - Vec(top)).exp_u20();
         e.store(&scores[g][j]);
         total += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, e);
@@ -98,16 +146,14 @@ void attend_chunk(const float* q, const T* keys, const T* values, const int64_t*
   for (int64_t g = 0; g < groups; ++g) {
     Vec out[kSlots];
     for (int i = 0; i < nv; ++i) out[i] = Vec(0.f);
-    if (m[g] != kNegInf) {
+    if (m[g] != kNegInf) {  // masked keys weigh exp(-inf) = 0 against zero rows
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t s = s0 + j;
-        if (valid != nullptr && !valid[s]) continue;
-        const T* row = values + slots[s] * stride + kv_head * dim;
         const Vec p(scores[g][j]);
-        for (int i = 0; i < nv; ++i) out[i] = at::vec::fmadd(p, load_vec(row + i * Vec::size()), out[i]);
+        const float* row = v_rows + j * dim;
+        for (int i = 0; i < nv; ++i) out[i] = at::vec::fmadd(p, Vec::loadu(row + i * kLanes), out[i]);
       }
     }
-    for (int i = 0; i < nv; ++i) out[i].store(acc + g * dim + i * Vec::size());
+    for (int i = 0; i < nv; ++i) out[i].store(acc + g * dim + i * kLanes);
   }
 }
 
