@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
+        _clear_stale_lock(_extension_name())
+
         log.info("building tinylm's CPU kernels (once per machine; cached in torch's extension directory)")
         load(_extension_name(), [str(s) for s in SOURCES], is_python_module=False, verbose=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()], extra_ldflags=["-fopenmp"])
@@ -56,6 +59,19 @@ def _build() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def _clear_stale_lock(name: str) -> None:
+    """cpp_extension waits, without a limit, while another build's lock file exists; a build killed midway leaves
+    one behind. A lock older than any real build (10 minutes) is removed so the next process builds again."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > 600:
+            lock.unlink()
+    except OSError:
+        pass  # no lock, or another process removed it first
 
 
 def _find_ninja() -> None:
