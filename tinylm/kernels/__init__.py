@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels for the compiled decode step, built once for this machine on first use.
+"""Hand-written CPU kernels for decode steps, built once for this machine on first use.
 
 Inductor writes good loops for element-wise work and streaming reductions, but not for one-query attention over a
 paged cache (it reduces every score with a horizontal vector sum and runs the softmax on one thread: 134 us per
@@ -45,13 +45,13 @@ def _build() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
         return False
     _find_ninja()
+    name = _extension_name()
     try:
         from torch.utils.cpp_extension import load
 
-        _clear_stale_lock(_extension_name())
-
+        _clear_stale_lock(name)
         log.info("building tinylm's CPU kernels (once per machine; cached in torch's extension directory)")
-        load(_extension_name(), [str(s) for s in SOURCES], is_python_module=False, verbose=False,
+        load(name, [str(s) for s in SOURCES], is_python_module=False, verbose=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", *_vector_flags()], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a build error: fall back, say why once
         warnings.warn(f"tinylm's CPU kernels could not be built ({type(exc).__name__}: {_first_error(exc)}); "

@@ -75,15 +75,15 @@ inline Vec sum_each(const Vec* parts) {
 #endif
 }
 
-// Item (b, kv head, keys [s0, s1)) for its G query heads: m[g] (max score), l[g] (sum of exp(score - m)),
-// acc[g][D] (sum of exp(score - m) * v). NV = D / Vec::size() vectors per head row, a compile-time constant for
+// Item (b, kv head, keys [s0, s1)) for its G query heads, written to part (G, D + 2): per head the max score m,
+// the sum l of exp(score - m), then the D sums of exp(score - m) * v. NV = D / Vec::size() vectors per head row, a compile-time constant for
 // the usual head sizes (the row then lives in registers), 0 for any other multiple of the vector width.
 // The chunk's K and V rows are widened to float once (masked rows as zeros: their slot may hold anything), then
 // read by every query head of the group; scores are summed Vec::size() keys at a time (sum_each).
 template <typename T, int NV>
 void attend_chunk(const float* q, const T* keys, const T* values, const int64_t* slots, const bool* valid,
                   int64_t s0, int64_t s1, int64_t kv_head, int64_t kv_heads, int64_t groups, int64_t head_dim,
-                  float scale, float* m, float* l, float* acc) {
+                  float scale, float* part) {
   constexpr int kSlots = NV > 0 ? NV : kMaxDim / Vec::size();
   constexpr int64_t kLanes = Vec::size();
   const int nv = NV > 0 ? NV : static_cast<int>(head_dim / kLanes);
@@ -140,29 +140,29 @@ void attend_chunk(const float* q, const T* keys, const T* values, const int64_t*
         total += scores[g][j];
       }
     }
-    m[g] = top;
-    l[g] = total;
+    part[g * (dim + 2)] = top;
+    part[g * (dim + 2) + 1] = total;
   }
   for (int64_t g = 0; g < groups; ++g) {
     Vec out[kSlots];
     for (int i = 0; i < nv; ++i) out[i] = Vec(0.f);
-    if (m[g] != kNegInf) {  // masked keys weigh exp(-inf) = 0 against zero rows
+    if (part[g * (dim + 2)] != kNegInf) {  // masked keys weigh exp(-inf) = 0 against zero rows
       for (int64_t j = 0; j < n; ++j) {
         const Vec p(scores[g][j]);
         const float* row = v_rows + j * dim;
         for (int i = 0; i < nv; ++i) out[i] = at::vec::fmadd(p, Vec::loadu(row + i * kLanes), out[i]);
       }
     }
-    for (int i = 0; i < nv; ++i) out[i].store(acc + g * dim + i * kLanes);
+    for (int i = 0; i < nv; ++i) out[i].store(part + g * (dim + 2) + 2 + i * kLanes);
   }
 }
 
 template <typename T>
 void attend_chunk(const float* q, const T* keys, const T* values, const int64_t* slots, const bool* valid,
                   int64_t s0, int64_t s1, int64_t kv_head, int64_t kv_heads, int64_t groups, int64_t dim,
-                  float scale, float* m, float* l, float* acc) {
+                  float scale, float* part) {
 #define TINYLM_CHUNK(NV) \
-  attend_chunk<T, NV>(q, keys, values, slots, valid, s0, s1, kv_head, kv_heads, groups, dim, scale, m, l, acc)
+  attend_chunk<T, NV>(q, keys, values, slots, valid, s0, s1, kv_head, kv_heads, groups, dim, scale, part)
   switch (dim / Vec::size()) {
     case 2: return TINYLM_CHUNK(2);
     case 4: return TINYLM_CHUNK(4);
@@ -188,21 +188,12 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
   const int64_t* sp = slots.data_ptr<int64_t>();
   float* pp = partial.data_ptr<float>();
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    float m[kMaxGroup], l[kMaxGroup];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item % chunks, kv_head = (item / chunks) % kv_heads, b = item / (chunks * kv_heads);
       const int64_t s0 = chunk * kChunk, s1 = std::min(context, s0 + kChunk);
-      float* base = pp + item * groups * (dim + 2);
-      float acc[kMaxGroup * kMaxDim];
       attend_chunk<T>(qp + (b * heads + kv_head * groups) * dim, kp, vp, sp + b * context,
                       valid == nullptr ? nullptr : valid + b * context, s0, s1, kv_head, kv_heads, groups, dim,
-                      scale, m, l, acc);
-      for (int64_t g = 0; g < groups; ++g) {
-        float* dst = base + g * (dim + 2);
-        dst[0] = m[g];
-        dst[1] = l[g];
-        std::memcpy(dst + 2, acc + g * dim, dim * sizeof(float));
-      }
+                      scale, pp + item * groups * (dim + 2));
     }
   });
   float* op = out.data_ptr<float>();

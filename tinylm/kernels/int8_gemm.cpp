@@ -8,8 +8,8 @@
 // 4 consecutive k of 16 rows (uint8, packed once per call) by the same 4 k of one weight row, broadcast from
 // memory. So the weight is read in its stored layout, in order (no second, reordered copy as oneDNN keeps), each
 // weight byte feeding 16 multiply-adds. A tile of 16 weight rows keeps 16 accumulators in registers; each holds
-// one output column for the 16 rows, scattered into place. x + 128 is corrected exactly by
-// subtracting 128 * weight_sums[n].
+// one output column for the 16 rows, transposed through the stack into the row-major output. x + 128 is corrected
+// exactly by subtracting 128 * weight_sums[n].
 //
 // Without AVX-512 VNNI the op refuses (int8_vnni_available() is false) and tinylm uses oneDNN instead.
 
