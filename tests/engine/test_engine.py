@@ -142,7 +142,8 @@ def test_prompt_logprobs_equal_the_forward_pass(llm):
 
 
 def test_bad_requests_are_refused_before_they_run(llm):
-    engine = _engine(llm, block_size=4, kv_cache_bytes=_tokens_per_block_byte(llm, 4) * 8, max_queue=1)
+    engine = _engine(llm, block_size=4, kv_cache_bytes=_tokens_per_block_byte(llm, 4) * 8, max_num_seqs=1,
+                     max_queue=1)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add_request("a", [1, 10**6], GREEDY)
     with pytest.raises(ValueError, match="empty"):
@@ -150,8 +151,9 @@ def test_bad_requests_are_refused_before_they_run(llm):
     with pytest.raises(tinylm.ContextLengthError, match="needs 40 tokens of KV cache; the cache holds 28"):
         engine.add_request("a", [1] * 30, tinylm.SamplingParams(max_tokens=10))
     engine.add_request("a", [1, 2], GREEDY)
+    engine.add_request("b", [1, 2], GREEDY)  # one running, one waiting: what max_num_seqs=1, max_queue=1 allow
     with pytest.raises(QueueFullError, match="queue is full"):
-        engine.add_request("b", [1, 2], GREEDY)
+        engine.add_request("c", [1, 2], GREEDY)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("a", [1, 2], GREEDY)
 

@@ -108,6 +108,8 @@ def test_full_queue_is_429_and_recovers(tiny_llm):
             statuses = [r.status_code for r in pool.map(lambda _: post(url, "/v1/completions", body), range(6))]
         assert statuses.count(429) >= 1 and statuses.count(200) >= 2
         wait_until_idle(app)
-        assert post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        too_many = post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "n": 3})  # 3 > 1 slot + 1 queued
+        assert too_many.status_code == 429 and "queue is full" in too_many.json()["error"]["message"]
+        assert post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "n": 2}).status_code == 200
         tgi = post(url, "/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
         assert tgi.status_code == 200

@@ -63,7 +63,7 @@ class AsyncEngine:
         """Stream a request's outputs. Bad input raises here, before the first output (call `validate` first to
         answer it before a response starts)."""
         request_id = request_id or self.new_request_id()
-        self.engine.validate(prompt_token_ids, params)
+        self.validate([prompt_token_ids], params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         self._streams[request_id] = stream
         self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs))
@@ -79,6 +79,14 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._submit(("abort", request_id))
+
+    def validate(self, prompts: list[list[int]], params: SamplingParams, copies: int = 1) -> None:
+        """The engine's checks for `copies` requests of each prompt, with the queue counted from the streams open
+        here: requests submitted but not yet applied by the engine thread are in flight too (called from the
+        event loop, so never two at once)."""
+        for prompt in prompts:
+            self.engine.validate(prompt, params)
+        self.engine.check_room(len(self._streams), len(prompts) * copies)
 
     def _submit(self, command: tuple) -> None:
         self._pending.append(command)

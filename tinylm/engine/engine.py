@@ -42,7 +42,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch
     max_num_batched_tokens: int = 512  # tokens per step: bounds a prefill chunk's stall of running streams
     enable_prefix_caching: bool = True
-    max_queue: int | None = None  # waiting requests beyond this are refused with QueueFullError
+    max_queue: int | None = None  # requests beyond max_num_seqs + this many in flight get QueueFullError
     compile: bool = False  # decode steps through torch.compile (tinylm/engine/compiled.py); eager fallback
 
 
@@ -112,8 +112,16 @@ class LLMEngine:
         if needed > self.capacity_tokens:
             raise ContextLengthError(f"the request needs {needed} tokens of KV cache; the cache holds "
                                      f"{self.capacity_tokens} (raise the cache memory budget)")
-        if self.config.max_queue is not None and len(self.scheduler.waiting) >= self.config.max_queue:
-            raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+        self.check_room(len(self.requests))
+
+    def check_room(self, in_flight: int, incoming: int = 1) -> None:
+        """QueueFullError when `incoming` more requests would leave more than max_queue of them waiting for one
+        of the max_num_seqs batch slots. Counting every request in flight (not the scheduler's waiting list) keeps
+        the answer the same however requests and engine steps interleave."""
+        limit = self.config.max_queue
+        if limit is not None and in_flight + incoming > self.config.max_num_seqs + limit:
+            raise QueueFullError(f"the queue is full ({self.config.max_num_seqs} requests running and {limit} "
+                                 "waiting); retry later")
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request wherever it is (queued, in prefill, decoding) and free its memory at once."""

@@ -103,10 +103,10 @@ async def merged_stream(state, prompts: list[list[int]], params: SamplingParams,
             task.cancel()
 
 
-def validate_all(state, prompts: list[list[int]], params: SamplingParams) -> None:
-    """Refuse bad input before a response (or a stream) starts."""
-    for prompt in prompts:
-        state.engine.engine.validate(prompt, params)
+def validate_all(state, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
+    """Refuse bad input, or a request the queue has no room for (n choices of each prompt), before a response (or
+    a stream) starts."""
+    state.engine.validate(prompts, params, copies=n)
 
 
 async def _cancel_on_disconnect(request: Request, tasks: list[asyncio.Future]) -> None:

@@ -60,7 +60,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = _prompt_ids(state, body.prompt)
     for prompt in prompts:
         check_context(state.llm.config.max_position_embeddings, prompt, params.max_tokens)
-    validate_all(state, prompts, params)
+    validate_all(state, prompts, params, body.n)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
@@ -112,7 +112,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     explicit = body.max_tokens is not None or body.max_completion_tokens is not None
     params = body.to_params(default_max_tokens=max(1, context - len(prompt)))
     check_context(context, prompt, params.max_tokens, explicit)
-    validate_all(state, [prompt], params)
+    validate_all(state, [prompt], params, body.n)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
         return _sse(_chat_events(state, body, prompt, merged_stream(state, [prompt], params, body.n), meta))
