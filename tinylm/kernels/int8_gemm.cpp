@@ -50,25 +50,43 @@ void pack_rows(const uint8_t* x, int64_t rows, int64_t k, int32_t* xt) {
   }
 }
 
+// The 4 weight bytes at p in every lane (compiles to a broadcast load, folded into VPDPBUSD's operand)
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t quad;
+  std::memcpy(&quad, p, 4);
+  return _mm512_set1_epi32(quad);
+}
+#define TINYLM_DP(acc, p) acc = _mm512_dpbusd_epi32(acc, a, broadcast4(p))
+
 // Weight rows [n0, n0 + kRows) against the m (<= 16) activation rows: columns n0.. of out (m, N).
 void tile(const int32_t* xt, const int8_t* w, const int32_t* sums, const float* scales, int64_t k, int64_t n,
           int64_t n0, int64_t m, float* out) {
-  __m512i acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_si512();
-  const int8_t* base = w + n0 * k;
+  // 16 named accumulators and 6 row pointers whose offsets are 0, k, 2k, 4k or 8k (x86 scaled-index addressing):
+  // with an array of accumulators and one pointer per row, GCC ran out of general registers, spilled the
+  // pointers and copied every accumulator at every step (4.8 vs 3.5 ms for the default model's 121 products).
+  __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,
+          c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;
+  const int8_t* p0 = w + n0 * k;  // rows 0, 1, 2, 4, 8
+  const int8_t* p3 = p0 + 3 * k;  // rows 3, 5, 7, 11
+  const int8_t* p6 = p0 + 6 * k;  // rows 6, 10, 14
+  const int8_t* p9 = p0 + 9 * k;  // rows 9, 13
+  const int8_t* p12 = p0 + 12 * k;
+  const int8_t* p15 = p0 + 15 * k;
+  const int64_t k2 = 2 * k, k4 = 4 * k, k8 = 8 * k;
   // The next tile's 16 rows are the next 16*K contiguous bytes: one cache line of them per step of 4 k (16K/64 =
   // K/4 lines), so they arrive from memory while this tile computes. Without it the core stalls on every new
-  // row: 9.9 ms for the default model's products at 16 rows instead of 5.4 (BENCHMARKS.md issue 5).
-  const char* next = reinterpret_cast<const char*>(base + kPrefetchTiles * kRows * k);
+  // row (BENCHMARKS.md issue 5); two tiles ahead is slower.
+  const char* next = reinterpret_cast<const char*>(p0 + kPrefetchTiles * kRows * k);
   for (int64_t g = 0; g < k / 4; ++g) {
     _mm_prefetch(next + 64 * g, _MM_HINT_T0);
     const __m512i a = _mm512_loadu_si512(xt + g * kLanes);
-    for (int r = 0; r < kRows; ++r) {
-      int32_t quad;
-      std::memcpy(&quad, base + r * k + 4 * g, 4);
-      acc[r] = _mm512_dpbusd_epi32(acc[r], a, _mm512_set1_epi32(quad));
-    }
+    const int64_t o = 4 * g;
+    TINYLM_DP(c0, p0 + o); TINYLM_DP(c1, p0 + k + o); TINYLM_DP(c2, p0 + k2 + o); TINYLM_DP(c4, p0 + k4 + o);
+    TINYLM_DP(c8, p0 + k8 + o); TINYLM_DP(c3, p3 + o); TINYLM_DP(c5, p3 + k2 + o); TINYLM_DP(c7, p3 + k4 + o);
+    TINYLM_DP(c11, p3 + k8 + o); TINYLM_DP(c6, p6 + o); TINYLM_DP(c10, p6 + k4 + o); TINYLM_DP(c14, p6 + k8 + o);
+    TINYLM_DP(c9, p9 + o); TINYLM_DP(c13, p9 + k4 + o); TINYLM_DP(c12, p12 + o); TINYLM_DP(c15, p15 + o);
   }
+  const __m512i acc[kRows] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15};
   // lane i of acc[r] is out[i, n0 + r]: the 16 x 16 block is transposed through the stack (L1), so each output
   // row gets one contiguous 16-float store (a scatter straight into the (m, N) output was 1.6x slower overall).
   alignas(64) float block[kRows][kLanes];
@@ -81,6 +99,7 @@ void tile(const int32_t* xt, const int8_t* w, const int32_t* sums, const float* 
     _mm512_storeu_ps(out + i * n + n0, _mm512_i32gather_ps(column, &block[0][i], 4));
   }
 }
+#undef TINYLM_DP
 #endif
 
 at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at::Tensor& weight_sums,
