@@ -23,6 +23,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -32,6 +35,10 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 64;   // keys per work item
 constexpr int64_t kMaxDim = 256; // head size limit (checked by the caller)
 constexpr int64_t kMaxGroup = 16;
+#ifndef TINYLM_PREFETCH_KEYS
+#define TINYLM_PREFETCH_KEYS 8
+#endif
+constexpr int64_t kPrefetchKeys = TINYLM_PREFETCH_KEYS;  // how many keys ahead a row's K and V are prefetched
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline Vec load_vec(const float* p) { return Vec::loadu(p); }
@@ -46,13 +53,82 @@ inline Vec load_vec(const c10::Half* p) {
   return out;
 }
 
+// A row of D elements widened to float as nv vectors. bf16 on AVX-512 (kPaired): each 32 elements, as 16 words
+// of two bf16, become their even and their odd elements (a shift and a mask, where widening in order costs a
+// cross-lane shuffle per vector): the element order is permuted, identically for q, K and V, and undone on output.
+template <typename T>
+constexpr bool kPairedRows = false;
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+constexpr bool kPairedRows<c10::BFloat16> = true;
+#endif
+
+// every cache line of a row of dim elements (K/V rows are read from memory: the pool is far larger than L2)
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+}
+
+// dst = src * scale, in the rows' element order (dim floats; paired: each block of 32 as evens, then odds)
+template <bool kPaired>
+inline void to_row_order(const float* src, float scale, int64_t dim, float* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kPaired) {
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    for (int64_t c = 0; c < dim; c += 32) {
+      const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(src + c), _mm512_set1_ps(scale));
+      const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16), _mm512_set1_ps(scale));
+      _mm512_storeu_ps(dst + c, _mm512_permutex2var_ps(lo, evens, hi));
+      _mm512_storeu_ps(dst + c + 16, _mm512_permutex2var_ps(lo, odds, hi));
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < dim; d += Vec::size()) (Vec::loadu(src + d) * Vec(scale)).store(dst + d);
+}
+
+// to_row_order undone (no scale)
+template <bool kPaired>
+inline void from_row_order(const float* src, int64_t dim, float* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kPaired) {
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int64_t c = 0; c < dim; c += 32) {
+      const __m512 evens = _mm512_loadu_ps(src + c), odds = _mm512_loadu_ps(src + c + 16);
+      _mm512_storeu_ps(dst + c, _mm512_permutex2var_ps(evens, first, odds));
+      _mm512_storeu_ps(dst + c + 16, _mm512_permutex2var_ps(evens, second, odds));
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < dim; d += Vec::size()) Vec::loadu(src + d).store(dst + d);
+}
+
+template <bool kPaired, typename T>
+inline void widen(const T* row, int nv, Vec* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kPaired) {
+    for (int c = 0; c < nv / 2; ++c) {
+      const __m512i words = _mm512_loadu_si512(row + 32 * c);
+      out[2 * c] = Vec(_mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
+      out[2 * c + 1] = Vec(_mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(0xFFFF0000u))));
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < nv; ++i) out[i] = load_vec(row + i * Vec::size());
+}
+
 // parts[j] (Vec::size() of them) -> one vector whose lane j is the sum of parts[j]'s lanes. On AVX-512 a
 // transpose-and-add tree: 45 shuffles and adds for 16 sums, where reducing each vector alone takes ~150.
-inline Vec sum_each(const Vec* parts) {
+inline Vec sum_each(const float* parts) {
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 c[8], d[4], e[2];
   for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    const __m512 a = parts[2 * i], b = parts[2 * i + 1];
+    const __m512 a = _mm512_load_ps(parts + 32 * i), b = _mm512_load_ps(parts + 32 * i + 16);
     c[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
   }
   for (int i = 0; i < 4; ++i) {  // per 128-bit lane: 4 parts' sums over that lane
@@ -68,18 +144,50 @@ inline Vec sum_each(const Vec* parts) {
 #else
   alignas(64) float sums[Vec::size()];
   for (int j = 0; j < Vec::size(); ++j) {
-    Vec part = parts[j];
+    Vec part = Vec::loadu(parts + j * Vec::size());
     sums[j] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, part);
   }
   return Vec::loadu(sums);
 #endif
 }
 
+// sums[h] (in the rows' element order) = the sum over the n keys of weights[h][j] * V row j, for HB heads at
+// once. HB is a compile-time constant so the HB x NV accumulators live in registers: with a run-time head count
+// they lived on the stack, and each key's multiply-add waited on the previous key's store.
+template <bool kPaired, int NV, int HB, typename T>
+void weigh_values(const T* values, const int64_t* offset, int64_t n, const float* const* weights, int nv,
+                  float (*sums)[kMaxDim]) {
+  constexpr int kSlots = NV > 0 ? NV : kMaxDim / Vec::size();
+  Vec out[HB][kSlots];  // Vectorized's constructor zeroes it
+  for (int64_t j = 0; j < n; ++j) {
+    Vec v[kSlots];
+    widen<kPaired>(values + offset[j], nv, v);
+    for (int h = 0; h < HB; ++h) {
+      const Vec w(weights[h][j]);
+      for (int i = 0; i < nv; ++i) out[h][i] = at::vec::fmadd(w, v[i], out[h][i]);
+    }
+  }
+  for (int h = 0; h < HB; ++h) {
+    for (int i = 0; i < nv; ++i) out[h][i].store(sums[h] + i * Vec::size());
+  }
+}
+
+// weigh_values for a run-time head count 1..kMax
+template <bool kPaired, int NV, int kMax, typename T>
+void weigh_values(int heads, const T* values, const int64_t* offset, int64_t n, const float* const* weights, int nv,
+                  float (*sums)[kMaxDim]) {
+  if constexpr (kMax > 1) {
+    if (heads < kMax) return weigh_values<kPaired, NV, kMax - 1>(heads, values, offset, n, weights, nv, sums);
+  }
+  weigh_values<kPaired, NV, kMax>(values, offset, n, weights, nv, sums);
+}
+
 // Item (b, kv head, keys [s0, s1)) for its G query heads, written to part (G, D + 2): per head the max score m,
-// the sum l of exp(score - m), then the D sums of exp(score - m) * v. NV = D / Vec::size() vectors per head row, a compile-time constant for
-// the usual head sizes (the row then lives in registers), 0 for any other multiple of the vector width.
-// The chunk's K and V rows are widened to float once (masked rows as zeros: their slot may hold anything), then
-// read by every query head of the group; scores are summed Vec::size() keys at a time (sum_each).
+// the sum l of exp(score - m), then the D sums of exp(score - m) * v. NV = D / Vec::size() vectors per head row,
+// a compile-time constant for the usual head sizes (rows then live in registers), 0 for any other multiple of the
+// vector width. Masked keys are dropped first (their slots may hold anything, NaN included), so padding costs
+// nothing. Each K row is widened once, in registers, and dotted with every query head of the group (scores
+// summed Vec::size() keys at a time by sum_each); each V row likewise feeds up to kHeadBlock heads' outputs.
 template <typename T, int NV>
 void attend_chunk(const float* q, const T* keys, const T* values, const int64_t* slots, const bool* valid,
                   int64_t s0, int64_t s1, int64_t kv_head, int64_t kv_heads, int64_t groups, int64_t head_dim,
@@ -88,72 +196,68 @@ void attend_chunk(const float* q, const T* keys, const T* values, const int64_t*
   constexpr int64_t kLanes = Vec::size();
   const int nv = NV > 0 ? NV : static_cast<int>(head_dim / kLanes);
   const int64_t dim = nv * kLanes;
-  const int64_t stride = kv_heads * dim;  // one slot's K (or V) rows, all heads
-  const int64_t n = s1 - s0;
+  int64_t offset[kChunk];  // element offset of each unmasked key's row (K and V pools share the layout)
+  int64_t n = 0;
+  for (int64_t s = s0; s < s1; ++s) {
+    if (valid == nullptr || valid[s]) offset[n++] = (slots[s] * kv_heads + kv_head) * dim;
+  }
+  constexpr bool kPaired = kPairedRows<T> && NV > 0 && NV % 2 == 0;
+  for (int64_t j = 0; j < std::min(n, kPrefetchKeys); ++j) {
+    prefetch_row(keys + offset[j], dim);
+    prefetch_row(values + offset[j], dim);
+  }
+  alignas(64) float scaled_q[kMaxGroup][kMaxDim];  // in the rows' element order
+  for (int64_t g = 0; g < groups; ++g) to_row_order<kPaired>(q + g * dim, scale, dim, scaled_q[g]);
+  // scores (G, n), padded with -inf to whole vectors so the softmax below needs no scalar tail
   alignas(64) float scores[kMaxGroup][kChunk];
-  alignas(64) float k_rows[kChunk * kMaxDim];
-  alignas(64) float v_rows[kChunk * kMaxDim];
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t s = s0 + j;
-    const bool real = valid == nullptr || valid[s];
-    const T* k_row = keys + slots[s] * stride + kv_head * dim;
-    const T* v_row = values + slots[s] * stride + kv_head * dim;
-    for (int i = 0; i < nv; ++i) {
-      (real ? load_vec(k_row + i * kLanes) : Vec(0.f)).store(k_rows + j * dim + i * kLanes);
-      (real ? load_vec(v_row + i * kLanes) : Vec(0.f)).store(v_rows + j * dim + i * kLanes);
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    // per head, one partial-sum vector per key (floats, not Vec: ATen's Vectorized zeroes itself on construction)
+    alignas(64) float parts[kMaxGroup][kLanes * kLanes];
+    for (int64_t jj = 0; jj < kLanes; ++jj) {
+      const int64_t j = j0 + jj;
+      if (j >= n) {
+        for (int64_t g = 0; g < groups; ++g) Vec(0.f).store(&parts[g][jj * kLanes]);
+        continue;
+      }
+      if (j + kPrefetchKeys < n) {  // rows sit in scattered cache blocks: fetch ahead of use (V for the pass below)
+        prefetch_row(keys + offset[j + kPrefetchKeys], dim);
+        prefetch_row(values + offset[j + kPrefetchKeys], dim);
+      }
+      Vec k[kSlots];
+      widen<kPaired>(keys + offset[j], nv, k);
+      for (int64_t g = 0; g < groups; ++g) {
+        Vec sum = Vec::loadu(&scaled_q[g][0]) * k[0];
+        for (int i = 1; i < nv; ++i) sum = at::vec::fmadd(Vec::loadu(&scaled_q[g][i * kLanes]), k[i], sum);
+        sum.store(&parts[g][jj * kLanes]);
+      }
     }
+    for (int64_t g = 0; g < groups; ++g) sum_each(parts[g]).store(&scores[g][j0]);
   }
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
   for (int64_t g = 0; g < groups; ++g) {
-    Vec qg[kSlots];
-    for (int i = 0; i < nv; ++i) qg[i] = Vec::loadu(q + g * dim + i * kLanes) * Vec(scale);
-    for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
-      Vec parts[kLanes];
-      for (int64_t jj = 0; jj < kLanes; ++jj) {
-        if (j0 + jj >= n) {
-          parts[jj] = Vec(0.f);
-          continue;
-        }
-        const float* row = k_rows + (j0 + jj) * dim;
-        Vec sum = qg[0] * Vec::loadu(row);
-        for (int i = 1; i < nv; ++i) sum = at::vec::fmadd(qg[i], Vec::loadu(row + i * kLanes), sum);
-        parts[jj] = sum;
-      }
-      sum_each(parts).store(&scores[g][j0]);  // kChunk is a multiple of kLanes: stays inside the row
-    }
-    if (valid != nullptr) {
-      for (int64_t j = 0; j < n; ++j) scores[g][j] = valid[s0 + j] ? scores[g][j] : kNegInf;
-    }
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    float top = kNegInf;
-    for (int64_t j = 0; j < n; ++j) top = scores[g][j] > top ? scores[g][j] : top;
-    float total = 0.f;
-    if (top != kNegInf) {
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) {
-        Vec e = (Vec::loadu(&scores[g][j]) - Vec(top)).exp_u20();
-        e.store(&scores[g][j]);
-        total += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, e);
-      }
-      for (; j < n; ++j) {
-        scores[g][j] = std::exp(scores[g][j] - top);
-        total += scores[g][j];
-      }
+    for (int64_t j = n; j < padded; ++j) scores[g][j] = kNegInf;
+    Vec top_vec(kNegInf);
+    for (int64_t j = 0; j < padded; j += kLanes) top_vec = at::vec::maximum(top_vec, Vec::loadu(&scores[g][j]));
+    const float top = n == 0 ? kNegInf : at::vec::vec_reduce_all<float>(
+        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, top_vec);
+    Vec total(0.f);
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      const Vec e = (Vec::loadu(&scores[g][j]) - Vec(top)).exp_u20();  // exp(-inf) = 0 for the padding
+      e.store(&scores[g][j]);
+      total = total + e;
     }
     part[g * (dim + 2)] = top;
-    part[g * (dim + 2) + 1] = total;
+    part[g * (dim + 2) + 1] = n == 0 ? 0.f : at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total);
   }
-  for (int64_t g = 0; g < groups; ++g) {
-    Vec out[kSlots];
-    for (int i = 0; i < nv; ++i) out[i] = Vec(0.f);
-    if (part[g * (dim + 2)] != kNegInf) {  // masked keys weigh exp(-inf) = 0 against zero rows
-      for (int64_t j = 0; j < n; ++j) {
-        const Vec p(scores[g][j]);
-        const float* row = v_rows + j * dim;
-        for (int i = 0; i < nv; ++i) out[i] = at::vec::fmadd(p, Vec::loadu(row + i * kLanes), out[i]);
-      }
-    }
-    for (int i = 0; i < nv; ++i) out[i].store(part + g * (dim + 2) + 2 + i * kLanes);
+  // outputs, up to kHeadBlock heads per pass over the V rows
+  constexpr int kHeadBlock = NV == 8 ? 2 : (NV > 0 && NV <= 4 ? 4 : 1);
+  for (int64_t g0 = 0; g0 < groups; g0 += kHeadBlock) {
+    const int heads = static_cast<int>(std::min<int64_t>(kHeadBlock, groups - g0));
+    const float* weights[kHeadBlock];
+    for (int h = 0; h < heads; ++h) weights[h] = scores[g0 + h];
+    alignas(64) float sums[kHeadBlock][kMaxDim];
+    weigh_values<kPaired, NV, kHeadBlock>(heads, values, offset, n, weights, nv, sums);
+    for (int h = 0; h < heads; ++h) from_row_order<kPaired>(sums[h], dim, part + (g0 + h) * (dim + 2) + 2);
   }
 }
 
