@@ -21,7 +21,7 @@ def _reference(q, k_pool, v_pool, slots, valid):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 9, 3, 64, 150), (5, 4, 2, 16, 33), (2, 4, 1, 48, 130), (3, 8, 8, 128, 1),
-                                   (2, 16, 1, 256, 65)])
+                                   (2, 16, 1, 256, 65), (2, 14, 2, 64, 70), (1, 4, 1, 32, 40)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_sdpa_on_the_gathered_cache(dtype, shape, masked):
     batch, heads, kv_heads, dim, context = shape
