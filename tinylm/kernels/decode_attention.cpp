@@ -8,9 +8,9 @@
 // thread at batch 1 (3 K/V heads alone would leave a thread idle), each writing a partial softmax (max m, sum l,
 // unnormalized output) that a second pass combines. Rows are ATen's Vectorized<float> (16 lanes on AVX-512), at the
 // width PyTorch picked for this CPU (tinylm/kernels/__init__.py builds with -march=native). Measured on the 2-core
-// EPYC (default model's shapes, bf16 cache): 7-10 us at batch 1 / 150 keys and 54 us at batch 16 / 140 keys per
-// layer, against 28-33 and 116-131 us for Inductor's loops over the same pool. The work is instructions, not memory
-// (a pool that fits in L2 is as slow): each item widens its rows once and sums scores 16 keys at a time.
+// EPYC (default model's shapes, bf16 cache): 8-9 us at batch 1 / 150 keys; at batch 16 / 140 keys 41 us with the
+// pool in cache and ~92 us with it in memory, as in the decode step, where the weights streaming through L3 evict
+// it (Inductor's loops over the same pool: 28-33 and 116-131 us from cache). Hence the prefetch of K/V rows.
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
