@@ -85,7 +85,7 @@ class AsyncEngine:
         here: requests submitted but not yet applied by the engine thread are in flight too (called from the
         event loop, so never two at once)."""
         for prompt in prompts:
-            self.engine.validate(prompt, params)
+            self.engine.check_input(prompt, params)
         self.engine.check_room(len(self._streams), len(prompts) * copies)
 
     def _submit(self, command: tuple) -> None:

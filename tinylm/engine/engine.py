@@ -100,6 +100,11 @@ class LLMEngine:
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         """The checks add_request makes, callable from any thread (reads only): ValueError, ContextLengthError,
         QueueFullError."""
+        self.check_input(ids, params)
+        self.check_room(len(self.requests))
+
+    def check_input(self, ids: list[int], params: SamplingParams) -> None:
+        """The request's own checks (reads only): ValueError, ContextLengthError."""
         if not ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
@@ -112,7 +117,6 @@ class LLMEngine:
         if needed > self.capacity_tokens:
             raise ContextLengthError(f"the request needs {needed} tokens of KV cache; the cache holds "
                                      f"{self.capacity_tokens} (raise the cache memory budget)")
-        self.check_room(len(self.requests))
 
     def check_room(self, in_flight: int, incoming: int = 1) -> None:
         """QueueFullError when `incoming` more requests would leave more than max_queue of them waiting for one

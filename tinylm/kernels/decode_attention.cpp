@@ -24,7 +24,6 @@
 
 #include <cmath>
 #include <algorithm>
-#include <cstring>
 #include <limits>
 
 namespace {
