@@ -4,9 +4,11 @@ checkpoints and the log are written once."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tinylm.train import checkpoint as ckpt
@@ -23,7 +25,21 @@ def _torchrun(config, tmp_path, mode: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tinylm.cli", "train", mode, str(path)]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets torchrun stop its workers (a SIGKILL left them running, waiting on each other, for good);
+        # the group kill is the fallback
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s; its output:\n{out[-1500:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _losses(config) -> list[float]:
