@@ -91,6 +91,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="decode through torch.compile: faster tokens after a one-time compile (about a minute "
                              "per graph on 2 cores, cached on disk); falls back to eager if compiling fails")
+    parser.add_argument("--draft-model", default=None, metavar="D",
+                        help="speculative decoding: a smaller model with the same tokenizer (or this one, with "
+                             "--draft-quantize) proposes tokens that the model checks several at a time")
+    parser.add_argument("--draft-quantize", default=None, metavar="Q", help="quantization of the draft model")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
+                        help="tokens the draft proposes per step (default 3)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -133,7 +139,9 @@ def _cpu_has_native_bf16() -> bool:
 
 def load_from_args(args) -> tinylm.LLM:
     return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
-                       quantize=args.quantize, compile=getattr(args, "compile", False))
+                       quantize=args.quantize, compile=getattr(args, "compile", False),
+                       draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
+                       num_speculative_tokens=getattr(args, "num_speculative_tokens", 3))
 
 
 def cmd_generate(args) -> int:

@@ -56,7 +56,7 @@ class CompiledDecode:
         # has more attributes), and this engine's model is never changed once it decodes. Inputs, sizes and the
         # cache pool stay guarded. Nor does the compiled code re-check every weight's size and alignment at each
         # call (Inductor's debug asserts: ~250 checks, 0.25 ms per batch-1 step).
-        options = {**_inductor_options(model), "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+        options = {**_inductor_options(model), "guard_filter_fn": _keep_guard,
                    "size_asserts": False, "alignment_asserts": False,
                    "post_grad_custom_post_pass": _KernelSources()}
         self._compiled = torch.compile(types.MethodType(_own_code(CompiledDecode._step), self), options=options)
@@ -127,6 +127,11 @@ def _inductor_options(model) -> dict:
     if any(isinstance(m, Int8Linear) and m.group_size is None for m in model.modules()):
         return {"realize_opcount_threshold": 2}
     return {"freezing": True, "cpp.weight_prepack": False}
+
+
+def _keep_guard(entries) -> list[bool]:
+    keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    return [k and not e.name.startswith("self.pool.") for k, e in zip(keep, entries)]
 
 
 def _own_code(function):

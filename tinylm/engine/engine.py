@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from tinylm.engine import sampler
-from tinylm.engine.block_manager import BlockManager
+from tinylm.engine.block_manager import BlockManager, NoFreeBlocks
 from tinylm.engine.compiled import can_compile
 from tinylm.engine.kv_pool import KVPool
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
+from tinylm.engine.speculative import DraftProposer, View, check_draft, one_token_rows, verify
 from tinylm.engine.stop import StopChecker
 from tinylm.errors import ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
@@ -44,10 +45,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_queue: int | None = None  # requests beyond max_num_seqs + this many in flight get QueueFullError
     compile: bool = False  # decode steps through torch.compile (tinylm/engine/compiled.py); eager fallback
+    num_speculative_tokens: int = 3  # drafts per step when the engine has a draft model (engine/speculative.py)
 
 
 class LLMEngine:
-    def __init__(self, model, tokenizer, eos_token_ids: set[int], config: EngineConfig | None = None) -> None:
+    def __init__(self, model, tokenizer, eos_token_ids: set[int], config: EngineConfig | None = None,
+                 draft_model=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
@@ -70,12 +73,23 @@ class LLMEngine:
             fuse_projections(model)  # fewer, larger matmuls in the compiled step (inference only: see fuse.py)
             use_gemv(model)  # batch-1 products as reductions Inductor streams at memory speed (see gemv.py)
         self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode)
+        self.drafter = None if draft_model is None else self._drafter(draft_model)
         self.requests: dict[str, Sequence] = {}
+
+    def _drafter(self, draft_model) -> DraftProposer:
+        check_draft(self.model.config, draft_model.config)
+        compile_draft = self.config.compile and can_compile(draft_model)[0]
+        if compile_draft:
+            fuse_projections(draft_model)
+            use_gemv(draft_model)
+        return DraftProposer(draft_model, self.config.num_speculative_tokens, self.config.block_size,
+                             self.config.kv_cache_bytes, self.config.max_num_seqs, compile_draft)
 
     def warmup(self) -> None:
         """Compile the decode graphs now (a no-op unless EngineConfig.compile): a server does it before it is ready."""
-        if self.runner.compiled is not None:
-            self.runner.compiled.warmup()
+        for runner in (self.runner, self.drafter and self.drafter.runner):
+            if runner and runner.compiled is not None:
+                runner.compiled.warmup()
 
     @property
     def capacity_tokens(self) -> int:
@@ -134,6 +148,8 @@ class LLMEngine:
             return False
         self.scheduler.remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        if self.drafter is not None:
+            self.drafter.release(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -152,10 +168,67 @@ class LLMEngine:
         step = self.scheduler.schedule()
         outputs: list[StepOutput] = []
         if step.decode:
-            logits = self.runner.forward([(seq, 1) for seq in step.decode])
-            outputs += self._after_forward(step.decode, [1] * len(step.decode), logits)
+            outputs += self._decode(step.decode)
         for group in self._prefill_groups(step.prefill):
             outputs += self._run_prefill(group)
+        return outputs
+
+    def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """One new token per sequence, or up to k + 1 for those that speculate."""
+        counts = [self._draft_count(seq) for seq in seqs] if self.drafter is not None else [0] * len(seqs)
+        plain = [seq for seq, k in zip(seqs, counts) if not k]
+        outputs = []
+        if plain:
+            logits = self.runner.forward([(seq, 1) for seq in plain])
+            outputs += self._after_forward(plain, [1] * len(plain), logits)
+        speculating = [(seq, k) for seq, k in zip(seqs, counts) if k]
+        return outputs + (self._speculate(speculating) if speculating else [])
+
+    def _draft_count(self, seq: Sequence) -> int:
+        """Drafts worth proposing for `seq` (0: decode it plainly), with the target's blocks for them reserved.
+        Penalties depend on every token before, accepted or not: those requests decode plainly."""
+        params = seq.params
+        if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+            return 0
+        count = min(self.config.num_speculative_tokens, seq.max_new - len(seq.output_token_ids) - 1)
+        if count <= 0:
+            return 0
+        try:
+            self.blocks.allocate(seq, count + 1)
+        except NoFreeBlocks:
+            return 0
+        return count
+
+    def _speculate(self, rows: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        """Draft, verify every draft of every row in one decode batch (engine/speculative.py), emit."""
+        seqs = [seq for seq, _ in rows]
+        drafts, probs = self.drafter.propose(seqs, [k for _, k in rows])
+        batch = []
+        for seq, tokens in zip(seqs, drafts):
+            batch += one_token_rows(View(seq.all_token_ids + tokens, seq.num_computed, seq.block_ids), len(tokens) + 1)
+        logits = self.runner.forward(batch)  # (sum of k_i + 1, V)
+        outputs, start = [], 0
+        for seq, tokens, q in zip(seqs, drafts, probs):
+            scores = logits[start:start + len(tokens) + 1]
+            start += len(tokens) + 1
+            emitted = verify(scores, tokens, q, seq.params, seq.generator)
+            self.drafter.num_proposed += len(tokens)
+            self.drafter.num_accepted += len(emitted) - 1
+            outputs += self._emit(seq, emitted, scores)
+        return outputs
+
+    def _emit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor) -> list[StepOutput]:
+        """Append the verified tokens (logits (len(tokens), V): the target's raw scores for each) until the
+        sequence finishes; then the cache holds the last token and the accepted drafts."""
+        chosen = torch.tensor(tokens, device=logits.device)
+        entries = sampler.logprob_entries(logits[:len(tokens)], chosen, [seq.params.logprobs] * len(tokens))
+        outputs = []
+        for token, entry in zip(tokens, entries):
+            outputs.append(self._append(seq, token, entry))
+            if seq.is_finished:
+                return outputs
+        self.blocks.mark_computed(seq, len(tokens))
+        self.drafter.settle(seq, seq.num_computed)
         return outputs
 
     def _prefill_groups(self, prefill: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
@@ -213,6 +286,8 @@ class LLMEngine:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.scheduler.remove(seq)
         self.requests.pop(seq.request_id, None)
+        if self.drafter is not None:
+            self.drafter.release(seq.request_id)
 
 
 def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, n: int) -> None:

@@ -72,12 +72,21 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     greedy = argmax(logits)
     if all(p.greedy for p in params):
         return greedy
-    probs = filter_logits(logits, params).softmax(dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p; one generator per seeded row.
-    noise = torch.stack([_exponential(probs.shape[-1], g, probs) for g in generators])
-    drawn = (probs / noise).argmax(dim=-1)
+    drawn = draw(probabilities(logits, params), generators)
     is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     return torch.where(is_greedy, greedy, drawn)
+
+
+def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """(B, V) the distribution each row samples from: softmax of the filtered logits."""
+    return filter_logits(logits, params).softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One draw per row (B,) from probs (B, V). Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p;
+    one generator per seeded row."""
+    noise = torch.stack([_exponential(probs.shape[-1], g, probs) for g in generators])
+    return (probs / noise).argmax(dim=-1)
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

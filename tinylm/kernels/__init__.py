@@ -3,7 +3,8 @@
 Inductor writes good loops for element-wise work and streaming reductions, but not for one-query attention over a
 paged cache (it reduces every score with a horizontal vector sum and runs the softmax on one thread: 134 us per
 layer at batch 16 on the 2-core EPYC, BENCHMARKS.md issue 5). `decode_attention.cpp` does it flash-decoding
-style; `int8_gemm.cpp` runs W8A8 decode batches on AVX-512 VNNI from the stored weight. The sources are compiled
+style; `int8_gemm.cpp` runs W8A8 decode batches on AVX-512 VNNI from the stored weight, `bf16_gemm.cpp` bf16
+products of 2-16 rows on AVX-512 BF16 (decode batches, speculative verification). The sources are compiled
 with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
 ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded in about a second); if that
 is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int8_gemm.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp")]
 _STATE: dict[str, bool] = {}
 
 
@@ -125,6 +126,10 @@ def _register_fakes() -> None:
     def _(q, k_pool, v_pool, slots, valid, scale):
         return torch.empty_like(q)
 
+    @torch.library.register_fake("tinylm::bf16_gemm")
+    def _(x, weight):
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
     @torch.library.register_fake("tinylm::int8_gemm")
     def _(x_u8, weight, weight_sums, weight_scales):
         return x_u8.new_empty((x_u8.shape[0], weight.shape[0]), dtype=torch.float32)
@@ -133,3 +138,8 @@ def _register_fakes() -> None:
 def int8_gemm_available() -> bool:
     """Whether tinylm::int8_gemm runs here (the kernels are built and the CPU has AVX-512 VNNI)."""
     return available() and bool(torch.ops.tinylm.int8_vnni_available())
+
+
+def bf16_gemm_available() -> bool:
+    """Whether tinylm::bf16_gemm has its AVX-512 BF16 path here (elsewhere the op is at::mm)."""
+    return available() and bool(torch.ops.tinylm.bf16_gemm_available())

@@ -5,8 +5,11 @@ weight from memory. PyTorch's CPU GEMV (oneDNN / MKL) streams small matrices bad
 default model's layers on a 2-core AVX512-BF16 EPYC, where a plain reduction `(x * W).sum(-1)` that Inductor
 compiles into one vectorized C++ loop reads as fast as a bare `sum` (37-51 GB/s from day to day there;
 benchmarks/gemv_bandwidth.py, BENCHMARKS.md issue 5). So inside a compiled graph, and only for a single row,
-`GemvLinear` writes the product as that reduction (products in float32, as the library kernels accumulate);
-everywhere else (eager, prefill, batches, training) it is `F.linear`.
+`GemvLinear` writes the product as that reduction (products in float32, as the library kernels accumulate).
+The reduction does not scale to more rows (it recomputes the bf16 -> float32 widening per row); a compiled bf16
+step of 2-16 rows (a decode batch, a speculative verification) calls tinylm's AVX-512 BF16 kernel instead, which
+also reads each weight once (tinylm/kernels/bf16_gemm.cpp; at::mm reads them at 15-20 GB/s there). Everywhere
+else (eager, prefill, training) it is `F.linear`.
 
 Eagerly the reduction would materialize an (N, K) float32 temporary: it is never taken outside torch.compile.
 """
@@ -19,11 +22,20 @@ from torch import nn
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear whose single-row products inside torch.compile are a streaming reduction."""
+    """nn.Linear whose single-row products inside torch.compile are a streaming reduction, and whose bf16
+    products of a few rows there go to tinylm's AVX-512 BF16 kernel (`few_rows_kernel`, set by use_gemv)."""
+
+    few_rows_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:  # one row: static in the batch-1 graph
+        if not torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
+        if x.numel() == x.shape[-1]:  # one row: static in the batch-1 graph
             return gemv(x, self.weight, self.bias)
+        if self.few_rows_kernel:  # up to 16 rows in the kernel, more through at::mm (tinylm/kernels/bf16_gemm.cpp)
+            y = torch.ops.tinylm.bf16_gemm(x.reshape(-1, x.shape[-1]), self.weight)  # (rows, N) float32
+            y = y if self.bias is None else y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.weight.shape[0])
         return F.linear(x, self.weight, self.bias)
 
 
@@ -38,9 +50,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
 def use_gemv(model: nn.Module) -> int:
     """Make every plain float nn.Linear of `model` a GemvLinear in place (same parameters, tied ones stay tied);
     returns how many. Inference only, like fused projections: the engine applies it when it compiles decode."""
+    from tinylm import kernels
+
+    few_rows = kernels.bf16_gemm_available()
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = GemvLinear
+            module.few_rows_kernel = few_rows and module.weight.dtype == torch.bfloat16 and module.weight.is_cpu
             count += 1
     return count

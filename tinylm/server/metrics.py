@@ -36,6 +36,11 @@ class Metrics:
         usage.set_function(lambda: engine.blocks.usage)
         preemptions.set_function(lambda: engine.scheduler.num_preemptions)
         hits.set_function(lambda: engine.blocks.hits)
+        if engine.drafter is not None:  # speculative decoding (vLLM's counters)
+            drafts = Gauge("tinylm:spec_decode_num_draft_tokens", "Draft tokens checked so far", registry=r)
+            accepted = Gauge("tinylm:spec_decode_num_accepted_tokens", "Draft tokens accepted so far", registry=r)
+            drafts.set_function(lambda: engine.drafter.num_proposed)
+            accepted.set_function(lambda: engine.drafter.num_accepted)
 
     def on_output(self, output: StepOutput, since_arrival: float, since_last: float | None) -> None:
         """Called by the engine thread for every token it delivers."""

@@ -1,0 +1,33 @@
+"""A server whose model has a draft (speculative decoding): the same greedy text, streamed token by token, and
+the draft counters on /metrics."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import tinylm
+from tinylm.engine.engine import EngineConfig
+from tinylm.server.app import ServerConfig
+from tinylm.tiny import make_tiny
+
+from tests.server.conftest import post, running_server
+
+
+def test_served_with_a_draft(tmp_path):
+    target = make_tiny("llama", tmp_path / "target", seed=4)
+    llm = tinylm.load(target, draft=target, draft_quantize="int8", num_speculative_tokens=4)
+    alone = tinylm.load(target)
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}}
+    expected = alone.generate("Once upon a time", tinylm.SamplingParams(max_tokens=12, temperature=0))[0].text
+    config = ServerConfig(model_name="tiny", engine=EngineConfig(num_speculative_tokens=4))
+    with running_server(llm, config) as (url, _):
+        assert post(url, "/generate", body).json()["generated_text"] == expected
+        events = [json.loads(line[5:]) for line in post(url, "/generate_stream", body).text.splitlines()
+                  if line.startswith("data:")]
+        assert len(events) == len([e for e in events if e["token"]["special"] is False]) <= 12
+        assert events[-1]["generated_text"] == expected == "".join(e["token"]["text"] for e in events)
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+                  if line and not line.startswith("#")}
+    assert values["tinylm:spec_decode_num_draft_tokens"] > 0
+    assert 0 < values["tinylm:spec_decode_num_accepted_tokens"] <= values["tinylm:spec_decode_num_draft_tokens"]

@@ -1,0 +1,183 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks all of them in one forward pass.
+
+The rule is Leviathan et al. 2023 (https://arxiv.org/abs/2211.17192), as vLLM's draft-model proposer applies it:
+the target scores the row's last token and its k drafts together (k + 1 positions); draft j is kept with
+probability min(1, p_j(d_j) / q_j(d_j)) (p: the target's distribution after temperature / top-k / top-p / min-p,
+q: the draft's under the same settings); the first rejected one is replaced by a draw from max(0, p_j - q_j)
+renormalized, and when all k are kept a bonus token is drawn from p_(k+1). The tokens are distributed exactly as
+the target's own samples; greedy rows get exactly the target's argmax tokens. One step emits 1 to k+1 tokens.
+
+Verifying is a decode batch. Row b with its last token at position n - 1 and drafts d_1..d_k becomes k + 1
+one-token rows: row j writes the K/V of position n - 1 + j and attends to positions 0 .. n - 1 + j. Every layer
+stores all rows' K/V before it attends (tinylm/engine/kv_pool.py), so row j sees the drafts before it, and the
+verification runs through the same (compiled) decode graph as ordinary steps, with B * (k + 1) rows.
+
+The draft has its own paged K/V pool and one shadow per sequence: the tokens in the draft's cache. After a
+verification the shadow keeps the positions whose tokens were accepted; the next round feeds it the rest (the
+corrected or bonus token, and the last draft when all were kept), the whole prompt the first time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinylm.engine import sampler
+from tinylm.engine.block_manager import BlockManager, NoFreeBlocks
+from tinylm.engine.kv_pool import KVPool
+from tinylm.engine.runner import ModelRunner
+from tinylm.errors import ConfigError
+from tinylm.sampling_params import SamplingParams
+
+
+class View:
+    """A sequence as the model runner and block manager see it: token ids, how many lead the cache, its blocks."""
+
+    def __init__(self, tokens: list[int], num_computed: int, block_ids: list[int]) -> None:
+        self.all_token_ids = tokens
+        self.num_computed = num_computed
+        self.block_ids = block_ids
+        self.state_slot = None  # drafts and targets of speculative decoding have no DeltaNet state
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.all_token_ids) - self.num_computed
+
+
+def one_token_rows(view: View, count: int) -> list[tuple[View, int]]:
+    """The next `count` uncomputed tokens of `view` as `count` rows of one token each (a decode batch)."""
+    return [(View(view.all_token_ids, view.num_computed + j, view.block_ids), 1) for j in range(count)]
+
+
+def check_draft(target_config, draft_config) -> None:
+    """ConfigError unless the draft can propose tokens for this target."""
+    if draft_config.vocab_size != target_config.vocab_size:
+        raise ConfigError(f"the draft model's vocabulary ({draft_config.vocab_size} tokens) differs from the "
+                          f"target's ({target_config.vocab_size}); speculative decoding needs one tokenizer")
+    for name, config in (("target", target_config), ("draft", draft_config)):
+        if config.has_linear_layers:
+            raise ConfigError(f"the {name} model has Gated DeltaNet layers, whose state cannot be rolled back "
+                              "past rejected drafts: speculative decoding needs softmax-attention models")
+
+
+class DraftProposer:
+    """The draft model, its K/V pool and each sequence's shadow; proposes drafts and forgets rejected ones."""
+
+    def __init__(self, model, num_tokens: int, block_size: int, cache_bytes: int, max_num_seqs: int,
+                 compile_decode: bool) -> None:
+        if num_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {num_tokens}")
+        self.num_tokens = num_tokens
+        self.context = model.config.max_position_embeddings  # drafts past it are not proposed
+        dtype = model.lm_head.weight.dtype
+        num_blocks = max(2, cache_bytes // KVPool.bytes_per_block(model.config, block_size, dtype))
+        self.pool = KVPool(model.config, num_blocks, block_size, max_num_seqs, dtype, model.lm_head.weight.device)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode)
+        self.shadows: dict[str, View] = {}
+        self.num_proposed = 0  # drafts checked by the target so far
+        self.num_accepted = 0  # of which kept
+
+    def propose(self, seqs, counts: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Up to counts[i] draft tokens for seqs[i] (fewer when the draft's cache is full) and, for sampled rows,
+        the draft's distributions q (k_i, V) they were drawn from (None for greedy rows)."""
+        views = [self._shadow(seq) for seq in seqs]
+        counts = [k if k and len(view.all_token_ids) + k <= self.context and self._reserve(view, k, views) else 0
+                  for view, k in zip(views, counts)]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for step in range(max(counts, default=0)):
+            active = [i for i, k in enumerate(counts) if k > step]
+            logits = self._last_logits([views[i] for i in active])  # (len(active), V)
+            params = [seqs[i].params for i in active]
+            tokens, q = self._draw(logits, params, [seqs[i].generator for i in active])
+            for row, i in enumerate(active):
+                drafts[i].append(tokens[row])
+                views[i].all_token_ids.append(tokens[row])
+                if q is not None and not params[row].greedy:
+                    probs[i].append(q[row])
+        return drafts, [torch.stack(p) if p else None for p in probs]
+
+    def settle(self, seq, num_valid: int) -> None:
+        """After verification: the target's tokens up to `num_valid` are final; later draft positions are stale."""
+        view = self.shadows.get(seq.request_id)
+        if view is not None:
+            view.num_computed = min(view.num_computed, num_valid)
+            view.all_token_ids = seq.all_token_ids
+
+    def release(self, request_id: str) -> None:
+        view = self.shadows.pop(request_id, None)
+        if view is not None:
+            self.blocks.free_sequence(view)
+
+    def _shadow(self, seq) -> View:
+        view = self.shadows.get(seq.request_id)
+        if view is None:
+            view = self.shadows[seq.request_id] = View(seq.all_token_ids, 0, [])
+        view.all_token_ids = seq.all_token_ids  # a fresh list: drafts are appended to it, not to the sequence
+        return view
+
+    def _reserve(self, view: View, count: int, keep: list[View]) -> bool:
+        """Blocks for the view's uncomputed tokens and count - 1 drafts (the last draft is never fed to the draft
+        model). When the pool is full, shadows of sequences outside this step are dropped first."""
+        for _ in range(2):
+            try:
+                self.blocks.allocate(view, view.num_uncomputed + count - 1)
+                return True
+            except NoFreeBlocks:
+                for request_id, other in list(self.shadows.items()):
+                    if all(other is not v for v in keep):
+                        self.release(request_id)
+        return False
+
+    def _last_logits(self, views: list[View]) -> torch.Tensor:
+        """Feed each view its uncomputed tokens; (B, V) float32 logits at each one's last token. Up to k + 1
+        tokens run as one-token rows of a decode batch (compiled where decode is); longer ones (the prompt, the
+        first time) as one prefill forward."""
+        short = [i for i, v in enumerate(views) if v.num_uncomputed <= self.num_tokens + 1]
+        long = [i for i, v in enumerate(views) if v.num_uncomputed > self.num_tokens + 1]
+        out: list[torch.Tensor | None] = [None] * len(views)
+        if long:
+            logits = self.runner.forward([(views[i], views[i].num_uncomputed) for i in long])
+            for row, i in enumerate(long):
+                out[i] = logits[row]
+        if short:
+            rows = [one_token_rows(views[i], views[i].num_uncomputed) for i in short]
+            logits = self.runner.forward([row for group in rows for row in group])
+            ends = torch.tensor([len(group) for group in rows]).cumsum(0) - 1
+            for row, i in enumerate(short):
+                out[i] = logits[ends[row]]
+        for view in views:
+            view.num_computed = len(view.all_token_ids)
+        return torch.stack(out)
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, params: list[SamplingParams], generators) -> tuple[list[int], torch.Tensor | None]:
+        """Draft tokens (argmax for greedy rows, a draw from q otherwise) and q (B, V), None if all are greedy."""
+        if all(p.greedy for p in params):
+            return sampler.argmax(logits).tolist(), None
+        q = sampler.probabilities(logits, params)
+        drawn = sampler.draw(q, generators)
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        return torch.where(greedy, sampler.argmax(logits), drawn).tolist(), q
+
+
+def verify(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, params: SamplingParams,
+           generator: torch.Generator | None) -> list[int]:
+    """The tokens one row emits: the accepted drafts, then a corrected or bonus token.
+
+    logits (k + 1, V) float32: the target's at the row's last token and at each draft; drafts (k,);
+    draft_probs (k, V): q, for sampled rows."""
+    if params.greedy:
+        best = sampler.argmax(logits).tolist()
+        kept = 0
+        while kept < len(drafts) and drafts[kept] == best[kept]:
+            kept += 1
+        return drafts[:kept] + [best[kept]]
+    p = sampler.probabilities(logits, [params] * logits.shape[0])  # (k + 1, V)
+    uniform = torch.rand(len(drafts), generator=generator, device=logits.device)
+    for j, token in enumerate(drafts):
+        if uniform[j] * draft_probs[j, token] > p[j, token]:  # rejected: keep with probability min(1, p / q)
+            residual = (p[j] - draft_probs[j]).clamp_min(0)
+            residual = residual if float(residual.sum()) > 0 else p[j]
+            return drafts[:j] + [int(sampler.draw((residual / residual.sum())[None], [generator]))]
+    return drafts + [int(sampler.draw(p[-1:], [generator]))]
