@@ -130,6 +130,9 @@ def _inductor_options(model) -> dict:
 
 
 def _keep_guard(entries) -> list[bool]:
+    """Dynamo's guards minus those on the model's modules and on the K/V pool's tensors: the engine never replaces
+    either once it decodes, and the pool's 2 x layers tensors each cost a tensor match, an aliasing check and five
+    dynamic-marking checks per call. The step's own inputs (ids, positions, slots, mask) stay guarded."""
     keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
     return [k and not e.name.startswith("self.pool.") for k, e in zip(keep, entries)]
 

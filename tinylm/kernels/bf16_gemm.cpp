@@ -7,7 +7,9 @@
 // model's weights at 15-20 GB/s there (against ~45 for the batch-1 reduction, tinylm/model/gemv.py), so a batch
 // of 4 rows cost 2.3 batch-1 steps. Here each 64-byte piece of a weight row is loaded once and multiplied, in
 // registers, with the same piece of every activation row (M VDPBF16PS per 32 weights), 4 weight rows at a time:
-// the weight is read once, in its stored layout.
+// the weight is read once, in its stored layout. While a block of 4 rows computes, the next block (the next 8K
+// contiguous bytes) is prefetched, 4 lines per step: without it the core waits on memory and computes in turn
+// (the default model's 121 products at 5 rows: 8.3 -> 5.9 ms, at 8 rows 11.8 -> 6.7, at 16 13.1 -> 9.4).
 //
 // Without AVX-512 BF16 the op computes the same product with at::mm (bf16_gemm_available() says which).
 
@@ -60,9 +62,11 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
 
-// out[i, n0 + r] for the kRows weight rows at w and MB (<= kCols) activation rows at x (stride k); K % 32 = tail.
+// out[i, n0 + r] for the kRows weight rows at w and MB (<= kCols) activation rows at x (stride k); K % 32 = tail;
+// next: the following row block, to prefetch (nullptr on later passes over the same block).
 template <int MB>
-void tile(const uint16_t* w, const uint16_t* x, int64_t k, int64_t n, int64_t n0, float* out, __mmask32 tail) {
+void tile(const uint16_t* w, const uint16_t* x, int64_t k, int64_t n, int64_t n0, float* out, __mmask32 tail,
+          const char* next) {
   __m512 acc[kCols][kRows];
   #pragma GCC unroll 8
   for (int i = 0; i < kCols; ++i)
@@ -70,6 +74,13 @@ void tile(const uint16_t* w, const uint16_t* x, int64_t k, int64_t n, int64_t n0
     for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
   int64_t c = 0;
   for (; c + 32 <= k; c += 32) {
+    if (next != nullptr) {  // the next 4 weight rows (8K bytes, contiguous): 4 of their lines per 4 x 64 bytes read
+      const char* line = next + 4 * 2 * c;
+      __builtin_prefetch(line);
+      __builtin_prefetch(line + 64);
+      __builtin_prefetch(line + 128);
+      __builtin_prefetch(line + 192);
+    }
     __m512bh wv[kRows];
     #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * k + c);
@@ -102,11 +113,13 @@ void rows_block(const uint16_t* w, const uint16_t* x, int64_t m, int64_t k, int6
                 __mmask32 tail) {
   const uint16_t* rows = w + n0 * k;
   int64_t i = 0;
-  for (; i + kCols <= m; i += kCols) tile<kCols>(rows, x + i * k, k, n, n0, out + i * n, tail);
+  const char* next = reinterpret_cast<const char*>(rows + kRows * k);
+  for (; i + kCols <= m; i += kCols) tile<kCols>(rows, x + i * k, k, n, n0, out + i * n, tail, i ? nullptr : next);
+  next = i ? nullptr : next;
   switch (m - i) {
-    case 3: tile<3>(rows, x + i * k, k, n, n0, out + i * n, tail); break;
-    case 2: tile<2>(rows, x + i * k, k, n, n0, out + i * n, tail); break;
-    case 1: tile<1>(rows, x + i * k, k, n, n0, out + i * n, tail); break;
+    case 3: tile<3>(rows, x + i * k, k, n, n0, out + i * n, tail, next); break;
+    case 2: tile<2>(rows, x + i * k, k, n, n0, out + i * n, tail, next); break;
+    case 1: tile<1>(rows, x + i * k, k, n, n0, out + i * n, tail, next); break;
     default: break;
   }
 }
