@@ -37,7 +37,7 @@ def tinylm_decode(llm: tinylm.LLM, prompt_ids: list[int], new_tokens: int) -> tu
     return first - start, (count - 1) / (end - first), count / (end - start)
 
 
-def transformers_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float, float]:
+def transformers_decode(model, prompt_ids: list[int], new_tokens: int, **generate_kwargs) -> tuple[float, float, float]:
     from transformers import StoppingCriteria
 
     stamps: list[float] = []
@@ -51,7 +51,7 @@ def transformers_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, stopping_criteria=[Stamp()], pad_token_id=0)
+                       do_sample=False, stopping_criteria=[Stamp()], pad_token_id=0, **generate_kwargs)
     return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps) / (stamps[-1] - start)
 
 

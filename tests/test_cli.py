@@ -70,6 +70,14 @@ def test_generate_streams_text(capsys, smollm2_gguf):
     assert code == 0 and out.strip()
 
 
+def test_generate_with_a_draft_prints_the_same_text(capsys, smollm2_gguf):
+    args = ["generate", "--model", str(smollm2_gguf), "--dtype", "float32", "--temperature", "0", "--max-tokens", "12",
+            "The capital of France is"]
+    plain = _run(capsys, *args)
+    for draft in (["--draft-model", "[ngram]"], ["--draft-model", str(smollm2_gguf), "--draft-quantize", "int8"]):
+        assert _run(capsys, *args, *draft, "--num-speculative-tokens", "4") == plain
+
+
 def test_info_reports_architecture_and_size(capsys, smollm2_gguf):
     code, out, _ = _run(capsys, "info", "--model", str(smollm2_gguf), "--dtype", "float32")
     assert code == 0

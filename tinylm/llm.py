@@ -11,6 +11,7 @@ import torch
 from tinylm import hub
 from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.engine.sequence import StepOutput, TokenLogprob
+from tinylm.engine.ngram import NGRAM
 from tinylm.engine.speculative import check_draft
 from tinylm.errors import ConfigError
 from tinylm.model.transformer import CausalLMOutput
@@ -48,9 +49,9 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, loaded: LoadedModel, engine_config: EngineConfig | None = None,
-                 draft: LoadedModel | None = None) -> None:
+                 draft: LoadedModel | str | None = None) -> None:
         self.loaded = loaded
-        self.draft = draft  # speculative decoding's draft model (tinylm/engine/speculative.py), or None
+        self.draft = draft  # speculative decoding's draft model, "[ngram]" or None (tinylm/engine/speculative.py)
         self.model = loaded.model
         self.config = loaded.model.config
         self.tokenizer = loaded.tokenizer
@@ -63,8 +64,13 @@ class LLM:
         """The continuous-batching engine behind generate/stream/chat (created on first use)."""
         if self._engine is None:
             self._engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, self.engine_config,
-                                     draft_model=self.draft and self.draft.model)
+                                     draft_model=self.draft_model)
         return self._engine
+
+    @property
+    def draft_model(self):
+        """What the engine drafts with: the draft's nn.Module, "[ngram]", or None."""
+        return self.draft.model if isinstance(self.draft, LoadedModel) else self.draft
 
     @property
     def device(self) -> torch.device:
@@ -214,14 +220,15 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "flo
          draft_quantize: str | None = None, num_speculative_tokens: int = 3) -> LLM:
     """Load a built-in model name, a Hugging Face folder, or a .gguf file; quantize: None | "int8" | "int4" | a
     policy name. compile: decode through torch.compile with fused projections (inference only, see
-    tinylm/engine/compiled.py). draft: a smaller model with the same tokenizer (or this one with draft_quantize)
-    that proposes num_speculative_tokens tokens per step for the loaded one to verify (speculative decoding: the
-    same outputs, fewer target passes; tinylm/engine/speculative.py)."""
+    tinylm/engine/compiled.py). draft: a smaller model with the same tokenizer (or this one with draft_quantize),
+    or "[ngram]" (prompt lookup, tinylm/engine/ngram.py), that proposes num_speculative_tokens tokens per step
+    for the loaded model to verify (speculative decoding: the same outputs, fewer target passes;
+    tinylm/engine/speculative.py)."""
     if draft is not None and num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
     loaded = load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize)
-    draft_loaded = None
-    if draft is not None:
+    draft_loaded = draft if draft == NGRAM else None
+    if draft is not None and draft != NGRAM:
         draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize)
         check_draft(loaded.model.config, draft_loaded.model.config)
     config = EngineConfig(compile=compile, num_speculative_tokens=num_speculative_tokens)

@@ -11,6 +11,7 @@ import torch
 
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine
+from tinylm.engine.ngram import NGRAM, lookup
 from tinylm.engine.speculative import verify
 from tinylm.errors import ConfigError
 from tinylm.tiny import make_tiny
@@ -37,7 +38,8 @@ def _prompts(llm):
 
 def _speculative(paths, draft="other", k=3, **config) -> LLMEngine:
     target = tinylm.load(paths["target"])
-    draft_model = tinylm.load(paths[draft]).model
+    draft_model = NGRAM if draft == NGRAM else tinylm.load(paths[draft]).model
+    config = {"speculative_max_rows": 64, **config}  # these tests speculate in every batch they run
     return LLMEngine(target.model, target.tokenizer, target.eos_token_ids,
                      EngineConfig(num_speculative_tokens=k, **config), draft_model=draft_model)
 
@@ -54,7 +56,7 @@ def _run(engine: LLMEngine, prompts, params=GREEDY) -> tuple[dict[str, list[int]
     return out, steps
 
 
-@pytest.mark.parametrize("draft,k", [("target", 1), ("target", 4), ("other", 2), ("other", 5)])
+@pytest.mark.parametrize("draft,k", [("target", 1), ("target", 4), ("other", 2), ("other", 5), (NGRAM, 3)])
 def test_greedy_outputs_equal_the_target_alone(paths, target, draft, k):
     prompts = _prompts(target)
     expected = [o.token_ids for o in target.generate(prompts, GREEDY)]
@@ -66,7 +68,34 @@ def test_greedy_outputs_equal_the_target_alone(paths, target, draft, k):
     if draft == "target":  # the draft is the target: every draft is accepted, k + 1 tokens per step
         assert drafter.num_accepted == drafter.num_proposed
         assert steps == 1 + math.ceil((GREEDY.max_tokens - 1) / (k + 1))  # the prefill, then k + 1 per step
-    assert not drafter.shadows and drafter.blocks.num_free == drafter.blocks.num_blocks - 1  # all released
+    if draft != NGRAM:
+        assert not drafter.shadows and drafter.blocks.num_free == drafter.blocks.num_blocks - 1  # all released
+
+
+def test_large_batches_decode_plainly(paths, target):
+    """Past speculative_max_rows verification rows (default 16), a step decodes one token per sequence."""
+    engine = _speculative(paths, "target", k=3, speculative_max_rows=16)
+    prompts = _prompts(target) * 2  # 8 sequences x 4 rows
+    out, _ = _run(engine, prompts)
+    assert [out[str(i)] for i in range(8)] == [o.token_ids for o in target.generate(prompts, GREEDY)]
+    assert engine.drafter.num_proposed == 0
+
+
+def test_prompt_lookup_drafts_repeated_text(paths, target):
+    """A prompt that repeats itself: the continuation is found in it, most drafts are kept, the tokens unchanged."""
+    prompt = target.encode("one two three four five six seven eight nine ten " * 4)
+    params = tinylm.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    llm = tinylm.load(paths["target"], draft=NGRAM, num_speculative_tokens=4)
+    assert llm.generate([prompt], params)[0].token_ids == target.generate([prompt], params)[0].token_ids
+    assert llm.engine.drafter.num_proposed > 0
+
+
+def test_lookup_takes_the_latest_longest_match():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]
+    assert lookup(tokens, 2, max_n=3, min_n=1) == [7, 5]  # "2 3" last seen before "7 5" (no earlier "5 2 3")
+    assert lookup([4, 5, 6, 4], 3, max_n=3, min_n=1) == [5, 6, 4]  # one token of context
+    assert lookup([1, 2, 3], 2, max_n=3, min_n=1) == []  # nothing repeats
+    assert lookup([8, 8], 4, max_n=2, min_n=1) == [8]  # the proposal stops where the text does
 
 
 def test_load_with_a_draft_generates_the_same_text(paths, target):
@@ -148,9 +177,10 @@ def _counts(draws, size):
     return torch.bincount(torch.tensor(draws), minlength=size).double() / len(draws)
 
 
+@pytest.mark.parametrize("one_hot", [False, True])  # True: drafts without q (prompt lookup), fixed tokens
 @pytest.mark.parametrize("params", [tinylm.SamplingParams(temperature=1.0),
                                     tinylm.SamplingParams(temperature=0.7, top_k=4, top_p=0.95)])
-def test_verify_keeps_the_target_distribution(params):
+def test_verify_keeps_the_target_distribution(params, one_hot):
     """Whatever the draft proposes, the first emitted token is distributed as the target's p_1, and the token
     after an accepted first draft as p_2 (the residual draw makes up for rejected drafts)."""
     from tinylm.engine import sampler
@@ -162,9 +192,8 @@ def test_verify_keeps_the_target_distribution(params):
     p = sampler.probabilities(logits, [params] * 3)
     first, second = [], []
     for _ in range(trials):
-        drafts = [int(torch.multinomial(q[0], 1, generator=gen)), 0]
-        drafts[1] = int(torch.multinomial(q[1], 1, generator=gen))
-        tokens = verify(logits, drafts, q, params, gen)
+        drafts = [2, 3] if one_hot else [int(torch.multinomial(q[j], 1, generator=gen)) for j in range(2)]
+        tokens = verify(logits, drafts, None if one_hot else q, params, gen)
         assert 1 <= len(tokens) <= 3 and tokens[:-1] == drafts[:len(tokens) - 1]
         first.append(tokens[0])
         if len(tokens) > 1:

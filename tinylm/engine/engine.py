@@ -21,6 +21,7 @@ from tinylm.engine import sampler
 from tinylm.engine.block_manager import BlockManager, NoFreeBlocks
 from tinylm.engine.compiled import can_compile
 from tinylm.engine.kv_pool import KVPool
+from tinylm.engine.ngram import NGRAM, NgramProposer
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
@@ -46,6 +47,10 @@ class EngineConfig:
     max_queue: int | None = None  # requests beyond max_num_seqs + this many in flight get QueueFullError
     compile: bool = False  # decode steps through torch.compile (tinylm/engine/compiled.py); eager fallback
     num_speculative_tokens: int = 3  # drafts per step when the engine has a draft model (engine/speculative.py)
+    # Speculate only while a step's verification (k + 1 rows per sequence) has at most this many rows: a larger
+    # decode batch already gets its tokens at the cost of one weight read, and its rows would leave the few-row
+    # kernels (tinylm/kernels) for compute-bound products.
+    speculative_max_rows: int = 16
 
 
 class LLMEngine:
@@ -76,7 +81,9 @@ class LLMEngine:
         self.drafter = None if draft_model is None else self._drafter(draft_model)
         self.requests: dict[str, Sequence] = {}
 
-    def _drafter(self, draft_model) -> DraftProposer:
+    def _drafter(self, draft_model) -> DraftProposer | NgramProposer:
+        if isinstance(draft_model, str) and draft_model == NGRAM:
+            return NgramProposer(self.config.num_speculative_tokens)
         check_draft(self.model.config, draft_model.config)
         compile_draft = self.config.compile and can_compile(draft_model)[0]
         if compile_draft:
@@ -175,7 +182,9 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
         """One new token per sequence, or up to k + 1 for those that speculate."""
-        counts = [self._draft_count(seq) for seq in seqs] if self.drafter is not None else [0] * len(seqs)
+        speculate = self.drafter is not None and \
+            len(seqs) * (self.config.num_speculative_tokens + 1) <= self.config.speculative_max_rows
+        counts = [self._draft_count(seq) for seq in seqs] if speculate else [0] * len(seqs)
         plain = [seq for seq, k in zip(seqs, counts) if not k]
         outputs = []
         if plain:

@@ -166,7 +166,7 @@ def verify(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | 
     """The tokens one row emits: the accepted drafts, then a corrected or bonus token.
 
     logits (k + 1, V) float32: the target's at the row's last token and at each draft; drafts (k,);
-    draft_probs (k, V): q, for sampled rows."""
+    draft_probs (k, V): q, for sampled rows (None: drafts that were not sampled, as prompt lookup's)."""
     if params.greedy:
         best = sampler.argmax(logits).tolist()
         kept = 0
@@ -174,6 +174,9 @@ def verify(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | 
             kept += 1
         return drafts[:kept] + [best[kept]]
     p = sampler.probabilities(logits, [params] * logits.shape[0])  # (k + 1, V)
+    if draft_probs is None:  # drafts without a distribution (prompt lookup): q is one-hot at each draft
+        draft_probs = torch.zeros(len(drafts), p.shape[-1], device=p.device)
+        draft_probs[torch.arange(len(drafts)), torch.tensor(drafts, dtype=torch.long)] = 1.0
     uniform = torch.rand(len(drafts), generator=generator, device=logits.device)
     for j, token in enumerate(drafts):
         if uniform[j] * draft_probs[j, token] > p[j, token]:  # rejected: keep with probability min(1, p / q)

@@ -47,7 +47,7 @@ class ServerState:
 def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, config.engine,
-                       draft_model=llm.draft and llm.draft.model)
+                       draft_model=llm.draft_model)
     engine.warmup()  # compiles the decode graphs before the server answers (with --compile only)
     metrics = Metrics(engine)
     state = ServerState(llm, AsyncEngine(engine, on_output=metrics.on_output), metrics, config)
