@@ -6,7 +6,8 @@
         for output in engine.step(): ...
 
 Split as nano-vllm is: sequence (state of a request), block_manager (paged memory, prefix cache), scheduler (who
-runs now), runner (the forward pass), sampler (pure functions). Not thread-safe: the async wrapper
+runs now), runner (the forward pass), sampler (pure functions); with a draft model or prompt lookup, a decode step
+emits up to k + 1 tokens per sequence (speculative.py, ngram.py). Not thread-safe: the async wrapper
 (tinylm/engine/async_engine.py) drives it from one thread.
 """
 
