@@ -197,8 +197,7 @@ class LLMEngine:
     def _draft_count(self, seq: Sequence) -> int:
         """Drafts worth proposing for `seq` (0: decode it plainly), with the target's blocks for them reserved.
         Penalties depend on every token before, accepted or not: those requests decode plainly."""
-        params = seq.params
-        if params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty:
+        if seq.params.penalized:
             return 0
         count = min(self.config.num_speculative_tokens, seq.max_new - len(seq.output_token_ids) - 1)
         if count <= 0:
@@ -274,7 +273,7 @@ class LLMEngine:
         """logits (B, V) float32 at each sequence's last token -> one new token per sequence."""
         params = [seq.params for seq in seqs]
         raw = logits
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
+        if any(p.penalized for p in params):
             logits = sampler.apply_penalties(logits, params, *_penalty_state(seqs, logits.shape[-1], logits.device))
         tokens = sampler.sample(logits, params, [seq.generator for seq in seqs])
         entries = sampler.logprob_entries(raw, tokens, [p.logprobs for p in params])
