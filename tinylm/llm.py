@@ -226,10 +226,20 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "flo
     tinylm/engine/speculative.py)."""
     if draft is not None and num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
+    if draft_quantize is not None and (draft is None or draft == NGRAM):
+        raise ValueError("draft_quantize quantizes a draft model: give one with draft")
     loaded = load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize)
     draft_loaded = draft if draft == NGRAM else None
     if draft is not None and draft != NGRAM:
         draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize)
         check_draft(loaded.model.config, draft_loaded.model.config)
+        _check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
     config = EngineConfig(compile=compile, num_speculative_tokens=num_speculative_tokens)
     return LLM(loaded, config, draft_loaded)
+
+
+def _check_same_tokens(target, draft) -> None:
+    """A draft with another tokenizer of the same size would be accepted token id by token id, meaninglessly."""
+    if target is not None and draft is not None and target.backend.get_vocab() != draft.backend.get_vocab():
+        raise ConfigError("the draft model's tokenizer differs from the model's; speculative decoding needs one "
+                          "tokenizer")

@@ -171,6 +171,19 @@ def test_bad_drafts_are_refused(paths, target):
         LLMEngine(target.model, target.tokenizer, target.eos_token_ids, draft_model=other)
     with pytest.raises(ValueError, match="at least 1"):
         _speculative(paths, "other", k=0)
+    with pytest.raises(ValueError, match="draft_quantize"):
+        tinylm.load(paths["target"], draft_quantize="int8")
+
+
+def test_a_draft_with_another_tokenizer_is_refused(paths, smollm2_gguf):
+    """The default model's vocabulary is 49152 tokens, the tiny models' 512: resized to match, the ids would still
+    mean other tokens."""
+    from tinylm.llm import _check_same_tokens
+
+    target, other = tinylm.load(paths["target"]), tinylm.load(smollm2_gguf)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        _check_same_tokens(target.tokenizer, other.tokenizer)
+    _check_same_tokens(target.tokenizer, tinylm.load(paths["other"]).tokenizer)  # the same tokenizer: accepted
 
 
 def _counts(draws, size):
