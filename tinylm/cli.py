@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Packages that add their own subcommands: each has `register(commands)` (an argparse subparsers object) and keeps
 # its heavy imports inside its handlers, so `tinylm chat` never pays for the server or the trainer.
-_COMMAND_GROUPS: list[str] = ["tinylm.eval.cli", "tinylm.server.cli", "tinylm.train.cli", "tinylm.quant.cli"]
+_COMMAND_GROUPS: list[str] = ["tinylm.eval.cli", "tinylm.server.cli", "tinylm.train.cli", "tinylm.quant.cli",
+                               "tinylm.bench"]
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
