@@ -142,6 +142,22 @@ def test_penalized_requests_decode_plainly(paths, target):
     assert engine.drafter.num_proposed == 0
 
 
+def test_a_mixed_batch_matches(paths, target):
+    """Penalized, speculating and nearly finished rows in one batch: each gets the tokens it gets alone."""
+    params = [tinylm.SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3, ignore_eos=True),
+              GREEDY, tinylm.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), GREEDY]
+    prompts = _prompts(target)
+    engine = _speculative(paths, "target", k=2)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    out = {str(i): [] for i in range(4)}
+    while engine.has_unfinished():
+        for output in engine.step():
+            out[output.request_id].append(output.token_id)
+    assert [out[str(i)] for i in range(4)] == [o.token_ids for o in target.generate(prompts, params)]
+    assert engine.drafter.num_accepted > 0
+
+
 def test_a_small_cache_preempts_and_still_matches(paths, target):
     from tinylm.engine.kv_pool import KVPool
 

@@ -3,6 +3,7 @@ the draft counters on /metrics."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 
 import httpx
@@ -30,4 +31,24 @@ def test_served_with_a_draft(tmp_path):
         values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(url + "/metrics").text.splitlines()
                   if line and not line.startswith("#")}
     assert values["tinylm:spec_decode_num_draft_tokens"] > 0
-    assert 0 < values["tinylm:spec_decode_num_accepted_tokens"] <= values["tinylm:spec_decode_num_draft_tokens"]
+    assert values["tinylm:spec_decode_num_accepted_tokens"] > 0
+    assert values["tinylm:spec_decode_num_accepted_tokens"] <= values["tinylm:spec_decode_num_draft_tokens"]
+
+
+def test_concurrent_mixed_requests_with_a_draft(tmp_path):
+    """Greedy, seeded sampling, penalties and stop strings at once: some speculate, some not, batches join and
+    leave; every answer is whole and the greedy ones are the model's own."""
+    target = make_tiny("llama", tmp_path / "target", seed=4)
+    llm = tinylm.load(target, draft="[ngram]", num_speculative_tokens=3)
+    alone = tinylm.load(target)
+    prompts = ["Once upon a time", "The capital of France is Paris. " * 3, "def add(a, b):", "Hi there"]
+    expected = [o.text for o in alone.generate(prompts, tinylm.SamplingParams(max_tokens=10, temperature=0))]
+    bodies = [{"inputs": p, "parameters": {"max_new_tokens": 10}} for p in prompts]
+    bodies += [{"inputs": prompts[1], "parameters": {"max_new_tokens": 10, "do_sample": True, "seed": 3}},
+               {"inputs": prompts[0], "parameters": {"max_new_tokens": 10, "repetition_penalty": 1.3}},
+               {"inputs": prompts[1], "parameters": {"max_new_tokens": 10, "stop": ["Paris"]}}]
+    with running_server(llm, ServerConfig(model_name="tiny")) as (url, _):
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda body: post(url, "/generate", body), bodies))
+    assert all(r.status_code == 200 for r in responses)
+    assert [r.json()["generated_text"] for r in responses[:4]] == expected

@@ -186,12 +186,15 @@ class LLMEngine:
         speculate = self.drafter is not None and \
             len(seqs) * (self.config.num_speculative_tokens + 1) <= self.config.speculative_max_rows
         counts = [self._draft_count(seq) for seq in seqs] if speculate else [0] * len(seqs)
-        plain = [seq for seq, k in zip(seqs, counts) if not k]
+        # While anyone speculates, rows without drafts join its verification batch (0 drafts: their own next
+        # token), so the weights are read once per step; penalized rows need the sampler's penalties.
+        together = any(counts)
+        plain = [seq for seq, k in zip(seqs, counts) if not k and (not together or seq.params.penalized)]
         outputs = []
         if plain:
             logits = self.runner.forward([(seq, 1) for seq in plain])
             outputs += self._after_forward(plain, [1] * len(plain), logits)
-        speculating = [(seq, k) for seq, k in zip(seqs, counts) if k]
+        speculating = [(seq, k) for seq, k in zip(seqs, counts) if k or (together and not seq.params.penalized)]
         return outputs + (self._speculate(speculating) if speculating else [])
 
     def _draft_count(self, seq: Sequence) -> int:
