@@ -74,6 +74,22 @@ def test_logits_and_loss_match_transformers_on_padded_batch(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
+def test_packed_sequences_match_transformers_and_stay_apart(name, tmp_path):
+    """Rows holding several sequences (positions restart at 0, SFT packing): transformers' packed-sequence mask,
+    and each sequence's logits as if it ran alone."""
+    hf, llm = _build(name, tmp_path)
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    positions = torch.tensor([list(range(5)) + list(range(4)) + list(range(3)), list(range(12))])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, position_ids=positions, use_cache=False).logits
+    out = llm.forward(ids, position_ids=positions).logits
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()
+    alone = llm.forward(ids[:1, 5:9]).logits  # the second sequence of row 0, by itself
+    assert torch.allclose(out[0, 5:9], alone[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_padding_does_not_change_logits_at_real_tokens(name, tmp_path):
     _, llm = _build(name, tmp_path)
     ids, mask = _padded_batch()

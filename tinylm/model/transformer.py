@@ -86,11 +86,15 @@ class CausalLM(nn.Module):
         past = cache.length if cache is not None else 0
         batch, seq = input_ids.shape
         self._check_length(past + seq)
+        packed = packed_segments(position_ids) if position_ids is not None and cache is None else None
         if position_ids is None:
             position_ids = _default_positions(attention_mask, past, seq, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = build_attention_mask(attention_mask, past, seq, x.device)
+        if packed is not None:  # several sequences packed in a row: each attends only to itself
+            same = packed[:, None, :, None] == packed[:, None, None, :]  # (B, 1, T, T)
+            mask = same & (_causal(seq, x.device) if mask is None else mask)
         pad_mask = padding_mask(attention_mask, seq) if self.config.has_linear_layers else None
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, pad_mask)
@@ -136,6 +140,26 @@ def build_attention_mask(attention_mask: torch.Tensor | None, past: int, seq: in
     mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, T, S)
     mask = mask | (key_pos == query_pos)[None]
     return mask[:, None]
+
+
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) index of the packed sequence each token belongs to, or None when every row is one sequence.
+
+    As transformers' find_packed_sequence_indices: a sequence starts wherever a position is not the previous one
+    plus 1 (SFT packing restarts positions at 0 for each example, tinylm/train/chat.py). Unlike transformers, the
+    segments also apply next to a padding mask (right padding: the trainer's packed batches carry both)."""
+    if position_ids.shape[-1] < 2:
+        return None
+    starts = torch.diff(position_ids, dim=-1) != 1  # (B, T - 1): token t + 1 starts a sequence
+    if not bool(starts.any()):
+        return None
+    return torch.cat([torch.zeros_like(position_ids[..., :1]), starts.long().cumsum(-1)], dim=-1)
+
+
+def _causal(seq: int, device) -> torch.Tensor:
+    """(1, 1, T, T) bool: key at or before the query."""
+    positions = torch.arange(seq, device=device)
+    return (positions[None, :] <= positions[:, None])[None, None]
 
 
 def padding_mask(attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:

@@ -93,9 +93,10 @@ def _is_conversation(messages) -> bool:
 def pack_rows(rows: list[dict], seq_len: int) -> list[dict]:
     """Concatenate examples, in order, into rows of at most seq_len tokens (an example never straddles two rows).
 
-    Positions restart at 0 for each example so RoPE sees each conversation as it would alone. Attention still
-    crosses example boundaries inside a row (tinylm's forward takes a padding mask, not a block-diagonal one); the
-    first token of each example gets no label, so no loss is ever taken on predicting one example from another.
+    Positions restart at 0 for each example, so RoPE sees each conversation as it would alone and the model's
+    forward, finding the restarts, lets each token attend only within its own example (block-diagonal causal mask,
+    tinylm.model.transformer.packed_segments, as transformers does with packed position_ids); the first token of
+    each example gets no label, so no loss is ever taken on predicting one example from another.
     """
     packed, current = [], {"input_ids": [], "labels": [], "position_ids": []}
     for row in rows:
