@@ -31,6 +31,16 @@ def test_logits_match_transformers_on_same_gguf(llm, smollm2_gguf):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+def test_logits_to_keep_gives_the_last_positions(llm):
+    ids = [llm.encode("The capital of France is Paris. The capital of Italy is")] * 2
+    full = llm.forward(ids).logits
+    last = llm.forward(ids, logits_to_keep=3).logits
+    assert last.shape == (2, 3, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -3:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        llm.forward(ids, labels=ids, logits_to_keep=1)
+
+
 def test_chat_answers_paris(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    tinylm.SamplingParams(max_tokens=24, **GREEDY))[0]

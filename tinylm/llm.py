@@ -80,11 +80,18 @@ class LLM:
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None) -> CausalLMOutput:
-        """Full-sequence forward: logits (B, T, V) and the HF-convention loss when labels are given."""
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """Full-sequence forward: logits (B, T, V) and the HF-convention loss when labels are given.
+
+        logits_to_keep=N: logits (B, N, V) of the last N positions only (as transformers' argument), which spares
+        the (B, T, V) tensor when only the next-token distribution is wanted; the loss needs every position."""
+        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
+            raise ValueError("logits_to_keep must be >= 0, and 0 (every position) when labels are given")
         tensors = [_as_batch(x, self.device) for x in (input_ids, attention_mask, labels, position_ids)]
         with torch.inference_mode():
-            return self.model(tensors[0], attention_mask=tensors[1], labels=tensors[2], position_ids=tensors[3])
+            return self.model(tensors[0], attention_mask=tensors[1], labels=tensors[2], position_ids=tensors[3],
+                              logits_to_keep=logits_to_keep)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
