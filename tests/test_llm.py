@@ -36,7 +36,7 @@ def test_logits_to_keep_gives_the_last_positions(llm):
     full = llm.forward(ids).logits
     last = llm.forward(ids, logits_to_keep=3).logits
     assert last.shape == (2, 3, full.shape[-1])
-    torch.testing.assert_close(last, full[:, -3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, full[:, -3:], rtol=1e-4, atol=1e-4)  # another GEMM shape: fp32 rounding
     with pytest.raises(ValueError, match="logits_to_keep"):
         llm.forward(ids, labels=ids, logits_to_keep=1)
 
