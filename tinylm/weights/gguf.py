@@ -179,21 +179,30 @@ class _PastEnd(Exception):
 
 
 class _CheckedReader(GGUFReader):
-    """GGUFReader that fails at the first read past the end of the file.
+    """GGUFReader that fails at the first read past the end of the file, and reads its header 5x faster.
 
     The stock reader slices its memory map, so reading past the end yields a short array: a truncated string comes
     back shorter, and an array whose length field is garbage loops over empty reads. Checking every read's bounds
-    turns all of these into one clear error.
+    turns all of these into one clear error. Its reads also slice the np.memmap itself, whose every slice runs
+    memmap's Python-level bookkeeping: the default model's 49152-token vocabulary and its merges (~250 000 reads)
+    took 3.5 s of a 4.8 s load. Slicing a plain ndarray view of the same mapped bytes (still no copy) does not.
     """
 
-    _itemsize: dict = {}
+    _dtypes: dict = {}  # (dtype, byte order) -> the numpy dtype a read is viewed as
 
     def _get(self, offset, dtype, count=1, override_order=None):
-        size = self._itemsize.get(dtype) or self._itemsize.setdefault(dtype, np.dtype(dtype).itemsize)
-        end = int(offset) + size * int(count)
+        order = self.byte_order if override_order is None else override_order
+        view = self._dtypes.get((dtype, order))
+        if view is None:
+            view = self._dtypes[dtype, order] = np.dtype(dtype).newbyteorder(order)
+        start = int(offset)
+        end = start + view.itemsize * int(count)
         if end > self.data.size:  # self.data: the whole file as a uint8 memory map
-            raise _PastEnd(f"bytes {int(offset)}..{end} are past its end ({self.data.size} bytes)")
-        return super()._get(offset, dtype, count, override_order)
+            raise _PastEnd(f"bytes {start}..{end} are past its end ({self.data.size} bytes)")
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        return plain[start:end].view(view)
 
 
 def _open(path: Path) -> GGUFReader:
