@@ -39,7 +39,7 @@ def test_strided_input_and_bad_dtypes():
 
 
 @pytest.mark.skipif(not kernels.bf16_gemm_available(), reason="needs AVX-512 BF16")
-@pytest.mark.parametrize("rows", [2, 5, 16, 24])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 24])
 def test_compiled_linear_of_few_rows_uses_the_kernel(rows):
     torch.manual_seed(0)
     layer = nn.Linear(96, 200, bias=True).bfloat16()

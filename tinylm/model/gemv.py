@@ -6,10 +6,12 @@ default model's layers on a 2-core AVX512-BF16 EPYC, where a plain reduction `(x
 compiles into one vectorized C++ loop reads as fast as a bare `sum` (37-51 GB/s from day to day there;
 benchmarks/gemv_bandwidth.py, BENCHMARKS.md issue 5). So inside a compiled graph, and only for a single row,
 `GemvLinear` writes the product as that reduction (products in float32, as the library kernels accumulate).
-The reduction does not scale to more rows (it recomputes the bf16 -> float32 widening per row); a compiled bf16
-step of 2-16 rows (a decode batch, a speculative verification) calls tinylm's AVX-512 BF16 kernel instead, which
-also reads each weight once (tinylm/kernels/bf16_gemm.cpp; at::mm reads them at 15-20 GB/s there). Everywhere
-else (eager, prefill, training) it is `F.linear`.
+The reduction does not scale to more rows (it recomputes the bf16 -> float32 widening per row). Where tinylm's
+AVX-512 BF16 kernel is built (tinylm/kernels/bf16_gemm.cpp), compiled bf16 steps of 1-16 rows (decode, decode
+batches, speculative verification) call it instead: it reads each weight once whatever the row count (at::mm
+reads them at 15-20 GB/s at 2-16 rows), and at one row it beat the reduction in 5 of 6 alternating pairs of
+runs (batch-1 step 6.2-7.9 against 7.3-8.4 ms: it prefetches the next rows). Everywhere else (eager, prefill,
+training) it is `F.linear`.
 
 Eagerly the reduction would materialize an (N, K) float32 temporary: it is never taken outside torch.compile.
 """
@@ -22,20 +24,20 @@ from torch import nn
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear whose single-row products inside torch.compile are a streaming reduction, and whose bf16
-    products of a few rows there go to tinylm's AVX-512 BF16 kernel (`few_rows_kernel`, set by use_gemv)."""
+    """nn.Linear whose products inside torch.compile go to tinylm's AVX-512 BF16 kernel for bf16 weights of up to
+    16 rows (`few_rows_kernel`, set by use_gemv), else are a streaming reduction for one row."""
 
     few_rows_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
-        if x.numel() == x.shape[-1]:  # one row: static in the batch-1 graph
-            return gemv(x, self.weight, self.bias)
         if self.few_rows_kernel:  # up to 16 rows in the kernel, more through at::mm (tinylm/kernels/bf16_gemm.cpp)
             y = torch.ops.tinylm.bf16_gemm(x.reshape(-1, x.shape[-1]), self.weight)  # (rows, N) float32
             y = y if self.bias is None else y + self.bias.float()
             return y.to(x.dtype).reshape(*x.shape[:-1], self.weight.shape[0])
+        if x.numel() == x.shape[-1]:  # one row: static in the batch-1 graph
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
