@@ -8,7 +8,9 @@ down, plus the 49152 x 576 tied head: 269 MB of bf16), as one decode step does. 
 - `torch.mv` (PyTorch's bf16 GEMV);
 - the reduction tinylm's compiled decode uses (tinylm/model/gemv.py), through torch.compile;
 - a hand-written AVX-512 GEMV (bf16 widened by a shift, fp32 FMAs, 4 rows x 2 accumulators, OpenMP), built with
-  torch's cpp_extension when a compiler and AVX-512 are there: the "write it by hand" alternative.
+  torch's cpp_extension when a compiler and AVX-512 are there: the "write it by hand" alternative;
+- tinylm's bf16 kernel (tinylm/kernels/bf16_gemm.cpp: VDPBF16PS, the next rows prefetched), which compiled bf16
+  decode calls where it is built.
 """
 
 from __future__ import annotations
@@ -88,11 +90,18 @@ def main() -> None:
     rows.append(("torch.mv (bf16)", rate(lambda: [torch.mv(w, inputs[w.shape[1]].bfloat16()) for w in weights], total)))
     # one graph for the whole pass, as in the decode step (a compiled call per matrix would time dynamo instead)
     one_pass = torch.compile(lambda ws, xs: [(xs[w.shape[1]] * w.float()).sum(-1) for w in ws])
-    rows.append(("Inductor reduction, one graph (tinylm compiled decode)", rate(lambda: one_pass(weights, inputs),
+    rows.append(("Inductor reduction, one graph (tinylm compiled float32, or no kernel)", rate(lambda: one_pass(weights, inputs),
                                                                                 total)))
     kernel = hand_written()
     if kernel is not None:
         rows.append(("hand-written AVX-512 GEMV", rate(lambda: [kernel(w, inputs[w.shape[1]]) for w in weights], total)))
+    from tinylm import kernels
+
+    if kernels.bf16_gemm_available():  # what compiled bf16 decode now calls (tinylm/kernels/bf16_gemm.cpp)
+        rows_in = {k: x.bfloat16()[None] for k, x in inputs.items()}
+        op = torch.ops.tinylm.bf16_gemm
+        rows.append(("tinylm's bf16 kernel (prefetching), 1 row",
+                     rate(lambda: [op(rows_in[w.shape[1]], w) for w in weights], total)))
     print(f"| read | GB/s ({total / 1e6:.0f} MB of weights per pass) |\n|---|---:|")
     for name, value in rows:
         print(f"| {name} | {value:.1f} |")
