@@ -90,8 +90,8 @@ def main() -> None:
     rows.append(("torch.mv (bf16)", rate(lambda: [torch.mv(w, inputs[w.shape[1]].bfloat16()) for w in weights], total)))
     # one graph for the whole pass, as in the decode step (a compiled call per matrix would time dynamo instead)
     one_pass = torch.compile(lambda ws, xs: [(xs[w.shape[1]] * w.float()).sum(-1) for w in ws])
-    rows.append(("Inductor reduction, one graph (tinylm compiled float32, or no kernel)", rate(lambda: one_pass(weights, inputs),
-                                                                                total)))
+    rows.append(("Inductor reduction, one graph (tinylm compiled float32, or no kernel)",
+                 rate(lambda: one_pass(weights, inputs), total)))
     kernel = hand_written()
     if kernel is not None:
         rows.append(("hand-written AVX-512 GEMV", rate(lambda: [kernel(w, inputs[w.shape[1]]) for w in weights], total)))
