@@ -222,3 +222,48 @@ def test_perplexity_documents_from_text_jsonl_and_missing_field(tmp_path):
     (tmp_path / "e.parquet").write_bytes(b"not parquet")
     with pytest.raises(EvalDataError, match="e.parquet: not a readable parquet file"):
         read_documents(tmp_path / "e.parquet")
+
+
+def _mmlu_rows(split: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / "mmlu" / f"{split}.jsonl").read_text().splitlines() if line]
+
+
+def _same_requests(data_dir: Path) -> None:
+    theirs, ours = requests("mmlu", 2, data_dir), requests("mmlu", 2)
+    assert theirs.keys() == ours.keys() == {"astronomy", "elementary_mathematics"}
+    for subject in ours:
+        for a, b in zip(theirs[subject], ours[subject], strict=True):
+            assert contexts(a) == contexts(b) and continuations(a) == continuations(b)
+
+
+def test_mmlu_original_csv_release_reads_as_the_hub_layout(tmp_path):
+    """Hendrycks' data.tar layout: test/<subject>_test.csv and dev/<subject>_dev.csv, no header, answer letters."""
+    import csv
+
+    for split in ("test", "dev"):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        by_subject: dict[str, list[list[str]]] = {}
+        for row in _mmlu_rows(split):
+            by_subject.setdefault(row["subject"], []).append([row["question"], *row["choices"], "ABCD"[row["answer"]]])
+        for subject, rows in by_subject.items():
+            with open(tmp_path / "mmlu" / split / f"{subject}_{split}.csv", "w", newline="") as handle:
+                csv.writer(handle).writerows(rows)
+    _same_requests(tmp_path)
+
+
+def test_mmlu_per_subject_folders_read_as_the_all_config(tmp_path):
+    """cais/mmlu's per-subject configs: DIR/mmlu/<subject>/test-*.parquet (here JSONL), no "all" folder."""
+    for split in ("test", "dev"):
+        for row in _mmlu_rows(split):
+            folder = tmp_path / "mmlu" / row["subject"]
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"{split}-00000-of-00001.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    _same_requests(tmp_path)
+
+
+def test_mmlu_csv_with_a_wrong_column_count_is_one_error(tmp_path):
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "astronomy_test.csv").write_text("question,A,B,C\n")
+    with pytest.raises(EvalDataError, match="astronomy_test.csv: row 1: .*6 columns"):
+        load_groups(tmp_path, TASKS["mmlu"], 0)

@@ -1,4 +1,4 @@
-"""Reading evaluation data: JSON Lines and parquet rows, and plain-text documents for perplexity.
+"""Reading evaluation data: JSON Lines, parquet and header-less CSV rows, and plain-text documents for perplexity.
 
 pyarrow (the optional extra `tinylm[eval]`) is imported only when a parquet file is read. Every problem with a file
 ends in an EvalDataError naming the file and, where there is one, the row.
@@ -6,6 +6,7 @@ ends in an EvalDataError naming the file and, where there is one, the row.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -25,7 +26,19 @@ def read_rows(path: Path) -> list[dict]:
         return _read_parquet(path)
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
+    if path.suffix == ".csv":
+        return _read_csv(path)
     raise EvalDataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Header-less CSV rows (MMLU's original release: question, A, B, C, D, answer), each as {"columns": [...],
+    "file": the file's stem} (the stem names the MMLU subject: abstract_algebra_test)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [{"columns": values, "file": path.stem} for values in csv.reader(handle) if values]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EvalDataError(f"{path}: cannot read as CSV: {e}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict]:

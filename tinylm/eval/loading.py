@@ -4,7 +4,8 @@ For a task whose folder is F (with Hugging Face config folder C) and a split S, 
 
     DIR/F/C/S.parquet | S.jsonl            DIR/F/S.parquet | S.jsonl
     DIR/F/C/S-*.parquet | S-*.jsonl        DIR/F/S-*.parquet | S-*.jsonl     (shards, read in name order)
-    DIR/F/C/<the original release's file name for S>   DIR/F/<the same>
+    DIR/F/C/<the original release's file name for S>   DIR/F/<the same>        (MMLU: test/*_test.csv, the release's CSVs)
+    DIR/F/*/S.parquet | S.jsonl | S-*.parquet | S-*.jsonl                     (MMLU: cais/mmlu's per-subject configs)
 
 so a snapshot of the Hugging Face dataset repository (`huggingface-cli download allenai/ai2_arc --repo-type dataset
 --local-dir DIR/ai2_arc`) works as it is, as do JSONL exports of it (`Dataset.to_json`).
@@ -38,8 +39,13 @@ def split_files(data_dir: Path, spec: TaskSpec, split: str) -> list[Path]:
                 return hits
     original = spec.original_files.get(split)
     for folder in folders if original else []:
-        if (folder / original).is_file():
-            return [folder / original]
+        hits = sorted(folder.glob(original))
+        if hits:
+            return hits
+    for pattern in (f"*/{split}.parquet", f"*/{split}.jsonl", f"*/{split}-*.parquet", f"*/{split}-*.jsonl"):
+        hits = sorted(base.glob(pattern)) if spec.group_folders else []
+        if hits:  # one folder per group (subject), each holding that group's rows
+            return hits
     where = folders[0] / f"{split}.parquet"
     alt = f" or {base / original}" if original else ""
     raise EvalDataError(f"{spec.name}: no {split} split found: expected {where} (or .jsonl, or {split}-*.parquet "

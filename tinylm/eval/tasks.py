@@ -43,7 +43,8 @@ class TaskSpec:
     make_doc: Callable[[dict], Doc]
     sampler: str = "random"  # lm-eval's "default" sampler (rnd.sample); "first_n" takes the split's first k rows
     metrics: tuple[str, ...] = ("acc",)  # what lm-eval's YAML reports for the task
-    original_files: dict[str, str] = field(default_factory=dict)  # split -> file name of the original release
+    original_files: dict[str, str] = field(default_factory=dict)  # split -> file name (glob) of the original release
+    group_folders: bool = False  # also one config folder per group (cais/mmlu's per-subject configs)
     source: str = ""  # the Hugging Face dataset whose layout the files follow
 
     @property
@@ -128,6 +129,11 @@ def _commonsense_qa(row: dict) -> Doc:
 # --- MMLU: lm_eval/tasks/mmlu/default/_default_template_yaml and mmlu_<subject>.yaml's description
 
 def _mmlu(row: dict) -> Doc:
+    if "columns" in row:  # the original release's CSV: question, A, B, C, D, answer; file <subject>_<split>.csv
+        if len(row["columns"]) != 6:
+            raise ValueError(f"expected 6 columns (question, A, B, C, D, answer), got {len(row['columns'])}")
+        question, *choices, answer = row["columns"]
+        row = {"question": question, "choices": choices, "answer": answer, "subject": row["file"].rsplit("_", 1)[0]}
     choices = _strings(row["choices"], "choices", count=4)
     answer = row["answer"]
     gold = _LETTERS.index(answer) if isinstance(answer, str) and answer in _LETTERS[:4] else int(answer)
@@ -162,7 +168,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
     TaskSpec("commonsense_qa", "commonsense_qa", "data", "validation", "train", _commonsense_qa,
              original_files={"validation": "dev_rand_split.jsonl", "train": "train_rand_split.jsonl"},
              source="tau/commonsense_qa"),
-    TaskSpec("mmlu", "mmlu", "all", "test", "dev", _mmlu, sampler="first_n", source="cais/mmlu"),
+    TaskSpec("mmlu", "mmlu", "all", "test", "dev", _mmlu, sampler="first_n", source="cais/mmlu",
+             original_files={"test": "test/*_test.csv", "dev": "dev/*_dev.csv"}, group_folders=True),
 ]}
 # The QED-75M card's table (seed 004), in its column order
 DEFAULT_TASKS = ["arc_challenge", "commonsense_qa", "hellaswag", "winogrande", "mmlu"]
