@@ -642,6 +642,6 @@ def test_streaming_work_per_token_is_constant(pairs, family, skip):
     ours, _ = pairs[family]
     ids = ours.encode(" ".join(TEXTS) * 20) + [ours.eos_token_id] * 500 + ours.encode(" tail", add_special_tokens=False)
     counting = _CountingBackend(ours.backend)
-    chunks = _stream(SimpleNamespace(backend=counting), ids, skip_special_tokens=skip)
+    chunks = _stream(SimpleNamespace(backend=counting, special_ids=ours.special_ids), ids, skip_special_tokens=skip)
     assert "".join(chunks) == ours.decode(ids, skip_special_tokens=skip)
     assert len(ids) > 1500 and counting.longest <= 8

@@ -9,6 +9,8 @@ Digits pre-tokenizer such as SmolLM2's), so for those classes its ids can differ
 
 from __future__ import annotations
 
+import functools
+
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -170,6 +172,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (what decode(skip_special_tokens=True) drops); computed once."""
+        return frozenset(i for i, token in self.backend.get_added_tokens_decoder().items() if token.special)
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, {self.special_tokens_map}, templates={sorted(self.templates)})"
 
@@ -190,8 +197,7 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        added = tokenizer.backend.get_added_tokens_decoder() if skip_special_tokens else {}
-        self._skipped = {i for i, token in added.items() if token.special}
+        self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
         # The window: only its tail is ever decoded again
         self._ids = [i for i in map(int, prompt_ids) if i not in self._skipped][-self._CONTEXT:]
         self._prefix = 0  # window[_prefix:_read] is text already emitted, decoded again for context

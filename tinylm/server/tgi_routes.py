@@ -150,7 +150,7 @@ def _finish_reason(state, params: SamplingParams, last_token: int | None, reason
 
 
 def _token(state, token_id: int, logprob, text: str | None = None) -> dict:
-    special = state.llm.tokenizer is not None and token_id in _special_ids(state)
+    special = state.llm.tokenizer is not None and token_id in state.llm.tokenizer.special_ids
     return {"id": token_id, "text": token_strings(state, [token_id])[0] if text is None else text,
             "logprob": None if logprob is None else logprob.logprob, "special": special}
 
@@ -159,10 +159,5 @@ def _top_tokens(state, logprob) -> list[dict]:
     if logprob is None:
         return []
     texts = token_strings(state, [t for t, _ in logprob.top])
-    return [{"id": t, "text": s, "logprob": lp, "special": t in _special_ids(state)}
+    return [{"id": t, "text": s, "logprob": lp, "special": t in state.llm.tokenizer.special_ids}
             for (t, lp), s in zip(logprob.top, texts)]
-
-
-def _special_ids(state) -> set[int]:
-    backend = state.llm.tokenizer.backend
-    return {i for i, token in backend.get_added_tokens_decoder().items() if token.special}
