@@ -12,7 +12,7 @@ from tinylm import hub
 from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.engine.ngram import NGRAM
-from tinylm.engine.speculative import check_draft
+from tinylm.engine.speculative import check_draft, check_num_tokens
 from tinylm.errors import ConfigError
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.sampling_params import SamplingParams
@@ -231,8 +231,8 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "flo
     or "[ngram]" (prompt lookup, tinylm/engine/ngram.py), that proposes num_speculative_tokens tokens per step
     for the loaded model to verify (speculative decoding: the same outputs, fewer target passes;
     tinylm/engine/speculative.py)."""
-    if draft is not None and num_speculative_tokens < 1:
-        raise ValueError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
+    if draft is not None:
+        check_num_tokens(num_speculative_tokens)  # before any weights are read
     if draft_quantize is not None and (draft is None or draft == NGRAM):
         raise ValueError("draft_quantize quantizes a draft model: give one with draft")
     loaded = load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize)

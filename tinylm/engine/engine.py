@@ -26,7 +26,7 @@ from tinylm.engine.ngram import NGRAM, NgramProposer
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
-from tinylm.engine.speculative import DraftProposer, View, check_draft, one_token_rows, verify
+from tinylm.engine.speculative import DraftProposer, View, check_draft, check_num_tokens, one_token_rows, verify
 from tinylm.engine.stop import StopChecker
 from tinylm.errors import ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
@@ -83,8 +83,9 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
 
     def _drafter(self, draft_model) -> DraftProposer | NgramProposer:
+        check_num_tokens(self.config.num_speculative_tokens)
         if isinstance(draft_model, str) and draft_model == NGRAM:
-            return NgramProposer(self.config.num_speculative_tokens)
+            return NgramProposer()
         check_draft(self.model.config, draft_model.config)
         compile_draft = self.config.compile and can_compile(draft_model)[0]
         if compile_draft:

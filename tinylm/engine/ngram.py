@@ -18,10 +18,7 @@ NGRAM = "[ngram]"  # the draft "model" name that selects this proposer (vLLM's f
 class NgramProposer:
     runner = None  # no model of its own: nothing to compile or warm up
 
-    def __init__(self, num_tokens: int, max_n: int = 3, min_n: int = 1) -> None:
-        if num_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be at least 1, got {num_tokens}")
-        self.num_tokens = num_tokens
+    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
         self.max_n, self.min_n = max_n, min_n
         self.num_proposed = 0  # drafts checked by the target so far
         self.num_accepted = 0  # of which kept

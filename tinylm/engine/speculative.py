@@ -48,6 +48,11 @@ def one_token_rows(view: View, count: int) -> list[tuple[View, int]]:
     return [(View(view.all_token_ids, view.num_computed + j, view.block_ids), 1) for j in range(count)]
 
 
+def check_num_tokens(count: int) -> None:
+    if count < 1:
+        raise ValueError(f"num_speculative_tokens must be at least 1, got {count}")
+
+
 def check_draft(target_config, draft_config) -> None:
     """ConfigError unless the draft can propose tokens for this target."""
     if draft_config.vocab_size != target_config.vocab_size:
@@ -64,8 +69,6 @@ class DraftProposer:
 
     def __init__(self, model, num_tokens: int, block_size: int, cache_bytes: int, max_num_seqs: int,
                  compile_decode: bool) -> None:
-        if num_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be at least 1, got {num_tokens}")
         self.num_tokens = num_tokens
         self.context = model.config.max_position_embeddings  # drafts past it are not proposed
         dtype = model.lm_head.weight.dtype
