@@ -78,6 +78,12 @@ def test_generate_with_a_draft_prints_the_same_text(capsys, smollm2_gguf):
         assert _run(capsys, *args, *draft, "--num-speculative-tokens", "4") == plain
 
 
+def test_generate_with_an_int8_kv_cache_answers(capsys, smollm2_gguf):
+    code, out, _ = _run(capsys, "generate", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "8",
+                        "--kv-cache-dtype", "int8", "The capital of France is")
+    assert code == 0 and "Paris" in out
+
+
 def test_info_reports_architecture_and_size(capsys, smollm2_gguf):
     code, out, _ = _run(capsys, "info", "--model", str(smollm2_gguf), "--dtype", "float32")
     assert code == 0
@@ -111,3 +117,12 @@ def test_unknown_architecture_folder_is_one_line(capsys, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}')
     code, _, err = _run(capsys, "info", "--model", str(tmp_path))
     _assert_one_line_error(code, err, "mamba")
+
+
+def test_serve_passes_the_kv_cache_dtype_to_its_engine():
+    from tinylm.cli import build_parser
+    from tinylm.server.cli import server_config
+
+    args = build_parser().parse_args(["serve", "--kv-cache-dtype", "int8"])
+    assert server_config(args).engine.kv_cache_dtype == "int8"
+    assert server_config(build_parser().parse_args(["serve"])).engine.kv_cache_dtype == "auto"

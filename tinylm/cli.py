@@ -98,6 +98,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-quantize", default=None, metavar="Q", help="quantization of the draft model")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
                         help="tokens the draft proposes per step (default 3)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="auto: K/V kept in the model's dtype; int8: half the cache memory and decode reads")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -142,7 +144,8 @@ def load_from_args(args) -> tinylm.LLM:
     return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
                        quantize=args.quantize, compile=getattr(args, "compile", False),
                        draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
-                       num_speculative_tokens=getattr(args, "num_speculative_tokens", 3))
+                       num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),
+                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
 
 
 def cmd_generate(args) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from tinylm import hub
 from tinylm.engine.engine import EngineConfig, LLMEngine
+from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.engine.ngram import NGRAM
 from tinylm.engine.speculative import check_draft, check_num_tokens
@@ -224,13 +225,15 @@ def _as_batch(value, device) -> torch.Tensor | None:
 
 def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
          quantize: str | None = None, compile: bool = False, draft: str | os.PathLike | None = None,
-         draft_quantize: str | None = None, num_speculative_tokens: int = 3) -> LLM:
+         draft_quantize: str | None = None, num_speculative_tokens: int = 3, kv_cache_dtype: str = "auto") -> LLM:
     """Load a built-in model name, a Hugging Face folder, or a .gguf file; quantize: None | "int8" | "int4" | a
     policy name. compile: decode through torch.compile with fused projections (inference only, see
     tinylm/engine/compiled.py). draft: a smaller model with the same tokenizer (or this one with draft_quantize),
     or "[ngram]" (prompt lookup, tinylm/engine/ngram.py), that proposes num_speculative_tokens tokens per step
     for the loaded model to verify (speculative decoding: the same outputs, fewer target passes;
-    tinylm/engine/speculative.py)."""
+    tinylm/engine/speculative.py). kv_cache_dtype: "auto" (the model's dtype) or "int8" (half the cache memory
+    and decode reads, tinylm/engine/kv_pool.py)."""
+    pool_dtype(kv_cache_dtype, torch.float32)  # a bad name fails before any weights are read
     if draft is not None:
         check_num_tokens(num_speculative_tokens)  # before any weights are read
     if draft_quantize is not None and (draft is None or draft == NGRAM):
@@ -241,7 +244,8 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "flo
         draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize)
         check_draft(loaded.model.config, draft_loaded.model.config)
         _check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
-    config = EngineConfig(compile=compile, num_speculative_tokens=num_speculative_tokens)
+    config = EngineConfig(compile=compile, num_speculative_tokens=num_speculative_tokens,
+                          kv_cache_dtype=kv_cache_dtype)
     return LLM(loaded, config, draft_loaded)
 
 

@@ -37,6 +37,29 @@ def test_matches_sdpa_on_the_gathered_cache(dtype, shape, masked):
     torch.testing.assert_close(out, _reference(q, k_pool, v_pool, slots, valid), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 3, 64, 150), (5, 4, 2, 16, 33), (2, 14, 2, 64, 70), (2, 16, 1, 256, 65)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_int8_pool_matches_sdpa_on_the_dequantized_cache(shape, masked):
+    """An int8 pool's rows are codes x a per-row scale (kv_pool.quantize_rows): the kernel applies the scales
+    itself and must give attention over the dequantized rows."""
+    from tinylm.engine.kv_pool import quantize_rows
+
+    batch, heads, kv_heads, dim, context = shape
+    torch.manual_seed(1)
+    (k_codes, k_scales), (v_codes, v_scales) = (quantize_rows(torch.randn(512, kv_heads, dim) * 3) for _ in range(2))
+    slots = torch.randint(0, 512, (batch, context))
+    valid = None
+    if masked:
+        valid = torch.arange(context)[None] >= torch.randint(0, context, (batch, 1))
+        valid[:, -1] = True
+    q = torch.randn(batch, heads, dim)
+    out = torch.ops.tinylm.paged_attention(q, k_codes, v_codes, slots, valid, dim ** -0.5, k_scales, v_scales)
+    k_pool, v_pool = k_codes.float() * k_scales[..., None], v_codes.float() * v_scales[..., None]
+    torch.testing.assert_close(out, _reference(q, k_pool, v_pool, slots, valid), rtol=2e-5, atol=2e-5)
+    with pytest.raises(RuntimeError, match="row scales"):
+        torch.ops.tinylm.paged_attention(q, k_codes, v_codes, slots, valid, dim ** -0.5)
+
+
 def test_masked_keys_are_never_read():
     """Padding keys point at slot 0, whose contents must not matter, not even NaN."""
     k_pool, v_pool = torch.randn(64, 2, 32), torch.randn(64, 2, 32)

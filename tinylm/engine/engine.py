@@ -21,7 +21,7 @@ import torch
 from tinylm.engine import sampler
 from tinylm.engine.block_manager import BlockManager, NoFreeBlocks
 from tinylm.engine.compiled import can_compile
-from tinylm.engine.kv_pool import KVPool
+from tinylm.engine.kv_pool import KVPool, pool_dtype
 from tinylm.engine.ngram import NGRAM, NgramProposer
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.scheduler import Scheduler
@@ -52,6 +52,9 @@ class EngineConfig:
     # decode batch already gets its tokens at the cost of one weight read, and its rows would leave the few-row
     # kernels (tinylm/kernels) for compute-bound products.
     speculative_max_rows: int = 16
+    # "auto": K/V kept in the model's dtype; "int8": one int8 code per value and a scale per row (kv_pool.py),
+    # half the memory and the bytes a decode step reads, at a small cost in accuracy (BENCHMARKS.md)
+    kv_cache_dtype: str = "auto"
 
 
 class LLMEngine:
@@ -64,7 +67,8 @@ class LLMEngine:
         model_config = model.config
         self.context = model_config.max_position_embeddings
         self.vocab_size = model_config.vocab_size
-        dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+        device = model.lm_head.weight.device
+        dtype = pool_dtype(config.kv_cache_dtype, model.lm_head.weight.dtype)
         self.hybrid = model_config.has_linear_layers
         num_blocks = max(2, config.kv_cache_bytes // KVPool.bytes_per_block(model_config, config.block_size, dtype))
         self.pool = KVPool(model_config, num_blocks, config.block_size, config.max_num_seqs, dtype, device)

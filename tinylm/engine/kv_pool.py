@@ -9,6 +9,12 @@ token's slot index addresses its K/V row directly. A forward over B rows with T 
 rows (index_copy_) and gathers, for row b, the S slots of its whole context, right-aligned: (B, S, H_kv, D) viewed
 as (B, H_kv, S, D). Right alignment (left padding) keeps every row's newest token at the same query position, so
 the model's causal + key-padding mask (tinylm.model.transformer.build_attention_mask) is exactly right.
+
+An int8 pool (EngineConfig.kv_cache_dtype="int8", as llama.cpp's q8_0 cache or vLLM's fp8 one) keeps each
+(token, K/V head) row as D int8 codes and one float32 scale, absmax / 127 of that row: 68 bytes per 64-wide row
+instead of bf16's 128, so twice the tokens per budget and half the bytes a decode step reads. Rows are quantized
+when written; the attention kernel reads the codes and folds the scales into scores and weights; other paths
+gather and dequantize to the model's dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +22,16 @@ from __future__ import annotations
 import torch
 
 from tinylm.config import ModelConfig
+
+
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's own dtype
+
+
+def pool_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's storage dtype for EngineConfig.kv_cache_dtype; ValueError for a name it does not know."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
+    return torch.int8 if kv_cache_dtype == "int8" else model_dtype
 
 
 class KVPool:
@@ -29,6 +45,11 @@ class KVPool:
         # read, except block 0, which padding points at: it must hold finite values (0 * NaN would poison SDPA).
         self.keys = {i: _empty_pool(shape, block_size, dtype, device) for i in layers}
         self.values = {i: _empty_pool(shape, block_size, dtype, device) for i in layers}
+        self.quantized = dtype == torch.int8
+        # int8 pools: each row's scale, (num_slots, H_kv) float32
+        scale_layers = layers if self.quantized else []
+        self.key_scales = {i: _empty_pool(shape[:2], block_size, torch.float32, device) for i in scale_layers}
+        self.value_scales = {i: _empty_pool(shape[:2], block_size, torch.float32, device) for i in scale_layers}
         # DeltaNet states, one row per running sequence (allocated on first write: their shapes come from the layer)
         self.max_num_seqs = max_num_seqs
         self.conv: dict[int, torch.Tensor] = {}  # layer -> (max_num_seqs, conv_dim, kernel-1)
@@ -37,8 +58,10 @@ class KVPool:
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Pool bytes per block of `block_size` tokens; dtype torch.int8 counts the rows' float32 scales."""
         attention_layers = sum(config.layer_type(i) == "full_attention" for i in range(config.num_hidden_layers))
-        per_token = 2 * attention_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+        per_row = config.head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+        per_token = 2 * attention_layers * config.num_key_value_heads * per_row
         return max(1, per_token * block_size)
 
     def take_state_slot(self) -> int | None:
@@ -83,29 +106,51 @@ class PagedBatch:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the real rows of k, v (B, H_kv, T, D); return every row's context K, V (B, H_kv, S, D)."""
-        return self._write_and_gather(self.pool.keys[layer_idx], k), self._write_and_gather(self.pool.values[layer_idx], v)
+        pool = self.pool
+        if pool.quantized:
+            return (self._write_and_gather(pool.keys[layer_idx], k, pool.key_scales[layer_idx]),
+                    self._write_and_gather(pool.values[layer_idx], v, pool.value_scales[layer_idx]))
+        return self._write_and_gather(pool.keys[layer_idx], k), self._write_and_gather(pool.values[layer_idx], v)
 
     def decode_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor | None:
         """One new token per row: store k, v (B, H_kv, 1, D) and attend q (B, H, 1, D) to each row's context
         with mask (B, 1, 1, S) bool or None, reading K/V in the pool (tinylm/kernels/decode_attention.cpp).
         Returns (B, H, 1, D), or None where the kernel does not apply (the caller gathers and attends itself)."""
-        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        pool = self.pool
+        keys, values = pool.keys[layer_idx], pool.values[layer_idx]
         batch, heads, _, dim = q.shape
         if not self.attention_kernel or dim % 16 or dim > 256:  # the head sizes the kernel takes
             return None
-        for flat, new in ((keys, k), (values, v)):
-            flat.index_copy_(0, self.write_slots, new.reshape(batch, *flat.shape[1:]).to(flat.dtype))
+        k_scales = v_scales = None
+        if pool.quantized:
+            k_scales, v_scales = pool.key_scales[layer_idx], pool.value_scales[layer_idx]
+            for flat, scales, new in ((keys, k_scales, k), (values, v_scales, v)):
+                codes, row_scales = quantize_rows(new.reshape(batch, *flat.shape[1:]))
+                flat.index_copy_(0, self.write_slots, codes)
+                scales.index_copy_(0, self.write_slots, row_scales)
+        else:
+            for flat, new in ((keys, k), (values, v)):
+                flat.index_copy_(0, self.write_slots, new.reshape(batch, *flat.shape[1:]).to(flat.dtype))
         valid = None if mask is None else mask.reshape(batch, self.context)
         out = torch.ops.tinylm.paged_attention(q.reshape(batch, heads, dim).float().contiguous(), keys, values,
-                                               self.gather_slots.view(batch, self.context), valid, dim ** -0.5)
+                                               self.gather_slots.view(batch, self.context), valid, dim ** -0.5,
+                                               k_scales, v_scales)
         return out.to(v.dtype).view(batch, heads, 1, dim)
 
-    def _write_and_gather(self, flat: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def _write_and_gather(self, flat: torch.Tensor, new: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """new (B, H_kv, T, D) -> its real rows stored, every row's context (B, H_kv, S, D) in new's dtype
+        (dequantized from an int8 pool, whose row scales (num_slots, H_kv) are `scales`)."""
         rows = new.transpose(1, 2)  # (B, T, H_kv, D)
         rows = rows.reshape(-1, *rows.shape[2:]) if self.write_mask is None else rows[self.write_mask]
-        gathered = write_and_gather(flat, rows.to(flat.dtype), self.write_slots, self.gather_slots)  # (B*S, H_kv, D)
-        return gathered.view(self.batch, self.context, *flat.shape[1:]).transpose(1, 2)
+        if scales is None:
+            gathered = write_and_gather(flat, rows.to(flat.dtype), self.write_slots, self.gather_slots)
+        else:
+            codes, row_scales = quantize_rows(rows)
+            gathered = write_and_gather(flat, codes, self.write_slots, self.gather_slots).float()
+            gathered = gathered * write_and_gather(scales, row_scales, self.write_slots, self.gather_slots)[..., None]
+            gathered = gathered.to(new.dtype)
+        return gathered.view(self.batch, self.context, *flat.shape[1:]).transpose(1, 2)  # (B, H_kv, S, D)
 
     def advance(self, num_tokens: int) -> None:
         """The engine's block manager does the bookkeeping; nothing to do here."""
@@ -123,6 +168,14 @@ class PagedBatch:
         self.pool.conv[layer_idx].index_copy_(0, self.state_rows, conv_state)
         self.pool.recurrent[layer_idx].index_copy_(0, self.state_rows, recurrent_state)
 
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows (..., D) -> int8 codes (..., D) and float32 scales (...): code = round(x / scale), scale = absmax / 127,
+    so every row keeps its largest value exactly and the rest within scale / 2."""
+    scales = rows.float().abs().amax(dim=-1) / 127
+    codes = torch.round(rows.float() / scales.clamp(min=1e-30)[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes, scales
 
 
 def write_and_gather(pool: torch.Tensor, rows: torch.Tensor, write_slots: torch.Tensor,

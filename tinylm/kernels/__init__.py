@@ -27,6 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp")]
+HEADERS = [Path(__file__).with_name("vec_rows.h")]  # included by the sources: part of the build's name too
 _STATE: dict[str, bool] = {}
 
 
@@ -103,7 +104,7 @@ def _vector_flags() -> list[str]:
 def _extension_name() -> str:
     """One build per source text and CPU: `-march=native` code must not run on another CPU sharing the cache."""
     digest = hashlib.sha1()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     digest.update(_cpu_flags().encode())
     digest.update(torch.__version__.encode())
@@ -123,7 +124,7 @@ def _cpu_flags() -> str:
 def _register_fakes() -> None:
     """Shapes for torch.compile's tracing (the op itself only runs on real tensors)."""
     @torch.library.register_fake("tinylm::paged_attention")
-    def _(q, k_pool, v_pool, slots, valid, scale):
+    def _(q, k_pool, v_pool, slots, valid, scale, k_scales=None, v_scales=None):
         return torch.empty_like(q)
 
     @torch.library.register_fake("tinylm::bf16_gemm")

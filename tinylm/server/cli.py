@@ -43,7 +43,8 @@ def server_config(args):
     engine = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_memory * 2**30),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,
-                          compile=args.compile, num_speculative_tokens=args.num_speculative_tokens)
+                          compile=args.compile, num_speculative_tokens=args.num_speculative_tokens,
+                          kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
     return ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes, engine=engine)
 
