@@ -1,7 +1,7 @@
 """16 prompts at once, 128 new tokens each: total tokens/s of tinylm's configurations against transformers bf16
 batch 16, in one run (issue 5, item 2).
 
-    .venv/bin/python benchmarks/batch_decode.py --batch 16 --new-tokens 128
+    .venv/bin/python benchmarks/batch_decode.py --batch 16 --new-tokens 128 [--only w8a8]
 
 transformers: `generate` on the N prompts as one left-padded bf16 batch (the GGUF dequantized, as in
 benchmarks/decode.py), greedy, EOS suppressed by min_new_tokens. tinylm: `LLM.generate` on the same N prompts
@@ -24,7 +24,8 @@ from decode import load_transformers, machine, tinylm_configs
 from serve_load import PROMPTS
 
 CONFIGS = [("bfloat16", None, False), ("bfloat16", None, True), ("float32", None, True),
-           ("bfloat16", "int8", True), ("bfloat16", "int4", True), ("bfloat16", "w8a8", True)]
+           ("bfloat16", "int8", True), ("bfloat16", "int4", True), ("bfloat16", "w8a8", True),
+           ("bfloat16", "w8a8", True, {"kv_cache_dtype": "int8"})]
 
 
 def transformers_batch(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
@@ -50,7 +51,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", default=None, metavar="Q", help="only the tinylm configurations quantized with Q")
     args = parser.parse_args()
+    configs = [c for c in CONFIGS if args.only is None or c[1] == args.only]
     gguf = hub.resolve(None)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     print(f"machine: {machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
@@ -62,7 +65,7 @@ def main() -> None:
     transformers_batch(model, tokenizer, prompts[:2], 4)
     reference = [transformers_batch(model, tokenizer, prompts, args.new_tokens) for _ in range(args.repeats)]
     rows = []
-    for row in tinylm_configs(gguf, CONFIGS, lambda llm: tinylm_batch(llm, prompts[:2], 4),
+    for row in tinylm_configs(gguf, configs, lambda llm: tinylm_batch(llm, prompts[:2], 4),
                               lambda llm: max(tinylm_batch(llm, prompts, args.new_tokens) for _ in range(args.repeats))):
         rows.append(row)
         # the VM's speed drifts by 20% within minutes: transformers is measured again after every configuration

@@ -63,15 +63,19 @@ def load_transformers(gguf: Path, dtype: torch.dtype):
 
 
 def tinylm_configs(path, configs, warm, measure):
-    """For each (dtype, quantize, compiled) in `configs`: load, warm up (compiling both decode graphs when asked),
-    measure. Yields (weights label, "compiled" or "eager", measure's value, compile seconds or 0)."""
-    for dtype, quantize, compiled in configs:
-        llm = tinylm.load(path, dtype=dtype, quantize=quantize, compile=compiled)
+    """For each (dtype, quantize, compiled[, load keyword arguments]) in `configs`: load, warm up (compiling both
+    decode graphs when asked), measure. Yields (weights label, "compiled" or "eager", measure's value, compile
+    seconds or 0)."""
+    for dtype, quantize, compiled, *extra in configs:
+        options = extra[0] if extra else {}
+        llm = tinylm.load(path, dtype=dtype, quantize=quantize, compile=compiled, **options)
         start = time.perf_counter()
         llm.engine.warmup()
         warm(llm)
         compile_s = time.perf_counter() - start if compiled else 0.0
         weights = f"{dtype} + {quantize}" if quantize else dtype
+        if options.get("kv_cache_dtype", "auto") != "auto":
+            weights += f", {options['kv_cache_dtype']} KV cache"
         yield weights, "compiled" if compiled else "eager", measure(llm), compile_s
         del llm
 
