@@ -1,6 +1,6 @@
 """Batch-1 decode of the default model, every tinylm configuration against transformers and llama.cpp, in one run.
 
-    .venv/bin/python benchmarks/decode_fast.py --repeats 3
+    .venv/bin/python benchmarks/decode_fast.py --repeats 3 [--only bfloat16,bfloat16+int4]
 
 tinylm: float32 / bfloat16 / int8 / int4 weights, eager and compiled (`tinylm.load(..., compile=True)`: the
 decode step through torch.compile, fused q/k/v and gate/up; compile time is reported apart and not counted).
@@ -54,7 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=None, metavar="W,W",
+                        help="only these compiled tinylm configurations, e.g. bfloat16,bfloat16+int4")
     args = parser.parse_args()
+    configs = CONFIGS if args.only is None else [
+        c for c in CONFIGS if c[2] and "+".join(filter(None, c[:2])) in args.only.split(",")]
     gguf = hub.resolve(None)
     print(f"machine: {machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
           f"model {gguf.name}; batch 1; {args.new_tokens} new tokens")
@@ -67,7 +71,7 @@ def main() -> None:
     bf16_runs = [reference["bfloat16"]]  # `model` is the bf16 one: measured again after each tinylm configuration
     llama = llama_cpp_decode(gguf, args.new_tokens, args.repeats)
     rows = []
-    for row in tinylm_configs(gguf, CONFIGS, lambda llm: tinylm_decode(llm, prompt_ids, 8),
+    for row in tinylm_configs(gguf, configs, lambda llm: tinylm_decode(llm, prompt_ids, 8),
                               lambda llm: best(lambda: tinylm_decode(llm, prompt_ids, args.new_tokens),
                                                args.repeats)[1]):
         rows.append(row)

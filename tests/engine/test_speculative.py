@@ -72,6 +72,18 @@ def test_greedy_outputs_equal_the_target_alone(paths, target, draft, k):
         assert not drafter.shadows and drafter.blocks.num_free == drafter.blocks.num_blocks - 1  # all released
 
 
+def test_an_int8_kv_cache_speculates_with_the_plain_int8_tokens(paths, target):
+    """kv_cache_dtype applies to the draft's pool too; verification reads the same quantized rows as plain decoding."""
+    prompts = _prompts(target)
+    plain = LLMEngine(target.model, target.tokenizer, target.eos_token_ids, EngineConfig(kv_cache_dtype="int8"))
+    expected, _ = _run(plain, prompts)
+    engine = _speculative(paths, "target", k=3, kv_cache_dtype="int8")
+    assert engine.drafter.pool.keys[0].dtype == torch.int8
+    out, _ = _run(engine, prompts)
+    assert out == expected
+    assert engine.drafter.num_accepted == engine.drafter.num_proposed > 0  # the same model, the same cache
+
+
 def test_large_batches_decode_plainly(paths, target):
     """Past speculative_max_rows verification rows (default 16), a step decodes one token per sequence."""
     engine = _speculative(paths, "target", k=3, speculative_max_rows=16)

@@ -57,9 +57,9 @@ class CompiledDecode:
         # cache pool stay guarded. Nor does the compiled code re-check every weight's size and alignment at each
         # call (Inductor's debug asserts: ~250 checks, 0.25 ms per batch-1 step).
         # The compiled step's wrapper is C++ (cpp_wrapper), not Python: a decode step makes ~300 calls (Inductor's
-        # fused loops and tinylm's kernels) and ~450 tensor views, which cost ~0.7 ms per step in Python (the
-        # w8a8 batch-16 step is ~8 ms); in-process A/B on the 2-core EPYC: batch 16 w8a8 +2-4% in 8 of 8 pairs,
-        # batch 1 bf16 +4-9% in 5 of 6. It adds ~20 s to the first compile of a graph (cached on disk after).
+        # fused loops and tinylm's kernels) and ~450 tensor views, ~0.7 ms of Python per step by cProfile (the w8a8
+        # batch-16 step is ~8 ms). Measured gain is smaller (benchmarks/ab.py, 2-core EPYC): batch 16 w8a8 +0.5-3%
+        # (two A/Bs, 13 of 14 pairs), batch 1 bf16 within the VM's noise. It adds ~20 s to a graph's first compile.
         options = {**_inductor_options(model), "guard_filter_fn": _keep_guard,
                    "size_asserts": False, "alignment_asserts": False, "cpp_wrapper": True,
                    "post_grad_custom_post_pass": _KernelSources()}

@@ -96,7 +96,8 @@ class LLMEngine:
             fuse_projections(draft_model)
             use_gemv(draft_model)
         return DraftProposer(draft_model, self.config.num_speculative_tokens, self.config.block_size,
-                             self.config.kv_cache_bytes, self.config.max_num_seqs, compile_draft)
+                             self.config.kv_cache_bytes, self.config.max_num_seqs, compile_draft,
+                             self.config.kv_cache_dtype)
 
     def warmup(self) -> None:
         """Compile the decode graphs now (a no-op unless EngineConfig.compile): a server does it before it is ready."""

@@ -23,7 +23,7 @@ import torch
 
 from tinylm.engine import sampler
 from tinylm.engine.block_manager import BlockManager, NoFreeBlocks
-from tinylm.engine.kv_pool import KVPool
+from tinylm.engine.kv_pool import KVPool, pool_dtype
 from tinylm.engine.runner import ModelRunner
 from tinylm.errors import ConfigError
 from tinylm.sampling_params import SamplingParams
@@ -68,10 +68,10 @@ class DraftProposer:
     """The draft model, its K/V pool and each sequence's shadow; proposes drafts and forgets rejected ones."""
 
     def __init__(self, model, num_tokens: int, block_size: int, cache_bytes: int, max_num_seqs: int,
-                 compile_decode: bool) -> None:
+                 compile_decode: bool, kv_cache_dtype: str = "auto") -> None:
         self.num_tokens = num_tokens
         self.context = model.config.max_position_embeddings  # drafts past it are not proposed
-        dtype = model.lm_head.weight.dtype
+        dtype = pool_dtype(kv_cache_dtype, model.lm_head.weight.dtype)  # the target's choice, as in vLLM
         num_blocks = max(2, cache_bytes // KVPool.bytes_per_block(model.config, block_size, dtype))
         self.pool = KVPool(model.config, num_blocks, block_size, max_num_seqs, dtype, model.lm_head.weight.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
