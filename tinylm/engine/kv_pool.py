@@ -45,9 +45,8 @@ class KVPool:
         # read, except block 0, which padding points at: it must hold finite values (0 * NaN would poison SDPA).
         self.keys = {i: _empty_pool(shape, block_size, dtype, device) for i in layers}
         self.values = {i: _empty_pool(shape, block_size, dtype, device) for i in layers}
-        self.quantized = dtype == torch.int8
-        # int8 pools: each row's scale, (num_slots, H_kv) float32
-        scale_layers = layers if self.quantized else []
+        # int8 pools: each row's scale, (num_slots, H_kv) float32 (no entries for other pools)
+        scale_layers = layers if dtype == torch.int8 else []
         self.key_scales = {i: _empty_pool(shape[:2], block_size, torch.float32, device) for i in scale_layers}
         self.value_scales = {i: _empty_pool(shape[:2], block_size, torch.float32, device) for i in scale_layers}
         # DeltaNet states, one row per running sequence (allocated on first write: their shapes come from the layer)
@@ -106,11 +105,9 @@ class PagedBatch:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the real rows of k, v (B, H_kv, T, D); return every row's context K, V (B, H_kv, S, D)."""
-        pool = self.pool
-        if pool.quantized:
-            return (self._write_and_gather(pool.keys[layer_idx], k, pool.key_scales[layer_idx]),
-                    self._write_and_gather(pool.values[layer_idx], v, pool.value_scales[layer_idx]))
-        return self._write_and_gather(pool.keys[layer_idx], k), self._write_and_gather(pool.values[layer_idx], v)
+        pool = self.pool  # an int8 pool has row scales per layer; others have none (get -> None)
+        return (self._write_and_gather(pool.keys[layer_idx], k, pool.key_scales.get(layer_idx)),
+                self._write_and_gather(pool.values[layer_idx], v, pool.value_scales.get(layer_idx)))
 
     def decode_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -119,19 +116,18 @@ class PagedBatch:
         Returns (B, H, 1, D), or None where the kernel does not apply (the caller gathers and attends itself)."""
         pool = self.pool
         keys, values = pool.keys[layer_idx], pool.values[layer_idx]
+        k_scales, v_scales = pool.key_scales.get(layer_idx), pool.value_scales.get(layer_idx)
         batch, heads, _, dim = q.shape
         if not self.attention_kernel or dim % 16 or dim > 256:  # the head sizes the kernel takes
             return None
-        k_scales = v_scales = None
-        if pool.quantized:
-            k_scales, v_scales = pool.key_scales[layer_idx], pool.value_scales[layer_idx]
-            for flat, scales, new in ((keys, k_scales, k), (values, v_scales, v)):
-                codes, row_scales = quantize_rows(new.reshape(batch, *flat.shape[1:]))
+        for flat, scales, new in ((keys, k_scales, k), (values, v_scales, v)):
+            rows = new.reshape(batch, *flat.shape[1:])  # (B, H_kv, D)
+            if scales is None:
+                flat.index_copy_(0, self.write_slots, rows.to(flat.dtype))
+            else:
+                codes, row_scales = quantize_rows(rows)
                 flat.index_copy_(0, self.write_slots, codes)
                 scales.index_copy_(0, self.write_slots, row_scales)
-        else:
-            for flat, new in ((keys, k), (values, v)):
-                flat.index_copy_(0, self.write_slots, new.reshape(batch, *flat.shape[1:]).to(flat.dtype))
         valid = None if mask is None else mask.reshape(batch, self.context)
         out = torch.ops.tinylm.paged_attention(q.reshape(batch, heads, dim).float().contiguous(), keys, values,
                                                self.gather_slots.view(batch, self.context), valid, dim ** -0.5,
