@@ -75,11 +75,14 @@ void tile(const uint16_t* w, const uint16_t* x, int64_t k, int64_t n, int64_t n0
   int64_t c = 0;
   for (; c + 32 <= k; c += 32) {
     if (next != nullptr) {  // the next 4 weight rows (8K bytes, contiguous): 4 of their lines per 4 x 64 bytes read
+      // Non-temporal (prefetchnta): weights are read once per step, and lines fetched so do not displace the
+      // cache's other contents (activations, K/V, later-reused data). One engine, hint switched between alternate
+      // generate calls: bf16 decode +5.5% at batch 1 (9 of 10 pairs) and at batch 16 (6 of 6) over the T0 hint.
       const char* line = next + 4 * 2 * c;
-      __builtin_prefetch(line);
-      __builtin_prefetch(line + 64);
-      __builtin_prefetch(line + 128);
-      __builtin_prefetch(line + 192);
+      __builtin_prefetch(line, 0, 0);
+      __builtin_prefetch(line + 64, 0, 0);
+      __builtin_prefetch(line + 128, 0, 0);
+      __builtin_prefetch(line + 192, 0, 0);
     }
     __m512bh wv[kRows];
     #pragma GCC unroll 8
