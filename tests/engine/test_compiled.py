@@ -33,14 +33,17 @@ def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
     return [out[str(i)] for i in range(len(prompts))]
 
 
-def _generate(tiny_dir, compile_: bool, quantize=None, attention_kernel: bool = True) -> list[list[int]]:
+def _generate(tiny_dir, compile_: bool, quantize=None, attention_kernel: bool = True,
+              fallback: bool = False) -> list[list[int]]:
     llm = tinylm.load(tiny_dir, quantize=quantize)
     engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=compile_))
     if engine.runner.compiled is not None:
         engine.runner.compiled.attention_kernel &= attention_kernel
     prompts = [llm.encode(t) for t in TEXTS]
     # batch 1 (its own graph), then a padded batch of 4 whose rows finish and join at different steps
-    return _run(engine, prompts[:1]) + _run(engine, prompts)
+    tokens = _run(engine, prompts[:1]) + _run(engine, prompts)
+    assert not compile_ or engine.runner.compiled.failed == fallback  # decoded by the graphs unless told
+    return tokens
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "w8a8"])
@@ -92,12 +95,22 @@ def test_compile_failure_falls_back_to_eager(tiny_dir, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.warns(RuntimeWarning, match="decoding eagerly"):
-        assert _generate(tiny_dir, True) == eager
+        assert _generate(tiny_dir, True, fallback=True) == eager
 
 
-def test_hybrid_models_decode_eagerly(tmp_path):
-    llm = tinylm.load(make_tiny("qwen3_next", tmp_path / "next", seed=1))
-    with pytest.warns(RuntimeWarning, match="Gated DeltaNet"):
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_moe"])
+def test_hybrid_and_moe_models_compile_to_eager_tokens(tmp_path, family):
+    """Gated DeltaNet states (read and written in the pool by the graph) and experts picked from stacked weights
+    decode the eager engine's tokens, at batch 1 and in a padded batch whose rows finish at different steps."""
+    path = make_tiny(family, tmp_path / family, seed=1)
+    eager, compiled = _generate(path, False), _generate(path, True)
+    assert compiled == eager
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in compiled)
+
+
+def test_quantized_experts_decode_eagerly(tmp_path):
+    llm = tinylm.load(make_tiny("qwen3_moe", tmp_path / "moe", seed=1), quantize="int8")
+    with pytest.warns(RuntimeWarning, match="mixture-of-experts"):
         engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
     assert engine.runner.compiled is None
     assert len(_run(engine, [llm.encode("Hi there")])[0]) == GREEDY.max_tokens

@@ -38,6 +38,7 @@ class KVPool:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, max_num_seqs: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         self.block_size = block_size
+        self.device = device
         self.num_slots = num_blocks * block_size
         shape = (self.num_slots, config.num_key_value_heads, config.head_dim)
         layers = [i for i in range(config.num_hidden_layers) if config.layer_type(i) == "full_attention"]
@@ -49,11 +50,14 @@ class KVPool:
         scale_layers = layers if dtype == torch.int8 else []
         self.key_scales = {i: _empty_pool(shape[:2], block_size, torch.float32, device) for i in scale_layers}
         self.value_scales = {i: _empty_pool(shape[:2], block_size, torch.float32, device) for i in scale_layers}
-        # DeltaNet states, one row per running sequence (allocated on first write: their shapes come from the layer)
+        # DeltaNet states, one row per running sequence plus a scratch row (`scratch_state_slot`, never handed out:
+        # the compiled step's warm-up writes there). Allocated on first write (their shapes come from the layer),
+        # or up front by reserve_linear_state (a compiled step must see them from its first trace).
         self.max_num_seqs = max_num_seqs
-        self.conv: dict[int, torch.Tensor] = {}  # layer -> (max_num_seqs, conv_dim, kernel-1)
-        self.recurrent: dict[int, torch.Tensor] = {}  # layer -> (max_num_seqs, H_v, D_k, D_v) float32
+        self.conv: dict[int, torch.Tensor] = {}  # layer -> (max_num_seqs + 1, conv_dim, kernel-1)
+        self.recurrent: dict[int, torch.Tensor] = {}  # layer -> (max_num_seqs + 1, H_v, D_k, D_v) float32
         self.free_state_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.scratch_state_slot = max_num_seqs
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -76,6 +80,16 @@ class KVPool:
     def release_state_slot(self, slot: int | None) -> None:
         if slot is not None:
             self.free_state_slots.append(slot)
+
+    def reserve_linear_state(self, layer_idx: int, conv_row: tuple[int, ...], conv_dtype: torch.dtype,
+                             recurrent_row: tuple[int, ...]) -> None:
+        """Zeroed state pools for DeltaNet layer `layer_idx` unless it has them: conv rows (conv_dim, kernel-1)
+        in the activations' dtype, recurrent rows (H_v, D_k, D_v) float32."""
+        if layer_idx not in self.conv:
+            rows = self.max_num_seqs + 1
+            with torch.inference_mode():
+                self.conv[layer_idx] = torch.zeros(rows, *conv_row, dtype=conv_dtype, device=self.device)
+                self.recurrent[layer_idx] = torch.zeros(rows, *recurrent_row, dtype=torch.float32, device=self.device)
 
 
 def _empty_pool(shape: tuple[int, ...], block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -157,13 +171,9 @@ class PagedBatch:
         return self.pool.conv[layer_idx][self.state_rows], self.pool.recurrent[layer_idx][self.state_rows]
 
     def set_linear_state(self, layer_idx: int, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
-        if layer_idx not in self.pool.conv:
-            self.pool.conv[layer_idx] = conv_state.new_zeros(self.pool.max_num_seqs, *conv_state.shape[1:])
-            self.pool.recurrent[layer_idx] = recurrent_state.new_zeros(self.pool.max_num_seqs,
-                                                                      *recurrent_state.shape[1:])
+        self.pool.reserve_linear_state(layer_idx, conv_state.shape[1:], conv_state.dtype, recurrent_state.shape[1:])
         self.pool.conv[layer_idx].index_copy_(0, self.state_rows, conv_state)
         self.pool.recurrent[layer_idx].index_copy_(0, self.state_rows, recurrent_state)
-
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

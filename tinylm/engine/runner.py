@@ -35,16 +35,16 @@ class ModelRunner:
         write_slots = self._slots_of(table, positions, write_mask)
         # No padding anywhere (batch 1, or rows of equal context): SDPA's unmasked path, and one graph fewer
         key_mask = None if bool(valid.all()) else valid.to(self.device)
+        state_rows = None
+        if self.pool.conv or any(seq.state_slot is not None for seq, _ in rows):
+            state_rows = torch.tensor([seq.state_slot for seq, _ in rows], device=self.device)
         if self.compiled is not None and steps == 1 and not all_logits:
             # batch 1 has no padding; larger batches always pass the mask: two graphs in all, not three
             logits = self.compiled(ids.to(self.device), positions.to(self.device),
                                    None if batch == 1 else valid.to(self.device),
-                                   write_slots.to(self.device), gather.to(self.device))
+                                   write_slots.to(self.device), gather.to(self.device), state_rows)
             if logits is not None:
                 return logits
-        state_rows = None
-        if self.pool.conv or any(seq.state_slot is not None for seq, _ in rows):
-            state_rows = torch.tensor([seq.state_slot for seq, _ in rows], device=self.device)
         cache = PagedBatch(self.pool, write_slots.to(self.device),
                            None if bool(write_mask.all()) else write_mask.to(self.device),
                            gather.to(self.device), state_rows)

@@ -42,6 +42,11 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
 
+    def state_shapes(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """One sequence's (conv state (conv_dim, kernel-1), recurrent state (H_v, D_k, D_v)) shapes."""
+        return ((self.conv_dim, self.conv1d.weight.shape[-1] - 1),
+                (self.num_v_heads, self.head_k_dim, self.head_v_dim))
+
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x (B, T, C); pad_mask (B, T), 0 at padding, or None; cache with linear_state / set_linear_state."""
         batch, seq, _ = x.shape

@@ -4,6 +4,12 @@ experts, and optionally a shared expert behind a sigmoid gate (Qwen3NextSparseMo
 Follows transformers' Qwen3MoeTopKRouter / Qwen3MoeExperts; experts keep the checkpoint's per-expert names
 (`mlp.experts.N.gate_proj`, `mlp.shared_expert.gate_proj`, `mlp.shared_expert_gate`) so the weights load as the
 hub stores them and as transformers 5's save_pretrained writes them (it un-fuses its 3D expert tensors on save).
+
+Two forms of the same block. Eagerly (prefill, training) tokens are grouped by expert: one product per expert
+used, over its tokens. Inside torch.compile (decode steps) that loop has data-dependent shapes, so after
+`stack_experts` (inference only) each (token, chosen expert) pair is a product against its expert's rows picked
+from (E, 2I, C) and (E, C, I) stacks: Inductor fuses the pick into the product's reduction, so a step reads only
+the chosen experts' weights, once per pair (a decode batch of B rows and top-k reads B * k expert matrices).
 """
 
 from __future__ import annotations
@@ -39,17 +45,59 @@ class SparseMoE(nn.Module):
             self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
+        # set by stack_experts (inference only), not saved: (E, 2I, C) and (E, C, I)
+        self.register_buffer("gate_up_stack", None, persistent=False)
+        self.register_buffer("down_stack", None, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C): each token is the weighted sum of its top-k experts' outputs."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, C)
         weights, experts = route(self.gate(tokens), self.top_k, self.normalize)
+        if self.gate_up_stack is not None and torch.compiler.is_compiling():
+            out = self._picked_experts(tokens, weights, experts)
+        else:
+            out = self._grouped_experts(tokens, weights, experts)
+        if self.has_shared:
+            # Every token also goes through the shared expert, scaled by its own sigmoid gate (N, 1).
+            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+        return out.reshape(shape)
+
+    def _grouped_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """tokens (N, C), weights and experts (N, k) -> (N, C): one product per expert in use, over its tokens."""
         out = torch.zeros_like(tokens)
         for expert_idx in torch.unique(experts).tolist():
             token_idx, slot = torch.where(experts == expert_idx)
             expert_out = self.experts[expert_idx](tokens[token_idx]) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, expert_out.to(out.dtype))
-        if self.has_shared:
-            # Every token also goes through the shared expert, scaled by its own sigmoid gate (N, 1).
-            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
-        return out.reshape(shape)
+        return out
+
+    def _picked_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The same sum with static shapes (for torch.compile): every (token, slot) pair's expert rows picked from
+        the stacks inside the product, float32 products and sums cast back where the eager layers round."""
+        dtype = tokens.dtype
+        x = tokens.float()[:, None, None, :]  # (N, 1, 1, C)
+        gate_up = (self.gate_up_stack[experts].float() * x).sum(-1).to(dtype)  # (N, k, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = (F.silu(gate) * up).float()[:, :, None, :]  # (N, k, 1, I)
+        down = (self.down_stack[experts].float() * hidden).sum(-1).to(dtype)  # (N, k, C)
+        return (down * weights[..., None]).sum(dim=1)  # (N, C)
+
+    def stack_experts(self) -> bool:
+        """Stack the experts' fused gate/up and down weights for the compiled form; each expert's weights become
+        views of the stacks (no second copy). False (nothing changed) unless every expert is a float SwiGLU with
+        fused gate/up (tinylm.model.fuse) and no bias."""
+        layers = [(e.gate_up_proj, e.down_proj) for e in self.experts]
+        if not all(plain_linear(layer) for pair in layers for layer in pair):
+            return False
+        self.gate_up_stack = torch.stack([gate_up.weight.detach() for gate_up, _ in layers])
+        self.down_stack = torch.stack([down.weight.detach() for _, down in layers])
+        for i, (gate_up, down) in enumerate(layers):
+            gate_up.weight = nn.Parameter(self.gate_up_stack[i], requires_grad=False)
+            down.weight = nn.Parameter(self.down_stack[i], requires_grad=False)
+        return True
+
+
+def plain_linear(layer) -> bool:
+    """A float nn.Linear (or a subclass with the same parameters) without bias: what the stacks can hold."""
+    return (isinstance(layer, nn.Linear) and layer.bias is None and layer.weight.is_floating_point())
