@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import tinylm
-from tests.weights.test_gguf import write_tiny
+from tests.weights.conftest import write_tiny
 from tinylm.quant.linear import Int4Linear, Int8Linear
 from tinylm.quant.sources import GGUFSource
 from tinylm.weights.gguf import load_gguf, open_gguf
