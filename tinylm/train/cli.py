@@ -27,6 +27,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, mode=args.train_mode, overrides=args.set)
     result = train(config, stop_after=args.stop_after_steps)
+    if result.stopped_by is not None:
+        from tinylm.train.preemption import exit_status
+
+        if _is_main():
+            print(f"stopped by {result.stopped_by} at step {result.step}: checkpoint {result.last_checkpoint}; "
+                  "rerun the same command to resume", flush=True)
+        return exit_status(result.stopped_by)  # 143 / 130: not finished (why not 0: preemption.exit_status)
     if result.last_checkpoint is not None and _is_main():
         print(f"step {result.step}: checkpoint {result.last_checkpoint}")
     return 0

@@ -50,6 +50,14 @@ class Dist:
     def any_true(self, flag: bool) -> bool:
         return self.all_reduce_sum([float(flag)])[0] > 0
 
+    def max_int(self, value: int) -> int:
+        """The largest of every process's `value` (e.g. which stop signal any rank saw; 0 = none)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return int(tensor.item())
+
 
 def resolve_device(name: str) -> str:
     if name == "auto":

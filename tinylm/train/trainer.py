@@ -8,6 +8,7 @@ tokens or pairs, summed over processes), so the gradient is the global-batch mea
 from __future__ import annotations
 
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from tinylm.train.data import SampleOrder, count_tokens, rank_slice
 from tinylm.train.dist import Dist, init_distributed, shutdown
 from tinylm.train.lora import apply_lora
 from tinylm.train.metrics import RunLog, default_peak_flops, flop_params, mfu
+from tinylm.train.preemption import StopSignals
 from tinylm.train.setup import autocast, build_model, build_optimizer, load_reference, lr_at, resolve_precision
 from tinylm.train.tasks import build_task
 
@@ -45,6 +47,7 @@ class TrainResult:
     last_checkpoint: Path | None
     step: int
     losses: list[float]
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal stopped the run early (checkpoint saved)
 
 
 class Trainer:
@@ -69,6 +72,7 @@ class Trainer:
         t = config.train
         self.peak = (t.peak_flops or default_peak_flops(self.dist.device, self.precision == "bf16")) * self.dist.world
         self.flop_params = flop_params(self.model)
+        self.stop = StopSignals(announce=self.dist.main)
 
     def _max_steps(self) -> int:
         t, d = self.config.train, self.config.data
@@ -88,32 +92,53 @@ class Trainer:
     # --- the loop
 
     def run(self, stop_after: int | None = None) -> TrainResult:
-        """Train to max_steps (or stop after `stop_after` steps, saving a checkpoint to resume from)."""
-        config, dist = self.config, self.dist
+        """Train to max_steps (or stop after `stop_after` steps, saving a checkpoint to resume from).
+
+        SIGTERM / SIGINT during the run stop it after the step in progress, with a checkpoint saved (see
+        preemption.py); the result's `stopped_by` then names the signal.
+        """
         try:
-            run_state.prepare_out_dir(self)
-            log = RunLog(config.out_dir / "log.jsonl" if dist.main else None, self.max_steps, self.progress.step,
-                         config.train.progress)
-            self.log = log
-            for note in self.task.notes:
-                log.write({"event": "note", "message": note})
-            last = run_state.latest(self)
-            end = min(self.max_steps, stop_after) if stop_after is not None else self.max_steps
-            every = config.checkpoint.every_tokens
-            while self.progress.step < end:
-                tokens_before = self.progress.tokens
-                self._step()
-                crossed = every is not None and tokens_before // every != self.progress.tokens // every
-                if crossed or self.progress.step == end:
-                    last = run_state.save(self)
-            log.close()
-            return TrainResult(config.out_dir, last, self.progress.step, self.progress.losses)
+            with self.stop.handlers():
+                return self._run(stop_after)
         finally:
             # DDP's reducer holds the process group: destroyed after it (when the Trainer goes), its gloo
             # teardown could wait forever on a peer that had already exited (a worker stuck right after the last
             # checkpoint, about 1 run in 12 of tests/train/test_ddp.py; py-spy showed it in train()'s return)
             self.objective = self.task.objective
-            shutdown(dist)
+            shutdown(self.dist)
+
+    def _run(self, stop_after: int | None) -> TrainResult:
+        config = self.config
+        run_state.prepare_out_dir(self)
+        self.log = RunLog(config.out_dir / "log.jsonl" if self.dist.main else None, self.max_steps,
+                          self.progress.step, config.train.progress)
+        for note in self.task.notes:
+            self.log.write({"event": "note", "message": note})
+        last = run_state.latest(self)
+        end = min(self.max_steps, stop_after) if stop_after is not None else self.max_steps
+        every = config.checkpoint.every_tokens
+        stopped_by = None
+        while self.progress.step < end and stopped_by is None:
+            tokens_before = self.progress.tokens
+            self._step()
+            crossed = every is not None and tokens_before // every != self.progress.tokens // every
+            finished = self.progress.step == end  # the same on every rank, as `crossed` (tokens are all-reduced)
+            stopped_by = None if finished else self._agreed_stop()
+            if crossed or finished or stopped_by:
+                last = run_state.save(self)
+                if not (finished or stopped_by):  # a signal during a periodic save: stop at it, not one step on
+                    stopped_by = self._agreed_stop()
+        if stopped_by:
+            self.log.write({"event": "stopped", "signal": stopped_by, "step": self.progress.step, "path": str(last)})
+        self.log.close()
+        return TrainResult(config.out_dir, last, self.progress.step, self.progress.losses, stopped_by)
+
+    def _agreed_stop(self) -> str | None:
+        """The stop signal seen by any process, the same answer on every process (one tiny all-reduce when
+        distributed): ranks may get the signal at different steps but must stop after the same one, to save one
+        checkpoint together. Ranks that saw different signals report the larger number (SIGTERM over SIGINT)."""
+        signum = self.dist.max_int(self.stop.signum or 0)
+        return signal.Signals(signum).name if signum else None
 
     def _step(self) -> None:
         config, dist, p = self.config, self.dist, self.progress
