@@ -74,6 +74,28 @@ def test_batched_greedy_equals_reference(any_llm, config):
         assert out[str(i)] == _reference(llm, prompt, GREEDY.max_tokens), f"request {i}"
 
 
+def test_continued_chunk_next_to_a_fresh_prompt_equals_reference(any_llm):
+    """A prompt split over two steps whose second, shorter chunk is left-padded next to a fresh prompt: the
+    padding queries sit where the row's own earlier tokens are keys, so only the engine knows they are padding.
+    (DeltaNet states once ran over that padding: greedy tokens still matched on tiny weights, logprobs did not.)"""
+    llm = any_llm
+    long, fresh = _prompts(llm, 5)[4], _prompts(llm, 2)[1]
+    engine = _engine(llm, max_num_batched_tokens=len(long) - 4)  # step 1: long minus 4; step 2: 4 + fresh
+    params = tinylm.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0)
+    outputs = {"0": [], "1": []}
+    engine.add_request("0", long, params)
+    engine.add_request("1", fresh, params)
+    while engine.has_unfinished():
+        for output in engine.step():
+            outputs[output.request_id].append(output.logprob)
+    for key, prompt in (("0", long), ("1", fresh)):
+        tokens = [entry.token_id for entry in outputs[key]]
+        logits = llm.forward([prompt + tokens]).logits[0, len(prompt) - 1:-1].float()  # (4, V) predicting each
+        expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        got = torch.tensor([entry.logprob for entry in outputs[key]])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
 def test_preemption_recomputes_and_changes_nothing(any_llm):
     llm = any_llm
     prompts = _prompts(llm)

@@ -250,10 +250,10 @@ class LLMEngine:
         return outputs
 
     def _prefill_groups(self, prefill: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-        """Chunks that can share one padded forward. DeltaNet layers would decay their state over left padding,
-        and prompt logprobs need every position: those run alone."""
-        alone = [[item] for item in prefill if self.hybrid or item[0].wants_prompt_logprobs]
-        together = [item for item in prefill if not (self.hybrid or item[0].wants_prompt_logprobs)]
+        """Chunks that can share one padded forward; prompt logprobs need every position: those run alone. (DeltaNet
+        layers move a row's padding after its real tokens, so padding neither decays nor writes their states.)"""
+        alone = [[item] for item in prefill if item[0].wants_prompt_logprobs]
+        together = [item for item in prefill if not item[0].wants_prompt_logprobs]
         return alone + ([together] if together else [])
 
     def _run_prefill(self, group: list[tuple[Sequence, int]]) -> list[StepOutput]:

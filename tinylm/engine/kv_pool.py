@@ -111,6 +111,7 @@ class PagedBatch:
         self.pool = pool
         self.write_slots = write_slots
         self.write_mask = write_mask  # None: every (row, step) is a real token
+        self.new_tokens = write_mask  # the cache contract's name for it (tinylm/model/cache.py)
         self.gather_slots = gather_slots.reshape(-1)
         self.batch, self.context = gather_slots.shape
         self.state_rows = state_rows

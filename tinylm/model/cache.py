@@ -2,6 +2,9 @@
 
 The contract the model relies on (the serving engine's paged cache implements the same methods):
 - `length`: tokens already stored for every row; `advance(n)` once every layer has written n more.
+- `new_tokens` (optional): a (B, T) mask of the real new tokens, or None; where a cache does not give it, the
+  model reads it from the attention mask's last T columns (right for this cache, not for a paged one whose rows
+  continue different contexts with left-padded chunks).
 - attention layers: `update(layer_idx, k, v) -> (k_all, v_all)`.
 - Gated DeltaNet layers: `linear_state(layer_idx) -> (conv_state, recurrent_state)` or None before the first
   write, and `set_linear_state(layer_idx, conv_state, recurrent_state)` with

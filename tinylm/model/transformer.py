@@ -95,7 +95,7 @@ class CausalLM(nn.Module):
         if packed is not None:  # several sequences packed in a row: each attends only to itself
             same = packed[:, None, :, None] == packed[:, None, None, :]  # (B, 1, T, T)
             mask = same & (_causal(seq, x.device) if mask is None else mask)
-        pad_mask = padding_mask(attention_mask, seq) if self.config.has_linear_layers else None
+        pad_mask = new_token_mask(attention_mask, seq, cache) if self.config.has_linear_layers else None
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, pad_mask)
         if cache is not None:
@@ -160,6 +160,19 @@ def _causal(seq: int, device) -> torch.Tensor:
     """(1, 1, T, T) bool: key at or before the query."""
     positions = torch.arange(seq, device=device)
     return (positions[None, :] <= positions[:, None])[None, None]
+
+
+def new_token_mask(attention_mask: torch.Tensor | None, seq: int, cache) -> torch.Tensor | None:
+    """The (B, T) real-token mask of the new tokens for DeltaNet inputs, or None when nothing is padding.
+
+    A paged cache says so itself (`cache.new_tokens`): there a row may continue its context while its chunk is
+    left-padded, and the key mask then marks the padding queries' key positions as real (they hold the row's
+    earlier tokens). With a contiguous cache every row spans past + T positions, so the mask's last T columns
+    are the new tokens'."""
+    known = getattr(cache, "new_tokens", None)
+    if known is not None:
+        return known
+    return padding_mask(attention_mask, seq)
 
 
 def padding_mask(attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
