@@ -25,7 +25,7 @@ from tinylm.config import ModelConfig
 from tinylm.errors import ConfigError, WeightsError
 from tinylm.weights.gguf_tokenizer import build_tokenizer
 
-# Tensor types tinylm dequantizes; each is checked bit-exact against gguf.quants in tests/weights/test_gguf.py.
+# Tensor types tinylm dequantizes; each is checked bit-exact against gguf.quants in tests/weights/test_gguf_read.py.
 SUPPORTED_TYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0,
                              QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 _BIG_ARRAY = 64  # metadata arrays longer than this (tokens, merges, scores) are left out of GGUFModel.metadata
