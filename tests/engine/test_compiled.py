@@ -130,6 +130,28 @@ def test_warmup_compiles_every_graph_before_requests(tiny_dir):
     assert counters["stats"]["unique_graphs"] == graphs  # no request paid for a compile
 
 
+def test_float_weights_are_frozen_into_the_graphs(tiny_dir, monkeypatch):
+    """Freezing needs Inductor's flag while dynamo traces, not only in the compile options (it was silently off):
+    every weight of a float model becomes a constant, so neither graph takes one as an input."""
+    import torch._inductor.freezing as freezing
+
+    calls = []
+    replace = freezing.replace_params_with_constants
+
+    def spy(gm, flat_params, meta):
+        kept = replace(gm, flat_params, meta)
+        calls.append((len(flat_params), [i for i in kept if i < len(flat_params)]))
+        return kept
+
+    monkeypatch.setattr(freezing, "replace_params_with_constants", spy)
+    llm = tinylm.load(tiny_dir)
+    engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
+    torch._dynamo.reset()
+    engine.warmup()
+    assert len(calls) == 2 and all(count > 0 and not kept for count, kept in calls)
+    assert torch._inductor.config.freezing is False  # the process-wide flag is left as it was
+
+
 def test_each_engine_keeps_its_own_graphs(tiny_dir):
     """Graphs are cached per engine: a second model compiled in the same process neither counts against the
     first one's recompile limit nor makes it recompile."""
