@@ -138,7 +138,8 @@ def _inductor_options(model) -> dict:
 
     Float weights are frozen: Inductor takes them as constants of the compiled code instead of ~250 graph inputs
     that dynamo's prologue and the wrapper pass on every call (one engine each way, alternating generate calls,
-    2-core EPYC: bf16 batch 1 +5.1%, 7 of 8 pairs; seed 002's hybrid +6.7%, 8 of 8). The compiled engine's model is inference-only already (fuse_projections copies q/k/v and gate/up).
+    2-core EPYC: bf16 batch 1 +5.1%, 7 of 8 pairs; seed 002's hybrid +6.7%, 8 of 8). The compiled engine's model
+    is inference-only already (fuse_projections copies q/k/v and gate/up).
     oneDNN weight prepacking, which freezing would also do, stays off: it keeps a second copy of each weight.
 
     int8 layers are not frozen (constant folding keeps float copies of some int8 tensors: +0.18 GiB for w8a8, and

@@ -89,7 +89,8 @@ class KVPool:
             rows = self.max_num_seqs + 1
             with torch.inference_mode():
                 self.conv[layer_idx] = torch.zeros(rows, *conv_row, dtype=conv_dtype, device=self.device)
-                self.recurrent[layer_idx] = torch.zeros(rows, *recurrent_row, dtype=torch.float32, device=self.device)
+                self.recurrent[layer_idx] = torch.zeros(rows, *recurrent_row, dtype=torch.float32,
+                                                        device=self.device)
 
 
 def _empty_pool(shape: tuple[int, ...], block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -111,12 +112,16 @@ class PagedBatch:
         self.pool = pool
         self.write_slots = write_slots
         self.write_mask = write_mask  # None: every (row, step) is a real token
-        self.new_tokens = write_mask  # the cache contract's name for it (tinylm/model/cache.py)
         self.gather_slots = gather_slots.reshape(-1)
         self.batch, self.context = gather_slots.shape
         self.state_rows = state_rows
         self.length = 0  # set by the runner to S - T, the query offset the model's mask builder expects
         self.attention_kernel = False  # set by the compiled decode step when tinylm.kernels are built
+
+    @property
+    def new_tokens(self) -> torch.Tensor | None:
+        """The cache contract's name for write_mask (tinylm/model/cache.py): which new tokens are real."""
+        return self.write_mask
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the real rows of k, v (B, H_kv, T, D); return every row's context K, V (B, H_kv, S, D)."""
