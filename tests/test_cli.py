@@ -126,3 +126,33 @@ def test_serve_passes_the_kv_cache_dtype_to_its_engine():
     args = build_parser().parse_args(["serve", "--kv-cache-dtype", "int8"])
     assert server_config(args).engine.kv_cache_dtype == "int8"
     assert server_config(build_parser().parse_args(["serve"])).engine.kv_cache_dtype == "auto"
+
+
+def _sampling_namespace(model, **flags):
+    import argparse
+
+    base = dict(model=model, max_tokens=8, temperature=None, top_p=None, top_k=None, min_p=None,
+                repetition_penalty=None, presence_penalty=0.0, frequency_penalty=0.0, stop=None, seed=None,
+                ignore_eos=False)
+    return argparse.Namespace(**{**base, **flags})
+
+
+def test_sampling_defaults_follow_the_model(tmp_path):
+    """Flags not given take the model's recommendation (generation_config.json, or the built-in model's card, as
+    vLLM reads them), else tinylm's own defaults; a flag given always wins."""
+    from tinylm.cli import sampling_params
+
+    builtin = sampling_params(_sampling_namespace(None))
+    assert (builtin.temperature, builtin.top_p) == (0.2, 0.9)  # SmolLM2-135M-Instruct's card
+    assert sampling_params(_sampling_namespace(None, temperature=0.0, top_p=1.0)).temperature == 0.0
+    folder = tmp_path / "model"
+    folder.mkdir()
+    plain = sampling_params(_sampling_namespace(str(folder)))
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.repetition_penalty) == (0.6, 0.9, -1, 1.0)
+    (folder / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.7, "top_k": 20, '
+                                                   '"repetition_penalty": 1.05, "eos_token_id": 2}')
+    given = sampling_params(_sampling_namespace(str(folder)))
+    assert (given.temperature, given.top_p, given.top_k, given.repetition_penalty) == (0.7, 0.9, 20, 1.05)
+    assert sampling_params(_sampling_namespace(str(folder), top_k=5)).top_k == 5
+    (folder / "generation_config.json").write_text("{not json")
+    assert sampling_params(_sampling_namespace(str(folder))).temperature == 0.6

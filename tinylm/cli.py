@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import tinylm
+from tinylm import hub
 from tinylm.errors import TinyLMError
 
 
@@ -104,11 +105,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    recommended = "default: the model's recommendation (generation_config.json, or the built-in model's card), else"
+    parser.add_argument("--temperature", type=float, default=None, help=f"0 = greedy; {recommended} 0.6")
+    parser.add_argument("--top-p", type=float, default=None, help=f"{recommended} 0.9")
+    parser.add_argument("--top-k", type=int, default=None, help=f"{recommended} -1 (off)")
+    parser.add_argument("--min-p", type=float, default=None, help=f"{recommended} 0")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help=f"{recommended} 1")
     parser.add_argument("--presence-penalty", type=float, default=0.0)
     parser.add_argument("--frequency-penalty", type=float, default=0.0)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
@@ -116,10 +118,17 @@ def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--ignore-eos", action="store_true")
 
 
+SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
 def sampling_params(args) -> tinylm.SamplingParams:
+    """The flags given; for those not given, the model's recommended sampling (hub.recommended_sampling), else
+    tinylm's defaults (SAMPLING_DEFAULTS)."""
+    chosen = {**SAMPLING_DEFAULTS, **hub.recommended_sampling(args.model)}
+    chosen.update({k: getattr(args, k) for k in SAMPLING_DEFAULTS if getattr(args, k) is not None})
+    chosen["top_k"] = int(chosen["top_k"])
     return tinylm.SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        max_tokens=args.max_tokens, **chosen, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos,
     )
 
