@@ -39,7 +39,7 @@ def transformers_batch(model, tokenizer, prompts: list[str], new_tokens: int) ->
     return generated / (time.perf_counter() - start)
 
 
-def tinylm_batch(llm: tinylm.LLM, prompts: list[str], new_tokens: int) -> float:
+def tinylm_batch(llm: tinylm.LLM, prompts: list[str] | list[list[int]], new_tokens: int) -> float:
     params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     results = llm.generate(prompts, params)

@@ -19,19 +19,13 @@ import torch
 import tinylm
 from tinylm import tiny
 
+from batch_decode import tinylm_batch
 from decode import machine, tinylm_decode, transformers_decode
 
 SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
              num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768)
 PROMPT = list(range(3, 40))
 BATCH = [PROMPT[:10 + i] for i in range(8)]
-
-
-def tinylm_batch(llm: tinylm.LLM, new_tokens: int) -> float:
-    params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate(BATCH, params)
-    return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -58,7 +52,7 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         tinylm_decode(llm, PROMPT, 8)
         ours = max(tinylm_decode(llm, PROMPT, args.new_tokens)[1] for _ in range(args.repeats))
-        batch = max(tinylm_batch(llm, args.new_tokens) for _ in range(args.repeats))
+        batch = max(tinylm_batch(llm, BATCH, args.new_tokens) for _ in range(args.repeats))
         mode = "compiled" if compiled else "eager"
         print(f"| tinylm | {mode} | {ours:.1f} ({ours / theirs:.2f}x) | {batch:.1f} | "
               f"{compile_s if compiled else 0:.0f} |", flush=True)

@@ -57,13 +57,19 @@ def cache_dir() -> Path:
     return Path(base) / "tinylm"
 
 
+def builtin(model: str | os.PathLike | None) -> WheelModel | None:
+    """The built-in model a model argument names (None: the default), unless a local path of that name exists."""
+    key = DEFAULT_MODEL if model is None else str(model).lower()
+    if key in BUILTIN_MODELS and (model is None or not Path(model).exists()):
+        return BUILTIN_MODELS[key]
+    return None
+
+
 def resolve(model: str | os.PathLike | None) -> Path:
     """A model argument -> a local path: a folder, a .gguf file, or a built-in name (fetched once)."""
-    if model is None:
-        model = DEFAULT_MODEL
-    key = str(model).lower()
-    if key in BUILTIN_MODELS and not Path(model).exists():
-        return fetch_builtin(BUILTIN_MODELS[key])
+    wheel = builtin(model)
+    if wheel is not None:
+        return fetch_builtin(wheel)
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -135,9 +141,9 @@ def recommended_sampling(model: str | os.PathLike | None) -> dict[str, float]:
     """The sampling a model's authors recommend, as vLLM and transformers read it: a folder's
     generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty where given), or a built-in
     model's card. Empty when there is none; unreadable files count as none."""
-    key = DEFAULT_MODEL if model is None else str(model).lower()
-    if key in BUILTIN_MODELS and not Path(str(model)).exists():
-        return dict(BUILTIN_MODELS[key].sampling)
+    wheel = builtin(model)
+    if wheel is not None:
+        return dict(wheel.sampling)
     config = Path(str(model)).expanduser() / "generation_config.json"
     try:
         values = json.loads(config.read_text())
@@ -145,4 +151,5 @@ def recommended_sampling(model: str | os.PathLike | None) -> dict[str, float]:
         return {}
     if not isinstance(values, dict):
         return {}
-    return {k: v for k in SAMPLING_KEYS if isinstance(v := values.get(k), (int, float)) and not isinstance(v, bool)}
+    return {key: value for key in SAMPLING_KEYS
+            if isinstance(value := values.get(key), (int, float)) and not isinstance(value, bool)}
