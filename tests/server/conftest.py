@@ -13,13 +13,15 @@ import uvicorn
 import tinylm
 from tinylm.engine.engine import EngineConfig
 from tinylm.server.app import ServerConfig, create_app
+from tinylm.server.http import uvicorn_config
 from tinylm.tiny import make_tiny
 
 
 @contextlib.contextmanager
-def running_server(llm, config: ServerConfig):
+def running_server(llm, config: ServerConfig, header_timeout: float = 10.0):
+    """The app behind the same uvicorn setup `tinylm serve` uses (header deadline, keep-alive timeout)."""
     app = create_app(llm, config)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, header_timeout=header_timeout))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

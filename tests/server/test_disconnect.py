@@ -85,3 +85,38 @@ def test_sigterm_finishes_running_requests_then_exits(tmp_path):
         assert server.wait(30) == 0
     finally:
         server.kill()
+
+
+def test_sigterm_ends_long_streams_with_an_error_event(smollm2_gguf):
+    """A stream still running at the end of the grace period gets a final error event (as TGI sends), not a cut
+    connection; the server logs why and exits 0. (The default model: 480 tokens take it many seconds.)"""
+    port = 19000 + os.getpid() % 1000
+    server = subprocess.Popen([sys.executable, "-m", "tinylm.cli", "serve", "--model", str(smollm2_gguf), "--port",
+                               str(port), "--dtype", "float32", "--graceful-timeout", "2"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "tinylm: serving" in server.stderr.readline()
+        url = f"http://127.0.0.1:{port}"
+        events: dict[str, list[str]] = {}
+
+        def stream(route: str, body: dict) -> None:
+            with httpx.stream("POST", url + route, json=body, timeout=60) as response:
+                events[route] = [line for line in response.iter_lines() if line.startswith("data:")]
+
+        openai = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "n": 4, "stream": True}
+        tgi = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 480}}
+        threads = [threading.Thread(target=stream, args=("/v1/completions", openai)),
+                   threading.Thread(target=stream, args=("/generate_stream", tgi))]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        server.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        assert server.wait(30) == 0
+        log = server.stderr.read()
+    finally:
+        server.kill()
+    assert "shutting down" in events["/v1/completions"][-2] and events["/v1/completions"][-1] == "data: [DONE]"
+    assert "shutting down" in events["/generate_stream"][-1]
+    assert "ended 2 request(s) still running" in log and "stopped" in log

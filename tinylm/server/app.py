@@ -1,24 +1,29 @@
-"""The HTTP app: OpenAI routes, TGI routes, health, metrics; errors as each dialect expects them.
+"""The HTTP app: OpenAI routes, TGI routes, health, metrics.
 
-Every failure a client can cause becomes a JSON error with a clear message: 400 on OpenAI routes (body
-`{"error": {"message", "type", "param", "code"}}`), 422 on TGI routes (`{"error", "error_type"}`), 413 for an
-oversized body, 429 when the queue is full. An internal error fails that request with 500, never the server.
+Every failure a client can cause becomes a JSON error with a clear message (tinylm/server/errors.py): 400 on
+OpenAI routes, 422 on TGI routes, 401 without the API key, 408 for a body that does not arrive in time or a
+request past its time limit, 413 for an oversized body, 429 when the queue is full. An internal error fails that
+request with 500, never the server. CPU work of a request (templates, tokenizing) runs off the event loop, so
+/health answers while it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+import anyio
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
 
+from tinylm import hub
 from tinylm.engine.async_engine import AsyncEngine
-from tinylm.engine.engine import EngineConfig, LLMEngine, QueueFullError
-from tinylm.errors import TinyLMError
+from tinylm.engine.engine import EngineConfig, LLMEngine
+from tinylm.server.errors import APIError, install_error_handlers  # noqa: F401  (APIError: re-exported)
 from tinylm.server.metrics import Metrics
+from tinylm.server.middleware import ApiKey, ReadBody, RequestLog
+from tinylm.server.openapi import ERROR_RESPONSES, document_errors
 
 
 @dataclass
@@ -26,12 +31,14 @@ class ServerConfig:
     model_name: str = "tinylm"
     max_body_bytes: int = 4 << 20  # requests larger than this are refused with 413
     engine: EngineConfig | None = None
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer KEY`
+    body_timeout: float = 30.0  # seconds a client may take to send its body (408 after)
+    request_timeout: float = 600.0  # seconds a request may run, streaming included (408 after)
+    max_messages: int = 1024  # chat messages per request
+    max_prompt_bytes: int | None = None  # prompt text per request before tokenizing; None: 32 bytes a context token
+    trust_request_chat_template: bool = False  # allow requests to send their own chat template source
+    sampling_defaults: dict | None = None  # the model's recommended sampling; None: read from the model's folder
+    cpu_workers: int = 4  # threads that tokenize and render templates for requests
 
 
 @dataclass
@@ -42,6 +49,13 @@ class ServerState:
     engine: AsyncEngine
     metrics: Metrics
     config: ServerConfig
+    sampling_defaults: dict = field(default_factory=dict)
+    live_queues: set = field(default_factory=set)  # one asyncio.Queue per running request (generation.py)
+    cpu_limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        return self.config.max_prompt_bytes or max(64 << 10, 32 * self.llm.config.max_position_embeddings)
 
 
 def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
@@ -50,143 +64,62 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
                        draft_model=llm.draft_model)
     engine.warmup()  # compiles the decode graphs before the server answers (with --compile only)
     metrics = Metrics(engine)
-    state = ServerState(llm, AsyncEngine(engine, on_output=metrics.on_output), metrics, config)
+    defaults = config.sampling_defaults
+    if defaults is None:
+        defaults = hub.recommended_sampling(llm.loaded.source) if llm.loaded.source.is_dir() else {}
+    state = ServerState(llm, AsyncEngine(engine, on_output=metrics.on_output), metrics, config, dict(defaults))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.cpu_limiter = anyio.CapacityLimiter(config.cpu_workers)
         state.engine.start()
         yield
         state.engine.shutdown()
 
-    app = FastAPI(title="tinylm", lifespan=lifespan)
+    app = FastAPI(title="tinylm", version=_version(), lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.tinylm = state
-    _install_error_handlers(app)
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    install_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(ReadBody, limit=config.max_body_bytes, timeout=config.body_timeout)
+    if config.api_key:
+        app.add_middleware(ApiKey, key=config.api_key)
+    app.add_middleware(RequestLog, metrics=metrics)  # outermost: logs refusals by the others too
+    document_errors(app)
+    return app
 
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
     from tinylm.server import openai_routes, tgi_routes
 
     app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)
 
-    app.add_middleware(_CountRequests, metrics=metrics)
-
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "The engine is running", "content": {"text/plain": {}}},
+        503: {"description": "The engine thread has stopped", "content": {"text/plain": {}}}})
     async def health() -> Response:
-        alive = state.engine.is_alive
-        return Response(status_code=200 if alive else 503)
+        return Response(status_code=200 if state.engine.is_alive else 503, media_type="text/plain")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain; version=0.0.4": {}}}})
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return app
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def is_tgi_route(path: str) -> bool:
-    return path.startswith("/generate")
+def _version() -> str:
+    import tinylm
+
+    return tinylm.__version__
 
 
-def error_response(path: str, status: int, message: str, kind: str = "invalid_request_error",
-                   param: str | None = None) -> JSONResponse:
-    if is_tgi_route(path):
-        tgi_kind = {429: "overloaded", 500: "generation"}.get(status, "validation")
-        return JSONResponse({"error": message, "error_type": tgi_kind}, status_code=422 if status == 400 else status)
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+async def drain(state: ServerState, grace: float) -> int:
+    """SIGTERM: let running requests finish for most of the grace period, then end the rest with a final error
+    (an event on streams, an error body otherwise) before the server closes connections. Returns how many were
+    ended that way."""
+    from tinylm.server.generation import stop_live_requests
 
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError):
-        return error_response(request.url.path, 400, _describe(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        message = str(exc.detail)
-        if message == "There was an error parsing the body":  # FastAPI's words for undecodable bytes
-            message = "the request body is not valid JSON: it is not UTF-8 text"
-        return error_response(request.url.path, exc.status_code, message)
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return error_response(request.url.path, exc.status, exc.message, exc.kind, exc.param)
-
-    @app.exception_handler(QueueFullError)
-    async def queue_full(request: Request, exc: QueueFullError):
-        return error_response(request.url.path, 429, str(exc), "rate_limit_exceeded")
-
-    @app.exception_handler(TinyLMError)
-    @app.exception_handler(ValueError)
-    async def bad_value(request: Request, exc: Exception):
-        return error_response(request.url.path, 400, str(exc))
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        return error_response(request.url.path, 500, f"internal error: {exc}", "internal_error")
-
-
-def _describe(exc: RequestValidationError) -> str:
-    """One readable line from pydantic's errors: the malformed JSON, or the first bad fields."""
-    parts = []
-    for error in exc.errors()[:3]:
-        if error.get("type") == "json_invalid":
-            return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', 'parse error')}"
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {error.get('msg')}")
-    return "invalid request: " + "; ".join(parts)
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413, by Content-Length or while streaming in."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope, receive, send) -> None:
-        message = f"the request body is larger than the limit of {self.limit} bytes"
-        await error_response(scope.get("path", ""), 413, message)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _CountRequests:
-    """ASGI middleware: count responses by route and status. (Pure ASGI, not BaseHTTPMiddleware, so handlers
-    still see the client's disconnect.)"""
-
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") == "/metrics":
-            return await self.app(scope, receive, send)
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(scope.get("path", ""), str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(0.0, grace - min(1.0, grace / 2))  # room to send the final events
+    while state.live_queues and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    return stop_live_requests(state)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
+import os
 import sys
 
 
@@ -26,18 +25,40 @@ def register(commands) -> None:
                        help="requests allowed to wait for a batch slot; more are answered with 429")
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     serve.add_argument("--graceful-timeout", type=float, default=10.0,
-                       help="seconds running requests may take to finish after SIGTERM")
+                       help="seconds running requests may take to finish after SIGTERM; the rest end with an error "
+                            "event")
+    safety = serve.add_argument_group("serving safely (see README: Serving safely)")
+    safety.add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"),
+                        help="require `Authorization: Bearer KEY` on every route but /health "
+                             "(default: $TINYLM_API_KEY)")
+    safety.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let requests send their own chat template source (untrusted code; still sandboxed "
+                             "and time-limited)")
+    safety.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds one request may run, streaming included (408 / a final error event after)")
+    safety.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a client may take to send a request body (408 after)")
+    safety.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client may take to send a request's headers (408 and closed after)")
+    safety.add_argument("--max-messages", type=int, default=1024, help="chat messages per request")
+    safety.add_argument("--max-prompt-bytes", type=int, default=None,
+                        help="prompt text per request, refused before tokenizing (default: 32 bytes per context "
+                             "token, at least 64 KiB)")
+    safety.add_argument("--no-access-log", action="store_true", help="no log line per request on stderr")
     serve.set_defaults(handler=cmd_serve)
 
 
 def server_config(args):
+    from tinylm import hub
     from tinylm.engine.engine import EngineConfig
     from tinylm.server.app import ServerConfig
 
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue", "max_body_bytes",
-                 "num_speculative_tokens"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+                 "num_speculative_tokens", "request_timeout", "body_timeout", "header_timeout", "max_messages",
+                 "max_prompt_bytes"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.kv_cache_memory <= 0:
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
     engine = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_memory * 2**30),
@@ -46,14 +67,17 @@ def server_config(args):
                           compile=args.compile, num_speculative_tokens=args.num_speculative_tokens,
                           kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
-    return ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes, engine=engine)
+    return ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes, engine=engine, api_key=args.api_key,
+                        body_timeout=args.body_timeout, request_timeout=args.request_timeout,
+                        max_messages=args.max_messages, max_prompt_bytes=args.max_prompt_bytes,
+                        trust_request_chat_template=args.trust_request_chat_template,
+                        sampling_defaults=hub.recommended_sampling(args.model))
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from tinylm.cli import load_from_args
     from tinylm.server.app import create_app
+    from tinylm.server.http import make_server, uvicorn_config
 
     config = server_config(args)
     llm = load_from_args(args)
@@ -61,34 +85,11 @@ def cmd_serve(args) -> int:
         print("tinylm: compiling the decode step (about a minute per graph the first time; cached on disk)",
               file=sys.stderr, flush=True)
     app = create_app(llm, config)
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                               timeout_graceful_shutdown=args.graceful_timeout)
-    server = _make_server(uv_config, f"tinylm: serving {config.model_name} on http://{args.host}:{args.port} "
-                          "(OpenAI /v1/completions, /v1/chat/completions; TGI /generate, /generate_stream)")
+    uv_config = uvicorn_config(app, args.host, args.port, header_timeout=args.header_timeout,
+                               graceful_timeout=args.graceful_timeout, access_log=not args.no_access_log)
+    auth = ", API key required" if config.api_key else ""
+    server = make_server(uv_config, f"tinylm: serving {config.model_name} on http://{args.host}:{args.port} "
+                         f"(OpenAI /v1/completions, /v1/chat/completions; TGI /generate, /generate_stream{auth})",
+                         app.state.tinylm)
     server.run()
     return 0 if server.started else 1
-
-
-def _make_server(config, ready_message: str):
-    """A uvicorn.Server that prints one line once its socket is listening, not before."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                print(ready_message, file=sys.stderr, flush=True)
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            """SIGTERM / SIGINT start a graceful shutdown. uvicorn re-raises the signal once it is done, which
-            ends the process as killed; a server that shut down cleanly exits 0 instead."""
-            signals = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return Server(config)

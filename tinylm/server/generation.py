@@ -1,17 +1,26 @@
-"""What both HTTP dialects do with a request: check it against the context, run it to the end or stream it, and
-cancel it when the client goes away."""
+"""What both HTTP dialects do with a request: check it against the context, tokenize it off the event loop, run
+it to the end or stream it, and cancel it when the client goes away, its time limit passes or the server stops.
+
+A request's outputs arrive on one asyncio.Queue per request. Its end, by any cause, is an item on that queue too:
+a timer puts `RequestTimeout` there when the request's wall-clock limit passes, and a server that is shutting
+down puts `ServerStopping` on every live queue shortly before its grace period ends, so a stream closes with a
+final error event instead of a cut connection, and a waiting response gets an error body.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
+import anyio
 from fastapi import Request
 
 from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.errors import ContextLengthError
 from tinylm.sampling_params import SamplingParams
+from tinylm.server.errors import APIError
 
 _DISCONNECT_POLL_SECONDS = 0.1
 
@@ -55,31 +64,51 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
 
 
+class RequestTimeout(APIError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request ran past the server's limit of {seconds:g} s (--request-timeout)",
+                         "timeout_error")
+
+
+class ServerStopping(APIError):
+    def __init__(self) -> None:
+        super().__init__(503, "the server is shutting down; the request was stopped", "server_shutdown")
+
+
+async def off_loop(state, function: Callable, *args, **kwargs):
+    """Run CPU work (tokenizing, rendering a chat template) in a worker thread, so the event loop keeps answering
+    /health and streaming tokens; at most `state.cpu_limiter` such jobs run at once."""
+    return await anyio.to_thread.run_sync(functools.partial(function, *args, **kwargs), limiter=state.cpu_limiter)
+
+
 async def run_all(state, request: Request, prompts: list[list[int]], params: SamplingParams, n: int,
                   prompt_logprobs: int | None = None) -> list[Completion]:
     """Run n choices for each prompt concurrently; cancel them all if the client disconnects."""
-    async def one(prompt: list[int], index: int) -> Completion:
-        completion = Completion()
-        async for output in state.engine.generate(prompt, choice_params(params, index),
-                                                  prompt_logprobs=prompt_logprobs):
-            completion.add(output)
-        return completion
+    completions = [Completion() for _ in range(len(prompts) * n)]
 
-    tasks = [asyncio.ensure_future(one(p, i)) for p in prompts for i in range(n)]
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, tasks))
+    async def collect() -> None:
+        async for choice, output in merged_stream(state, prompts, params, n, prompt_logprobs):
+            completions[choice].add(output)
+
+    task = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, [task]))
     try:
-        return await asyncio.gather(*tasks)
+        await task
+        return completions
     finally:
         watcher.cancel()
-        for task in tasks:
-            task.cancel()
+        task.cancel()
 
 
 async def merged_stream(state, prompts: list[list[int]], params: SamplingParams, n: int,
                         prompt_logprobs: int | None = None) -> AsyncIterator[tuple[int, StepOutput]]:
     """Outputs of every choice as they come, tagged with the choice index (prompt-major, as OpenAI numbers them).
-    Closing this iterator (a client that left) cancels every choice."""
+    Closing this iterator (a client that left) cancels every choice; the request's time limit or the server's
+    shutdown raises RequestTimeout / ServerStopping here."""
     queue: asyncio.Queue = asyncio.Queue()
+    limit = state.config.request_timeout
+    timer = asyncio.get_running_loop().call_later(limit, queue.put_nowait, (None, RequestTimeout(limit)))
+    state.live_queues.add(queue)
 
     async def pump(prompt: list[int], index: int, choice: int) -> None:
         try:
@@ -99,8 +128,17 @@ async def merged_stream(state, prompts: list[list[int]], params: SamplingParams,
             remaining -= item.finish_reason is not None
             yield choice, item
     finally:
+        timer.cancel()
+        state.live_queues.discard(queue)
         for task in tasks:
             task.cancel()
+
+
+def stop_live_requests(state) -> int:
+    """Shutdown: end every running request with ServerStopping (called on the event loop). Returns how many."""
+    for queue in list(state.live_queues):
+        queue.put_nowait((None, ServerStopping()))
+    return len(state.live_queues)
 
 
 def validate_all(state, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:

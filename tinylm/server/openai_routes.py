@@ -6,19 +6,19 @@ stop_token_ids, echo with max_tokens=0) follow vLLM's OpenAI server.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
-from tinylm.server.app import APIError
-from tinylm.server.generation import check_context, merged_stream, run_all, validate_all
+from tinylm.server.errors import APIError, error_body
+from tinylm.server.generation import check_context, merged_stream, off_loop, run_all, validate_all
 from tinylm.server.openai_format import (chat_chunk, chat_logprobs, completion_logprobs, stream_completion_chunk,
                                          token_strings, usage)
-from tinylm.server.protocol import ChatCompletionRequest, CompletionRequest
+from tinylm.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, StrictRequest
 
 router = APIRouter()
 
@@ -34,7 +34,7 @@ def _check_model(state, model: str | None) -> None:
 
 
 def _prompt_ids(state, prompt) -> list[list[int]]:
-    """A completion prompt (text, texts, token ids, lists of token ids) -> token id lists."""
+    """A completion prompt (text, texts, token ids, lists of token ids) -> token id lists (runs off the loop)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
@@ -42,6 +42,18 @@ def _prompt_ids(state, prompt) -> list[list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [state.llm.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def check_prompt_bytes(state, size: int) -> None:
+    """Refuse text no context could hold before spending CPU on tokenizing it."""
+    if size > state.max_prompt_bytes:
+        raise APIError(400, f"the prompt text is {size} bytes; this server accepts at most {state.max_prompt_bytes} "
+                       "bytes per request (--max-prompt-bytes)", param="prompt")
+
+
+def _prompt_bytes(prompt) -> int:
+    texts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+    return sum(len(t.encode()) for t in texts)
 
 
 @router.get("/v1/models")
@@ -56,8 +68,9 @@ async def models(request: Request) -> dict:
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
-    params = body.to_params()
-    prompts = _prompt_ids(state, body.prompt)
+    params = body.to_params(state.sampling_defaults)
+    check_prompt_bytes(state, _prompt_bytes(body.prompt))
+    prompts = await off_loop(state, _prompt_ids, state, body.prompt)
     for prompt in prompts:
         check_context(state.llm.config.max_position_embeddings, prompt, params.max_tokens)
     validate_all(state, prompts, params, body.n)
@@ -65,9 +78,10 @@ async def completions(body: CompletionRequest, request: Request):
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
         stream = merged_stream(state, prompts, params, body.n, prompt_logprobs)
-        return _sse(_completion_events(state, body, prompts, stream, meta))
+        return _sse(request, functools.partial(_completion_events, state, body, prompts, stream, meta))
     results = await run_all(state, request, prompts, params, body.n, prompt_logprobs)
-    scoring_only = body.echo and body.max_tokens == 0
+    record_usage(request, prompts, results, body.n)
+    scoring_only = body.max_tokens == 0
     choices = []
     for index, result in enumerate(results):
         prompt = prompts[index // body.n]
@@ -88,16 +102,17 @@ def _prompt_text(state, raw_prompt, prompt_ids: list[int], index: int) -> str:
     return state.llm.tokenizer.decode(prompt_ids, skip_special_tokens=False) if state.llm.tokenizer else ""
 
 
-async def _completion_events(state, body: CompletionRequest, prompts, stream, meta):
+async def _completion_events(state, body: CompletionRequest, prompts, stream, meta, usage_out: list):
     counts = [0] * (len(prompts) * body.n)
+    prompt_tokens = sum(len(p) for p in prompts) * body.n
     async for choice, output in stream:
         prefix = ""
         if body.echo and counts[choice] == 0:
             prefix = _prompt_text(state, body.prompt, prompts[choice // body.n], choice // body.n)
         counts[choice] += output.token_id is not None
+        usage_out[:] = [prompt_tokens, sum(counts)]
         yield stream_completion_chunk(state, meta, choice, output, prefix, body.logprobs)
     if body.stream_options and body.stream_options.include_usage:
-        prompt_tokens = sum(len(p) for p in prompts) * body.n
         yield {**meta, "object": "text_completion", "choices": [],
                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
                          "total_tokens": prompt_tokens + sum(counts)}}
@@ -107,92 +122,156 @@ async def _completion_events(state, body: CompletionRequest, prompts, stream, me
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
-    prompt = _chat_prompt(state, body)
+    _check_messages(state, body)
+    template_kwargs = _template_kwargs(state, body)
+    prompt = await off_loop(state, _chat_prompt, state, body, template_kwargs)
     context = state.llm.config.max_position_embeddings
     explicit = body.max_tokens is not None or body.max_completion_tokens is not None
-    params = body.to_params(default_max_tokens=max(1, context - len(prompt)))
+    params = body.to_params(max(1, context - len(prompt)), state.sampling_defaults)
     check_context(context, prompt, params.max_tokens, explicit)
     validate_all(state, [prompt], params, body.n)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
-        return _sse(_chat_events(state, body, prompt, merged_stream(state, [prompt], params, body.n), meta))
+        stream = merged_stream(state, [prompt], params, body.n)
+        return _sse(request, functools.partial(_chat_events, state, body, prompt, stream, meta))
     results = await run_all(state, request, [prompt], params, body.n)
+    record_usage(request, [prompt], results, body.n)
     choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                 "logprobs": chat_logprobs(state, r.logprobs) if body.logprobs else None,
                 "finish_reason": r.finish_reason} for i, r in enumerate(results)]
     return {**meta, "object": "chat.completion", "choices": choices, "usage": usage([prompt], results, body.n)}
 
 
-def _chat_prompt(state, body: ChatCompletionRequest) -> list[int]:
+def _check_messages(state, body: ChatCompletionRequest) -> None:
+    if len(body.messages) > state.config.max_messages:
+        raise APIError(400, f"{len(body.messages)} messages; this server accepts at most "
+                       f"{state.config.max_messages} per request", param="messages")
+    check_prompt_bytes(state, sum(m.text_bytes() for m in body.messages))
+
+
+def _template_kwargs(state, body: ChatCompletionRequest) -> dict:
+    """The request's template variables. A template source sent by the request is untrusted code: refused unless
+    the server was started with --trust-request-chat-template (a name of one of the model's templates is fine)."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    source = kwargs.pop("chat_template", None) or body.chat_template
+    if source is not None:
+        known = state.llm.tokenizer is not None and state.llm.tokenizer.has_template(source)
+        if not known and not state.config.trust_request_chat_template:
+            raise APIError(400, "request-supplied chat templates are refused by this server (start it with "
+                           "--trust-request-chat-template to allow them)", param="chat_template")
+        kwargs["chat_template"] = source
+    return kwargs
+
+
+def _chat_prompt(state, body: ChatCompletionRequest, template_kwargs: dict) -> list[int]:
+    """Render and tokenize the conversation (runs off the loop; the template has a time and size budget). Message
+    text never becomes control tokens, and only allow-listed template variables may be set by a request."""
     if state.llm.tokenizer is None:
         raise ValueError("this model has no tokenizer, so it cannot chat")
     messages = [m.plain() for m in body.messages]
     return state.llm.tokenizer.apply_chat_template(
         messages, add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
-        continue_final_message=body.continue_final_message, tokenize=True, **(body.chat_template_kwargs or {}))
+        continue_final_message=body.continue_final_message, tokenize=True, trusted_kwargs=False,
+        **template_kwargs)
 
 
-async def _chat_events(state, body: ChatCompletionRequest, prompt, stream, meta):
+async def _chat_events(state, body: ChatCompletionRequest, prompt, stream, meta, usage_out: list):
     started: set[int] = set()
     generated = 0
+    prompt_tokens = len(prompt) * body.n
     async for choice, output in stream:
         if choice not in started:
             started.add(choice)
             yield chat_chunk(meta, choice, {"role": "assistant", "content": ""}, None, None)
         generated += output.token_id is not None
+        usage_out[:] = [prompt_tokens, generated]
         logprobs = chat_logprobs(state, [output.logprob]) if body.logprobs and output.logprob else None
         delta = {"content": output.text} if output.text or output.finish_reason is None else {}
         yield chat_chunk(meta, choice, delta, logprobs, output.finish_reason)
     if body.stream_options and body.stream_options.include_usage:
-        prompt_tokens = len(prompt) * body.n
         yield {**meta, "object": "chat.completion.chunk", "choices": [],
                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                          "total_tokens": prompt_tokens + generated}}
 
 
-def _sse(events) -> StreamingResponse:
+def record_usage(request: Request, prompts: list[list[int]], results, n: int) -> None:
+    """Token counts for the access log line (tinylm/server/middleware.py)."""
+    request.state.usage = (sum(len(p) for p in prompts) * n, sum(len(r.token_ids) for r in results))
+
+
+def _sse(request: Request, make_events) -> StreamingResponse:
+    """An OpenAI event stream. A request that ends in an error after the stream started (its time limit, the
+    server stopping, an internal error) gets a final `data: {"error": ...}` event, as vLLM sends, then [DONE]."""
+    usage_out: list = []
+    events = make_events(usage_out)  # the generator writes [prompt tokens, completion tokens] there
+
     async def body():
-        async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except Exception as exc:  # noqa: BLE001  (any failure: the client gets it as the last event)
+            yield f"data: {json.dumps(stream_error(request.url.path, exc), ensure_ascii=False)}\n\n"
+        finally:
+            request.state.usage = tuple(usage_out) or None
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-class TokenizeRequest(BaseModel):
+def stream_error(path: str, exc: Exception) -> dict:
+    if isinstance(exc, APIError):
+        return error_body(path, exc.status, exc.message, exc.kind)[0]
+    if isinstance(exc, ValueError):
+        return error_body(path, 400, str(exc))[0]
+    return error_body(path, 500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")[0]
+
+
+class TokenizeRequest(StrictRequest):
+    model: str | None = None
     prompt: str | None = None
-    messages: list[dict] | None = None
+    messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(StrictRequest):
+    model: str | None = None
     tokens: list[int]
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     state = _state(request)
-    tokenizer = _tokenizer(state)
+    _check_model(state, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise ValueError("give exactly one of prompt or messages")
-    if body.messages is not None:
-        ids = tokenizer.apply_chat_template(body.messages, add_generation_prompt=body.add_generation_prompt,
-                                            tokenize=True)
-    else:
-        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    ids = await off_loop(state, _tokenize, state, body)
     return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.config.max_position_embeddings,
             "token_strs": token_strings(state, ids)}
+
+
+def _tokenize(state, body: TokenizeRequest) -> list[int]:
+    tokenizer = _tokenizer(state)
+    if body.messages is not None:
+        if len(body.messages) > state.config.max_messages:
+            raise APIError(400, f"at most {state.config.max_messages} messages per request", param="messages")
+        check_prompt_bytes(state, sum(m.text_bytes() for m in body.messages))
+        return tokenizer.apply_chat_template([m.plain() for m in body.messages], tokenize=True,
+                                             add_generation_prompt=body.add_generation_prompt, trusted_kwargs=False)
+    check_prompt_bytes(state, len(body.prompt.encode()))
+    return tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     state = _state(request)
+    _check_model(state, body.model)
     vocab = state.llm.config.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-    return {"prompt": _tokenizer(state).decode(body.tokens, skip_special_tokens=False)}
+    text = await off_loop(state, _tokenizer(state).decode, body.tokens, skip_special_tokens=False)
+    return {"prompt": text}
 
 
 def _tokenizer(state):

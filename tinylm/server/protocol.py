@@ -1,7 +1,10 @@
 """Request bodies of the OpenAI and TGI routes (pydantic), and their translation to SamplingParams.
 
-Pydantic checks types; the meaning of each value (ranges, limits) is checked once, by SamplingParams, so the
-Python API, the CLI and both HTTP dialects refuse the same inputs with the same messages.
+Pydantic checks types and refuses what tinylm does not implement: an unknown field is a 400 naming it (never
+silently dropped), and so are Infinity / NaN. The meaning of each value (ranges, limits) is checked once, by
+SamplingParams, so the Python API, the CLI and both HTTP dialects refuse the same inputs with the same messages.
+Fields the client leaves out take the model's recommended sampling (generation_config.json, a built-in model's
+card), as vLLM does, else the OpenAI defaults.
 """
 
 from __future__ import annotations
@@ -10,139 +13,186 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tinylm.sampling_params import SamplingParams
+from tinylm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_SEED, MAX_STOP_STRINGS, MIN_SEED, SamplingParams
 
 MAX_N = 16  # completions per request (n)
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields tinylm does not use (user, metadata, ...)
+class StrictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class StreamOptions(_Request):
+def documented(default=None, **constraints):
+    """A field whose range SamplingParams (or the route) checks, with one message for every entry point, stated in
+    the OpenAPI document as JSON Schema keywords. `x-token-id` becomes [0, vocab) when the document is built."""
+    return Field(default, json_schema_extra=constraints)
+
+
+TOKEN_ID = {"minimum": 0, "x-token-id": True}
+TOKEN_IDS = {"items": TOKEN_ID}
+
+
+class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
-class _OpenAISampling(_Request):
+class _OpenAISampling(StrictRequest):
     """The sampling fields both OpenAI routes share, plus vLLM's extensions."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    n: int = documented(1, minimum=1, maximum=MAX_N)
+    temperature: float | None = documented(minimum=0)
+    top_p: float | None = documented(exclusiveMinimum=0, maximum=1)
+    top_k: int | None = documented(minimum=-1)
+    min_p: float | None = documented(minimum=0, maximum=1)
+    stop: str | list[str] | None = documented(minLength=1, maxItems=MAX_STOP_STRINGS, items={"minLength": 1})
+    stop_token_ids: list[int] | None = documented(**TOKEN_IDS)
+    seed: int | None = documented(minimum=MIN_SEED, maximum=MAX_SEED)
+    presence_penalty: float | None = documented(minimum=-2, maximum=2)
+    frequency_penalty: float | None = documented(minimum=-2, maximum=2)
+    repetition_penalty: float | None = documented(exclusiveMinimum=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = documented(propertyNames={"pattern": "^[0-9]+$"}, additionalProperties={
+        "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS})
+    min_tokens: int = documented(0, minimum=0)
+    user: str | None = None  # the end user's id (OpenAI's abuse-monitoring field): accepted, not used
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
+        """`defaults`: the model's recommended sampling for fields the request leaves out."""
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        chosen = {**OPENAI_DEFAULTS, **(defaults or {})}
+        given = {name: getattr(self, name) for name in OPENAI_DEFAULTS if getattr(self, name) is not None}
+        chosen.update(given)
         return SamplingParams(
-            max_tokens=max_tokens, temperature=_default(self.temperature, 1.0), top_p=_default(self.top_p, 1.0),
-            top_k=_default(self.top_k, -1), min_p=_default(self.min_p, 0.0), stop=self.stop,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids or [], seed=self.seed, logprobs=logprobs,
-            presence_penalty=_default(self.presence_penalty, 0.0),
-            frequency_penalty=_default(self.frequency_penalty, 0.0),
-            repetition_penalty=_default(self.repetition_penalty, 1.0), ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-        )
+            ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=_token_bias(self.logit_bias),
+            **chosen)
 
 
 class CompletionRequest(_OpenAISampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = documented(..., minLength=1, minItems=1, items={
+        "minLength": 1, "minItems": 1, **TOKEN_ID, "items": TOKEN_ID})
+    max_tokens: int | None = documented(16, minimum=0)
+    logprobs: int | None = documented(minimum=0, maximum=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = documented(minimum=1, maximum=MAX_N)
+    suffix: str | None = documented(maxLength=0)
 
-    def to_params(self) -> SamplingParams:
+    def to_params(self, defaults: dict | None = None) -> SamplingParams:
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
         max_tokens = _default(self.max_tokens, 16)
-        if max_tokens == 0 and self.echo:
-            max_tokens = 1  # scoring only: one token is generated and dropped from the answer
-        return self.sampling_params(max_tokens, self.logprobs)
+        if max_tokens == 0:
+            max_tokens = 1  # scoring only (with echo: the prompt's logprobs): one token is generated and dropped
+        return self.sampling_params(max_tokens, self.logprobs, defaults)
 
 
-class ChatMessage(_Request):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+class TextPart(StrictRequest):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictRequest):
+    role: str = documented(..., pattern=r"^[a-z_]+$")  # the template's roles: tokenizer.template_roles
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    # Earlier turns of a conversation as the client recorded them; the chat template renders them
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def plain(self) -> dict[str, Any]:
         """The message as a chat template sees it (text parts of multi-part content joined)."""
         content = self.content
         if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise ValueError("only text content parts are supported")
-            content = "".join(str(part.get("text", "")) for part in content)
+            content = "".join(part.text for part in content)
         message = {"role": self.role, "content": content or ""}
-        if self.name:
-            message["name"] = self.name
+        for name in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+            if getattr(self, name) is not None:
+                message[name] = getattr(self, name)
         return message
+
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of the message's text, counted before anything renders or tokenizes it."""
+        content = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content or ())
+        return len(content.encode()) + len((self.reasoning_content or "").encode())
 
 
 class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = documented(minimum=1)
+    max_completion_tokens: int | None = documented(minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = documented(minimum=0, maximum=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None  # a template name of the model, or (if the server trusts requests) a source
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def to_params(self, default_max_tokens: int) -> SamplingParams:
+    def to_params(self, default_max_tokens: int, defaults: dict | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         max_tokens = _default(self.max_completion_tokens, _default(self.max_tokens, default_max_tokens))
-        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
 
 
-class TGIParameters(_Request):
-    best_of: int | None = None
+class TGIParameters(StrictRequest):
+    """TGI's parameters, with the ranges its router's validation enforces (tgi_routes.to_sampling_params)."""
+
+    best_of: int | None = documented(minimum=1, maximum=1)
     decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
-    frequency_penalty: float | None = None
-    max_new_tokens: int | None = None
-    repetition_penalty: float | None = None
+    frequency_penalty: float | None = documented(minimum=-2, maximum=2)
+    max_new_tokens: int | None = documented(minimum=1)
+    repetition_penalty: float | None = documented(exclusiveMinimum=0)
     return_full_text: bool | None = False
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    temperature: float | None = None
-    top_k: int | None = None
-    top_n_tokens: int | None = None
-    top_p: float | None = None
-    truncate: int | None = None
-    typical_p: float | None = None
-    watermark: bool = False
+    seed: int | None = documented(minimum=MIN_SEED, maximum=MAX_SEED)
+    stop: list[str] = Field(default_factory=list, json_schema_extra={"maxItems": 4, "items": {"minLength": 1}})
+    temperature: float | None = documented(exclusiveMinimum=0)
+    top_k: int | None = documented(minimum=1)
+    top_n_tokens: int | None = documented(minimum=0, maximum=5)
+    top_p: float | None = documented(exclusiveMinimum=0, exclusiveMaximum=1)
+    truncate: int | None = documented(minimum=1)
+    typical_p: float | None = documented(enum=[1.0, None])
+    watermark: bool = documented(False, enum=[False])
 
 
-class TGIRequest(_Request):
-    inputs: str
+class TGIRequest(StrictRequest):
+    inputs: str = documented(..., minLength=1)
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
 
 
+# vLLM's values for fields neither the request nor the model's recommendation sets
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
+                   "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
 def _default(value, default):
     return default if value is None else value
+
+
+def _token_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends logit_bias keyed by token id strings."""
+    if not logit_bias:
+        return None
+    bias = {}
+    for key, value in logit_bias.items():
+        if not key.strip().lstrip("-").isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        bias[int(key)] = value
+    return bias
 
 
 ErrorDialect = Literal["openai", "tgi"]

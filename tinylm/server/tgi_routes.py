@@ -14,8 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 import tinylm
-from tinylm.server.app import APIError
-from tinylm.server.generation import Completion, check_context, merged_stream, run_all, validate_all
+from tinylm.server.errors import APIError
+from tinylm.server.generation import Completion, check_context, merged_stream, off_loop, run_all, validate_all
+from tinylm.server.openai_routes import check_prompt_bytes, record_usage, stream_error
 from tinylm.server.openai_format import token_strings
 from tinylm.server.protocol import TGIParameters, TGIRequest
 from tinylm.sampling_params import SamplingParams
@@ -60,12 +61,13 @@ def to_sampling_params(p: TGIParameters) -> SamplingParams:
         stop=p.stop, seed=seed, logprobs=(p.top_n_tokens or 0) if (p.details or p.top_n_tokens) else None)
 
 
-def _prepare(request: Request, body: TGIRequest) -> tuple:
+async def _prepare(request: Request, body: TGIRequest) -> tuple:
     state = request.app.state.tinylm
     params = to_sampling_params(body.parameters)
     if not body.inputs:
         _fail("`inputs` cannot be empty")
-    prompt = state.llm.encode(body.inputs)
+    check_prompt_bytes(state, len(body.inputs.encode()))
+    prompt = await off_loop(state, state.llm.encode, body.inputs)
     if body.parameters.truncate:
         prompt = prompt[-body.parameters.truncate:]
     check_context(state.llm.config.max_position_embeddings, prompt, params.max_tokens,
@@ -78,9 +80,10 @@ def _prepare(request: Request, body: TGIRequest) -> tuple:
 async def generate(body: TGIRequest, request: Request):
     if body.stream:
         return await generate_stream(body, request)
-    state, params, prompt = _prepare(request, body)
+    state, params, prompt = await _prepare(request, body)
     prompt_logprobs = 0 if body.parameters.decoder_input_details else None
     result = (await run_all(state, request, [prompt], params, 1, prompt_logprobs))[0]
+    record_usage(request, [prompt], [result], 1)
     text = (body.inputs if body.parameters.return_full_text else "") + result.text
     response = {"generated_text": text}
     if body.parameters.details:
@@ -90,25 +93,37 @@ async def generate(body: TGIRequest, request: Request):
 
 @router.post("/generate_stream")
 async def generate_stream(body: TGIRequest, request: Request):
-    state, params, prompt = _prepare(request, body)
+    state, params, prompt = await _prepare(request, body)
 
     async def events():
-        text, count = "", 0
-        async for _, output in merged_stream(state, [prompt], params, 1):
-            text += output.text
-            count += 1
-            event = {"index": count - 1, "token": _token(state, output.token_id, output.logprob, output.text),
-                     "top_tokens": _top_tokens(state, output.logprob) if body.parameters.top_n_tokens else None,
-                     "generated_text": None, "details": None}
-            if output.finish_reason is not None:
-                event["generated_text"] = (body.inputs if body.parameters.return_full_text else "") + text
-                if body.parameters.details:
-                    event["details"] = {"finish_reason": _finish_reason(state, params, output.token_id,
-                                                                        output.finish_reason),
-                                        "generated_tokens": count, "seed": params.seed, "input_length": len(prompt)}
-            yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
+        count = 0
+        try:
+            async for event in _stream_events(state, body, params, prompt):
+                count += 1
+                yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
+        except Exception as exc:  # noqa: BLE001  (the time limit, the server stopping: TGI's final error event)
+            yield f"data:{json.dumps(stream_error(request.url.path, exc), ensure_ascii=False)}\n\n"
+        finally:
+            request.state.usage = (len(prompt), count)
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _stream_events(state, body: TGIRequest, params: SamplingParams, prompt: list[int]):
+    text, count = "", 0
+    async for _, output in merged_stream(state, [prompt], params, 1):
+        text += output.text
+        count += 1
+        event = {"index": count - 1, "token": _token(state, output.token_id, output.logprob, output.text),
+                 "top_tokens": _top_tokens(state, output.logprob) if body.parameters.top_n_tokens else None,
+                 "generated_text": None, "details": None}
+        if output.finish_reason is not None:
+            event["generated_text"] = (body.inputs if body.parameters.return_full_text else "") + text
+            if body.parameters.details:
+                event["details"] = {"finish_reason": _finish_reason(state, params, output.token_id,
+                                                                    output.finish_reason),
+                                    "generated_tokens": count, "seed": params.seed, "input_length": len(prompt)}
+        yield event
 
 
 @router.get("/info")
