@@ -123,3 +123,13 @@ def test_over_long_input_names_both_numbers(llm):
 def test_out_of_vocabulary_prompt_ids(llm):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[1, llm.config.vocab_size + 5]], tinylm.SamplingParams(max_tokens=2))
+
+
+def test_tiny_temperature_samples_greedily_instead_of_overflowing(llm):
+    """logits / 1e-45 overflowed to inf and NaN (six end-of-text tokens); below 1e-5 a temperature is greedy."""
+    prompt = "The capital of France is"
+    greedy = llm.generate(prompt, tinylm.SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))[0]
+    for temperature in (1e-45, 1e-6):
+        tiny = llm.generate(prompt, tinylm.SamplingParams(max_tokens=6, ignore_eos=True, temperature=temperature,
+                                                          seed=0))[0]
+        assert tiny.token_ids == greedy.token_ids and tiny.text == greedy.text

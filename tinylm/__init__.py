@@ -2,11 +2,11 @@
 
 from tinylm.config import ModelConfig
 from tinylm.errors import ConfigError, ContextLengthError, TemplateError, TinyLMError, WeightsError
-from tinylm.llm import LLM, RequestOutput, load
+from tinylm.llm import LLM, CompletionOutput, Logprob, RequestOutput, load
 from tinylm.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "ModelConfig", "RequestOutput", "SamplingParams", "load",
+    "LLM", "ModelConfig", "RequestOutput", "CompletionOutput", "Logprob", "SamplingParams", "load",
     "TinyLMError", "ConfigError", "WeightsError", "TemplateError", "ContextLengthError",
 ]
 __version__ = "0.1.0"

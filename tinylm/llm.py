@@ -1,25 +1,33 @@
-"""The public API, shaped like vLLM's: `load()` -> `LLM` with forward, generate, stream and chat."""
+"""The public API, shaped like vLLM's: `load()` -> `LLM` with forward, generate, stream and chat.
+
+`LLM` also takes vLLM's constructor and call shapes, so that a vLLM offline script runs with only its import
+changed: `LLM(model=..., dtype=..., quantization=..., seed=...)`, `generate(prompts, sampling_params)` and
+`chat(messages, sampling_params)` returning RequestOutputs with `.outputs` (n CompletionOutputs each) and vLLM's
+logprob dictionaries. tinylm's shorter forms stay: `res[0].text`, `res[0].token_ids`, `res[0].logprobs[0].top`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from tinylm import hub
-from tinylm.engine.engine import EngineConfig, LLMEngine
+from tinylm.engine.engine import EngineConfig, LLMEngine, model_context
 from tinylm.engine.kv_pool import pool_dtype
-from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.engine.ngram import NGRAM
+from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.engine.speculative import check_draft, check_num_tokens
 from tinylm.errors import ConfigError
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.sampling_params import SamplingParams
 from tinylm.weights.loader import LoadedModel, load_model
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | dict  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}
 Message = dict
 
 
@@ -32,33 +40,139 @@ class StepEvent:
     text: str
     logprob: TokenLogprob | None
     finish_reason: str | None  # None while running; "stop" (EOS / stop string / stop token) or "length"
+    choice: int = 0  # which of the prompt's n completions (SamplingParams.n)
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with a choice's first token, when asked for
+
+
+@dataclass
+class Logprob:
+    """vLLM's Logprob: a token's log-probability, its rank in the distribution (1: most likely), its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One of a prompt's n completions, as vLLM's CompletionOutput."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None  # None unless logprobs were asked for (as vLLM)
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: {token id: Logprob}, the chosen one and top-N
+    finish_reason: str | None = None  # "stop" or "length"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: EOS, length)
+    token_logprobs: list[TokenLogprob] | None = None  # tinylm's form of `logprobs`
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
 class RequestOutput:
+    """One prompt's result, as vLLM's RequestOutput; the properties below are tinylm's shorter forms, those of
+    the first completion (README: res[0].text, res[0].logprobs[0].top)."""
+
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, {id: Logprob} per later prompt token]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished() for o in self.outputs)
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """tinylm's form: one TokenLogprob (token_id, logprob, top) per token; vLLM's is outputs[i].logprobs."""
+        return self.outputs[0].token_logprobs
 
     @property
     def cumulative_logprob(self) -> float | None:
-        return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
+        return self.outputs[0].cumulative_logprob
+
+
+# vLLM constructor arguments that change no output here (GPU memory, logging, graph capture, downloads): accepted
+_IGNORED_ARGS = frozenset({
+    "trust_remote_code", "gpu_memory_utilization", "swap_space", "disable_log_stats", "max_seq_len_to_capture",
+    "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "download_dir", "hf_token",
+    "enforce_eager", "max_logprobs",
+})
+# vLLM constructor arguments tinylm honours only at their default value (one process, one device, no adapters)
+_DEFAULT_ONLY = {
+    "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1, "cpu_offload_gb": 0,
+    "enable_lora": False, "tokenizer_mode": "auto", "revision": None, "tokenizer_revision": None,
+    "code_revision": None, "load_format": "auto", "distributed_executor_backend": None,
+}
 
 
 class LLM:
-    def __init__(self, loaded: LoadedModel, engine_config: EngineConfig | None = None,
-                 draft: LoadedModel | str | None = None) -> None:
+    def __init__(self, model: str | os.PathLike | LoadedModel | None = None, tokenizer: str | os.PathLike | None = None,
+                 *, dtype: str | torch.dtype = "auto", quantization: str | None = None, seed: int | None = None,
+                 max_model_len: int | None = None, device: str = "auto", compile: bool = False,
+                 skip_tokenizer_init: bool = False, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool | None = None,
+                 block_size: int | None = None, kv_cache_dtype: str = "auto", kv_cache_memory_bytes: int | None = None,
+                 speculative_config: dict | None = None, engine_config: EngineConfig | None = None,
+                 draft: LoadedModel | str | None = None, **kwargs) -> None:
+        """vLLM's constructor: `model` is a built-in name, a Hugging Face folder or a .gguf file; dtype "auto"
+        (the checkpoint's, bfloat16 for float16 ones on CPU, float32 for GGUF), "float32", "bfloat16", "float16"
+        or a torch.dtype; quantization None or a tinylm policy ("int8", "int4", "w8a8", ...); seed seeds torch's
+        global generator (requests without their own seed draw from it), as vLLM seeds its workers; device "auto"
+        (cuda when available), "cpu" or "cuda". Other vLLM arguments: _IGNORED_ARGS are accepted, _DEFAULT_ONLY
+        only at their defaults, anything else is refused with a ValueError naming it.
+
+        tinylm's own form, `LLM(loaded_model, engine_config=..., draft=...)`, wraps a model already loaded
+        (what `tinylm.load` builds)."""
+        _check_extra_args(kwargs)
+        if isinstance(model, LoadedModel):
+            self._attach(model, tokenizer if isinstance(tokenizer, EngineConfig) else engine_config, draft)
+            return
+        # Everything checkable without weights is checked before any are read
+        config = engine_config or _engine_config(
+            compile=compile, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_cache_bytes=kv_cache_memory_bytes)
+        if seed is not None:
+            torch.manual_seed(seed)
+        device = _resolve_device(device)
+        path = hub.resolve(model)
+        loaded = load_model(path, dtype=_resolve_dtype(dtype, path, device), device=device, quantize=quantization)
+        loaded = _with_tokenizer(loaded, tokenizer, model, skip_tokenizer_init)
+        model_context(loaded.model.config.max_position_embeddings, config.max_model_len)
+        if speculative_config:
+            draft, config.num_speculative_tokens = _speculative(speculative_config, loaded, dtype, device)
+        self._attach(loaded, config, draft)
+        self.model_name = hub.DEFAULT_MODEL if model is None else str(model)
+
+    def _attach(self, loaded: LoadedModel, engine_config: EngineConfig | None,
+                draft: LoadedModel | str | None) -> None:
         self.loaded = loaded
         self.draft = draft  # speculative decoding's draft model, "[ngram]" or None (tinylm/engine/speculative.py)
         self.model = loaded.model
         self.config = loaded.model.config
         self.tokenizer = loaded.tokenizer
         self.engine_config = engine_config or EngineConfig()
+        self.model_name = str(loaded.source)  # what get_default_sampling_params reads the recommendation of
         self._engine: LLMEngine | None = None
         self._request_ids = 0
+        self._token_texts: dict[int, str] = {}  # decoded_token of vLLM's Logprob, per token id
 
     @property
     def engine(self) -> LLMEngine:
@@ -81,6 +195,15 @@ class LLM:
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
 
+    def get_tokenizer(self):
+        """vLLM's accessor: the model's tinylm Tokenizer (encode, decode, apply_chat_template), or None."""
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the model's recommended sampling (generation_config.json, a built-in model's card), else the
+        SamplingParams defaults. generate/chat use it when given no sampling_params, as vLLM does."""
+        return SamplingParams(**hub.recommended_sampling(self.model_name))
+
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None,
                 logits_to_keep: int = 0) -> CausalLMOutput:
         """Full-sequence forward: logits (B, T, V) and the HF-convention loss when labels are given.
@@ -94,19 +217,23 @@ class LLM:
             return self.model(tensors[0], attention_mask=tensors[1], labels=tensors[2], position_ids=tensors[3],
                               logits_to_keep=logits_to_keep)
 
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Complete each prompt (text, or a list of token ids); several prompts run as one padded batch."""
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+                 lora_request=None) -> list[RequestOutput]:
+        """Complete each prompt (text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}) with
+        SamplingParams.n completions each; all run as one continuous batch. use_tqdm is accepted (tinylm shows
+        no progress bar); lora_request must be None."""
+        _check_no_lora(lora_request)
         prompts, params = self._normalize(prompts, sampling_params)
-        outputs = [RequestOutput(p if isinstance(p, str) else None, ids) for p, ids in prompts]
+        outputs = [self._request_output(text, ids, p) for (text, ids), p in zip(prompts, params)]
         for events in self._steps([ids for _, ids in prompts], params):
             for event in events:
-                _collect(outputs[event.index], event, params[event.index])
+                self._collect(outputs[event.index], event, params[event.index])
         return outputs
 
     def stream(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StepEvent]:
-        """Yield each generated token as a StepEvent (index, token_id, text delta, logprob, finish_reason).
+        """Yield each generated token as a StepEvent (index, token_id, text delta, logprob, finish_reason, choice).
 
         `text` deltas never split a UTF-8 character and never show part of a stop string.
         """
@@ -115,17 +242,29 @@ class LLM:
             yield from events
 
     def chat(self, messages: list[Message] | list[list[Message]],
-             sampling_params: SamplingParams | list[SamplingParams] | None = None, **template_kwargs
-             ) -> list[RequestOutput]:
-        """One conversation (a list of {role, content}) or several; the model's chat template is applied."""
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             lora_request=None, chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list | None = None,
+             chat_template_kwargs: dict | None = None, **template_kwargs) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or several; the model's chat template (or chat_template:
+        a template name of the model or a template's source) is applied. vLLM's arguments; content may be a
+        string or a list of {"type": "text", "text": ...} parts."""
+        _check_no_lora(lora_request)
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(c, **template_kwargs) for c in conversations]
+        options = {**(chat_template_kwargs or {}), **template_kwargs,
+                   "add_generation_prompt": add_generation_prompt, "tools": tools}
+        if chat_template is not None:
+            options["chat_template"] = chat_template
+        if continue_final_message:
+            options["continue_final_message"] = True
+        prompts = [self.apply_chat_template([_plain_message(m) for m in c], **options) for c in conversations]
         return self.generate(prompts, sampling_params)
 
-    def apply_chat_template(self, messages: list[Message], **kwargs) -> list[int]:
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         if self.tokenizer is None:
             raise ConfigError("this model has no tokenizer; chat needs one")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=True, **kwargs)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -161,51 +300,194 @@ class LLM:
             "device": str(self.device),
         }
 
-    def _normalize(self, prompts, sampling_params) -> tuple[list[tuple[Prompt, list[int]]], list[SamplingParams]]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    def _normalize(self, prompts, sampling_params) -> tuple[list[tuple[str | None, list[int]]], list[SamplingParams]]:
+        """(prompt text or None, token ids) per prompt, and its SamplingParams."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise ValueError("no prompts given")
-        pairs = [(p, self.encode(p) if isinstance(p, str) else [int(t) for t in p]) for p in prompts]
+        pairs = [self._prompt_ids(p) for p in prompts]
         for _, ids in pairs:
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             if bad:
                 raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(pairs)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(pairs)
         if len(params) != len(pairs):
             raise ValueError(f"{len(params)} SamplingParams for {len(pairs)} prompts")
         return pairs, params
 
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            return self._dict_prompt(prompt)
+        if isinstance(prompt, str):
+            return prompt, self.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def _dict_prompt(self, prompt: dict) -> tuple[str | None, list[int]]:
+        """vLLM's TextPrompt {"prompt": str} and TokensPrompt {"prompt_token_ids": [...]}; nothing multimodal."""
+        unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+        if unknown:
+            raise ValueError(f"prompt dicts take 'prompt' or 'prompt_token_ids'; tinylm does not support "
+                             f"{', '.join(unknown)}")
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        if not isinstance(prompt.get("prompt"), str):
+            raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (a list of ids)")
+        return prompt["prompt"], self.encode(prompt["prompt"])
+
     def _steps(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[StepEvent]]:
-        """Run every prompt through the engine; yield each step's events. Every prompt is checked before any
-        runs, and leaving early (an exception, a closed stream) cancels what is left."""
+        """Run every prompt's n completions through the engine; yield each step's events. Every prompt is checked
+        before any runs, and leaving early (an exception, a closed stream) cancels what is left."""
         engine = self.engine
         for ids, p in zip(prompt_ids, params):
             engine.validate(ids, p)
-        index_of: dict[str, int] = {}
+        where: dict[str, tuple[int, int]] = {}  # request id -> (prompt index, choice)
         try:
             for index, (ids, p) in enumerate(zip(prompt_ids, params)):
-                self._request_ids += 1
-                request_id = f"llm-{self._request_ids}"
-                engine.add_request(request_id, ids, p)
-                index_of[request_id] = index
-            while any(r in engine.requests for r in index_of):
-                yield [_event(index_of[o.request_id], o) for o in engine.step() if o.request_id in index_of]
+                for choice in range(p.n):
+                    self._request_ids += 1
+                    request_id = f"llm-{self._request_ids}"
+                    engine.add_request(request_id, ids, _choice_params(p, choice))
+                    where[request_id] = (index, choice)
+            while any(r in engine.requests for r in where):
+                yield [_event(*where[o.request_id], o) for o in engine.step() if o.request_id in where]
         finally:
-            for request_id in index_of:
+            for request_id in where:
                 engine.abort(request_id)
 
+    def _request_output(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
+        self._request_ids += 1
+        completions = [CompletionOutput(i, logprobs=None if params.logprobs is None else [],
+                                        token_logprobs=None if params.logprobs is None else [],
+                                        cumulative_logprob=None if params.logprobs is None else 0.0)
+                       for i in range(params.n)]
+        return RequestOutput(str(self._request_ids), text, ids, outputs=completions)
 
-def _event(index: int, output: StepOutput) -> StepEvent:
-    return StepEvent(index, output.token_id, output.text, output.logprob, output.finish_reason)
+    def _collect(self, output: RequestOutput, event: StepEvent, params: SamplingParams) -> None:
+        completion = output.outputs[event.choice]
+        if event.prompt_logprobs is not None and event.choice == 0:
+            output.prompt_logprobs = [None if e is None else self._logprob_dict(e) for e in event.prompt_logprobs]
+        if event.token_id is None:
+            return
+        completion.token_ids.append(event.token_id)
+        completion.text += event.text
+        completion.finish_reason = event.finish_reason
+        completion.stop_reason = event.stop_reason
+        if params.logprobs is not None and event.logprob is not None:
+            completion.token_logprobs.append(event.logprob)
+            completion.logprobs.append(self._logprob_dict(event.logprob))
+            completion.cumulative_logprob += event.logprob.logprob
+
+    def _logprob_dict(self, entry: TokenLogprob) -> dict[int, Logprob]:
+        """vLLM's per-token form: the chosen token first (its rank in the distribution), then the top-N (ranks
+        1..N); a chosen token among the top-N appears once."""
+        logprobs = {entry.token_id: Logprob(entry.logprob, entry.rank, self._token_text(entry.token_id))}
+        for rank, (token, value) in enumerate(entry.top, start=1):
+            logprobs.setdefault(token, Logprob(value, rank, self._token_text(token)))
+        return logprobs
+
+    def _token_text(self, token: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        if token not in self._token_texts:
+            self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._token_texts[token]
 
 
-def _collect(output: RequestOutput, event: StepEvent, params: SamplingParams) -> None:
-    output.token_ids.append(event.token_id)
-    output.text += event.text
-    output.finish_reason = event.finish_reason
-    if params.logprobs is not None:
-        output.logprobs = (output.logprobs or []) + [event.logprob]
+def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:
+    """Choice i of n: seed + i (SamplingParams.for_choice); prompt logprobs are the same for every choice, so
+    only the first computes them."""
+    params = params.for_choice(choice)
+    return params if choice == 0 or params.prompt_logprobs is None else replace(params, prompt_logprobs=None)
+
+
+def _event(index: int, choice: int, output: StepOutput) -> StepEvent:
+    return StepEvent(index, output.token_id, output.text, output.logprob, output.finish_reason, choice,
+                     output.stop_reason, output.prompt_logprobs)
+
+
+def _plain_message(message: Message) -> Message:
+    """A message as chat templates expect it: list-of-parts content (OpenAI's, vLLM's) joined into one string."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
+        raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+    return {**message, "content": "".join(str(part.get("text", "")) for part in content)}
+
+
+def _check_no_lora(lora_request) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request is not supported: tinylm serves no LoRA adapters")
+
+
+def _check_extra_args(kwargs: dict) -> None:
+    """Refuse, by name, vLLM arguments tinylm cannot honour and names it does not know."""
+    unknown = sorted(name for name in kwargs if name not in _IGNORED_ARGS and name not in _DEFAULT_ONLY)
+    if unknown:
+        raise ValueError(f"LLM() got arguments tinylm does not know or support: {', '.join(unknown)}")
+    refused = [f"{name}={value!r} (supported: {_DEFAULT_ONLY[name]!r})" for name, value in kwargs.items()
+               if name in _DEFAULT_ONLY and value != _DEFAULT_ONLY[name]]
+    if refused:
+        raise ValueError(f"tinylm cannot honour {', '.join(refused)}: it runs one model on one device")
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | torch.dtype:
+    """vLLM's "auto": the checkpoint's dtype (config.json torch_dtype), bfloat16 for float16 checkpoints on CPU
+    (as vLLM's CPU backend); float32 where none is recorded (GGUF files)."""
+    if dtype != "auto":
+        return dtype
+    try:
+        config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    except (OSError, ValueError):
+        config = {}
+    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if stored == "float16" and not device.startswith("cuda"):
+        return "bfloat16"
+    return stored if stored in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _with_tokenizer(loaded: LoadedModel, tokenizer, model, skip: bool) -> LoadedModel:
+    """vLLM's tokenizer argument (a folder holding another tokenizer) and skip_tokenizer_init (token ids only)."""
+    if skip:
+        return replace(loaded, tokenizer=None)
+    if tokenizer is None or str(tokenizer) == str(model):
+        return loaded
+    from tinylm.tokenizer import Tokenizer
+
+    folder = Path(tokenizer).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"tokenizer must be a local folder with tokenizer.json, got {str(tokenizer)!r}")
+    return replace(loaded, tokenizer=Tokenizer.from_folder(folder))
+
+
+def _engine_config(**given) -> EngineConfig:
+    """EngineConfig from the vLLM arguments given (None: tinylm's default)."""
+    pool_dtype(given["kv_cache_dtype"], torch.float32)  # a bad name is refused here, with tinylm's message
+    return EngineConfig(**{name: value for name, value in given.items() if value is not None})
+
+
+def _speculative(spec: dict, loaded: LoadedModel, dtype, device: str) -> tuple[LoadedModel | str, int]:
+    """vLLM's speculative_config: {"method": "ngram"} or {"model": draft}, with "num_speculative_tokens"."""
+    unknown = sorted(set(spec) - {"method", "model", "num_speculative_tokens"})
+    if unknown:
+        raise ValueError(f"speculative_config keys tinylm does not support: {', '.join(unknown)}")
+    count = spec.get("num_speculative_tokens", 3)
+    check_num_tokens(count)
+    if spec.get("method") == "ngram":
+        return NGRAM, count
+    if spec.get("method") not in (None, "draft_model") or "model" not in spec:
+        raise ValueError("speculative_config needs {'method': 'ngram'} or {'model': DRAFT}")
+    draft_path = hub.resolve(spec["model"])
+    return _load_draft(loaded, spec["model"], _resolve_dtype(dtype, draft_path, device), device, None), count
 
 
 def _file_bytes(source) -> int:
@@ -239,14 +521,20 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "flo
     if draft_quantize is not None and (draft is None or draft == NGRAM):
         raise ValueError("draft_quantize quantizes a draft model: give one with draft")
     loaded = load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize)
-    draft_loaded = draft if draft == NGRAM else None
-    if draft is not None and draft != NGRAM:
-        draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize)
-        check_draft(loaded.model.config, draft_loaded.model.config)
-        _check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
+    draft_loaded = draft if draft in (None, NGRAM) else _load_draft(loaded, draft, dtype, device, draft_quantize)
     config = EngineConfig(compile=compile, num_speculative_tokens=num_speculative_tokens,
                           kv_cache_dtype=kv_cache_dtype)
-    return LLM(loaded, config, draft_loaded)
+    llm = LLM(loaded, engine_config=config, draft=draft_loaded)
+    llm.model_name = hub.DEFAULT_MODEL if model is None else str(model)
+    return llm
+
+
+def _load_draft(loaded: LoadedModel, draft: str | os.PathLike, dtype, device: str,
+                draft_quantize: str | None) -> LoadedModel:
+    draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize)
+    check_draft(loaded.model.config, draft_loaded.model.config)
+    _check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
+    return draft_loaded
 
 
 def _check_same_tokens(target, draft) -> None:

@@ -55,6 +55,8 @@ class EngineConfig:
     # "auto": K/V kept in the model's dtype; "int8": one int8 code per value and a scale per row (kv_pool.py),
     # half the memory and the bytes a decode step reads, at a small cost in accuracy (BENCHMARKS.md)
     kv_cache_dtype: str = "auto"
+    # vLLM's max_model_len: the context requests may use, at most the model's max_position_embeddings (None: all)
+    max_model_len: int | None = None
 
 
 class LLMEngine:
@@ -65,7 +67,7 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids)
         self.config = config = config or EngineConfig()
         model_config = model.config
-        self.context = model_config.max_position_embeddings
+        self.context = model_context(model_config.max_position_embeddings, config.max_model_len)
         self.vocab_size = model_config.vocab_size
         device = model.lm_head.weight.device
         dtype = pool_dtype(config.kv_cache_dtype, model.lm_head.weight.dtype)
@@ -111,7 +113,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt_logprobs: int | None = None) -> Sequence:
-        """Queue a request. Raises ValueError/ContextLengthError for bad input and QueueFullError when full."""
+        """Queue a request. Raises ValueError/ContextLengthError for bad input and QueueFullError when full.
+        prompt_logprobs (the server's echo) defaults to params.prompt_logprobs (the Python API's)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -120,7 +123,7 @@ class LLMEngine:
         seq = Sequence(request_id, list(prompt_token_ids), params, StopChecker(self.tokenizer, params, stop_ids),
                        generator=sampler.make_generator(params.seed, device),
                        max_new=min(params.max_tokens, self.context - len(prompt_token_ids)),
-                       prompt_logprobs=prompt_logprobs)
+                       prompt_logprobs=params.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -138,6 +141,9 @@ class LLMEngine:
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        biased = sorted(t for t in params.logit_bias or {} if t >= self.vocab_size)
+        if biased:
+            raise ValueError(f"logit_bias token ids {biased[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
         if len(ids) >= self.context:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens; the model's context is {self.context} "
                                      "tokens (at least one must be left to generate)")
@@ -193,20 +199,21 @@ class LLMEngine:
             len(seqs) * (self.config.num_speculative_tokens + 1) <= self.config.speculative_max_rows
         counts = [self._draft_count(seq) for seq in seqs] if speculate else [0] * len(seqs)
         # While anyone speculates, rows without drafts join its verification batch (0 drafts: their own next
-        # token), so the weights are read once per step; penalized rows need the sampler's penalties.
+        # token), so the weights are read once per step; rows whose logits the sampler shapes need the sampler.
         together = any(counts)
-        plain = [seq for seq, k in zip(seqs, counts) if not k and (not together or seq.params.penalized)]
+        plain = [seq for seq, k in zip(seqs, counts) if not k and (not together or _shapes_logits(seq))]
         outputs = []
         if plain:
             logits = self.runner.forward([(seq, 1) for seq in plain])
             outputs += self._after_forward(plain, [1] * len(plain), logits)
-        speculating = [(seq, k) for seq, k in zip(seqs, counts) if k or (together and not seq.params.penalized)]
+        speculating = [(seq, k) for seq, k in zip(seqs, counts) if k or (together and not _shapes_logits(seq))]
         return outputs + (self._speculate(speculating) if speculating else [])
 
     def _draft_count(self, seq: Sequence) -> int:
         """Drafts worth proposing for `seq` (0: decode it plainly), with the target's blocks for them reserved.
-        Penalties depend on every token before, accepted or not: those requests decode plainly."""
-        if seq.params.penalized:
+        Verification samples from the model's own distribution: requests whose logits the sampler shapes
+        (penalties, logit_bias, min_tokens not yet reached) decode plainly."""
+        if _shapes_logits(seq):
             return 0
         count = min(self.config.num_speculative_tokens, seq.max_new - len(seq.output_token_ids) - 1)
         if count <= 0:
@@ -282,11 +289,20 @@ class LLMEngine:
         """logits (B, V) float32 at each sequence's last token -> one new token per sequence."""
         params = [seq.params for seq in seqs]
         raw = logits
+        # vLLM's order: logit_bias and the min_tokens mask, then penalties, then temperature and the filters
+        logits = sampler.apply_logit_bias(logits, params)
+        logits = sampler.mask_tokens(logits, [self._banned(seq) for seq in seqs])
         if any(p.penalized for p in params):
             logits = sampler.apply_penalties(logits, params, *_penalty_state(seqs, logits.shape[-1], logits.device))
         tokens = sampler.sample(logits, params, [seq.generator for seq in seqs])
         entries = sampler.logprob_entries(raw, tokens, [p.logprobs for p in params])
         return [self._append(seq, token, entry) for seq, token, entry in zip(seqs, tokens.tolist(), entries)]
+
+    def _banned(self, seq: Sequence) -> set[int]:
+        """Token ids the next sample may not be: EOS and stop_token_ids while fewer than min_tokens are out."""
+        if len(seq.output_token_ids) >= seq.params.min_tokens:
+            return set()
+        return {t for t in seq.stop.stop_token_ids if t < self.vocab_size}
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
         seq.output_token_ids.append(token)
@@ -298,7 +314,7 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
         return StepOutput(seq.request_id, token, text, logprob, reason, len(seq.prompt_token_ids),
-                          len(seq.output_token_ids), prompt_logprobs)
+                          len(seq.output_token_ids), prompt_logprobs, seq.stop.stop_reason if reason else None)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
@@ -306,6 +322,22 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         if self.drafter is not None:
             self.drafter.release(seq.request_id)
+
+
+def model_context(positions: int, max_model_len: int | None) -> int:
+    """The context requests may use: the model's positions, or vLLM's max_model_len when it is set (not more)."""
+    if max_model_len is None:
+        return positions
+    if not isinstance(max_model_len, int) or not 1 < max_model_len <= positions:
+        raise ValueError(f"max_model_len must be an integer in [2, {positions}] (the model's context), got "
+                         f"{max_model_len!r}")
+    return max_model_len
+
+
+def _shapes_logits(seq: Sequence) -> bool:
+    """Whether the sampler changes this sequence's next logits (penalties, logit_bias, the min_tokens mask)."""
+    params = seq.params
+    return params.penalized or bool(params.logit_bias) or len(seq.output_token_ids) < params.min_tokens
 
 
 def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, n: int) -> None:

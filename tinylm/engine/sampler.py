@@ -30,8 +30,38 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompt_m
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits (B, V) plus each row's logit_bias {token id: value} (OpenAI / vLLM: added before sampling)."""
+    rows, ids, values = [], [], []
+    for row, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            rows.append(row), ids.append(token), values.append(bias)
+    if not rows:
+        return logits
+    bias = torch.zeros_like(logits)
+    bias[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = \
+        torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    return logits + bias
+
+
+def mask_tokens(logits: torch.Tensor, banned: list[set[int]]) -> torch.Tensor:
+    """logits (B, V) with -inf at each row's banned token ids (min_tokens: EOS and stop ids, not yet allowed)."""
+    rows = [row for row, ids in enumerate(banned) for _ in ids]
+    if not rows:
+        return logits
+    ids = [token for tokens in banned for token in tokens]
+    device = logits.device
+    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(ids, device=device)),
+                            torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
+
+
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (-inf outside). Greedy rows keep temperature 1."""
+    """Temperature, then top-k, top-p and min-p masks (-inf outside). Greedy rows keep temperature 1.
+
+    In float32 and shifted so that each row's maximum is 0 before the division: softmax is unchanged, and a small
+    temperature (down to SamplingParams' 1e-5) cannot overflow the scaled logits to inf (inf - inf is NaN)."""
+    logits = logits.float()
+    logits = logits - logits.amax(dim=-1, keepdim=True)
     temperature = _column(params, "temperature", logits)
     logits = logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=logits.device)
@@ -94,9 +124,18 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[to
 
     Returns chosen_logprob (B,), top_values (B, k), top_ids (B, k).
     """
+    return _ranked_logprobs(logits, chosen, k)[:3]
+
+
+def _ranked_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """top_logprobs' three tensors and the chosen token's rank (B,): 1 + how many tokens are more likely (ties
+    ranked last, as vLLM counts them)."""
     logprobs = logits.float().log_softmax(dim=-1)
     values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
-    return logprobs.gather(-1, chosen[:, None]).squeeze(-1), values, ids
+    chosen_logprob = logprobs.gather(-1, chosen[:, None])
+    ranks = (logprobs >= chosen_logprob).sum(dim=-1)
+    return chosen_logprob.squeeze(-1), values, ids, ranks
 
 
 def logprob_entries(logits: torch.Tensor, chosen: torch.Tensor, wanted: list[int | None]) -> list[TokenLogprob | None]:
@@ -107,18 +146,21 @@ def logprob_entries(logits: torch.Tensor, chosen: torch.Tensor, wanted: list[int
     if all(w is None for w in wanted):
         return [None] * len(wanted)
     k = max(w or 0 for w in wanted)
-    values, top, ids = (t.tolist() for t in top_logprobs(logits, chosen, k))
+    values, top, ids, ranks = (t.tolist() for t in _ranked_logprobs(logits, chosen, k))
     return [
-        None if w is None else TokenLogprob(token, values[row], list(zip(ids[row][:w], top[row][:w])))
+        None if w is None else TokenLogprob(token, values[row], list(zip(ids[row][:w], top[row][:w])), ranks[row])
         for row, (w, token) in enumerate(zip(wanted, chosen.tolist()))
     ]
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator for a seeded request. Any integer is reduced modulo 2**64 into the range manual_seed takes
+    (it raises "Overflow when unpacking long long" beyond), deterministically; SamplingParams refuses seeds
+    outside [-2**63, 2**64 - 1] before they get here."""
     if seed is None:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(seed % 2 ** 64)
     return generator
 
 

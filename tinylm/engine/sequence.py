@@ -28,6 +28,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), most likely first
+    rank: int | None = None  # the token's rank in the model's distribution (1: the most likely), as vLLM's
 
 
 @dataclass
@@ -85,3 +86,5 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first output
+    # vLLM's stop_reason: the stop string or stop_token_ids entry that ended the request (None for EOS, length)
+    stop_reason: str | int | None = None

@@ -2,6 +2,10 @@
 
 Stop strings can span several tokens, so text that might be the start of a stop string is held back until it
 either completes one (and is cut, as OpenAI and vLLM do) or can no longer match (and is released).
+
+min_tokens (vLLM's): the first min_tokens tokens cannot end the request. The engine masks EOS and stop token ids
+for them; here a stop string counts only if it ends after their text, as vLLM's detokenizer checks stop strings
+only once more than min_tokens tokens are out.
 """
 
 from __future__ import annotations
@@ -19,14 +23,24 @@ class StopChecker:
         self.stop_strings = params.stop
         self.include_stop = params.include_stop_str_in_output
         self.stop_token_ids = stop_token_ids
+        self.user_stop_token_ids = set(params.stop_token_ids)
+        self.min_tokens = params.min_tokens
         self.text = ""  # everything decoded so far, emitted or held back
         self.emitted = 0  # length of the prefix of `text` already returned
+        self.pushed = 0  # tokens seen so far
+        self.floor = 0  # a stop string must end past this index of `text`: after the first min_tokens tokens' text
+        self.stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended the output
 
     def push(self, token_id: int) -> tuple[str, str | None]:
         """Return (new text to emit, finish reason or None)."""
-        if token_id in self.stop_token_ids:
+        self.pushed += 1
+        can_stop = self.pushed > self.min_tokens
+        if can_stop and token_id in self.stop_token_ids:
+            self.stop_reason = token_id if token_id in self.user_stop_token_ids else None  # EOS: None, as vLLM
             return self.finish(), "stop"
         self.text += self.decoder.push(token_id)
+        if not can_stop:
+            self.floor = len(self.text)
         cut = self._find_stop()
         if cut is not None:
             self.text = self.text[:cut]
@@ -52,9 +66,12 @@ class StopChecker:
         best = None
         for stop in self.stop_strings:
             pos = self.text.find(stop, start)
+            while 0 <= pos and pos + len(stop) <= self.floor:  # inside the min_tokens text: does not count
+                pos = self.text.find(stop, pos + 1)
             if pos >= 0:
                 end = pos + len(stop) if self.include_stop else pos
-                best = end if best is None else min(best, end)
+                if best is None or end < best:
+                    best, self.stop_reason = end, stop
         return best
 
     def _held_back(self) -> int:
