@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tinylm import config_next
-from tinylm.config_qed import qed_fields, qed_to_hf
+from tinylm.config_qed import QED_KEYS, qed_fields, qed_to_hf
 from tinylm.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qed")
@@ -84,11 +85,7 @@ class ModelConfig:
             raise ConfigError(
                 f"unknown architecture model_type={self.model_type!r}; tinylm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-                     "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self._check_sizes()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -102,15 +99,27 @@ class ModelConfig:
         self._check_moe()
         config_next.check_layers(self)
 
+    def _check_sizes(self) -> None:
+        """Every size an integer within _SIZE_LIMITS: the weights are checked against these sizes later
+        (tinylm.weights.fit), but a value such as num_hidden_layers=10**9 must never get as far as sizing a list."""
+        for name in _SIZE_LIMITS:
+            check_size(name, getattr(self, name))
+
     def _check_rope_scaling(self) -> None:
         if self.rope_scaling is None:
             return
+        if not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"rope_scaling must be an object, got {_short(self.rope_scaling)}")
         rope_type = self.rope_scaling.get("rope_type")
         if rope_type not in ROPE_TYPES:
             raise ConfigError(f"unsupported RoPE scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
         missing = [k for k in _ROPE_REQUIRED[rope_type] if self.rope_scaling.get(k) is None]
         if missing:
             raise ConfigError(f"RoPE scaling {rope_type!r} needs {', '.join(missing)}")
+        for key in _ROPE_NUMBERS:
+            value = self.rope_scaling.get(key)
+            if value is not None and not _positive_number(value):
+                raise ConfigError(f"rope_scaling {key} must be a positive finite number, got {_short(value)}")
 
     def _check_moe(self) -> None:
         if not self.num_experts:
@@ -167,9 +176,15 @@ class ModelConfig:
                 f"tinylm supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         try:
-            return cls(**(qed_fields(data) if model_type == "qed" else _hf_fields(data, model_type)))
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"config.json for {model_type} is missing or has a bad field: {exc}") from None
+            fields = qed_fields(data) if model_type == "qed" else _hf_fields(data, model_type)
+            for name in _SIZE_LIMITS.keys() & fields.keys():  # checked here to name the file's own key
+                check_size(name, fields[name], config_keys(model_type).get(name))
+            return cls(**fields)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+            raise ConfigError(f"config.json for {model_type} is missing or has a bad field: "
+                              f"{type(exc).__name__}: {_short(str(exc), 200)}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that transformers 4.x and 5.x both load (rope_theta + rope_scaling, the hub format).
@@ -205,6 +220,44 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Bounds no model tinylm runs comes near (the largest real values are around a tenth of these or less); they stop a
+# corrupt or mistyped config from sizing lists and tables before its weights are read. (low, high) inclusive.
+_SIZE_LIMITS = {
+    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17), "intermediate_size": (0, 1 << 20),
+    "num_hidden_layers": (1, config_next.MAX_LAYERS), "num_attention_heads": (1, 1 << 12),
+    "num_key_value_heads": (1, 1 << 12), "head_dim": (1, 1 << 14),
+    "max_position_embeddings": (1, 1 << 24),  # Llama 4 Scout's 10M context fits
+    "num_experts": (0, 1 << 14), "num_experts_per_tok": (0, 1 << 14), "moe_intermediate_size": (0, 1 << 20),
+    "decoder_sparse_step": (0, config_next.MAX_LAYERS), "shared_expert_intermediate_size": (0, 1 << 20),
+    "linear_conv_kernel_dim": (0, 1 << 10), "linear_key_head_dim": (0, 1 << 14), "linear_value_head_dim": (0, 1 << 14),
+    "linear_num_key_heads": (0, 1 << 12), "linear_num_value_heads": (0, 1 << 12),
+}
+# rope_scaling values that are sizes or factors: a string or NaN here would fail deep inside the rotary maths.
+_ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                 "attention_factor", "beta_fast", "beta_slow")
+
+
+def check_size(field: str, value: Any, key: str | None = None) -> None:
+    """Raise ConfigError, naming `key` (the file's name for `field`) and the value, unless it is in bounds."""
+    low, high = _SIZE_LIMITS[field]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{key or field} must be an integer in {low}..{high}, got {_short(value)}")
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def config_keys(model_type: str) -> dict[str, str]:
+    """ModelConfig field -> the key a family's config.json calls it, for error messages (QED has its own keys)."""
+    return QED_KEYS if model_type == "qed" else {}
 
 
 _ARCHITECTURES = {

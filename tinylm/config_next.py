@@ -33,6 +33,9 @@ _DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 32768,
 }
 _DEFAULT_PARTIAL_ROTARY = 0.25
+# Most layers any config may claim (real models have under 200): the layer plan below is a list of this length, so
+# it is bounded before it is built. ModelConfig applies the same bound to every config.
+MAX_LAYERS = 4096
 _LINEAR_SIZES = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
                  "linear_num_value_heads")
 
@@ -52,11 +55,14 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
         data["partial_rotary_factor"] = _DEFAULT_PARTIAL_ROTARY
     if not data.get("layer_types"):
         # Older Qwen3-Next configs give the period of full-attention layers instead of the list.
+        layers = data.get("num_hidden_layers")
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 0 < layers <= MAX_LAYERS:
+            raise ConfigError(f"num_hidden_layers must be an integer in 1..{MAX_LAYERS}, got {str(layers)[:60]}")
         interval = data.get("full_attention_interval", 4)
         if not isinstance(interval, int) or interval <= 0:
             raise ConfigError(f"full_attention_interval must be a positive integer, got {interval!r}")
         data["layer_types"] = ["linear_attention" if (i + 1) % interval else "full_attention"
-                               for i in range(data["num_hidden_layers"])]
+                               for i in range(layers)]
     return data
 
 

@@ -9,6 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 
+# ModelConfig field -> QED's config.json key, so that errors name the key the file has.
+QED_KEYS = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
+            "num_attention_heads": "n_heads", "num_key_value_heads": "n_heads", "intermediate_size": "ffn_hidden_dim",
+            "max_position_embeddings": "max_seq_len"}
+
+
 def qed_fields(data: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig keyword arguments from a QED config.json. KeyError names a missing required key."""
     heads = data["n_heads"]

@@ -17,17 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tqdm import tqdm
 
-from tinylm.config import ModelConfig
+from tinylm.config import ModelConfig, check_size
 from tinylm.errors import ConfigError, WeightsError
+from tinylm.weights.fit import Stored, check_config_fits
 from tinylm.weights.gguf_tokenizer import build_tokenizer
 
 # Tensor types tinylm dequantizes; each is checked bit-exact against gguf.quants in tests/weights/test_gguf_read.py.
 SUPPORTED_TYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0,
                              QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
+_TYPE_IDS = frozenset(int(t) for t in GGML_QUANT_SIZES)  # every type the gguf package knows the block size of
 _BIG_ARRAY = 64  # metadata arrays longer than this (tokens, merges, scores) are left out of GGUFModel.metadata
 
 
@@ -178,6 +180,18 @@ class _PastEnd(Exception):
     pass
 
 
+class _Malformed(Exception):
+    pass
+
+
+GGML_MAX_DIMS = 4  # ggml.h: a tensor has at most 4 dims (llama.cpp's gguf.cpp refuses more)
+# Fewest bytes one key/value and one tensor info can take (gguf.cpp layout): a count that claims more than the rest of
+# the file can hold is refused before the reader loops over it.
+_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dim count, type, offset (an empty name, no dims)
+_MIN_ITEM_BYTES = {GGUFValueType.STRING: 8}  # an array item: a string's length field, else the scalar itself
+
+
 class _CheckedReader(GGUFReader):
     """GGUFReader that fails at the first read past the end of the file, and reads its header 5x faster.
 
@@ -205,6 +219,77 @@ class _CheckedReader(GGUFReader):
         return plain[start:end].view(view)
 
 
+    def _build_fields(self, offs, count):
+        _check_count(int(count), "key/value", _MIN_KV_BYTES, self.data.size - offs)
+        return super()._build_fields(offs, count)
+
+    def _build_tensor_info(self, offs, count):
+        _check_count(int(count), "tensor", _MIN_TENSOR_INFO_BYTES, self.data.size - offs)
+        return super()._build_tensor_info(offs, count)
+
+    def _push_field(self, field, skip_sum=False):
+        if not field.name:  # llama.cpp refuses these too; an empty key names nothing
+            raise _Malformed(f"an empty metadata key at byte {field.offset}")
+        return super()._push_field(field, skip_sum)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """Arrays: refuse nested ones (no tinylm key holds one, and each level would recurse) and lengths that
+        the rest of the file cannot hold, before the reader loops over the claimed length."""
+        if raw_type == GGUFValueType.ARRAY:
+            item_type, length = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            if item_type == GGUFValueType.ARRAY:
+                raise _Malformed(f"a nested array at byte {orig_offs}")
+            scalar = self.gguf_scalar_to_np.get(item_type)
+            item_bytes = np.dtype(scalar).itemsize if scalar is not None else _MIN_ITEM_BYTES.get(item_type, 1)
+            if length * item_bytes > self.data.size - orig_offs - 12:
+                raise _PastEnd(f"an array at byte {orig_offs} claims {length} items, more than the file holds")
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _get_tensor_info_field(self, orig_offs):
+        field = super()._get_tensor_info_field(orig_offs)
+        _check_tensor_info(field, self.data.size)
+        return field
+
+
+def _check_count(count: int, what: str, min_bytes: int, left: int) -> None:
+    if count * min_bytes > left:
+        raise _PastEnd(f"its {what} count {count} is more than the {left} bytes left can hold")
+
+
+def _check_tensor_info(field, file_size: int) -> None:
+    """Dims and type of one tensor info, checked before the reader multiplies the dims (in wrapping uint64) and
+    views the data: at most 4 dims, none 0, a known type, and a byte size no larger than the file."""
+    _, _, n_dims, dims, raw_type, _ = field.parts
+    name, dims, type_id = field.name, [int(d) for d in dims], int(raw_type[0])
+    if int(n_dims[0]) > GGML_MAX_DIMS:
+        raise _Malformed(f"tensor {name!r} has {int(n_dims[0])} dims, at most {GGML_MAX_DIMS} are allowed")
+    if 0 in dims:
+        raise _Malformed(f"tensor {name!r} has dims {dims}: a dim of 0")
+    if type_id not in _TYPE_IDS:
+        raise _Malformed(f"tensor {name!r} has unknown type id {type_id}")
+    block, block_bytes = GGML_QUANT_SIZES[QType(type_id)]
+    if dims and dims[0] % block:
+        raise _Malformed(f"tensor {name!r} has {dims[0]} values per row, not a multiple of its {block}-value blocks")
+    if math.prod(dims) // block * block_bytes > file_size:
+        raise _PastEnd(f"tensor {name!r} of dims {dims} needs more bytes than the file has")
+
+
+def _check_tensor_spans(reader: GGUFReader) -> None:
+    """Tensor data must lie in the data section, aligned, each tensor's bytes its own: an overlap would let one
+    tensor read (or decode as another type) another's bytes."""
+    spans = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in reader.tensors)
+    position, previous = reader.data_offset, None
+    for start, end, name in spans:
+        if start % reader.alignment:
+            raise _Malformed(f"tensor {name!r} starts at byte {start}, not a multiple of the alignment "
+                             f"{reader.alignment}")
+        if start < position:
+            raise _Malformed(f"tensors {previous!r} and {name!r} overlap in the file")
+        if end > reader.data.size:
+            raise _PastEnd(f"tensor {name!r} ends at byte {end}, past the end ({reader.data.size} bytes)")
+        position, previous = end, name
+
+
 def _open(path: Path) -> GGUFReader:
     if not path.is_file():
         raise WeightsError(f"{path}: no such GGUF file")
@@ -216,8 +301,11 @@ def _open(path: Path) -> GGUFReader:
         raise WeightsError(f"{path.name}: not a GGUF file (starts with {head!r}, not b'GGUF')")
     try:
         reader = _CheckedReader(path)
+        _check_tensor_spans(reader)
     except _PastEnd as exc:
         raise WeightsError(f"{path.name}: truncated or corrupt GGUF file: {exc}") from None
+    except _Malformed as exc:
+        raise WeightsError(f"{path.name}: corrupt GGUF file: {exc}") from None
     except Exception as exc:  # the gguf package raises ValueError, KeyError, IndexError, UnicodeDecodeError, ...
         raise WeightsError(f"{path.name}: corrupt GGUF header ({_one_line(exc)})") from None
     if reader.byte_order != "I":
@@ -240,7 +328,7 @@ def _array_len(f) -> int:
 
 def _check_tensor(tensor, shape: tuple[int, ...], path: Path) -> None:
     """GGUF lists dims innermost first: ne = (in, out); torch's shape is (out, in)."""
-    gguf_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    gguf_shape = _torch_shape(tensor)
     if gguf_shape != shape:
         raise WeightsError(f"{path.name}: tensor {tensor.name!r} has shape {gguf_shape}, the config needs {shape}")
     if tensor.tensor_type not in SUPPORTED_TYPES:
@@ -250,11 +338,16 @@ def _check_tensor(tensor, shape: tuple[int, ...], path: Path) -> None:
 
 def _read_tensor(tensor, path: Path) -> torch.Tensor:
     """Dequantize one (checked) tensor to float32 in torch layout."""
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    shape = _torch_shape(tensor)
     values = _wrap(path, f"tensor {tensor.name!r} ({tensor.tensor_type.name})", dequantize, tensor.data,
                    tensor.tensor_type)
     # F32/F16 come back as views of the read-only memory map: copy those so the tensor owns writable memory
     return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
+
+
+def _torch_shape(tensor) -> tuple[int, ...]:
+    """GGUF lists dims innermost first: ne = (in, out); torch's shape is (out, in)."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
 def _check_complete(path: Path, expected: dict, tensors: dict) -> None:
@@ -281,19 +374,19 @@ def _config(reader: GGUFReader, meta: dict, path: Path, dtype: str | None) -> Mo
     if arch_name not in ARCHITECTURES:
         raise ConfigError(f"{path.name}: GGUF architecture {arch_name!r} is not supported "
                           f"(tinylm reads {', '.join(ARCHITECTURES)})")
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    shapes = {t.name: _torch_shape(t) for t in reader.tensors}
     hp = _Hparams(meta, arch_name, path)
-    heads, hidden = hp.int("attention.head_count"), hp.int("embedding_length")
-    head_dim = hp.int("attention.key_length", hidden // heads)
-    rotary_dim, theta = hp.int("rope.dimension_count", head_dim), float(hp.get("rope.freq_base", 10000.0))
+    heads, hidden = hp.size("attention.head_count"), hp.size("embedding_length")
+    head_dim = hp.size("attention.key_length", hidden // heads)
+    rotary_dim, theta = hp.size("rope.dimension_count", head_dim), float(hp.get("rope.freq_base", 10000.0))
     freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
     eos = [_opt_int(meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("eos", "eot", "eom")]
-    return ModelConfig(
+    config = ModelConfig(
         model_type=ARCHITECTURES[arch_name].model_type,
-        vocab_size=hp.int("vocab_size", shapes.get("token_embd.weight", (0,))[0]),
-        hidden_size=hidden, intermediate_size=hp.int("feed_forward_length"), num_hidden_layers=hp.int("block_count"),
-        num_attention_heads=heads, num_key_value_heads=hp.int("attention.head_count_kv", heads), head_dim=head_dim,
-        max_position_embeddings=hp.int("context_length"),
+        vocab_size=hp.size("vocab_size", shapes.get("token_embd.weight", (0,))[0]),
+        hidden_size=hidden, intermediate_size=hp.size("feed_forward_length"), num_hidden_layers=hp.size("block_count"),
+        num_attention_heads=heads, num_key_value_heads=hp.size("attention.head_count_kv", heads), head_dim=head_dim,
+        max_position_embeddings=hp.size("context_length"),
         rms_norm_eps=float(hp.get("attention.layer_norm_rms_epsilon", 1e-6)), rope_theta=theta,
         partial_rotary_factor=rotary_dim / head_dim, rope_scaling=_rope_scaling(hp, freqs, theta, rotary_dim, path),
         **_flags_from_tensors(set(shapes)),
@@ -301,6 +394,11 @@ def _config(reader: GGUFReader, meta: dict, path: Path, dtype: str | None) -> Mo
         eos_token_id=list(dict.fromkeys(i for i in eos if i is not None)),  # eos, then end-of-turn / end-of-message
         pad_token_id=_opt_int(meta.get("tokenizer.ggml.padding_token_id")), torch_dtype=dtype,
     )
+    # Before anything is sized by it (expected_shapes loops over the layers): one flipped byte of block_count
+    # would otherwise claim billions of layers.
+    stored = {hf_name(name): Stored(name, shape) for name, shape in shapes.items() if hf_name(name) is not None}
+    check_config_fits(config, stored, path.name, {f: f"{arch_name}.{k}" for f, k in _SIZE_KEYS.items()})
+    return config
 
 
 def _flags_from_tensors(names: set[str]) -> dict[str, bool]:
@@ -309,6 +407,14 @@ def _flags_from_tensors(names: set[str]) -> dict[str, bool]:
         return any(n.endswith(suffix) for n in names)
     return {"qkv_bias": has(".attn_q.bias"), "o_bias": has(".attn_output.bias"), "mlp_bias": has(".ffn_up.bias"),
             "qk_norm": has(".attn_q_norm.weight"), "tie_word_embeddings": "output.weight" not in names}
+
+
+# ModelConfig field -> the `{arch}.` key it is read from, for messages and bounds.
+_SIZE_KEYS = {"vocab_size": "vocab_size", "hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+              "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+              "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+              "max_position_embeddings": "context_length"}
+_FIELDS = {key: field for field, key in _SIZE_KEYS.items()} | {"rope.dimension_count": "head_dim"}
 
 
 class _Hparams:
@@ -328,6 +434,15 @@ class _Hparams:
             raise ConfigError(f"{self.path.name}: GGUF metadata lacks {self.arch}.{key}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{self.path.name}: GGUF metadata {self.arch}.{key}={value!r} is not an integer")
+        return value
+
+    def size(self, key: str, default: int | None = None) -> int:
+        """An integer that sizes the model, within ModelConfig's bounds (checked here to name the GGUF key)."""
+        value = self.int(key, default)
+        try:
+            check_size(_FIELDS[key], value, f"{self.arch}.{key}")
+        except ConfigError as exc:
+            raise ConfigError(f"{self.path.name}: GGUF metadata {exc}") from None
         return value
 
 
@@ -359,6 +474,9 @@ def _llama3_scaling(freqs: np.ndarray, theta: float, rotary_dim: int, path: Path
     long ones and a smooth blend between, with original_max_position_embeddings read as 8192. Every Llama 3.x uses
     low_freq_factor=1, high_freq_factor=4; we check the factors match that rule exactly rather than guess.
     """
+    if freqs.shape != ((rotary_dim + 1) // 2,):  # before np.arange below is sized by the metadata's rotary_dim
+        raise ConfigError(f"{path.name}: {_ROPE_FREQS} holds {freqs.size} RoPE factors, the rotary dim "
+                          f"{rotary_dim} needs {(rotary_dim + 1) // 2}")
     scaling = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
     inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)

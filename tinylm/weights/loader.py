@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from tinylm.config import ModelConfig
+from tinylm.config import ModelConfig, config_keys
 from tinylm.errors import WeightsError
 from tinylm.model.transformer import CausalLM
-from tinylm.weights import name_maps, safetensors_io
+from tinylm.weights import finite, name_maps, safetensors_io
+from tinylm.weights.fit import check_config_fits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,12 +42,17 @@ def build_model(config: ModelConfig) -> CausalLM:
         return CausalLM(config)
 
 
-def assign_weights(model: CausalLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> CausalLM:
-    """Move the checked tensors into the meta model, cast to `dtype`, tie the head, and put it on `device`."""
+def assign_weights(model: CausalLM, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
+                   check_finite: bool = True) -> CausalLM:
+    """Move the checked tensors into the meta model, cast to `dtype`, tie the head, and put it on `device`.
+    `check_finite`: refuse a tensor holding NaN or Inf (after the cast, which can overflow to Inf)."""
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied checkpoints sometimes store a copy; the embedding is the truth
     tensors = {name: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
                for name, t in tensors.items()}
+    if check_finite:
+        for name, tensor in tensors.items():
+            finite.check_finite(name, tensor)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [n for n in missing if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
     if missing or unexpected:
@@ -55,23 +61,35 @@ def assign_weights(model: CausalLM, tensors: dict[str, torch.Tensor], dtype: tor
     return model.eval()
 
 
-def load_folder(folder: Path, dtype: torch.dtype, device: str) -> LoadedModel:
-    """A Hugging Face folder: config.json + safetensors (single or sharded) + tokenizer files."""
+def folder_config(folder: Path) -> ModelConfig:
+    """A folder's config.json, its sizes checked against the tensor shapes in the safetensors headers (no weight
+    is read) before anything is built from it."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightsError(f"{folder} has no config.json")
     config = ModelConfig.from_file(config_path)
+    shapes = safetensors_io.stored_shapes(folder, lambda stored: module_name(config.model_type, stored))
+    check_config_fits(config, shapes, str(config_path), config_keys(config.model_type))
+    return config
+
+
+def load_folder(folder: Path, dtype: torch.dtype, device: str, check_finite: bool = True) -> LoadedModel:
+    """A Hugging Face folder: config.json + safetensors (single or sharded) + tokenizer files."""
+    config = folder_config(folder)
     model = build_model(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     tensors = safetensors_io.load_checkpoint(folder, expected_shapes(model), optional,
                                              rename=lambda stored: module_name(config.model_type, stored))
-    assign_weights(model, tensors, dtype, device)
-    tokenizer = None
-    if (folder / "tokenizer.json").is_file():
-        from tinylm.tokenizer import Tokenizer
+    assign_weights(model, tensors, dtype, device, check_finite)
+    return LoadedModel(model=model, tokenizer=_folder_tokenizer(folder), source=folder, format="safetensors")
 
-        tokenizer = Tokenizer.from_folder(folder)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=folder, format="safetensors")
+
+def _folder_tokenizer(folder: Path):
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    from tinylm.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(folder)
 
 
 def module_name(model_type: str, stored: str) -> str | None:
@@ -79,60 +97,61 @@ def module_name(model_type: str, stored: str) -> str | None:
     return None if name_maps.is_computed_buffer(stored) else name_maps.to_module_name(model_type, stored)
 
 
-def load_gguf_file(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
+def load_gguf_file(path: Path, dtype: torch.dtype, device: str, check_finite: bool = True) -> LoadedModel:
     from tinylm.weights.gguf import load_gguf
 
     gguf_model = load_gguf(path, dtype=dtype)
     model = build_model(gguf_model.config)  # load_gguf already checked every tensor's name and shape
-    assign_weights(model, gguf_model.tensors, dtype, device)
+    assign_weights(model, gguf_model.tensors, dtype, device, check_finite)
     return LoadedModel(model=model, tokenizer=gguf_model.tokenizer, source=path, format="gguf",
                        metadata=gguf_model.metadata)
 
 
 def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               quantize=None) -> LoadedModel:
+               quantize=None, check_finite: bool = True) -> LoadedModel:
     """A Hugging Face folder, a tinylm quantized folder or a .gguf file; `quantize` (a policy name such as "int8",
-    "int4", "qkv-fp16", optionally with options, or a tinylm.quant.QuantPolicy) quantizes while loading."""
+    "int4", "qkv-fp16", optionally with options, or a tinylm.quant.QuantPolicy) quantizes while loading.
+
+    `check_finite` (default True) refuses weights holding NaN or Inf with a WeightsError naming the first such
+    tensor; a quantize-while-loading path checks each float tensor before quantizing it."""
     torch_dtype = parse_dtype(dtype)
     if path.is_dir():
-        from tinylm.quant.checkpoint import load_quantized_folder, quantization_config
-
-        if quantization_config(path) is not None:
-            return load_quantized_folder(path, torch_dtype, device, quantize)
-        if quantize is not None and _quantizes_activations(quantize):
-            return _smoothed(load_folder(path, torch_dtype, device), quantize)
-        if quantize is not None:
-            return _quantized(load_folder_meta(path), path, torch_dtype, device, quantize, "safetensors")
-        return load_folder(path, torch_dtype, device)
+        return _load_dir(path, torch_dtype, device, quantize, check_finite)
     if path.suffix.lower() == ".gguf":
         if quantize is not None and _quantizes_activations(quantize):
-            return _smoothed(load_gguf_file(path, torch_dtype, device), quantize)
+            return _smoothed(load_gguf_file(path, torch_dtype, device, check_finite), quantize)
         if quantize is not None:
-            return _quantized(load_gguf_meta(path), path, torch_dtype, device, quantize, "gguf")
-        return load_gguf_file(path, torch_dtype, device)
+            return _quantized(load_gguf_meta(path), path, torch_dtype, device, quantize, "gguf", check_finite)
+        return load_gguf_file(path, torch_dtype, device, check_finite)
     raise WeightsError(f"{path}: expected a Hugging Face folder or a .gguf file")
+
+
+def _load_dir(path: Path, dtype: torch.dtype, device: str, quantize, check_finite: bool) -> LoadedModel:
+    from tinylm.quant.checkpoint import load_quantized_folder, quantization_config
+
+    if quantization_config(path) is not None:
+        folder_config(path)  # sizes checked against the headers before the quantized loader builds the model
+        loaded = load_quantized_folder(path, dtype, device, quantize)
+        if check_finite:  # that loader reads its own tensors: check what it built (float parts and scales)
+            finite.check_model_finite(loaded.model)
+        return loaded
+    if quantize is not None and _quantizes_activations(quantize):
+        return _smoothed(load_folder(path, dtype, device, check_finite), quantize)
+    if quantize is not None:
+        return _quantized(load_folder_meta(path), path, dtype, device, quantize, "safetensors", check_finite)
+    return load_folder(path, dtype, device, check_finite)
 
 
 def load_folder_meta(folder: Path):
     """(meta model, tensor source, tokenizer loader) of a float folder, for a streaming quantized load."""
     from tinylm.quant.sources import SafetensorsSource
 
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise WeightsError(f"{folder} has no config.json")
-    config = ModelConfig.from_file(config_path)
+    config = folder_config(folder)
     model = build_model(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     source = SafetensorsSource(folder, expected_shapes(model), optional,
                                rename=lambda stored: module_name(config.model_type, stored))
-
-    def tokenizer():
-        if not (folder / "tokenizer.json").is_file():
-            return None
-        from tinylm.tokenizer import Tokenizer
-
-        return Tokenizer.from_folder(folder)
-    return model, source, tokenizer, {}
+    return model, source, lambda: _folder_tokenizer(folder), {}
 
 
 def load_gguf_meta(path: Path):
@@ -164,12 +183,15 @@ def _smoothed(loaded: LoadedModel, quantize) -> LoadedModel:
     return loaded
 
 
-def _quantized(parts, path: Path, dtype: torch.dtype, device: str, quantize, fmt: str) -> LoadedModel:
+def _quantized(parts, path: Path, dtype: torch.dtype, device: str, quantize, fmt: str,
+               check_finite: bool = True) -> LoadedModel:
     """Quantize while reading: one float tensor at a time, never a float copy of the whole model."""
     from tinylm.quant.apply import build_quantized
     from tinylm.quant.policy import parse_policy
 
     model, source, tokenizer, metadata = parts
+    if check_finite:
+        source = finite.FiniteSource(source)  # each float tensor checked as read, before it is quantized
     policy = parse_policy(quantize)
     try:
         build_quantized(model, policy, source, dtype, device)
