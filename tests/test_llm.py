@@ -125,11 +125,12 @@ def test_out_of_vocabulary_prompt_ids(llm):
         llm.generate([[1, llm.config.vocab_size + 5]], tinylm.SamplingParams(max_tokens=2))
 
 
-def test_tiny_temperature_samples_greedily_instead_of_overflowing(llm):
-    """logits / 1e-45 overflowed to inf and NaN (six end-of-text tokens); below 1e-5 a temperature is greedy."""
+def test_tiny_temperature_is_raised_instead_of_overflowing(llm):
+    """logits / 1e-45 overflowed to inf and NaN (six end-of-text tokens, empty text); it is raised to 0.01."""
     prompt = "The capital of France is"
-    greedy = llm.generate(prompt, tinylm.SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY))[0]
+    reference = llm.generate(prompt, tinylm.SamplingParams(max_tokens=6, temperature=0.01, seed=0))[0]
     for temperature in (1e-45, 1e-6):
-        tiny = llm.generate(prompt, tinylm.SamplingParams(max_tokens=6, ignore_eos=True, temperature=temperature,
-                                                          seed=0))[0]
-        assert tiny.token_ids == greedy.token_ids and tiny.text == greedy.text
+        with pytest.warns(UserWarning):
+            params = tinylm.SamplingParams(max_tokens=6, temperature=temperature, seed=0)
+        tiny = llm.generate(prompt, params)[0]
+        assert tiny.token_ids == reference.token_ids and tiny.text.strip()

@@ -13,6 +13,7 @@ import tinylm
 from tinylm import LLM, SamplingParams
 from tinylm.engine import sampler
 from tinylm.engine.stop import StopChecker
+from tinylm.sampling_params import MIN_TEMPERATURE
 from tinylm.tiny import make_tiny
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -137,22 +138,25 @@ def test_n_choices_use_seed_plus_index(llm):
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-6])
-def test_tiny_temperature_samples_greedily(llm, temperature):
-    greedy = llm.generate("Once upon a time", SamplingParams(max_tokens=8, **GREEDY))[0]
-    tiny = llm.generate("Once upon a time", SamplingParams(max_tokens=8, temperature=temperature,
+def test_tiny_temperature_is_raised_as_vllm_does(llm, temperature):
+    """logits / 1e-45 overflowed to inf and NaN (end-of-text tokens, empty text); vLLM raises it to 0.01."""
+    with pytest.warns(UserWarning, match="raised"):
+        params = SamplingParams(max_tokens=8, temperature=temperature, ignore_eos=True, seed=0)
+    assert params.temperature == MIN_TEMPERATURE
+    tiny = llm.generate("Once upon a time", params)[0]
+    same = llm.generate("Once upon a time", SamplingParams(max_tokens=8, temperature=MIN_TEMPERATURE,
                                                            ignore_eos=True, seed=0))[0]
-    assert SamplingParams(temperature=temperature).temperature == 0
-    assert tiny.token_ids == greedy.token_ids
+    assert len(tiny.token_ids) == 8 and tiny.token_ids == same.token_ids
 
 
 def test_small_temperature_keeps_the_distribution_finite():
     logits = torch.tensor([[30.0, 29.99, -5.0, 0.0], [80.0, -80.0, 3.0, 2.0]])
-    for temperature in (1e-5, 1e-3, 0.01):
+    for temperature in (1e-5, 1e-3, 0.01, 0.02):
         probs = sampler.probabilities(logits, [SamplingParams(temperature=temperature)] * 2)
         assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2))
         assert probs.argmax(-1).tolist() == [0, 0]
-    cold = sampler.probabilities(logits, [SamplingParams(temperature=1e-3)] * 2)
-    assert cold[0, 0] == pytest.approx(1 / (1 + math.exp(-10)), rel=1e-5)  # exp(-0.01 / 1e-3)
+    cold = sampler.probabilities(logits, [SamplingParams(temperature=0.02)] * 2)
+    assert cold[0, 0] == pytest.approx(1 / (1 + math.exp(-0.5)), rel=1e-5)  # exp(-0.01 / 0.02)
 
 
 @pytest.mark.parametrize("seed", [2 ** 64 - 1, -(2 ** 63), -1, 0])

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_N = 16  # completions per prompt, as the HTTP server allows
 MAX_LOGIT_BIAS = 100.0  # OpenAI's and vLLM's bound on a logit_bias value
-# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): logits / 1e-45 overflow float32 to inf, and
-# softmax(inf - inf) is NaN, so a tiny temperature must mean its limit, the argmax, not a division.
-SAMPLING_EPS = 1e-5
+# Positive temperatures below this are raised to it, as vLLM does (its _MAX_TEMP): logits / 1e-45 overflow float32
+# to inf and softmax(inf - inf) is NaN (six end-of-text tokens and empty text, before this clamp).
+MIN_TEMPERATURE = 0.01
 # torch.Generator.manual_seed takes seeds in [-2**63, 2**64 - 1] ("Overflow when unpacking long long" beyond)
 MIN_SEED, MAX_SEED = -(2 ** 63), 2 ** 64 - 1
 
@@ -25,7 +26,7 @@ MIN_SEED, MAX_SEED = -(2 ** 63), 2 ** 64 - 1
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy (so does anything below SAMPLING_EPS)
+    temperature: float = 1.0  # 0 means greedy; (0, MIN_TEMPERATURE) is raised to MIN_TEMPERATURE
     top_p: float = 1.0  # in (0, 1]
     top_k: int = -1  # -1 or 0: no limit
     min_p: float = 0.0  # in [0, 1]
@@ -59,8 +60,10 @@ class SamplingParams:
         _check(self.spaces_between_special_tokens is True,
                "spaces_between_special_tokens=False is not supported (tinylm decodes special tokens without "
                "added spaces either way)")
-        if self.temperature < SAMPLING_EPS:
-            self.temperature = 0.0
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            _warn(f"temperature {self.temperature:g} is below {MIN_TEMPERATURE} and is raised to it (as vLLM "
+                       "does): smaller values overflow the logits; use 0 for greedy decoding")
+            self.temperature = MIN_TEMPERATURE
 
     def _check_lengths(self) -> None:
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
@@ -169,3 +172,7 @@ def _is_finite(value) -> bool:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=4)  # Python's default filter shows it once per calling line

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import anyio
 from fastapi import Request
@@ -61,7 +61,7 @@ def check_context(context: int, prompt_ids: list[int], max_tokens: int, explicit
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """The params of choice `index` of n: a seeded request gives each choice its own seed (seed + index)."""
-    return params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
+    return params.for_choice(index)
 
 
 class RequestTimeout(APIError):
