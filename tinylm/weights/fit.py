@@ -144,8 +144,8 @@ class _Fit:
     def experts(self, i: int) -> None:
         """A sparse MoE layer: its router and expert count match num_experts, each expert moe_intermediate_size."""
         c, p = self.config, f"model.layers.{i}.mlp"
-        self.expect(f"{p}.gate.weight", 0, c.num_experts, self.value("num_experts"))
         present = self.expert_indices(i)
+        self.expect(f"{p}.gate.weight", 0, c.num_experts, self.value("num_experts"))
         for j in sorted(present)[:1]:  # one expert shows the size; the shape check after the build sees the rest
             self.dense_mlp(f"{p}.experts.{j}", "moe_intermediate_size")
         if c.shared_expert_intermediate_size:

@@ -19,6 +19,9 @@ from tokenizers import Tokenizer as Backend
 from tinylm.errors import WeightsError
 from tinylm.tokenizer import Tokenizer
 
+# Longest piece whose splits are ranked as merges: each piece costs len(piece)**2 in slicing, so one corrupt
+# 500 000-character token would take hours. SentencePiece's pieces are at most 16 characters by default.
+_MAX_MERGED_PIECE = 512
 # gguf.TokenType values
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
@@ -164,6 +167,8 @@ def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[s
     vocab = {token: i for i, token in enumerate(tokens)}
     ranked = []
     for piece, score in zip(tokens, scores):
+        if len(piece) > _MAX_MERGED_PIECE:
+            continue
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in vocab and right in vocab:
