@@ -5,23 +5,37 @@ including whether BOS is added. transformers 5 instead rebuilds the pipeline for
 (LlamaTokenizer switches to a Metaspace pre-tokenizer that adds no "▁" after special tokens; GPT2Tokenizer drops a
 Digits pre-tokenizer such as SmolLM2's), so for those classes its ids can differ from tokenizer.json's; `save()` writes
 `PreTrainedTokenizerFast`, which transformers (4 and 5) loads as written, so both agree on saved folders.
+
+Chat prompts keep the caller's text as text: a special token's text inside a message (`<|im_end|>` typed by a user)
+is tokenized as ordinary characters, never as the control token the template writes (transformers does match it).
 """
 
 from __future__ import annotations
 
 import functools
-
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 
-from tinylm.chat_template import render
+from tinylm.chat_template import plain_data, render
 from tinylm.errors import TemplateError
 
 _TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 _TEMPLATE_DIR = "additional_chat_templates"  # transformers' CHAT_TEMPLATE_DIR: one named template per .jinja file
+
+# The template variables a request may set when the caller passes trusted_kwargs=False (a server's
+# chat_template_kwargs): the switches common templates read. Qwen3 / GLM: enable_thinking; DeepSeek-V3.1, Granite:
+# thinking; gpt-oss: reasoning_effort; Llama 3.x: date_string, tools_in_user_message, builtin_tools. Anything else,
+# the special tokens (bos_token, eos_token, ...) above all, stays the tokenizer's.
+REQUEST_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_effort", "date_string",
+                                     "tools_in_user_message", "builtin_tools"})
+# Stands in for each character of a special token's text inside the caller's text, in a second render that shows
+# where that text lands in the prompt (a private-use character: no template writes it, no tokenizer makes it special)
+_FILLER = "\ue000"
 
 
 class Tokenizer:
@@ -99,20 +113,91 @@ class Tokenizer:
     # --- chat
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
-                            tools: list[dict] | None = None, **kwargs) -> str | list[int]:
+                            tools: list[dict] | None = None, *, chat_template: str | None = None,
+                            documents: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template_kwargs: Mapping[str, Any] | None = None, trusted_kwargs: bool = True,
+                            **kwargs) -> str | list[int]:
         """Render `messages` as transformers does; extra kwargs reach the template (e.g. enable_thinking=False).
 
-        `chat_template=` picks a named template or passes a template's source; `continue_final_message=True`
-        leaves the last message open, to prefill the reply.
+        `chat_template=` picks a named template (see has_template) or passes a template's source;
+        `continue_final_message=True` leaves the last message open, to prefill the reply. `chat_template_kwargs` are
+        more template variables (vLLM's request field), merged over kwargs. With trusted_kwargs=False (variables
+        from a request) every variable must be in REQUEST_TEMPLATE_KWARGS, so a request cannot set bos_token or
+        eos_token; anything else raises TemplateError naming it. Rendering has a time and size budget
+        (tinylm.chat_template.render), and a role the template does not use is refused.
+
+        With tokenize=True, the caller's text (contents, roles, names, tool calls, tools, documents, variables)
+        never becomes a special token: `<|im_end|>` typed in a message stays those ten characters.
         """
-        source = self._template_for(kwargs.pop("chat_template", None), tools)
+        variables = {**kwargs, **(chat_template_kwargs or {})}
+        if not trusted_kwargs:
+            _check_request_variables(variables)
+        source = self._template_for(chat_template, tools)
         if not messages:
             raise TemplateError("cannot apply a chat template to an empty conversation")
-        # The special tokens are template variables; explicit kwargs override them
-        text = render(source, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                      **{**self.special_tokens_map, **kwargs})
-        # The template writes BOS itself where the model wants it, so no post-processor tokens are added
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        # The special tokens are template variables; explicit ones override them (trusted callers only). They are
+        # the template's own text, not the caller's, so they stay out of caller_data
+        tokens = {**self.special_tokens_map, **{k: v for k, v in variables.items() if k in _TOKEN_NAMES}}
+        caller_data = {"messages": messages, "tools": tools, "documents": documents,
+                       "variables": {k: v for k, v in variables.items() if k not in _TOKEN_NAMES}}
+
+        def render_with(data: dict) -> str:
+            return render(source, data["messages"], tools=data["tools"], documents=data["documents"],
+                          add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                          **tokens, **data["variables"])
+
+        text = render_with(caller_data)
+        if not tokenize:
+            return text
+        caller_data = plain_data(caller_data)
+        if not self._holds_special_text(caller_data):
+            # The template writes BOS itself where the model wants it, so no post-processor tokens are added
+            return self.encode(text, add_special_tokens=False)
+        neutral = render_with(_with_filler(caller_data, self._special_text))
+        return self._encode_keeping_caller_text(text, _caller_special_text(text, neutral, caller_data,
+                                                                           self._special_text))
+
+    def has_template(self, name: str) -> bool:
+        """Whether `name` is one of this tokenizer's named templates ("default", "tool_use", ...), as opposed to a
+        template's source: a server can refuse sources that come from requests."""
+        return isinstance(name, str) and name in self.templates
+
+    def _holds_special_text(self, data: Any) -> bool:
+        return self._special_text is not None and any(self._special_text.search(s) for s in _strings(data))
+
+    @functools.cached_property
+    def _special_text(self) -> re.Pattern | None:
+        """Matches the text of any special token (longest first); None when the tokenizer has none."""
+        texts = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content}
+        return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
+
+    @functools.cached_property
+    def _text_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that tokenizes special tokens' text as ordinary text. A copy, not the shared backend
+        with the flag toggled, as other threads may be encoding with it (two threads may build it once each)."""
+        backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def _encode_keeping_caller_text(self, text: str, caller_special: bytearray) -> list[int]:
+        """Token ids of `text`, as encode() gives them, except that special tokens found where caller_special
+        marks the caller's text are tokenized as text. The text between two of the template's own special tokens
+        is re-encoded whole with special matching off, so the caller's characters tokenize as they would with
+        their neighbours, and everything else keeps encode()'s ids."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pending: list[int] = []  # ids since the template's last special token
+        start, rewrite = 0, False  # where that stretch of text starts; whether it holds a caller special token
+        for token_id, (begin, end) in zip(encoding.ids, encoding.offsets):
+            if token_id not in self.special_ids or caller_special.find(1, begin, end) != -1:
+                pending.append(token_id)
+                rewrite = rewrite or token_id in self.special_ids
+                continue
+            ids += self._text_backend.encode(text[start:begin], add_special_tokens=False).ids if rewrite else pending
+            ids.append(token_id)
+            pending, start, rewrite = [], end, False
+        ids += self._text_backend.encode(text[start:], add_special_tokens=False).ids if rewrite else pending
+        return ids
 
     def _template_for(self, name_or_source: str | None, tools: list | None) -> str:
         """transformers' `get_chat_template`: a name, else "tool_use" when tools are given, else "default"."""
@@ -234,6 +319,58 @@ class IncrementalDecoder:
     def text(self) -> str:
         """Everything emitted so far."""
         return "".join(self._chunks)
+
+
+def _check_request_variables(variables: Mapping) -> None:
+    refused = [name for name in variables if name not in REQUEST_TEMPLATE_KWARGS]
+    if refused:
+        raise TemplateError(f"the chat template variable {str(refused[0])[:60]!r} cannot be set by a request "
+                            f"(allowed: {', '.join(sorted(REQUEST_TEMPLATE_KWARGS))})")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in plain data, dict keys included (tojson prints them)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _with_filler(value: Any, special_text: re.Pattern) -> Any:
+    """`value` with every special token's text in its strings replaced by as many _FILLER characters."""
+    if isinstance(value, str):
+        return special_text.sub(lambda m: _FILLER * len(m.group()), value)
+    if isinstance(value, dict):
+        return {_with_filler(k, special_text): _with_filler(v, special_text) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_filler(v, special_text) for v in value)
+    return value
+
+
+def _caller_special_text(text: str, neutral: str, caller_data: Any, special_text: re.Pattern) -> bytearray:
+    """Marks (1 per character of `text`) where the caller's special-token text landed: where the render with filler
+    (`neutral`) has filler. The two renders must agree everywhere else; a template whose output depends on that
+    text itself (it splits on it, or tests for it) cannot be told apart from its own tokens, and is refused."""
+    mask = bytearray(len(text))
+    position = 0
+    aligned = len(text) == len(neutral)
+    for run in re.finditer(f"{_FILLER}+", neutral) if aligned else ():
+        if text[position:run.start()] != neutral[position:run.start()]:
+            aligned = False
+            break
+        mask[run.start():run.end()] = b"\x01" * (run.end() - run.start())
+        position = run.end()
+    if not aligned or text[position:] != neutral[position:]:
+        found = next(special_text.search(s).group() for s in _strings(caller_data) if special_text.search(s))
+        raise TemplateError(f"a message contains the special token text {found!r}, and this chat template treats "
+                            f"that text differently from other text, so it cannot be kept as plain text")
+    return mask
 
 
 def _read_json(path: Path) -> dict:
