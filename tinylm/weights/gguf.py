@@ -218,7 +218,6 @@ class _CheckedReader(GGUFReader):
             plain = self._plain = self.data.view(np.ndarray)
         return plain[start:end].view(view)
 
-
     def _build_fields(self, offs, count):
         _check_count(int(count), "key/value", _MIN_KV_BYTES, self.data.size - offs)
         return super()._build_fields(offs, count)
