@@ -156,3 +156,141 @@ def test_sampling_defaults_follow_the_model(tmp_path):
     assert sampling_params(_sampling_namespace(str(folder), top_k=5)).top_k == 5
     (folder / "generation_config.json").write_text("{not json")
     assert sampling_params(_sampling_namespace(str(folder))).temperature == 0.6
+
+
+# --- the chat REPL as llama.cpp and Ollama users expect it
+
+class _CountingLLM:
+    """Streams "one two three four" for every prompt; raises SIGINT in this process before the third word when
+    `interrupt_at` says so, as Ctrl-C in a terminal would. Records each conversation it is given."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.interrupt_at, self.conversations, self.closed = interrupt_at, [], 0
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.conversations.append([dict(m) for m in messages])
+        return [1, 2, 3]
+
+    def stream(self, prompt, params):
+        import os
+        import signal
+        from types import SimpleNamespace
+
+        try:
+            for i, word in enumerate(["one ", "two ", "three ", "four "]):
+                if i == self.interrupt_at and len(self.conversations) == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield SimpleNamespace(text=word)
+        finally:
+            self.closed += 1
+
+
+def _run_repl(monkeypatch, capsys, llm, lines: str, history=None) -> tuple[int, str, str]:
+    import io
+
+    from tinylm.cli import _repl
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    code = _repl(llm, history or [], None)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_what_was_said(monkeypatch, capsys):
+    """The first answer is stopped after "three" and kept as the reply; the session goes on; the stream is closed
+    (its request ended) rather than left to the garbage collector."""
+    import signal
+
+    llm = _CountingLLM(interrupt_at=2)
+    before = signal.getsignal(signal.SIGINT)
+    code, out, err = _run_repl(monkeypatch, capsys, llm, "Count.\nAgain.\n")
+    assert code == 0 and "(stopped)" in err
+    assert out.splitlines() == ["one two three ", "one two three four "]
+    assert llm.conversations[1] == [{"role": "user", "content": "Count."},
+                                    {"role": "assistant", "content": "one two three "},
+                                    {"role": "user", "content": "Again."}]
+    assert llm.closed == 2 and signal.getsignal(signal.SIGINT) is before  # Ctrl-C means Ctrl-C again
+
+
+def test_ctrl_c_before_any_word_forgets_the_question(monkeypatch, capsys):
+    llm = _CountingLLM(interrupt_at=0)
+    code, out, _ = _run_repl(monkeypatch, capsys, llm, "Count.\nAgain.\n")
+    assert code == 0 and out.splitlines()[0] == "one "  # the word already on its way is printed, then it stops
+    assert llm.conversations[1][0] == {"role": "user", "content": "Count."}
+
+
+def test_ctrl_c_or_ctrl_d_at_the_prompt_leaves_cleanly(monkeypatch, capsys):
+    import builtins
+
+    def interrupted(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "input", interrupted)
+    assert _run_repl(monkeypatch, capsys, _CountingLLM(), "")[0] == 0
+    monkeypatch.undo()
+    assert _run_repl(monkeypatch, capsys, _CountingLLM(), "")[0] == 0  # end of input, as Ctrl-D
+
+
+def test_repl_commands(monkeypatch, capsys):
+    llm = _CountingLLM()
+    system = [{"role": "system", "content": "Be brief."}]
+    code, out, err = _run_repl(monkeypatch, capsys, llm, "/help\nHi\n/reset\n/x now\n/? \nBye\n/bye\nnot sent\n",
+                               history=list(system))
+    assert code == 0
+    assert "/reset" in err and "/exit" in err and "Ctrl-C" in err  # /help and /? list the commands
+    assert "history cleared" in err and "unknown command /x; /help lists the commands" in err
+    assert llm.conversations == [system + [{"role": "user", "content": "Hi"}],
+                                 system + [{"role": "user", "content": "Bye"}]]  # /reset kept the system prompt
+    assert len(out.splitlines()) == 2  # only answers on stdout
+
+
+def test_ctrl_c_in_a_real_chat_session(smollm2_gguf):
+    """`tinylm chat` in a process of its own: SIGINT while it answers stops the answer, the next question is
+    answered, end of input exits with 0."""
+    import os
+    import select
+    import signal
+    import time
+
+    chat = subprocess.Popen([sys.executable, "-m", "tinylm.cli", "chat", "--model", str(smollm2_gguf),
+                             "--temperature", "0", "--max-tokens", "400"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        chat.stdin.write(b"Write a very long story about a dragon who learns to bake bread.\n")
+        chat.stdin.flush()
+        printed, deadline = b"", time.monotonic() + 240
+        while len(printed) < 40 and time.monotonic() < deadline:  # the answer has started
+            if select.select([chat.stdout], [], [], 1.0)[0]:
+                printed += os.read(chat.stdout.fileno(), 4096)
+        assert len(printed) >= 40, "no answer started"
+        chat.send_signal(signal.SIGINT)
+        out, err = chat.communicate(b"/reset\nWhat is the capital of France?\n", timeout=240)
+    finally:
+        chat.kill()
+    assert chat.returncode == 0, err.decode()
+    assert b"(stopped)" in err and b"history cleared" in err and b"Traceback" not in err
+    assert b"Paris" in out
+
+
+def test_generate_reads_the_prompt_from_stdin(monkeypatch, capsys, smollm2_gguf):
+    import io
+
+    args = ["generate", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "8"]
+    given = _run(capsys, *args, "The capital of France is")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The capital of France is\n"))
+    assert _run(capsys, *args, "-") == given  # the final newline of `echo ... |` is not part of the prompt
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "info", "serve", "bench"])
+def test_no_check_finite_reaches_the_loader(monkeypatch, command):
+    """Every command that loads a model takes --no-check-finite and hands check_finite=False to tinylm.load."""
+    import tinylm
+    from tinylm.cli import build_parser, load_from_args
+
+    seen = []
+    monkeypatch.setattr(tinylm, "load", lambda *args, **kwargs: seen.append(kwargs))
+    extra = ["hi"] if command == "generate" else []
+    load_from_args(build_parser().parse_args([command, "--no-check-finite", *extra]))
+    load_from_args(build_parser().parse_args([command, *extra]))
+    assert seen[0]["check_finite"] is False
+    assert seen[1].get("check_finite", True) is True

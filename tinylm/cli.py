@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import tinylm
@@ -46,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="raw completion of a prompt, printed as it streams")
     _model_args(gen)
     _sampling_args(gen, max_tokens=128)
-    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("prompt", metavar="PROMPT", help="the text to continue; '-' reads it from stdin (without the "
+                                                       "final newline)")
     gen.set_defaults(handler=cmd_generate)
 
-    chat = commands.add_parser("chat", help="multi-turn chat; with -m, answer one message and exit")
+    chat = commands.add_parser("chat", help="multi-turn chat; with -m, answer one message and exit",
+                               epilog=REPL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(chat)
     _sampling_args(chat, max_tokens=256)
     chat.add_argument("-m", "--message", help="answer this one message and exit")
@@ -101,6 +105,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="tokens the draft proposes per step (default 3)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                         help="auto: K/V kept in the model's dtype; int8: half the cache memory and decode reads")
+    parser.add_argument("--no-check-finite", action="store_true",
+                        help="skip the load-time check that every weight is finite (no NaN or Inf): a faster load "
+                             "of files you trust")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -150,18 +157,26 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def load_from_args(args) -> tinylm.LLM:
+    # check_finite is passed only when the flag turns it off, so this works with a tinylm.load that predates it
+    finite = {"check_finite": False} if getattr(args, "no_check_finite", False) else {}
     return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
                        quantize=args.quantize, compile=getattr(args, "compile", False),
                        draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),
-                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
+                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), **finite)
 
 
 def cmd_generate(args) -> int:
     params = sampling_params(args)
+    prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
     llm = load_from_args(args)
-    _print_stream(llm, args.prompt, params)
+    _print_stream(llm, prompt, params)
     return 0
+
+
+def _read_stdin_prompt() -> str:
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text  # `echo text |` adds a newline the prompt did not have
 
 
 def cmd_chat(args) -> int:
@@ -175,39 +190,105 @@ def cmd_chat(args) -> int:
     return _repl(llm, history, params)
 
 
+REPL_HELP = """chat commands:
+  /help, /?             list the commands
+  /reset, /clear        clear the history (the --system prompt stays)
+  /exit, /quit, /bye    leave (so do Ctrl-D and Ctrl-C at the prompt)
+Ctrl-C while an answer prints stops that answer and returns to the prompt; the part already printed stays in the
+history as the model's reply, as it stays in llama.cpp's context (a second Ctrl-C quits at once)."""
+
+
 def _repl(llm: tinylm.LLM, history: list[dict], params: tinylm.SamplingParams) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
-        print("tinylm chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+        print("tinylm chat: type a message; /help lists the commands, Ctrl-D quits.", file=sys.stderr)
     start = list(history)
     while True:
         try:
             line = input("> " if interactive else "")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave cleanly
+            if interactive:
+                print(file=sys.stderr)
             return 0
         if not line.strip():
             continue
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            history[:] = start
+        if line.strip().startswith("/"):
+            if _repl_command(line.strip(), history, start):
+                return 0
             continue
         history.append({"role": "user", "content": line})
         try:
-            answer = _print_stream(llm, llm.apply_chat_template(history), params)
+            answer, stopped = _print_stoppable_stream(llm, llm.apply_chat_template(history), params)
         except (TinyLMError, ValueError) as exc:  # e.g. the history outgrew the context: say so, keep the session
             history.pop()
             _fail(exc)
             continue
-        history.append({"role": "assistant", "content": answer})
+        if stopped and not answer:
+            history.pop()  # stopped before a word: forget the question too, so the roles still alternate
+        else:
+            history.append({"role": "assistant", "content": answer})
 
 
-def _print_stream(llm: tinylm.LLM, prompt, params: tinylm.SamplingParams) -> str:
+def _repl_command(command: str, history: list[dict], start: list[dict]) -> bool:
+    """Runs a /command; True when it ends the session. Messages go to stderr: stdout carries only answers."""
+    name = command.split()[0].lower()
+    if name in ("/exit", "/quit", "/bye"):
+        return True
+    if name in ("/help", "/?"):
+        print(REPL_HELP, file=sys.stderr)
+    elif name in ("/reset", "/clear"):
+        history[:] = start
+        print("history cleared", file=sys.stderr)
+    else:
+        print(f"unknown command {name}; /help lists the commands", file=sys.stderr)
+    return False
+
+
+class _StopOnInterrupt:
+    """While an answer streams, Ctrl-C asks it to stop after the current token, so the engine is left between two
+    steps (its request aborted by the stream's close), never in the middle of one; a second Ctrl-C interrupts at
+    once. Signal handlers can only be set from the main thread: elsewhere Ctrl-C keeps its usual meaning."""
+
+    def __enter__(self) -> _StopOnInterrupt:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+            signal.signal(signal.SIGINT, self._on_interrupt)
+        return self
+
+    def _on_interrupt(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _print_stoppable_stream(llm: tinylm.LLM, prompt, params: tinylm.SamplingParams) -> tuple[str, bool]:
+    """The streamed answer, and whether Ctrl-C stopped it."""
+    with _StopOnInterrupt() as stop:
+        answer = _print_stream(llm, prompt, params, stop)
+    if stop.requested:
+        print("(stopped)", file=sys.stderr)
+    return answer, stop.requested
+
+
+def _print_stream(llm: tinylm.LLM, prompt, params: tinylm.SamplingParams, stop: _StopOnInterrupt | None = None
+                  ) -> str:
     text = []
-    for event in llm.stream(prompt, params):
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
-        text.append(event.text)
+    stream = llm.stream(prompt, params)
+    try:
+        for event in stream:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            text.append(event.text)
+            if stop is not None and stop.requested:
+                break
+    finally:
+        stream.close()  # ends the request in the engine now, not whenever the generator is collected
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(text)
