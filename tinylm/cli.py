@@ -157,13 +157,12 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def load_from_args(args) -> tinylm.LLM:
-    # check_finite is passed only when the flag turns it off, so this works with a tinylm.load that predates it
-    finite = {"check_finite": False} if getattr(args, "no_check_finite", False) else {}
     return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
                        quantize=args.quantize, compile=getattr(args, "compile", False),
                        draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),
-                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), **finite)
+                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                       check_finite=not getattr(args, "no_check_finite", False))
 
 
 def cmd_generate(args) -> int:

@@ -130,7 +130,7 @@ class LLM:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool | None = None,
                  block_size: int | None = None, kv_cache_dtype: str = "auto", kv_cache_memory_bytes: int | None = None,
                  speculative_config: dict | None = None, engine_config: EngineConfig | None = None,
-                 draft: LoadedModel | str | None = None, **kwargs) -> None:
+                 draft: LoadedModel | str | None = None, check_finite: bool = True, **kwargs) -> None:
         """vLLM's constructor: `model` is a built-in name, a Hugging Face folder or a .gguf file; dtype "auto"
         (the checkpoint's, bfloat16 for float16 ones on CPU, float32 for GGUF), "float32", "bfloat16", "float16"
         or a torch.dtype; quantization None or a tinylm policy ("int8", "int4", "w8a8", ...); seed seeds torch's
@@ -153,7 +153,8 @@ class LLM:
             torch.manual_seed(seed)
         device = _resolve_device(device)
         path = hub.resolve(model)
-        loaded = load_model(path, dtype=_resolve_dtype(dtype, path, device), device=device, quantize=quantization)
+        loaded = load_model(path, dtype=_resolve_dtype(dtype, path, device), device=device, quantize=quantization,
+                            check_finite=check_finite)
         loaded = _with_tokenizer(loaded, tokenizer, model, skip_tokenizer_init)
         model_context(loaded.model.config.max_position_embeddings, config.max_model_len)
         if speculative_config:
@@ -507,21 +508,24 @@ def _as_batch(value, device) -> torch.Tensor | None:
 
 def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
          quantize: str | None = None, compile: bool = False, draft: str | os.PathLike | None = None,
-         draft_quantize: str | None = None, num_speculative_tokens: int = 3, kv_cache_dtype: str = "auto") -> LLM:
+         draft_quantize: str | None = None, num_speculative_tokens: int = 3, kv_cache_dtype: str = "auto",
+         check_finite: bool = True) -> LLM:
     """Load a built-in model name, a Hugging Face folder, or a .gguf file; quantize: None | "int8" | "int4" | a
     policy name. compile: decode through torch.compile with fused projections (inference only, see
     tinylm/engine/compiled.py). draft: a smaller model with the same tokenizer (or this one with draft_quantize),
     or "[ngram]" (prompt lookup, tinylm/engine/ngram.py), that proposes num_speculative_tokens tokens per step
     for the loaded model to verify (speculative decoding: the same outputs, fewer target passes;
     tinylm/engine/speculative.py). kv_cache_dtype: "auto" (the model's dtype) or "int8" (half the cache memory
-    and decode reads, tinylm/engine/kv_pool.py)."""
+    and decode reads, tinylm/engine/kv_pool.py). check_finite=False skips the NaN / Inf scan of the weights
+    (tinylm/weights/finite.py), for speed with files already known to be sound."""
     pool_dtype(kv_cache_dtype, torch.float32)  # a bad name fails before any weights are read
     if draft is not None:
         check_num_tokens(num_speculative_tokens)  # before any weights are read
     if draft_quantize is not None and (draft is None or draft == NGRAM):
         raise ValueError("draft_quantize quantizes a draft model: give one with draft")
-    loaded = load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize)
-    draft_loaded = draft if draft in (None, NGRAM) else _load_draft(loaded, draft, dtype, device, draft_quantize)
+    loaded = load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
+    draft_loaded = draft if draft in (None, NGRAM) else _load_draft(loaded, draft, dtype, device, draft_quantize,
+                                                                    check_finite)
     config = EngineConfig(compile=compile, num_speculative_tokens=num_speculative_tokens,
                           kv_cache_dtype=kv_cache_dtype)
     llm = LLM(loaded, engine_config=config, draft=draft_loaded)
@@ -530,8 +534,9 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "flo
 
 
 def _load_draft(loaded: LoadedModel, draft: str | os.PathLike, dtype, device: str,
-                draft_quantize: str | None) -> LoadedModel:
-    draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize)
+                draft_quantize: str | None, check_finite: bool = True) -> LoadedModel:
+    draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize,
+                              check_finite=check_finite)
     check_draft(loaded.model.config, draft_loaded.model.config)
     _check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
     return draft_loaded

@@ -48,6 +48,9 @@ _TGI_STATUSES = {401: "Missing or wrong API key", 408: "The body did not arrive 
                  422: "Bad input (TGI's validation error)", 429: "The request queue is full",
                  500: "An internal error failed this request", 503: "The server is shutting down"}
 _NO_BODY_ROUTES = ("/health", "/metrics", "/v1/models", "/info")
+# Routes that answer with server-sent events: always (/generate_stream), or when the body says stream=true
+_EVENT_STREAMS = {"/generate_stream": True, "/generate": False, "/v1/completions": False,
+                  "/v1/chat/completions": False}
 
 
 def document_errors(app: FastAPI) -> None:
@@ -68,6 +71,8 @@ def _rewrite(schema: dict) -> None:
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
+            if path in _EVENT_STREAMS:
+                _event_stream(responses, only=_EVENT_STREAMS[path])
             if path.startswith("/generate"):
                 _tgi_errors(responses)
             else:
@@ -77,6 +82,14 @@ def _rewrite(schema: dict) -> None:
                     responses.pop(status, None)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
+
+
+def _event_stream(responses: dict, only: bool) -> None:
+    ok = responses.setdefault("200", {"description": "Successful Response"})
+    content = {} if only else ok.get("content", {})
+    # Each `data:` line is one JSON event (OpenAI streams end with `data: [DONE]`)
+    content["text/event-stream"] = {"schema": {"description": "one JSON event per data line"}}
+    ok["content"] = content
 
 
 def _bound_token_ids(node, vocab_size: int) -> None:
