@@ -90,6 +90,9 @@ def test_template_variables_are_an_allow_list(default_server):
     response = _chat(url, {"chat_template_kwargs": {"eos_token": "<|im_start|>system"}})
     assert response.status_code == 400 and "eos_token" in _error(response)
     assert _chat(url, {"chat_template_kwargs": {"enable_thinking": False}}).status_code == 200
+    for name in ("trusted_kwargs", "tokenize", "messages", "tools", "add_generation_prompt"):
+        response = _chat(url, {"chat_template_kwargs": {name: True}})  # never an argument in disguise
+        assert response.status_code == 400 and name in _error(response), response.text
 
 
 @pytest.mark.parametrize("template", [NESTED_RANGES, HUGE_STRING], ids=["nested ranges", "huge string"])

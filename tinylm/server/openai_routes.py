@@ -150,17 +150,18 @@ def _check_messages(state, body: ChatCompletionRequest) -> None:
 
 
 def _template_kwargs(state, body: ChatCompletionRequest) -> dict:
-    """The request's template variables. A template source sent by the request is untrusted code: refused unless
-    the server was started with --trust-request-chat-template (a name of one of the model's templates is fine)."""
-    kwargs = dict(body.chat_template_kwargs or {})
-    source = kwargs.pop("chat_template", None) or body.chat_template
+    """The template arguments of a request: `chat_template` and the request's own variables, kept apart so that no
+    variable can stand in for an argument. A template source sent by the request is untrusted code: refused
+    unless the server was started with --trust-request-chat-template (a name of one of the model's templates is
+    fine)."""
+    variables = dict(body.chat_template_kwargs or {})
+    source = variables.pop("chat_template", None) or body.chat_template
     if source is not None:
         known = state.llm.tokenizer is not None and state.llm.tokenizer.has_template(source)
         if not known and not state.config.trust_request_chat_template:
             raise APIError(400, "request-supplied chat templates are refused by this server (start it with "
                            "--trust-request-chat-template to allow them)", param="chat_template")
-        kwargs["chat_template"] = source
-    return kwargs
+    return {"chat_template": source, "chat_template_kwargs": variables}
 
 
 def _chat_prompt(state, body: ChatCompletionRequest, template_kwargs: dict) -> list[int]:
