@@ -1,7 +1,7 @@
-"""Qwen3-Next (seed 002, `model_type: qwen3_next`): the hybrid's config.json keys <-> ModelConfig fields.
+"""Qwen3-Next (the TinyStories Qwen3-Gated-MoE hybrid, `model_type: qwen3_next`): the hybrid's config.json keys <-> ModelConfig fields.
 
 A config whose `layer_types` holds `linear_attention` is read as this hybrid whatever its `architectures` or
-`model_type` says (seed 002's card names Qwen3MoeForCausalLM). Missing keys take transformers' Qwen3NextConfig
+`model_type` says (the TinyStories Qwen3-Gated-MoE card names Qwen3MoeForCausalLM). Missing keys take transformers' Qwen3NextConfig
 defaults, so tinylm builds the model transformers would build from the same file:
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/configuration_qwen3_next.py
 """

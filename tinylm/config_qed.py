@@ -1,4 +1,4 @@
-"""QED (seed 004, `model_type: qed`): its own config.json keys <-> ModelConfig fields.
+"""QED (QED-75M, `model_type: qed`): its own config.json keys <-> ModelConfig fields.
 
 QED-75M's modeling_qed.py is remote code with no transformers class; its config uses n_layers, d_model, n_heads,
 ffn_hidden_dim, max_seq_len and one `bias` flag for every internal linear layer. The head always has a bias.

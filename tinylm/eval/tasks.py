@@ -171,7 +171,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
     TaskSpec("mmlu", "mmlu", "all", "test", "dev", _mmlu, sampler="first_n", source="cais/mmlu",
              original_files={"test": "test/*_test.csv", "dev": "dev/*_dev.csv"}, group_folders=True),
 ]}
-# The QED-75M card's table (seed 004), in its column order
+# The QED-75M card's table, in its column order
 DEFAULT_TASKS = ["arc_challenge", "commonsense_qa", "hellaswag", "winogrande", "mmlu"]
 
 
