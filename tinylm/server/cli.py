@@ -52,6 +52,7 @@ def server_config(args):
     from tinylm import hub
     from tinylm.engine.engine import EngineConfig
     from tinylm.server.app import ServerConfig
+    from tinylm.server.protocol import MAX_MESSAGES
 
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue", "max_body_bytes",
                  "num_speculative_tokens", "request_timeout", "body_timeout", "header_timeout", "max_messages",
@@ -61,6 +62,8 @@ def server_config(args):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.kv_cache_memory <= 0:
         raise ValueError(f"--kv-cache-memory must be positive, got {args.kv_cache_memory}")
+    if args.max_messages > MAX_MESSAGES:
+        raise ValueError(f"--max-messages may be at most {MAX_MESSAGES}, got {args.max_messages}")
     engine = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_memory * 2**30),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tinylm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_SEED, MAX_STOP_STRINGS, MIN_SEED, SamplingParams
 
 MAX_N = 16  # completions per request (n)
+MAX_MESSAGES = 4096  # chat messages per request, the most --max-messages may allow
 
 
 class StrictRequest(BaseModel):
@@ -129,7 +130,8 @@ class ChatMessage(StrictRequest):
 
 
 class ChatCompletionRequest(_OpenAISampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    # Bounded here too: pydantic stops at the bound instead of validating 100k messages on the event loop
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = documented(minimum=1)
     max_completion_tokens: int | None = documented(minimum=1)
     logprobs: bool = False
