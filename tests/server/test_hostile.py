@@ -66,6 +66,18 @@ class HealthWatch:
                 time.sleep(0.05)
 
 
+@pytest.fixture(autouse=True)
+def health_throughout(request):
+    """Every test on the module's shared servers runs under a HealthWatch: /health answers within a second while
+    the hostile request is refused or running."""
+    names = [name for name in ("guarded", "default_server") if name in request.fixturenames]
+    if not names:
+        yield
+        return
+    with HealthWatch(request.getfixturevalue(names[0])[0]):
+        yield
+
+
 def _chat(url: str, extra: dict, content: str = "Hi") -> httpx.Response:
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
     return post(url, "/v1/chat/completions", body)
