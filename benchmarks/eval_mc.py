@@ -14,8 +14,6 @@ the two and the share of examples where both pick the same choice.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -24,6 +22,8 @@ import torch
 
 import tinylm
 from tinylm import hub
+from tinylm.bench.systems import load_transformers
+from tinylm.bench.timing import machine_line
 from tinylm.eval.loglikelihood import Scorer, prefix_token_id
 from tinylm.eval.prompts import requests_for
 from tinylm.eval.runner import Settings, build_items
@@ -46,13 +46,6 @@ def synthetic_docs(n: int, seed: int = 0) -> list[Doc]:
         text = "Activity: " + " ".join(sentence(10, 18) for _ in range(4)) + " Then the person"
         docs.append(Doc(text=text, choices=[sentence(6, 20) for _ in range(4)], gold=0))
     return docs
-
-
-def load_transformers(gguf: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    return model.to(dtype).eval()
 
 
 def time_scoring(scorer: Scorer, pairs, batch_size: int) -> tuple[float, dict[int, float]]:
@@ -87,9 +80,7 @@ def main() -> None:
         requests = [item.requests for item in items]
     else:
         requests = [requests_for(doc) for doc in synthetic_docs(args.examples)]
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    print(f"machine: {os.cpu_count()} cores, {mem:.0f} GiB, {platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"machine: {machine_line()}")
     print(f"model: {gguf.name}; {len(requests)} examples, {sum(map(len, requests))} requests, "
           f"batch {args.batch_size}")
     print("| dtype | tinylm examples/s | transformers examples/s | ratio | max abs ll diff | same choice |")
@@ -98,7 +89,7 @@ def main() -> None:
         llm = tinylm.load(gguf, dtype=dtype)
         ours = Scorer.from_llm(llm)
         pairs = [ours.encode_pair(r.context, r.continuation) for reqs in requests for r in reqs]
-        model = load_transformers(gguf, getattr(torch, dtype))
+        model = load_transformers(gguf, dtype)
         theirs = Scorer(lambda ids: model(ids).logits, llm.tokenizer, ours.max_length, prefix_token_id(llm))
         runs_ours, runs_theirs = [], []
         for _ in range(args.repeats):  # alternate, so both see the same machine load

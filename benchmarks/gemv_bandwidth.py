@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from decode import machine
+from tinylm.bench.timing import machine_line
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 KERNEL = r'''
@@ -80,7 +80,7 @@ def hand_written():
 
 
 def main() -> None:
-    print(f"machine: {machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads")
+    print(f"machine: {machine_line()}")
     weights = [torch.randn(n, k).bfloat16() for n, k in SHAPES]
     inputs = {k: torch.randn(k) for k in (576, 1536)}
     total = sum(w.numel() * 2 for w in weights)

@@ -19,9 +19,8 @@ import torch
 
 import tinylm
 from tinylm import hub
+from tinylm.bench.timing import machine_line
 from tinylm.engine.engine import EngineConfig, LLMEngine
-
-from decode import machine
 
 TEXT = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -80,7 +79,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     args = parser.parse_args()
     path = hub.resolve(None)
-    print(f"machine: {machine()}; model {path.name}, bfloat16{' + ' + args.quantize if args.quantize else ''}")
+    print(f"machine: {machine_line()}; model {path.name}, bfloat16{' + ' + args.quantize if args.quantize else ''}")
     llms = {kv: tinylm.load(path, dtype="bfloat16", quantize=args.quantize, compile=True, kv_cache_dtype=kv)
             for kv in ("auto", "int8")}
     print("quality:", quality(llms["auto"]))

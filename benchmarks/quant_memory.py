@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tinylm.bench.timing import figures, stream_stamps
 from tinylm.quant.sources import Rows
 
 POLICIES = ["int8", "int4", "qkv-fp16", "int4-tiedq"]
@@ -99,11 +100,10 @@ def worker(model_name: str, policy: str, new_tokens: int, prompt_tokens: int) ->
               "peak_load": memory.peak_rss(), "load_s": load_s}
     prompt = list(range(100, 100 + prompt_tokens))
     memory.reset_peak()
-    start = time.perf_counter()
     params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    stamps = [time.perf_counter() for _ in llm.stream([prompt], params)]  # one per generated token
-    result.update(peak_generate=memory.peak_rss(), generate_s=time.perf_counter() - start,
-                  decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None)
+    stamps = stream_stamps(llm, [prompt], params)
+    result.update(peak_generate=memory.peak_rss(), generate_s=stamps.tokens[0][-1] - stamps.start,
+                  decode_tok_s=figures(policy, stamps, prompt_tokens).decode_tok_s if new_tokens > 1 else None)
     return result
 
 
@@ -114,12 +114,13 @@ def speed(policies: list[str], new_tokens: int, repeats: int, dtype: str) -> Non
 
     llms = {p: tinylm.load(dtype=dtype, quantize=None if p == dtype else p) for p in policies}
     params = tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    prompt = llms[policies[0]].apply_chat_template([{"role": "user", "content": "Tell me a story about a cat."}])
+    first = llms[policies[0]]
+    prompt = first.encode(first.apply_chat_template([{"role": "user", "content": "Tell me a story about a cat."}]))
     best = dict.fromkeys(policies, 0.0)
     for _ in range(repeats):
         for policy, llm in llms.items():
-            stamps = [time.perf_counter() for _ in llm.stream([prompt], params)]
-            best[policy] = max(best[policy], (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            rate = figures(policy, stream_stamps(llm, [prompt], params), len(prompt)).decode_tok_s
+            best[policy] = max(best[policy], rate)
     print(f"| policy ({dtype} activations) | decode tok/s (batch 1, {new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads) | vs {policies[0]} |")
     print("|---|---:|---:|")

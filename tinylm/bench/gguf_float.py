@@ -1,4 +1,5 @@
-"""A float copy of a quantized GGUF, for llama.cpp's own bf16 / f16 decode next to tinylm's (benchmarks only).
+"""A float copy of a quantized GGUF, for llama.cpp's own bf16 / f16 decode next to tinylm's (`tinylm bench
+--compare llama.cpp:bf16`; benchmarks only).
 
     path = float_gguf(Path("model.Q4_1.gguf"), Path("/tmp"), "bf16")  # -> /tmp/model.Q4_1.bf16.gguf (cached)
 
