@@ -231,9 +231,12 @@ def _settings(args) -> dict:
 
 def command_line(args) -> str:
     """The command that repeats this run: every flag that differs from its default."""
-    from tinylm.cli import build_parser
+    from tinylm.cli import _model_args
 
-    defaults = vars(build_parser().parse_args(["bench"]))
+    parser = argparse.ArgumentParser()
+    _model_args(parser)
+    _add_bench_args(parser)
+    defaults = vars(parser.parse_args([]))
     parts = ["tinylm", "bench"]
     for key, value in _settings(args).items():
         if value == defaults.get(key):
