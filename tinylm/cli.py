@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
@@ -11,8 +10,16 @@ import threading
 from pathlib import Path
 
 import tinylm
-from tinylm import hub
+from tinylm import bench
+from tinylm.cli_args import add_model_args, add_sampling_args, load_from_args, sampling_params
 from tinylm.errors import TinyLMError
+from tinylm.eval import cli as eval_cli
+from tinylm.quant import cli as quant_cli
+from tinylm.server import cli as server_cli
+from tinylm.train import cli as train_cli
+
+# Kept only while tinylm/bench/cli.py still imports these from here; new code imports tinylm.cli_args
+from tinylm.cli_args import add_model_args as _model_args, resolve_dtype  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,16 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="raw completion of a prompt, printed as it streams")
-    _model_args(gen)
-    _sampling_args(gen, max_tokens=128)
+    add_model_args(gen)
+    add_sampling_args(gen, max_tokens=128)
     gen.add_argument("prompt", metavar="PROMPT", help="the text to continue; '-' reads it from stdin (without the "
                                                        "final newline)")
     gen.set_defaults(handler=cmd_generate)
 
     chat = commands.add_parser("chat", help="multi-turn chat; with -m, answer one message and exit",
                                epilog=REPL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_args(chat)
-    _sampling_args(chat, max_tokens=256)
+    add_model_args(chat)
+    add_sampling_args(chat, max_tokens=256)
     chat.add_argument("-m", "--message", help="answer this one message and exit")
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(handler=cmd_chat)
@@ -73,96 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler=cmd_tiny)
 
     info = commands.add_parser("info", help="architecture, parameter count and bytes of a model")
-    _model_args(info)
+    add_model_args(info)
     info.set_defaults(handler=cmd_info)
-    for module in _COMMAND_GROUPS:
-        importlib.import_module(module).register(commands)
+    for group in _COMMAND_GROUPS:
+        group.register(commands)
     return parser
 
 
 # Packages that add their own subcommands: each has `register(commands)` (an argparse subparsers object) and keeps
 # its heavy imports inside its handlers, so `tinylm chat` never pays for the server or the trainer.
-_COMMAND_GROUPS: list[str] = ["tinylm.eval.cli", "tinylm.server.cli", "tinylm.train.cli", "tinylm.quant.cli",
-                               "tinylm.bench"]
-
-
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="built-in name, Hugging Face folder or .gguf file (default: smollm2-135m-instruct)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 where the CPU or GPU computes it natively, else float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quantize", default=None, metavar="Q",
-                        help="weight-only quantization applied at load: int8, int4, or a policy name (see `tinylm quantize`)")
-    parser.add_argument("--compile", action="store_true",
-                        help="decode through torch.compile: faster tokens after a one-time compile (about a minute "
-                             "per graph on 2 cores, cached on disk); falls back to eager if compiling fails")
-    parser.add_argument("--draft-model", default=None, metavar="D",
-                        help="speculative decoding: a smaller model with the same tokenizer (or this one, with "
-                             "--draft-quantize) proposes tokens that the model checks several at a time")
-    parser.add_argument("--draft-quantize", default=None, metavar="Q", help="quantization of the draft model")
-    parser.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
-                        help="tokens the draft proposes per step (default 3)")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                        help="auto: K/V kept in the model's dtype; int8: half the cache memory and decode reads")
-    parser.add_argument("--no-check-finite", action="store_true",
-                        help="skip the load-time check that every weight is finite (no NaN or Inf): a faster load "
-                             "of files you trust")
-
-
-def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    recommended = "default: the model's recommendation (generation_config.json, or the built-in model's card), else"
-    parser.add_argument("--temperature", type=float, default=None, help=f"0 = greedy; {recommended} 0.6")
-    parser.add_argument("--top-p", type=float, default=None, help=f"{recommended} 0.9")
-    parser.add_argument("--top-k", type=int, default=None, help=f"{recommended} -1 (off)")
-    parser.add_argument("--min-p", type=float, default=None, help=f"{recommended} 0")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help=f"{recommended} 1")
-    parser.add_argument("--presence-penalty", type=float, default=0.0)
-    parser.add_argument("--frequency-penalty", type=float, default=0.0)
-    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--ignore-eos", action="store_true")
-
-
-SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-def sampling_params(args) -> tinylm.SamplingParams:
-    """The flags given; for those not given, the model's recommended sampling (hub.recommended_sampling), else
-    tinylm's defaults (SAMPLING_DEFAULTS)."""
-    chosen = {**SAMPLING_DEFAULTS, **hub.recommended_sampling(args.model)}
-    chosen.update({k: getattr(args, k) for k in SAMPLING_DEFAULTS if getattr(args, k) is not None})
-    chosen["top_k"] = int(chosen["top_k"])
-    return tinylm.SamplingParams(
-        max_tokens=args.max_tokens, **chosen, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos,
-    )
-
-
-def resolve_dtype(name: str, device: str) -> str:
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "bfloat16"
-    return "bfloat16" if _cpu_has_native_bf16() else "float32"
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def load_from_args(args) -> tinylm.LLM:
-    return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
-                       quantize=args.quantize, compile=getattr(args, "compile", False),
-                       draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
-                       num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),
-                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-                       check_finite=not getattr(args, "no_check_finite", False))
+_COMMAND_GROUPS = (eval_cli, server_cli, train_cli, quant_cli, bench)
 
 
 def cmd_generate(args) -> int:

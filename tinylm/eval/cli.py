@@ -101,7 +101,7 @@ def _natural(text: str) -> int:
 
 def _load(model: str, dtype: str, quantize: str, args):
     import tinylm
-    from tinylm.cli import resolve_dtype
+    from tinylm.cli_args import resolve_dtype
 
     dtype = resolve_dtype(dtype, args.device)
     llm = tinylm.load(model, dtype=dtype, device=args.device, quantize=None if quantize == "none" else quantize)

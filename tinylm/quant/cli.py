@@ -31,7 +31,7 @@ def register(commands) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import tinylm
-    from tinylm.cli import resolve_dtype
+    from tinylm.cli_args import resolve_dtype
     from tinylm.quant.checkpoint import save_quantized
     from tinylm.quant.policy import parse_policy
 

@@ -7,10 +7,10 @@ import sys
 
 
 def register(commands) -> None:
-    from tinylm.cli import _model_args
+    from tinylm.cli_args import add_model_args
 
     serve = commands.add_parser("serve", help="OpenAI- and TGI-compatible HTTP server with continuous batching")
-    _model_args(serve)
+    add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the name clients use (default: the model argument)")
@@ -78,7 +78,7 @@ def server_config(args):
 
 
 def cmd_serve(args) -> int:
-    from tinylm.cli import load_from_args
+    from tinylm.cli_args import load_from_args
     from tinylm.server.app import create_app
     from tinylm.server.http import make_server, uvicorn_config
 

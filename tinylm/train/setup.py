@@ -85,7 +85,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from tinylm.cli import resolve_dtype  # "auto" there: bf16 where the CPU computes it natively (avx512_bf16/amx)
+    from tinylm.cli_args import resolve_dtype  # "auto" there: bf16 where the CPU computes it natively (avx512_bf16/amx)
 
     return "bf16" if resolve_dtype("auto", "cpu") == "bfloat16" else "fp32"
 

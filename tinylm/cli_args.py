@@ -1,0 +1,97 @@
+"""Flags and helpers shared by tinylm's commands: which model to load and how, which sampling to use.
+
+Library modules with a command line (tinylm/server/cli.py, tinylm/eval/cli.py, tinylm/quant/cli.py,
+tinylm/train/setup.py, tinylm/bench) import these from here, never from tinylm/cli.py: that module only wires the
+commands together, so nothing below it depends on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import tinylm
+from tinylm import hub
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model (read back by load_from_args)."""
+    parser.add_argument("--model", default=None,
+                        help="built-in name, Hugging Face folder or .gguf file (default: smollm2-135m-instruct)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 where the CPU or GPU computes it natively, else float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantize", default=None, metavar="Q",
+                        help="weight-only quantization applied at load: int8, int4, or a policy name (see `tinylm quantize`)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through torch.compile: faster tokens after a one-time compile (about a minute "
+                             "per graph on 2 cores, cached on disk); falls back to eager if compiling fails")
+    parser.add_argument("--draft-model", default=None, metavar="D",
+                        help="speculative decoding: a smaller model with the same tokenizer (or this one, with "
+                             "--draft-quantize) proposes tokens that the model checks several at a time")
+    parser.add_argument("--draft-quantize", default=None, metavar="Q", help="quantization of the draft model")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3, metavar="K",
+                        help="tokens the draft proposes per step (default 3)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="auto: K/V kept in the model's dtype; int8: half the cache memory and decode reads")
+    parser.add_argument("--no-check-finite", action="store_true",
+                        help="skip the load-time check that every weight is finite (no NaN or Inf): a faster load "
+                             "of files you trust")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The sampling flags of generate and chat (read back by sampling_params)."""
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    recommended = "default: the model's recommendation (generation_config.json, or the built-in model's card), else"
+    parser.add_argument("--temperature", type=float, default=None, help=f"0 = greedy; {recommended} 0.6")
+    parser.add_argument("--top-p", type=float, default=None, help=f"{recommended} 0.9")
+    parser.add_argument("--top-k", type=int, default=None, help=f"{recommended} -1 (off)")
+    parser.add_argument("--min-p", type=float, default=None, help=f"{recommended} 0")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help=f"{recommended} 1")
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+SAMPLING_DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_params(args) -> tinylm.SamplingParams:
+    """The flags given; for those not given, the model's recommended sampling (hub.recommended_sampling), else
+    tinylm's defaults (SAMPLING_DEFAULTS)."""
+    chosen = {**SAMPLING_DEFAULTS, **hub.recommended_sampling(args.model)}
+    chosen.update({k: getattr(args, k) for k in SAMPLING_DEFAULTS if getattr(args, k) is not None})
+    chosen["top_k"] = int(chosen["top_k"])
+    return tinylm.SamplingParams(
+        max_tokens=args.max_tokens, **chosen, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, stop=args.stop, seed=args.seed, ignore_eos=args.ignore_eos,
+    )
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """--dtype auto: bfloat16 on CUDA and on CPUs that compute it natively, else float32."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_from_args(args) -> tinylm.LLM:
+    """tinylm.load with add_model_args' flags; flags a command lacks take tinylm.load's defaults."""
+    return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
+                       quantize=args.quantize, compile=getattr(args, "compile", False),
+                       draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
+                       num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),
+                       kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                       check_finite=not getattr(args, "no_check_finite", False))
