@@ -23,9 +23,10 @@ from tinylm.engine.ngram import NGRAM
 from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.engine.speculative import check_draft, check_num_tokens
 from tinylm.errors import ConfigError
+from tinylm.loading import load_model
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.sampling_params import SamplingParams
-from tinylm.weights.loader import LoadedModel, load_model
+from tinylm.weights.loader import LoadedModel
 
 Prompt = str | Sequence[int] | dict  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}
 Message = dict

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tinylm.model.fuse import concat_rows
 from tinylm.quant import int4pack
-from tinylm.quant.chunked import concat_rows, split_cols, split_rows
+from tinylm.quant.chunked import split_cols, split_rows
 from tinylm.quant.embedding import TiedHead, as_embedding
 from tinylm.quant.linear import Int4Linear, Int8Linear
 

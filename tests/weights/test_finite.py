@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.weights.tiny_files import HIDDEN, INTER, tiny_folder, tiny_gguf
 from tinylm.errors import WeightsError
+from tinylm.loading import load_model
 from tinylm.weights import finite
-from tinylm.weights.loader import load_model
 
 UP = "model.layers.0.mlp.up_proj.weight"
 

@@ -106,7 +106,7 @@ def main(workdir: Path, results: Path) -> None:
 
 def _load(path: Path, quantize) -> dict:
     from tinylm.errors import TinyLMError
-    from tinylm.weights.loader import load_model
+    from tinylm.loading import load_model
 
     start = time.monotonic()
     try:

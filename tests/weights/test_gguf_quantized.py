@@ -12,8 +12,8 @@ from gguf import GGMLQuantizationType as Q
 import tinylm
 from tests.weights.conftest import write_tiny
 from tinylm.quant.linear import Int4Linear, Int8Linear
-from tinylm.quant.sources import GGUFSource
 from tinylm.weights.gguf import load_gguf, open_gguf
+from tinylm.weights.gguf_source import GGUFSource
 
 # exact: kernels in float32 (kernel_dtype=model); 4-bit embedding too (int4-tiedq); Q8_0 kept in its groups of 32
 EXACT = {Q.Q4_0: "int4-tiedq:kernel_dtype=model", Q.Q4_1: "int4-tiedq:kernel_dtype=model",

@@ -15,8 +15,8 @@ import pytest
 from tests.weights.tiny_files import (edit_config, header, kv_value_offset, patch, rewrite_header, tensor_info_offsets,
                                       tiny_folder, tiny_gguf)
 from tinylm.errors import ConfigError, TinyLMError, WeightsError
+from tinylm.loading import load_model
 from tinylm.weights.gguf_tokenizer import sentencepiece_merges
-from tinylm.weights.loader import load_model
 
 
 def _refused(path, error=TinyLMError, **kwargs) -> str:

@@ -31,7 +31,6 @@ from tinylm import kernels
 from tinylm.engine.kv_pool import KVPool, PagedBatch
 from tinylm.model.deltanet import GatedDeltaNet
 from tinylm.model.moe import SparseMoE, plain_linear
-from tinylm.quant.linear import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +146,8 @@ def _inductor_options(model) -> dict:
     default Inductor inlines the pointwise ops that make a reduction's input (the RMSNorm, SwiGLU's silu * up) into
     the reduction's loop, recomputing them for every output row, which makes int8 rows compute-bound (9 GB/s
     instead of 36). A low realize threshold stores such inputs once instead (it would cost float rows their wide
-    vector loop)."""
-    if any(isinstance(m, Int8Linear) and m.group_size is None for m in model.modules()):
+    vector loop). The layers say so themselves: `compiled_int_rows` (per-channel Int8Linear, tinylm/quant/linear.py)."""
+    if any(getattr(m, "compiled_int_rows", False) for m in model.modules()):
         return {"realize_opcount_threshold": 2}
     return {"freezing": True, "cpp.weight_prepack": False}
 

@@ -3,7 +3,8 @@
 `build_quantized` fills a model built on the meta device straight from a TensorSource: each linear layer's float
 weight is read, quantized and dropped before the next one is read, so peak memory stays near the quantized size.
 `quantize_model` does the same to a model already loaded in float. Module names do not change, so a quantized
-model's state dict reads like the float checkpoint (`...q_proj.qweight`, `...q_proj.scales`).
+model's state dict reads like the float checkpoint (`...q_proj.qweight`, `...q_proj.scales`). The policy names a
+scheme per layer; the scheme's class (tinylm/quant/formats.py) builds the layer.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import torch
 from torch import nn
 
 from tinylm.errors import ConfigError
-from tinylm.quant import int4pack, memory
+from tinylm.quant import memory
 from tinylm.quant.chunked import chunk_mlps
 from tinylm.quant.embedding import TiedHead, as_embedding
-from tinylm.quant.linear import HalfLinear, Int4Linear, Int8Linear, QuantLinearBase
-from tinylm.quant.policy import HALF, QuantPolicy, parse_policy
+from tinylm.quant.formats import FLOAT, LayerSpec, QuantFormat, format_class
+from tinylm.quant.policy import QuantPolicy, parse_policy
 from tinylm.quant.smooth import calibrate
-from tinylm.quant.sources import ModuleSource, TensorSource
+from tinylm.weights.sources import ModuleSource, TensorSource
 
 EMBEDDING, HEAD = "model.embed_tokens", "lm_head"
 
@@ -42,21 +43,21 @@ def quantize_model(model: nn.Module, policy: str | QuantPolicy, calibration_ids:
         source.close()
 
 
-def build_quantized(model: nn.Module, policy: str | QuantPolicy, source: TensorSource, dtype: torch.dtype,
+def build_quantized(model: nn.Module, policy: QuantPolicy, source: TensorSource, dtype: torch.dtype,
                     device: str | torch.device = "cpu", smoothing: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Fill `model` (meta or real) from `source` under `policy`; returns it in eval mode. `smoothing`: layer name
     -> input_scale (K,) for int8-activation layers quantized here from float weights (stored int8 layers carry
     their own)."""
-    policy = parse_policy(policy)
     if torch.device(device).type != "cpu":
         raise ConfigError(f"weight-only quantization runs on PyTorch's CPU kernels; device {device!r} is not a CPU")
-    validate(model, policy)
+    schemes = layer_schemes(model, policy)
+    validate(model, policy, schemes)
     build = _Builder(policy, source, dtype, policy.kernel_dtype_for(dtype), smoothing or {})
-    table = build.table(model)
+    table = build.table(model, schemes)
     build.head(model, table)  # right after the table: a tied float copy is released as soon as possible
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != HEAD and policy.scheme_for(name) != "float":
-            set_module(model, name, build.linear(name, module, policy.scheme_for(name)))
+    for name, scheme in schemes.items():
+        if name not in (EMBEDDING, HEAD):
+            set_module(model, name, build.linear(name, model.get_submodule(name), scheme))
             memory.trim()  # hand the float temporaries back now: the allocator would keep them as resident
     _fill_float(model, source, dtype, device)
     if model.config.tie_word_embeddings and table is None:
@@ -66,26 +67,33 @@ def build_quantized(model: nn.Module, policy: str | QuantPolicy, source: TensorS
     return model.eval()
 
 
-def validate(model: nn.Module, policy: QuantPolicy) -> None:
-    """Every shape problem as one line, before any weight is read."""
+def layer_schemes(model: nn.Module, policy: QuantPolicy) -> dict[str, str]:
+    """Module name -> scheme of every layer the policy does not keep in float, in module order: linear layers,
+    the embedding table, and an untied head (a tied one is the table)."""
+    schemes = {}
     for name, module in model.named_modules():
-        scheme = _scheme(model, policy, name) if isinstance(module, (nn.Linear, nn.Embedding)) else "float"
-        if scheme == "float":
+        if name == EMBEDDING or (isinstance(module, nn.Linear) and name != HEAD):
+            scheme = policy.embedding if name == EMBEDDING else policy.scheme_for(name)
+        elif name == HEAD and not model.config.tie_word_embeddings:
+            scheme = policy.embedding
+        else:
             continue
-        rows, cols = (module.num_embeddings, module.embedding_dim) if isinstance(module, nn.Embedding) else (
-            module.out_features, module.in_features)
-        if scheme == "int4":
-            int4pack.check_shape(name, rows, cols, policy.int4_group())
-        elif scheme == "int8" and policy.int8_group_size and cols % policy.int8_group_size:
-            raise ConfigError(f"int8 group size {policy.int8_group_size} does not divide in_features {cols} of {name}")
+        if scheme != FLOAT:
+            schemes[name] = scheme
+    return schemes
 
 
-def _scheme(model: nn.Module, policy: QuantPolicy, name: str) -> str:
-    if name == EMBEDDING or (name == HEAD and not model.config.tie_word_embeddings):
-        return policy.embedding
-    if name == HEAD:
-        return "float"  # tied: follows the embedding
-    return policy.scheme_for(name)
+def validate(model: nn.Module, policy: QuantPolicy, schemes: dict[str, str]) -> None:
+    """Every shape problem as one line, before any weight is read."""
+    for name, scheme in schemes.items():
+        format_class(scheme).check(name, _shape(model.get_submodule(name)), policy)
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(N, K) of a linear layer's weight, or (V, C) of an embedding table."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.out_features, module.in_features
 
 
 class _Builder:
@@ -94,55 +102,51 @@ class _Builder:
         self.policy, self.source, self.dtype, self.kernel = policy, source, dtype, kernel
         self.smoothing = smoothing
 
-    def table(self, model: nn.Module) -> QuantLinearBase | None:
+    def table(self, model: nn.Module, schemes: dict[str, str]) -> QuantFormat | None:
         """The quantized embedding (V, C), or None when the policy keeps it in float."""
-        if self.policy.embedding == "float":
+        if EMBEDDING not in schemes:
             return None
         tied = model.config.tie_word_embeddings  # the table is also the head: smoothed for the head's input
-        table = as_embedding(self._quantize(EMBEDDING, self.policy.embedding, None, HEAD if tied else None))
+        spec = self._spec(EMBEDDING, _shape(model.get_submodule(EMBEDDING)), schemes[EMBEDDING],
+                          HEAD if tied else None)
+        table = as_embedding(self._layer(spec, None))
         table.row_chunk = self.policy.head_chunk if tied else 0
         set_module(model, EMBEDDING, table)
         return table
 
-    def head(self, model: nn.Module, table: QuantLinearBase | None) -> None:
+    def head(self, model: nn.Module, table: QuantFormat | None) -> None:
         old = model.lm_head
         bias = self._float(f"{HEAD}.bias") if old.bias is not None else None
         if model.config.tie_word_embeddings:
             if table is not None:
                 set_module(model, HEAD, TiedHead(table, bias))
             return
-        if self.policy.embedding != "float":
-            head = self._quantize(HEAD, self.policy.embedding, bias)
+        if self.policy.embedding != FLOAT:
+            head = self._layer(self._spec(HEAD, _shape(old), self.policy.embedding), bias)
             head.row_chunk = self.policy.head_chunk
             set_module(model, HEAD, head)
 
-    def linear(self, name: str, module: nn.Linear, scheme: str) -> QuantLinearBase:
+    def linear(self, name: str, module: nn.Linear, scheme: str) -> QuantFormat:
         bias = self._float(f"{name}.bias") if module.bias is not None else None
-        return self._quantize(name, scheme, bias)
+        return self._layer(self._spec(name, _shape(module), scheme), bias)
 
-    def _quantize(self, name: str, scheme: str, bias: torch.Tensor | None, smoothed_as: str | None = "") -> nn.Module:
+    def _spec(self, name: str, shape: tuple[int, int], scheme: str, smoothed_as: str | None = "") -> LayerSpec:
         """`smoothed_as`: the layer whose inputs this one multiplies ("" = itself; None = none: an untied
-        embedding, only looked up, keeps weight-only int8)."""
-        if scheme in HALF:
-            return HalfLinear(self.source.get(f"{name}.weight"), bias, HALF[scheme])
-        dtypes = {"dtype": self.dtype, "kernel_dtype": self.kernel}
-        activations = "float" if smoothed_as is None else self.policy.activations
-        native = self.source.native(f"{name}.weight", scheme)
-        if native is not None and self.policy.takes_as_is(native.kind, scheme, native.group_size):
-            if native.kind == "int8":  # GGUF Q8_0 blocks or a checkpoint's int8, exactly
-                return Int8Linear(native.q, native.scales, bias, **dtypes, activations=activations,
-                                  input_scale=native.input_scale)
-            return Int4Linear(native.q, native.scales, native.zeros, bias, **dtypes)  # GGUF Q4_0/Q4_1, exactly
-        if scheme == "int8":
-            smoothing = None if smoothed_as is None else self.smoothing.get(smoothed_as or name)
-            return Int8Linear.from_float(self._weight(name), bias, group_size=self.policy.int8_group_size, **dtypes,
-                                         activations=activations, input_scale=smoothing)
-        return Int4Linear.from_float(self._weight(name), bias, group_size=self.policy.int4_group(), **dtypes)
+        embedding, only looked up, keeps float activations and no smoothing)."""
+        activations = FLOAT if smoothed_as is None else self.policy.activations
+        input_scale = None if smoothed_as is None else self.smoothing.get(smoothed_as or name)
+        return LayerSpec(name, shape, scheme, self.dtype, self.kernel, self.policy, activations, input_scale)
 
-    def _weight(self, name: str):
-        """The float values, read by row ranges as the quantizer goes (GGUF blocks that do not fit the scheme are
-        dequantized and quantized again)."""
-        return self.source.rows(f"{name}.weight")
+    def _layer(self, spec: LayerSpec, bias: torch.Tensor | None) -> QuantFormat:
+        """From a quantized checkpoint's saved tensors, else from stored blocks that fit (GGUF Q8_0 / Q4_0 / Q4_1,
+        exactly), else quantized from the float weight, read by row ranges as the quantizer goes."""
+        cls = format_class(spec.scheme)
+        state = self.source.saved(spec.name, cls.state_names)
+        if state is not None:
+            return cls.from_state(state, bias, spec)
+        native = self.source.native(f"{spec.name}.weight", spec.scheme)
+        layer = None if native is None else cls.from_native(native, bias, spec)
+        return layer if layer is not None else cls.quantize(self.source.rows(f"{spec.name}.weight"), bias, spec)
 
     def _float(self, name: str) -> torch.Tensor:
         return self.source.get(name).to(self.dtype)

@@ -1,4 +1,5 @@
-"""One quantized copy of the embedding table that is also the tied output head (seed 003's `NanoTiedHead`).
+"""One quantized copy of the embedding table that is also the tied output head (as the Nano compact 3B model,
+NanoLLM-Qwen2.5-3B, stores its tied embedding and head).
 
 The table (V, C) is stored as a quantized linear layer with V output channels: a lookup dequantizes only the rows
 asked for, and the head runs the quantized matmul over the same bytes. The head keeps a plain reference to the
@@ -27,12 +28,16 @@ class Int4Embedding(Int4Linear):
         return self.lookup(ids)
 
 
-EMBEDDINGS = {Int8Linear: Int8Embedding, Int4Linear: Int4Embedding}
+EMBEDDINGS = {Int8Linear: Int8Embedding, Int4Linear: Int4Embedding}  # format class -> its embedding class
 
 
 def as_embedding(table: QuantLinearBase) -> QuantLinearBase:
-    """Re-class a quantized (V, C) layer as an embedding: same buffers, forward = lookup."""
-    table.__class__ = EMBEDDINGS.get(type(table), type(table))
+    """Re-class a quantized (V, C) layer as an embedding: same buffers, forward = lookup. A format with `lookup`
+    that has no embedding class yet gets one, made once."""
+    cls = type(table)
+    if cls not in EMBEDDINGS and cls not in EMBEDDINGS.values():
+        EMBEDDINGS[cls] = type(f"{cls.__name__}Embedding", (cls,), {"forward": cls.lookup, "__module__": __name__})
+    table.__class__ = EMBEDDINGS.get(cls, cls)
     return table
 
 

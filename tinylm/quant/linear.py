@@ -9,7 +9,11 @@ products at 16 rows: 5.7 ms from memory, against 7.9 on oneDNN's prepacked weigh
 `_int_mm`; without VNNI or a C++ toolchain, on oneDNN over a prepacked copy of the weight (int8_matmul.py). Int4Linear:
 asymmetric 4-bit by groups on `_weight_int4pack_mm_for_cpu` (tinygemm's convention, see int4pack.py). Both keep
 checkpoint-readable names (`qweight`, `scales`, `zeros`, `bias`), and both can also return dequantized rows
-(`lookup`), which is how one quantized copy serves as the embedding and the tied output head.
+(`lookup`), which is how one quantized copy serves as the embedding and the tied output head. HalfLinear: a float
+layer stored in 16 bits.
+
+Each class is a format (tinylm/quant/formats.py): it builds itself from float weights, GGUF blocks or saved
+tensors, splits and joins its rows, and says what it saves; `@register` names its schemes for policies.
 
 `kernel_dtype` is the dtype the kernel computes in; `dtype` is the model's, which outputs are cast back to.
 Forward passes have no data-dependent Python branches and no host syncs, so torch.compile can trace them.
@@ -21,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylm.errors import ConfigError, WeightsError
+from tinylm.model.fuse import concat_biases
 from tinylm.quant import int4pack
+from tinylm.quant.formats import (Bounds, LayerSpec, QuantFormat, check_scales, expect, register, required,
+                                  same_options)
 from tinylm.quant.int8_matmul import int8_gemm, int8_mm, prepack, vnni_sums
 
 _DEQUANT_ROWS = 4096  # rows dequantized at a time by the grouped-int8 path: bounds its float temporaries
@@ -36,9 +44,14 @@ def _aligned(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.data_ptr() % 64 == 0 else weight.clone()
 
 
-class HalfLinear(nn.Module):
+@register("fp16", "bf16")
+class HalfLinear(QuantFormat):
     """A float linear layer stored in 16 bits (`fp16` / `bf16` schemes) whatever the model dtype: inputs are cast
-    to the storage dtype and outputs back. Seed 003 keeps q/k/v so while the rest is quantized."""
+    to the storage dtype and outputs back. The qkv-fp16 policy (the Nano compact 3B model's, NanoLLM-Qwen2.5-3B)
+    keeps q/k/v so while the rest is quantized."""
+
+    STORAGE = {"fp16": torch.float16, "bf16": torch.bfloat16}  # scheme -> storage dtype
+    state_names = ("weight",)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, storage: torch.dtype) -> None:
         super().__init__()
@@ -52,9 +65,41 @@ class HalfLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.weight.float()
 
+    @classmethod
+    def quantize(cls, weight, bias: torch.Tensor | None, spec: LayerSpec) -> HalfLinear:
+        return cls(weight[:], bias, cls.STORAGE[spec.scheme])  # weight[:]: the whole (N, K), read at once
 
-class QuantLinearBase(nn.Module):
-    """What every quantized layer shares: shapes, dtypes, bias, and a `.weight` stand-in."""
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.detach()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], bias: torch.Tensor | None, spec: LayerSpec) -> HalfLinear:
+        (weight,) = required(state, spec.name, "weight")
+        expect(spec.name, "weight", weight, spec.shape)
+        if not weight.is_floating_point():
+            raise WeightsError(f"{spec.name}.weight has dtype {weight.dtype}, expected a float dtype")
+        return cls(weight, bias, cls.STORAGE[spec.scheme])
+
+    def split_rows(self, bounds: Bounds) -> list[HalfLinear]:
+        return [HalfLinear(self.weight[a:b], _part(self.bias, a, b), self.weight.dtype) for a, b in bounds]
+
+    def split_cols(self, bounds: Bounds) -> list[HalfLinear]:
+        biases = [self.bias] + [None] * (len(bounds) - 1)
+        return [HalfLinear(self.weight[:, a:b].contiguous(), bias, self.weight.dtype)
+                for (a, b), bias in zip(bounds, biases)]
+
+    @classmethod
+    def concat_rows(cls, layers: list[HalfLinear]) -> HalfLinear:
+        same_options(layers, "storage")
+        return cls(torch.cat([m.weight for m in layers]), concat_biases(layers), layers[0].weight.dtype)
+
+    @property
+    def storage(self) -> torch.dtype:
+        return self.weight.dtype
+
+
+class QuantLinearBase(QuantFormat):
+    """What every integer layer shares: shapes, dtypes, bias, and a `.weight` stand-in."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, kernel_dtype: torch.dtype,
                  bias: torch.Tensor | None) -> None:
@@ -90,7 +135,12 @@ class QuantLinearBase(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={self.dtype}, kernel_dtype={self.kernel_dtype}")
 
+    def options(self) -> dict:
+        """The constructor's keyword options, which a piece (or a concatenation) of this layer keeps."""
+        return {"dtype": self.dtype, "kernel_dtype": self.kernel_dtype}
 
+
+@register("int8")
 class Int8Linear(QuantLinearBase):
     """qweight (N, K) int8; scales (N,) per channel, or (N, K / group_size) per group. `activations`: "float"
     (weight-only) or "int8" (inputs quantized per token too; per-channel weights only). `input_scale` (K,) or None:
@@ -138,6 +188,77 @@ class Int8Linear(QuantLinearBase):
             scales[start:start + _DEQUANT_ROWS] = scale
         return cls(q, scales if group_size else scales[:, 0], bias, dtype=dtype, kernel_dtype=kernel_dtype,
                    activations=activations, input_scale=input_scale)
+
+    @property
+    def compiled_int_rows(self) -> bool:
+        """True when a compiled batch-1 product is a reduction over integer weight rows (`_reduced_row`: one scale
+        per row); the compiled decode step reads it to pick its Inductor settings (tinylm/engine/compiled.py)."""
+        return self.group_size is None
+
+    def options(self) -> dict:
+        return {**super().options(), "activations": self.activations}
+
+    # --- the format protocol (tinylm/quant/formats.py)
+
+    state_names = ("qweight", "scales", "input_scale")  # input_scale: smoothed W8A8 layers only
+
+    @classmethod
+    def check(cls, name: str, shape: tuple[int, int], policy) -> None:
+        group = policy.int8_group_size
+        if group and shape[1] % group:
+            raise ConfigError(f"int8 group size {group} does not divide in_features {shape[1]} of {name}")
+
+    @classmethod
+    def quantize(cls, weight, bias: torch.Tensor | None, spec: LayerSpec) -> Int8Linear:
+        return cls.from_float(weight, bias, group_size=spec.policy.int8_group_size, dtype=spec.dtype,
+                              kernel_dtype=spec.kernel_dtype, activations=spec.activations,
+                              input_scale=spec.input_scale)
+
+    @classmethod
+    def from_native(cls, native, bias: torch.Tensor | None, spec: LayerSpec) -> Int8Linear | None:
+        """GGUF Q8_0 blocks, exactly, when the policy keeps int8 groups of their size (int8_group_size=32)."""
+        if native.kind != "int8" or native.group_size != spec.policy.int8_group_size:
+            return None
+        return cls(native.q, native.scales, bias, dtype=spec.dtype, kernel_dtype=spec.kernel_dtype,
+                   activations=spec.activations)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {"qweight": self.qweight, "scales": self.scales}
+        return state if self.input_scale is None else {**state, "input_scale": self.input_scale}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], bias: torch.Tensor | None, spec: LayerSpec) -> Int8Linear:
+        """qweight int8 (N, K), scales (N,) or (N, G), input_scale (K,) if smoothed."""
+        (rows, cols), layer = spec.shape, spec.name
+        q, scales = required(state, layer, "qweight", "scales")
+        expect(layer, "qweight", q, (rows, cols), torch.int8)
+        check_scales(layer, scales, rows, cols)
+        smoothing = state.get("input_scale")
+        if smoothing is not None:
+            expect(layer, "input_scale", smoothing, (cols,))
+            smoothing = smoothing.float()
+        return cls(q, scales.float(), bias, dtype=spec.dtype, kernel_dtype=spec.kernel_dtype,
+                   activations=spec.activations, input_scale=smoothing)
+
+    def split_rows(self, bounds: Bounds) -> list[Int8Linear]:
+        """Row pieces are views of qweight (no copy)."""
+        return [Int8Linear(self.qweight[a:b], self.scales[a:b], _part(self.bias, a, b), **self.options(),
+                           input_scale=self.input_scale) for a, b in bounds]
+
+    def split_cols(self, bounds: Bounds) -> list[Int8Linear]:
+        group, biases = self.group_size, [self.bias] + [None] * (len(bounds) - 1)
+        scales = (lambda a, b: self.scales) if group is None else (lambda a, b: self.scales[:, a // group:b // group])
+        return [Int8Linear(self.qweight[:, a:b], scales(a, b), bias, **self.options(),
+                           input_scale=_part(self.input_scale, a, b)) for (a, b), bias in zip(bounds, biases)]
+
+    @classmethod
+    def concat_rows(cls, layers: list[Int8Linear]) -> Int8Linear:
+        same_options(layers, "group_size", "activations")
+        first = layers[0]
+        if not all(_same(m.input_scale, first.input_scale) for m in layers):
+            raise ConfigError("concat_rows: the int8 layers are smoothed differently")
+        return cls(torch.cat([m.qweight for m in layers]), torch.cat([m.scales for m in layers]),
+                   concat_biases(layers), **first.options(), input_scale=first.input_scale)
 
     def _mm(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
         if self.activations == "int8":
@@ -215,6 +336,7 @@ class Int8Linear(QuantLinearBase):
         return w if self.input_scale is None else w * self.input_scale
 
 
+@register("int4")
 class Int4Linear(QuantLinearBase):
     """qweight kernel-packed (N_pad, K/2) uint8; scales_and_zeros (K / group_size, N_pad, 2). N_pad = N rounded up
     to 16 (the kernel's requirement); padded rows are zero and cut from outputs."""
@@ -267,13 +389,60 @@ class Int4Linear(QuantLinearBase):
         sz = self.scales_and_zeros[:, :self.out_features].transpose(0, 1)  # (N, G, 2)
         return q, sz[..., 0].contiguous(), sz[..., 1].contiguous()
 
-    # Checkpoints hold the portable layout (qweight (N, K/2), scales, zeros): the kernel's depends on the CPU.
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+    # --- the format protocol (tinylm/quant/formats.py)
+
+    state_names = ("qweight", "scales", "zeros")
+
+    @classmethod
+    def check(cls, name: str, shape: tuple[int, int], policy) -> None:
+        int4pack.check_shape(name, shape[0], shape[1], policy.int4_group())
+
+    @classmethod
+    def quantize(cls, weight, bias: torch.Tensor | None, spec: LayerSpec) -> Int4Linear:
+        return cls.from_float(weight, bias, group_size=spec.policy.int4_group(), dtype=spec.dtype,
+                              kernel_dtype=spec.kernel_dtype)
+
+    @classmethod
+    def from_native(cls, native, bias: torch.Tensor | None, spec: LayerSpec) -> Int4Linear | None:
+        """GGUF Q4_0 / Q4_1 blocks, exactly, unless the policy asks for another group size."""
+        if native.kind != "int4" or spec.policy.group_size not in (None, native.group_size):
+            return None
+        return cls(native.q, native.scales, native.zeros, bias, dtype=spec.dtype, kernel_dtype=spec.kernel_dtype)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The portable layout (qweight (N, K/2), 2 values per byte; scales, zeros (N, G)): the kernel's layout
+        depends on the CPU."""
         q, scales, zeros = self.portable_parts()
-        destination[prefix + "qweight"] = int4pack.pack_portable(q)
-        destination[prefix + "scales"], destination[prefix + "zeros"] = scales, zeros
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        return {"qweight": int4pack.pack_portable(q), "scales": scales, "zeros": zeros}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], bias: torch.Tensor | None, spec: LayerSpec) -> Int4Linear:
+        (rows, cols), layer = spec.shape, spec.name
+        q, scales, zeros = required(state, layer, "qweight", "scales", "zeros")
+        expect(layer, "qweight", q, (rows, cols // 2), torch.uint8)
+        check_scales(layer, scales, rows, cols, int4pack.GROUP_SIZES)
+        expect(layer, "zeros", zeros, tuple(scales.shape))
+        return cls(int4pack.unpack_portable(q), scales.float(), zeros.float(), bias, dtype=spec.dtype,
+                   kernel_dtype=spec.kernel_dtype)
+
+    def split_rows(self, bounds: Bounds) -> list[Int4Linear]:
+        """Pieces repacked from the portable values (the kernel's layout is by blocks of rows)."""
+        q, scales, zeros = self.portable_parts()
+        return [Int4Linear(q[a:b], scales[a:b], zeros[a:b], _part(self.bias, a, b), **self.options())
+                for a, b in bounds]
+
+    def split_cols(self, bounds: Bounds) -> list[Int4Linear]:
+        (q, s, z), g = self.portable_parts(), self.group_size
+        biases = [self.bias] + [None] * (len(bounds) - 1)
+        return [Int4Linear(q[:, a:b], s[:, a // g:b // g], z[:, a // g:b // g], bias, **self.options())
+                for (a, b), bias in zip(bounds, biases)]
+
+    @classmethod
+    def concat_rows(cls, layers: list[Int4Linear]) -> Int4Linear:
+        same_options(layers, "group_size")
+        parts = [m.portable_parts() for m in layers]
+        return cls(*(torch.cat([p[i] for p in parts]) for i in range(3)), concat_biases(layers),
+                   **layers[0].options())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -286,3 +455,12 @@ class Int4Linear(QuantLinearBase):
                            state_dict[prefix + "zeros"], state_dict.get(prefix + "bias"), dtype=self.dtype,
                            kernel_dtype=self.kernel_dtype)
         self.qweight, self.scales_and_zeros, self.bias = fresh.qweight, fresh.scales_and_zeros, fresh.bias
+
+
+def _part(tensor: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
+    """Entries [a, b) of a bias (or of an input_scale), or None."""
+    return None if tensor is None else tensor[a:b]
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))

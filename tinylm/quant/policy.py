@@ -1,10 +1,13 @@
-"""Mixed-precision policies (seed 003): a default scheme for linear layers, one for the embedding and output head,
-per-module overrides by name pattern, and the options that shape the quantized model.
+"""Mixed-precision policies (as the Nano compact 3B model, NanoLLM-Qwen2.5-3B, uses): a default scheme for linear
+layers, one for the embedding and output head, per-module overrides by name pattern, and the options that shape the
+quantized model.
 
 A policy is named on the command line and in `tinylm.load(quantize=...)` as `NAME[:key=value,...]`, for example
-`int4`, `qkv-fp16:group_size=128`, `int8:head_chunk=8192`. Schemes: `float` (kept in the model dtype), `fp16` / `bf16` (stored in 16 bits
-whatever the model dtype), `int8` (per output channel, or by groups of `int8_group_size`), `int4` (by groups of
-`group_size`). Option `activations=int8` also quantizes the inputs of int8 layers per token (W8A8 dynamic).
+`int4`, `qkv-fp16:group_size=128`, `int8:head_chunk=8192`. Schemes: `float` (kept in the model dtype), and each
+format's name in tinylm/quant/formats.py: `fp16` / `bf16` (stored in 16 bits whatever the model dtype), `int8` (per
+output channel, or by groups of `int8_group_size`), `int4` (by groups of `group_size`). Option `activations=int8`
+also quantizes the inputs of int8 layers per token (W8A8 dynamic). A policy only names schemes; the classes they
+name do the work.
 """
 
 from __future__ import annotations
@@ -15,10 +18,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from tinylm.errors import ConfigError
+from tinylm.quant.formats import FLOAT, FORMATS, format_class
 from tinylm.quant.int4pack import GROUP_SIZES
 
-SCHEMES = ("float", "fp16", "bf16", "int8", "int4")
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}  # 16-bit float storage whatever the model dtype
 DEFAULT_GROUP_SIZE = 64  # divides every in_features of SmolLM2 (576, 1536) and Qwen2.5-3B (2048, 11008)
 ACTIVATIONS = ("float", "int8")
 KERNEL_DTYPES = {"auto": None, "model": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -40,13 +42,19 @@ class QuantPolicy:
     kernel_dtype: str = "auto"  # auto: bfloat16 (the CPU kernels' fast path); model: the model's own dtype
     activations: str = "float"  # int8: int8 layers quantize their inputs per token too (W8A8, int8 matmul kernels)
     description: str = field(default="", compare=False)
+    # The options a `NAME:key=value` spec gave explicitly (parse_policy); None for a policy built in code. A saved
+    # quantized folder takes only these from `quantize` (tinylm/quant/checkpoint.py).
+    explicit: frozenset[str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for scheme in (self.default, self.embedding, *(s for _, s in self.overrides)):
-            if scheme not in SCHEMES:
-                raise ConfigError(f"policy {self.name!r}: unknown scheme {scheme!r} (schemes: {', '.join(SCHEMES)})")
-        if self.embedding in HALF:
-            raise ConfigError(f"policy {self.name!r}: the embedding is float, int8 or int4, not {self.embedding}")
+            if scheme != FLOAT and scheme not in FORMATS:
+                raise ConfigError(f"policy {self.name!r}: unknown scheme {scheme!r} "
+                                  f"(schemes: {', '.join([FLOAT, *FORMATS])})")
+        if self.embedding != FLOAT and not hasattr(format_class(self.embedding), "lookup"):
+            tables = [s for s, cls in FORMATS.items() if hasattr(cls, "lookup")]  # formats that can be looked up
+            raise ConfigError(f"policy {self.name!r}: the embedding is {FLOAT} or {' or '.join(tables)}, "
+                              f"not {self.embedding}")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise ConfigError(f"policy {self.name!r}: group_size must be one of "
                               f"{', '.join(map(str, GROUP_SIZES))}, got {self.group_size}")
@@ -79,14 +87,6 @@ class QuantPolicy:
         """The group size of int4 layers quantized here from float weights."""
         return self.group_size or DEFAULT_GROUP_SIZE
 
-    def takes_as_is(self, kind: str, scheme: str, group_size: int | None) -> bool:
-        """Whether stored quantized values (GGUF blocks, a quantized checkpoint) are used without requantizing."""
-        if kind != scheme:
-            return False
-        if kind == "int8":
-            return group_size == self.int8_group_size
-        return self.group_size in (None, group_size)
-
     def kernel_dtype_for(self, model_dtype: torch.dtype) -> torch.dtype:
         return KERNEL_DTYPES[self.kernel_dtype] or (model_dtype if self.kernel_dtype == "model" else torch.bfloat16)
 
@@ -101,12 +101,13 @@ class QuantPolicy:
         data = asdict(self)
         data["overrides"] = [list(o) for o in self.overrides]
         data.pop("description")
+        data.pop("explicit")
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantPolicy:
         try:
-            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "explicit"}
             known["overrides"] = tuple(tuple(o) for o in known.get("overrides", ()))
             return cls(**known)
         except TypeError as exc:
@@ -129,7 +130,8 @@ BUILTIN = {p.name: p for p in (
     QuantPolicy("int4-tiedq", "int4", "int4", description="fully 4-bit, including the embedding that is also the "
                 "tied head"),
     QuantPolicy("qkv-fp16", "int4", "int8", overrides=tuple((p, "fp16") for p in _QKV),
-                description="q/k/v in float16, the rest int4, one int8 embedding/head (seed 003's winner)"),
+                description="q/k/v in float16, the rest int4, one int8 embedding/head: the policy of the Nano "
+                "compact 3B model (NanoLLM-Qwen2.5-3B)"),
 )}
 ALIASES = {"qkvfp16": "qkv-fp16", "tiedq": "int4-tiedq"}
 
@@ -141,7 +143,7 @@ def parse_policy(spec: str | QuantPolicy) -> QuantPolicy:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"quantize must be a policy name such as int8 or int4, got {spec!r}")
     name, options = split_spec(spec)
-    return replace(BUILTIN[name], **options)
+    return replace(BUILTIN[name], **options, explicit=frozenset(options))
 
 
 def split_spec(spec: str) -> tuple[str, dict]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tinylm.errors import WeightsError
+from tinylm.weights.sources import Rows
 
 _CHUNK = 1 << 22  # elements per isfinite pass: a 4 MB bool temporary however large the tensor
 SKIP_HINT = "pass check_finite=False to skip this check"
@@ -33,7 +34,7 @@ def check_model_finite(model: nn.Module) -> None:
 
 
 class FiniteSource:
-    """A tinylm.quant.sources TensorSource whose values are checked as they are read, before anything quantizes
+    """A TensorSource (tinylm/weights/sources.py) whose values are checked as they are read, before anything quantizes
     them: quantizing a NaN gives NaN or meaningless scales, and the tensor's name would be lost."""
 
     def __init__(self, source) -> None:
@@ -45,8 +46,6 @@ class FiniteSource:
         return value
 
     def rows(self, name: str):
-        from tinylm.quant.sources import Rows
-
         rows = self.source.rows(name)
         if isinstance(rows, torch.Tensor):
             check_finite(name, rows)
@@ -57,10 +56,17 @@ class FiniteSource:
         """Stored quantized blocks: their integers cannot be NaN, their float scales can."""
         weight = self.source.native(name, scheme)
         if weight is not None:
-            for part in ("scales", "zeros", "input_scale"):
+            for part in ("scales", "zeros"):
                 if getattr(weight, part) is not None:
                     check_finite(f"{name} ({part})", getattr(weight, part))
         return weight
+
+    def saved(self, layer: str, names: tuple[str, ...]):
+        """A quantized checkpoint's tensors of one layer: the float ones (scales, ...) checked."""
+        state = self.source.saved(layer, names)
+        for part, tensor in (state or {}).items():
+            check_finite(f"{layer}.{part}", tensor)
+        return state
 
     def close(self) -> None:
         self.source.close()

@@ -1,8 +1,12 @@
-"""Build a model on the meta device and load its weights with `assign=True` (no second copy, no random init)."""
+"""Build a model on the meta device and load its float weights with `assign=True` (no second copy, no random init).
+
+Float loading only: a folder (`load_folder`) or a GGUF file (`load_gguf_file`), and the meta model + tensor source
+a quantized build reads from (`load_folder_meta`, `load_gguf_meta`). Choosing between float, quantize-while-loading
+and saved quantized folders is the loading layer's (tinylm/loading.py: `load_model`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +16,7 @@ from tinylm.errors import WeightsError
 from tinylm.model.transformer import CausalLM
 from tinylm.weights import finite, name_maps, safetensors_io
 from tinylm.weights.fit import check_config_fits
+from tinylm.weights.sources import SafetensorsSource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,10 +86,10 @@ def load_folder(folder: Path, dtype: torch.dtype, device: str, check_finite: boo
     tensors = safetensors_io.load_checkpoint(folder, expected_shapes(model), optional,
                                              rename=lambda stored: module_name(config.model_type, stored))
     assign_weights(model, tensors, dtype, device, check_finite)
-    return LoadedModel(model=model, tokenizer=_folder_tokenizer(folder), source=folder, format="safetensors")
+    return LoadedModel(model=model, tokenizer=folder_tokenizer(folder), source=folder, format="safetensors")
 
 
-def _folder_tokenizer(folder: Path):
+def folder_tokenizer(folder: Path):
     if not (folder / "tokenizer.json").is_file():
         return None
     from tinylm.tokenizer import Tokenizer
@@ -107,96 +112,20 @@ def load_gguf_file(path: Path, dtype: torch.dtype, device: str, check_finite: bo
                        metadata=gguf_model.metadata)
 
 
-def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               quantize=None, check_finite: bool = True) -> LoadedModel:
-    """A Hugging Face folder, a tinylm quantized folder or a .gguf file; `quantize` (a policy name such as "int8",
-    "int4", "qkv-fp16", optionally with options, or a tinylm.quant.QuantPolicy) quantizes while loading.
-
-    `check_finite` (default True) refuses weights holding NaN or Inf with a WeightsError naming the first such
-    tensor; a quantize-while-loading path checks each float tensor before quantizing it."""
-    torch_dtype = parse_dtype(dtype)
-    if path.is_dir():
-        return _load_dir(path, torch_dtype, device, quantize, check_finite)
-    if path.suffix.lower() == ".gguf":
-        if quantize is not None and _quantizes_activations(quantize):
-            return _smoothed(load_gguf_file(path, torch_dtype, device, check_finite), quantize)
-        if quantize is not None:
-            return _quantized(load_gguf_meta(path), path, torch_dtype, device, quantize, "gguf", check_finite)
-        return load_gguf_file(path, torch_dtype, device, check_finite)
-    raise WeightsError(f"{path}: expected a Hugging Face folder or a .gguf file")
-
-
-def _load_dir(path: Path, dtype: torch.dtype, device: str, quantize, check_finite: bool) -> LoadedModel:
-    from tinylm.quant.checkpoint import load_quantized_folder, quantization_config
-
-    if quantization_config(path) is not None:
-        folder_config(path)  # sizes checked against the headers before the quantized loader builds the model
-        loaded = load_quantized_folder(path, dtype, device, quantize)
-        if check_finite:  # that loader reads its own tensors: check what it built (float parts and scales)
-            finite.check_model_finite(loaded.model)
-        return loaded
-    if quantize is not None and _quantizes_activations(quantize):
-        return _smoothed(load_folder(path, dtype, device, check_finite), quantize)
-    if quantize is not None:
-        return _quantized(load_folder_meta(path), path, dtype, device, quantize, "safetensors", check_finite)
-    return load_folder(path, dtype, device, check_finite)
-
-
 def load_folder_meta(folder: Path):
-    """(meta model, tensor source, tokenizer loader) of a float folder, for a streaming quantized load."""
-    from tinylm.quant.sources import SafetensorsSource
-
+    """(meta model, tensor source, tokenizer loader, metadata) of a float folder, for a streaming quantized load."""
     config = folder_config(folder)
     model = build_model(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     source = SafetensorsSource(folder, expected_shapes(model), optional,
                                rename=lambda stored: module_name(config.model_type, stored))
-    return model, source, lambda: _folder_tokenizer(folder), {}
+    return model, source, lambda: folder_tokenizer(folder), {}
 
 
 def load_gguf_meta(path: Path):
-    from tinylm.quant.sources import GGUFSource
-    from tinylm.weights.gguf import open_gguf
+    """(meta model, tensor source, tokenizer loader, metadata) of a GGUF file, for a streaming quantized load."""
+    from tinylm.weights.gguf import open_gguf  # the gguf package is imported only for GGUF files
+    from tinylm.weights.gguf_source import GGUFSource
 
     gguf_file = open_gguf(path)
     return build_model(gguf_file.config), GGUFSource(gguf_file), gguf_file.tokenizer, gguf_file.metadata
-
-
-def _quantizes_activations(quantize) -> bool:
-    from tinylm.quant.policy import parse_policy
-
-    return parse_policy(quantize).activations == "int8"
-
-
-def _smoothed(loaded: LoadedModel, quantize) -> LoadedModel:
-    """W8A8 policies: the float model is loaded whole, run once over the calibration text to measure its
-    activation ranges (SmoothQuant, tinylm/quant/smooth.py), then quantized in place. Peak memory is the float
-    model's, unlike the streaming path of weight-only policies."""
-    from tinylm.quant.apply import quantize_model
-    from tinylm.quant.policy import parse_policy
-    from tinylm.quant.sample_text import CALIBRATION_SAMPLE
-
-    policy = parse_policy(quantize)
-    ids = loaded.tokenizer.encode(CALIBRATION_SAMPLE) if loaded.tokenizer is not None else None
-    quantize_model(loaded.model, policy, ids[:loaded.model.config.max_position_embeddings] if ids else None)
-    loaded.metadata = {**loaded.metadata, "quantization": policy.spec}
-    return loaded
-
-
-def _quantized(parts, path: Path, dtype: torch.dtype, device: str, quantize, fmt: str,
-               check_finite: bool = True) -> LoadedModel:
-    """Quantize while reading: one float tensor at a time, never a float copy of the whole model."""
-    from tinylm.quant.apply import build_quantized
-    from tinylm.quant.policy import parse_policy
-
-    model, source, tokenizer, metadata = parts
-    if check_finite:
-        source = finite.FiniteSource(source)  # each float tensor checked as read, before it is quantized
-    policy = parse_policy(quantize)
-    try:
-        build_quantized(model, policy, source, dtype, device)
-    finally:
-        source.close()
-    model.config = replace(model.config, torch_dtype=str(dtype).removeprefix("torch."))
-    return LoadedModel(model=model, tokenizer=tokenizer(), source=path, format=fmt,
-                       metadata={**metadata, "quantization": policy.spec})

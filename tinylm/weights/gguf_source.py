@@ -1,4 +1,6 @@
-"""llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks -> the integer values, scales and zeros of tinylm's quantized layers.
+"""A GGUF file as a TensorSource (tinylm/weights/sources.py): float tensors dequantized one at a time, and
+llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks as integer values, scales and zeros that tinylm's int8 / int4 layers
+(tinylm/quant/linear.py) take as they are, with no requantization.
 
 Block layouts as gguf-py decodes them (gguf/quants.py, `dequantize_blocks`), 32 weights per block:
   Q8_0: f16 d, 32 x int8 q                       w = d * q
@@ -18,6 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
+from gguf.quants import dequantize
+
+from tinylm.errors import WeightsError
+from tinylm.weights.sources import Rows
 
 BLOCK = 32
 NATIVE_TYPES = {QType.Q8_0: "int8", QType.Q4_0: "int4", QType.Q4_1: "int4"}
@@ -32,7 +38,6 @@ class NativeWeight:
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
-    input_scale: torch.Tensor | None = None  # int8 with int8 activations: the SmoothQuant factor (K,), if any
 
     @property
     def group_size(self) -> int | None:
@@ -64,3 +69,43 @@ def decode(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> NativeWeig
 def _f16(pairs: np.ndarray) -> torch.Tensor:
     """(N, G, 2) bytes holding little-endian f16 values -> (N, G) float32."""
     return torch.from_numpy(np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32))
+
+
+class GGUFSource:
+    """A GGUF file: float tensors dequantized one at a time; Q8_0 / Q4_0 / Q4_1 weights also as their blocks."""
+
+    def __init__(self, gguf_file) -> None:  # tinylm.weights.gguf.GGUFFile
+        self.file = gguf_file
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.file.read(name)
+
+    def rows(self, name: str) -> Rows | torch.Tensor:
+        """Blocks never span rows, so row ranges dequantize on their own (q/k rows of llama files are permuted
+        within each head: those small tensors are read whole)."""
+        if self.file.permuted_qk and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            return self.get(name)
+        tensor = self.file.tensors[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        return Rows(shape, lambda a, b: self._read_rows(tensor, a, b))
+
+    def _read_rows(self, tensor, start: int, stop: int) -> torch.Tensor:
+        try:
+            values = dequantize(tensor.data[start:stop], tensor.tensor_type)
+        except Exception as exc:  # the gguf package raises many types; name the tensor instead
+            raise WeightsError(f"{self.file.path.name}: cannot read tensor {tensor.name!r} ({exc})") from None
+        return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(stop - start, -1)
+
+    def native(self, name: str, scheme: str) -> NativeWeight | None:
+        tensor = self.file.tensors.get(name)
+        if tensor is None or NATIVE_TYPES.get(tensor.tensor_type) != scheme:  # decode only what will be kept
+            return None
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        weight = decode(tensor.tensor_type, tensor.data, shape)
+        return None if weight is None else weight.rows(lambda rows: self.file.unpermute(name, rows))
+
+    def saved(self, layer: str, names: tuple[str, ...]) -> None:
+        return None
+
+    def close(self) -> None:
+        pass

@@ -1,19 +1,21 @@
-"""Where a quantized build reads its weights from, one tensor at a time: a loaded float model, a safetensors
-folder, or a GGUF file (which can also hand over its Q8_0 / Q4_0 / Q4_1 blocks as they are)."""
+"""Where a quantized build (tinylm/quant/apply.py) reads its weights from, one tensor at a time: a loaded float
+model or a safetensors folder (here), a GGUF file, which can also hand over its Q8_0 / Q4_0 / Q4_1 blocks as they
+are (tinylm/weights/gguf_source.py), or a quantized checkpoint, which also hands over each layer's saved tensors
+(tinylm/quant/checkpoint.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import numpy as np
 import torch
-from gguf.quants import dequantize
 from safetensors import safe_open
 
 from tinylm.errors import WeightsError
-from tinylm.quant.gguf_blocks import NATIVE_TYPES, NativeWeight, decode
 from tinylm.weights import safetensors_io
+
+if TYPE_CHECKING:
+    from tinylm.weights.gguf_source import NativeWeight
 
 
 class Rows:
@@ -39,6 +41,10 @@ class TensorSource(Protocol):
     def native(self, name: str, scheme: str) -> NativeWeight | None:
         """The stored quantized values of a weight when they are of `scheme`'s kind (int8 / int4), else None."""
 
+    def saved(self, layer: str, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+        """A quantized checkpoint's tensors `{layer}.{name}` for those of `names` it holds, by name; None when the
+        source stores no such layer (every float source)."""
+
     def close(self) -> None: ...
 
 
@@ -60,6 +66,9 @@ class ModuleSource:
         return self.get(name)
 
     def native(self, name: str, scheme: str) -> None:
+        return None
+
+    def saved(self, layer: str, names: tuple[str, ...]) -> None:
         return None
 
     def close(self) -> None:
@@ -107,6 +116,9 @@ class SafetensorsSource:
     def native(self, name: str, scheme: str) -> None:
         return None
 
+    def saved(self, layer: str, names: tuple[str, ...]) -> None:
+        return None
+
     def close(self) -> None:
         self.handles.clear()
 
@@ -120,40 +132,3 @@ def _check_entry(folder: Path, path: Path, stored: str, name: str, entry: dict, 
     if entry["dtype"] not in safetensors_io.FLOAT_DTYPES:
         raise WeightsError(f"{path.name}: tensor {stored!r} has dtype {entry['dtype']}, expected one of "
                            f"{', '.join(safetensors_io.FLOAT_DTYPES)}")
-
-
-class GGUFSource:
-    """A GGUF file: float tensors dequantized one at a time; Q8_0 / Q4_0 / Q4_1 weights also as their blocks."""
-
-    def __init__(self, gguf_file) -> None:  # tinylm.weights.gguf.GGUFFile
-        self.file = gguf_file
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.file.read(name)
-
-    def rows(self, name: str) -> Rows | torch.Tensor:
-        """Blocks never span rows, so row ranges dequantize on their own (q/k rows of llama files are permuted
-        within each head: those small tensors are read whole)."""
-        if self.file.permuted_qk and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
-            return self.get(name)
-        tensor = self.file.tensors[name]
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        return Rows(shape, lambda a, b: self._read_rows(tensor, a, b))
-
-    def _read_rows(self, tensor, start: int, stop: int) -> torch.Tensor:
-        try:
-            values = dequantize(tensor.data[start:stop], tensor.tensor_type)
-        except Exception as exc:  # the gguf package raises many types; name the tensor instead
-            raise WeightsError(f"{self.file.path.name}: cannot read tensor {tensor.name!r} ({exc})") from None
-        return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(stop - start, -1)
-
-    def native(self, name: str, scheme: str) -> NativeWeight | None:
-        tensor = self.file.tensors.get(name)
-        if tensor is None or NATIVE_TYPES.get(tensor.tensor_type) != scheme:  # decode only what will be kept
-            return None
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        weight = decode(tensor.tensor_type, tensor.data, shape)
-        return None if weight is None else weight.rows(lambda rows: self.file.unpermute(name, rows))
-
-    def close(self) -> None:
-        pass
