@@ -1,4 +1,4 @@
-"""Memory of each quantization policy against a true int8 baseline (seed 003's table): weight bytes, resident memory
+"""Memory of each quantization policy against a true int8 baseline (the Nano compact 3B card's table): weight bytes, resident memory
 after load, and the peak while generating.
 
   .venv/bin/python benchmarks/quant_memory.py                     # default model (SmolLM2-135M-Instruct GGUF)
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from tinylm.bench.timing import figures, stream_stamps
-from tinylm.quant.sources import Rows
+from tinylm.weights.sources import Rows
 
 POLICIES = ["int8", "int4", "qkv-fp16", "int4-tiedq"]
 CHUNKED = {"default": "qkv-fp16:head_chunk=8192,mlp_chunk=512", "qwen2.5-3b": "qkv-fp16:head_chunk=16384,mlp_chunk=2048"}
 FLOAT = {"default": ["float32", "bfloat16"], "qwen2.5-3b": ["bfloat16"]}
-# Qwen2.5-3B-Instruct's config.json (seed 003's base model): tied embeddings, q/k/v biases, GQA 16:2.
+# Qwen2.5-3B-Instruct's config.json (Nano compact 3B's base model): tied embeddings, q/k/v biases, GQA 16:2.
 QWEN25_3B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 2048,
              "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
              "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
@@ -60,6 +60,9 @@ class RandomSource:
     def native(self, name: str, scheme: str) -> None:
         return None
 
+    def saved(self, layer: str, names) -> None:
+        return None  # no layer arrives already quantized
+
     def close(self) -> None:
         pass
 
@@ -68,6 +71,7 @@ def load_random_3b(policy: str | None):
     import tinylm
     from tinylm.config import ModelConfig
     from tinylm.quant.apply import build_quantized
+    from tinylm.quant.policy import parse_policy
     from tinylm.weights.loader import LoadedModel, build_model
 
     model = build_model(ModelConfig.from_hf_dict(QWEN25_3B))
@@ -78,7 +82,7 @@ def load_random_3b(policy: str | None):
             setattr(model.get_submodule(module), attr, torch.nn.Parameter(source.get(name), requires_grad=False))
         model.tie_weights()
     else:
-        build_quantized(model, policy, source, torch.bfloat16)
+        build_quantized(model, parse_policy(policy), source, torch.bfloat16)
     return tinylm.LLM(LoadedModel(model=model.eval(), tokenizer=None, source=Path("random"), format="random"))
 
 
