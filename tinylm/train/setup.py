@@ -46,7 +46,7 @@ def build_model(config: TrainConfig, device: torch.device) -> tuple[CausalLM, ob
     """(model in float32 on `device`, tokenizer): loaded from model.path, or new from model.family/config."""
     section = config.model
     if section.path is not None:
-        from tinylm.weights.loader import load_model
+        from tinylm.loading import load_model
 
         loaded = load_model(Path(section.path), dtype="float32", device=str(device))
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -72,7 +72,7 @@ def load_reference(config: TrainConfig, device: torch.device) -> CausalLM | None
     path = config.dpo.reference or (None if config.lora else config.model.path)
     if path is None:
         return None
-    from tinylm.weights.loader import load_model
+    from tinylm.loading import load_model
 
     reference = load_model(Path(path), dtype="float32", device=str(device)).model
     for param in reference.parameters():
