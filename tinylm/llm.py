@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tinylm import hub
-from tinylm.engine.engine import EngineConfig, LLMEngine, model_context
+from tinylm.engine.engine import EngineBusyError, EngineConfig, LLMEngine, model_context
 from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.ngram import NGRAM
 from tinylm.engine.sequence import StepOutput, TokenLogprob
@@ -178,11 +178,27 @@ class LLM:
 
     @property
     def engine(self) -> LLMEngine:
-        """The continuous-batching engine behind generate/stream/chat (created on first use)."""
+        """The continuous-batching engine behind generate/stream/chat and the server (created on first use, with
+        engine_config; engine_for gives it another config)."""
         if self._engine is None:
             self._engine = LLMEngine(self.model, self.tokenizer, self.eos_token_ids, self.engine_config,
                                      draft_model=self.draft_model)
         return self._engine
+
+    def engine_for(self, config: EngineConfig) -> LLMEngine:
+        """This LLM's engine with `config` (the server's create_app asks for its EngineConfig this way): the
+        current engine when it already has that config, else a new one in its place. An engine a running server
+        steps (its `driver`) is never shared: the new one takes its place here and the server keeps it. Raises
+        EngineBusyError when an engine of another config still holds requests of this LLM's own calls."""
+        current = self._engine
+        if current is not None and current.driver is None:
+            if current.config == config:
+                return current
+            if current.has_unfinished():
+                raise EngineBusyError(f"the engine still runs {len(current.requests)} requests; finish or close "
+                                      "them before configuring another engine")
+        self.engine_config, self._engine = config, None
+        return self.engine
 
     @property
     def draft_model(self):
@@ -343,6 +359,9 @@ class LLM:
         """Run every prompt's n completions through the engine; yield each step's events. Every prompt is checked
         before any runs, and leaving early (an exception, a closed stream) cancels what is left."""
         engine = self.engine
+        if engine.driver is not None and engine.driver.is_alive:  # one thread steps an engine (not thread-safe)
+            raise EngineBusyError("this LLM's engine is serving HTTP requests; generate, stream and chat "
+                                  "work again once the server stops")
         for ids, p in zip(prompt_ids, params):
             engine.validate(ids, p)
         where: dict[str, tuple[int, int]] = {}  # request id -> (prompt index, choice)

@@ -4,6 +4,10 @@ The server's event loop never runs the model: it validates a request, hands it t
 StepOutputs on the request's own asyncio.Queue. torch releases the GIL inside its kernels, so HTTP stays
 responsive while a step runs. A stream that is closed early (client disconnect, cancellation) aborts its request,
 which frees its KV blocks at the start of the engine's next step.
+
+The LLMEngine is usually an LLM's own (LLM.engine_for): while this wrapper holds it (from construction to
+shutdown) it is the engine's `driver`, so the LLM neither steps it nor hands it to another server; at shutdown
+the requests still in it end, and the LLM gets it back idle.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_output: Callable[[StepOutput, float, float | None], None] | None = None):
         """on_output(output, seconds since arrival, seconds since the previous token or None) feeds metrics."""
+        if engine.driver is not None:
+            raise RuntimeError("this LLMEngine is already driven by another AsyncEngine (one thread steps it)")
+        engine.driver = self
         self.engine = engine
         self.on_output = on_output
         self._pending: deque[tuple] = deque()  # ("add", args) / ("abort", request_id), applied by the engine thread
@@ -50,6 +57,16 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():  # else the thread may still be in a step: the engine stays ours
+            self._release_engine()
+
+    def _release_engine(self) -> None:
+        """The thread has stopped: end the requests it left in the engine (running, queued, or never applied),
+        so that the engine's next user (its LLM, the next server) finds it idle."""
+        self._pending.clear()
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+        self.engine.driver = None
 
     @property
     def is_alive(self) -> bool:

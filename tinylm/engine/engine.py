@@ -6,9 +6,10 @@
         for output in engine.step(): ...
 
 Split as nano-vllm is: sequence (state of a request), block_manager (paged memory, prefix cache), scheduler (who
-runs now), runner (the forward pass), sampler (pure functions); with a draft model or prompt lookup, a decode step
-emits up to k + 1 tokens per sequence (speculative.py, ngram.py). Not thread-safe: the async wrapper
-(tinylm/engine/async_engine.py) drives it from one thread.
+runs now), runner (the forward pass), sampler (pure functions) with logit_shaping (what a request's own history
+does to its logits); with a draft model or prompt lookup, a decode step emits up to k + 1 tokens per sequence
+(speculative.py, ngram.py). Not thread-safe: the async wrapper (tinylm/engine/async_engine.py) drives it from one
+thread.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from tinylm.engine import sampler
-from tinylm.engine.block_manager import BlockManager, NoFreeBlocks
+from tinylm.engine.block_manager import BlockManager
 from tinylm.engine.compiled import can_compile
 from tinylm.engine.kv_pool import KVPool, pool_dtype
-from tinylm.engine.ngram import NGRAM, NgramProposer
+from tinylm.engine.logit_shaping import shape_logits
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
-from tinylm.engine.speculative import DraftProposer, View, check_draft, check_num_tokens, one_token_rows, verify
+from tinylm.engine.speculative import Speculation, make_drafter
 from tinylm.engine.stop import StopChecker
 from tinylm.errors import ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
@@ -36,6 +37,10 @@ from tinylm.sampling_params import SamplingParams
 
 class QueueFullError(TinyLMError):
     """More requests are waiting than the engine was configured to queue (the server answers 429)."""
+
+
+class EngineBusyError(TinyLMError):
+    """The engine cannot be replaced or stepped now: it holds requests, or a server's thread steps it."""
 
 
 @dataclass
@@ -85,21 +90,13 @@ class LLMEngine:
             fuse_projections(model)  # fewer, larger matmuls in the compiled step (inference only: see fuse.py)
             use_gemv(model)  # batch-1 products as reductions Inductor streams at memory speed (see gemv.py)
         self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode)
-        self.drafter = None if draft_model is None else self._drafter(draft_model)
+        self.drafter = None if draft_model is None else make_drafter(draft_model, model, config)
+        self.speculation = None if self.drafter is None else Speculation(
+            self.drafter, self.runner, self.blocks, config.num_speculative_tokens, config.speculative_max_rows)
         self.requests: dict[str, Sequence] = {}
-
-    def _drafter(self, draft_model) -> DraftProposer | NgramProposer:
-        check_num_tokens(self.config.num_speculative_tokens)
-        if isinstance(draft_model, str) and draft_model == NGRAM:
-            return NgramProposer()
-        check_draft(self.model.config, draft_model.config)
-        compile_draft = self.config.compile and can_compile(draft_model)[0]
-        if compile_draft:
-            fuse_projections(draft_model)
-            use_gemv(draft_model)
-        return DraftProposer(draft_model, self.config.num_speculative_tokens, self.config.block_size,
-                             self.config.kv_cache_bytes, self.config.max_num_seqs, compile_draft,
-                             self.config.kv_cache_dtype)
+        # The AsyncEngine stepping this engine from its thread while one does (async_engine.py): the engine is not
+        # thread-safe, so it has one at most, and nobody else steps it meanwhile
+        self.driver = None
 
     def warmup(self) -> None:
         """Compile the decode graphs now (a no-op unless EngineConfig.compile): a server does it before it is ready."""
@@ -194,67 +191,13 @@ class LLMEngine:
         return outputs
 
     def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
-        """One new token per sequence, or up to k + 1 for those that speculate."""
-        speculate = self.drafter is not None and \
-            len(seqs) * (self.config.num_speculative_tokens + 1) <= self.config.speculative_max_rows
-        counts = [self._draft_count(seq) for seq in seqs] if speculate else [0] * len(seqs)
-        # While anyone speculates, rows without drafts join its verification batch (0 drafts: their own next
-        # token), so the weights are read once per step; rows whose logits the sampler shapes need the sampler.
-        together = any(counts)
-        plain = [seq for seq, k in zip(seqs, counts) if not k and (not together or _shapes_logits(seq))]
+        """One new token per sequence, or up to k + 1 for those that speculate (engine/speculative.py)."""
+        plain, verified = self.speculation.split(seqs) if self.speculation else (seqs, [])
         outputs = []
         if plain:
             logits = self.runner.forward([(seq, 1) for seq in plain])
             outputs += self._after_forward(plain, [1] * len(plain), logits)
-        speculating = [(seq, k) for seq, k in zip(seqs, counts) if k or (together and not _shapes_logits(seq))]
-        return outputs + (self._speculate(speculating) if speculating else [])
-
-    def _draft_count(self, seq: Sequence) -> int:
-        """Drafts worth proposing for `seq` (0: decode it plainly), with the target's blocks for them reserved.
-        Verification samples from the model's own distribution: requests whose logits the sampler shapes
-        (penalties, logit_bias, min_tokens not yet reached) decode plainly."""
-        if _shapes_logits(seq):
-            return 0
-        count = min(self.config.num_speculative_tokens, seq.max_new - len(seq.output_token_ids) - 1)
-        if count <= 0:
-            return 0
-        try:
-            self.blocks.allocate(seq, count + 1)
-        except NoFreeBlocks:
-            return 0
-        return count
-
-    def _speculate(self, rows: list[tuple[Sequence, int]]) -> list[StepOutput]:
-        """Draft, verify every draft of every row in one decode batch (engine/speculative.py), emit."""
-        seqs = [seq for seq, _ in rows]
-        drafts, probs = self.drafter.propose(seqs, [k for _, k in rows])
-        batch = []
-        for seq, tokens in zip(seqs, drafts):
-            batch += one_token_rows(View(seq.all_token_ids + tokens, seq.num_computed, seq.block_ids), len(tokens) + 1)
-        logits = self.runner.forward(batch)  # (sum of k_i + 1, V)
-        outputs, start = [], 0
-        for seq, tokens, q in zip(seqs, drafts, probs):
-            scores = logits[start:start + len(tokens) + 1]
-            start += len(tokens) + 1
-            emitted = verify(scores, tokens, q, seq.params, seq.generator)
-            self.drafter.num_proposed += len(tokens)
-            self.drafter.num_accepted += len(emitted) - 1
-            outputs += self._emit(seq, emitted, scores)
-        return outputs
-
-    def _emit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor) -> list[StepOutput]:
-        """Append the verified tokens (logits (len(tokens), V): the target's raw scores for each) until the
-        sequence finishes; then the cache holds the last token and the accepted drafts."""
-        chosen = torch.tensor(tokens, device=logits.device)
-        entries = sampler.logprob_entries(logits[:len(tokens)], chosen, [seq.params.logprobs] * len(tokens))
-        outputs = []
-        for token, entry in zip(tokens, entries):
-            outputs.append(self._append(seq, token, entry))
-            if seq.is_finished:
-                return outputs
-        self.blocks.mark_computed(seq, len(tokens))
-        self.drafter.settle(seq, seq.num_computed)
-        return outputs
+        return outputs + (self.speculation.step(verified, self._append) if verified else [])
 
     def _prefill_groups(self, prefill: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """Chunks that can share one padded forward; prompt logprobs need every position: those run alone. (DeltaNet
@@ -288,21 +231,12 @@ class LLMEngine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """logits (B, V) float32 at each sequence's last token -> one new token per sequence."""
         params = [seq.params for seq in seqs]
-        raw = logits
-        # vLLM's order: logit_bias and the min_tokens mask, then penalties, then temperature and the filters
-        logits = sampler.apply_logit_bias(logits, params)
-        logits = sampler.mask_tokens(logits, [self._banned(seq) for seq in seqs])
-        if any(p.penalized for p in params):
-            logits = sampler.apply_penalties(logits, params, *_penalty_state(seqs, logits.shape[-1], logits.device))
-        tokens = sampler.sample(logits, params, [seq.generator for seq in seqs])
-        entries = sampler.logprob_entries(raw, tokens, [p.logprobs for p in params])
+        # logit_bias, the min_tokens ban and penalties (logit_shaping.py), then temperature and the filters;
+        # logprobs are those of the model's own distribution, before any of them
+        shaped = shape_logits(logits, seqs, self.vocab_size)
+        tokens = sampler.sample(shaped, params, [seq.generator for seq in seqs])
+        entries = sampler.logprob_entries(logits, tokens, [p.logprobs for p in params])
         return [self._append(seq, token, entry) for seq, token, entry in zip(seqs, tokens.tolist(), entries)]
-
-    def _banned(self, seq: Sequence) -> set[int]:
-        """Token ids the next sample may not be: EOS and stop_token_ids while fewer than min_tokens are out."""
-        if len(seq.output_token_ids) >= seq.params.min_tokens:
-            return set()
-        return {t for t in seq.stop.stop_token_ids if t < self.vocab_size}
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
         seq.output_token_ids.append(token)
@@ -334,12 +268,6 @@ def model_context(positions: int, max_model_len: int | None) -> int:
     return max_model_len
 
 
-def _shapes_logits(seq: Sequence) -> bool:
-    """Whether the sampler changes this sequence's next logits (penalties, logit_bias, the min_tokens mask)."""
-    params = seq.params
-    return params.penalized or bool(params.logit_bias) or len(seq.output_token_ids) < params.min_tokens
-
-
 def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, n: int) -> None:
     """logits (n, V) of the chunk ending at seq.num_computed + n: they score prompt tokens start+1 .. start+n."""
     start = seq.num_computed
@@ -351,15 +279,3 @@ def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, n: int) -> None
         seq.prompt_logprob_values += sampler.logprob_entries(logits[:len(targets)], chosen,
                                                              [seq.prompt_logprobs] * len(targets))
     seq.prompt_logprobs_done = start + n >= len(seq.prompt_token_ids)
-
-
-def _penalty_state(seqs: list[Sequence], vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) bool: token in the prompt; (B, V) int32: times generated so far."""
-    prompt_mask = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=device)
-    counts = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=device)
-    for row, seq in enumerate(seqs):
-        prompt_mask[row, torch.tensor(seq.prompt_token_ids, device=device)] = True
-        if seq.output_token_ids:
-            out = torch.tensor(seq.output_token_ids, device=device)
-            counts[row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
-    return prompt_mask, counts

@@ -108,15 +108,16 @@ class PagedBatch:
     """
 
     def __init__(self, pool: KVPool, write_slots: torch.Tensor, write_mask: torch.Tensor | None,
-                 gather_slots: torch.Tensor, state_rows: torch.Tensor | None) -> None:
+                 gather_slots: torch.Tensor, state_rows: torch.Tensor | None, *, length: int = 0,
+                 attention_kernel: bool = False) -> None:
         self.pool = pool
         self.write_slots = write_slots
         self.write_mask = write_mask  # None: every (row, step) is a real token
         self.gather_slots = gather_slots.reshape(-1)
         self.batch, self.context = gather_slots.shape
         self.state_rows = state_rows
-        self.length = 0  # set by the runner to S - T, the query offset the model's mask builder expects
-        self.attention_kernel = False  # set by the compiled decode step when tinylm.kernels are built
+        self.length = length  # S - T: the context before the new tokens, the query offset the mask builder expects
+        self.attention_kernel = attention_kernel  # the compiled decode step's, when tinylm.kernels are built
 
     @property
     def new_tokens(self) -> torch.Tensor | None:

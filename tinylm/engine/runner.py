@@ -48,8 +48,7 @@ class ModelRunner:
         # No padding anywhere (batch 1, or rows of equal context): SDPA's unmasked path, and one graph fewer
         key_mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
         new_tokens = None if write_mask.all() else torch.from_numpy(write_mask).to(self.device)
-        cache = PagedBatch(self.pool, write_slots, new_tokens, gather, state_rows)
-        cache.length = width - steps
+        cache = PagedBatch(self.pool, write_slots, new_tokens, gather, state_rows, length=width - steps)
         out = self.model(ids, attention_mask=key_mask, position_ids=positions, cache=cache,
                          logits_to_keep=0 if all_logits else 1)
         logits = out.logits.float()

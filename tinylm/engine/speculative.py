@@ -15,18 +15,34 @@ verification runs through the same (compiled) decode graph as ordinary steps, wi
 The draft has its own paged K/V pool and one shadow per sequence: the tokens in the draft's cache. After a
 verification the shadow keeps the positions whose tokens were accepted; the next round feeds it the rest (the
 corrected or bonus token, and the last draft when all were kept), the whole prompt the first time.
+
+In the engine's decode step, `Speculation` picks the rows that draft (and how many tokens), runs the round
+(propose -> verify -> emit) and leaves the rest to the plain decode path; `make_drafter` builds the proposer:
+a DraftProposer here, or prompt lookup (tinylm/engine/ngram.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinylm.engine import sampler
 from tinylm.engine.block_manager import BlockManager, NoFreeBlocks
+from tinylm.engine.compiled import can_compile
 from tinylm.engine.kv_pool import KVPool, pool_dtype
+from tinylm.engine.logit_shaping import shapes_logits
+from tinylm.engine.ngram import NGRAM, NgramProposer
 from tinylm.engine.runner import ModelRunner
+from tinylm.engine.sequence import Sequence, StepOutput, TokenLogprob
 from tinylm.errors import ConfigError
+from tinylm.model.fuse import fuse_projections
+from tinylm.model.gemv import use_gemv
 from tinylm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tinylm.engine.engine import EngineConfig  # the engine imports this module: only for annotations
 
 
 class View:
@@ -62,6 +78,96 @@ def check_draft(target_config, draft_config) -> None:
         if config.has_linear_layers:
             raise ConfigError(f"the {name} model has Gated DeltaNet layers, whose state cannot be rolled back "
                               "past rejected drafts: speculative decoding needs softmax-attention models")
+
+
+def make_drafter(draft_model, target_model, config: EngineConfig) -> DraftProposer | NgramProposer:
+    """LLMEngine's drafter for its draft_model: prompt lookup for "[ngram]", else a DraftProposer over the draft
+    model, compiled (fused, batch-1 products as reductions) where the target is and the draft can be."""
+    check_num_tokens(config.num_speculative_tokens)
+    if isinstance(draft_model, str) and draft_model == NGRAM:
+        return NgramProposer()
+    check_draft(target_model.config, draft_model.config)
+    compile_draft = config.compile and can_compile(draft_model)[0]
+    if compile_draft:
+        fuse_projections(draft_model)
+        use_gemv(draft_model)
+    return DraftProposer(draft_model, config.num_speculative_tokens, config.block_size, config.kv_cache_bytes,
+                         config.max_num_seqs, compile_draft, config.kv_cache_dtype)
+
+
+# The engine's append: records one token of a sequence (stop checks, finishing it) and returns its StepOutput
+Append = Callable[[Sequence, int, TokenLogprob | None], StepOutput]
+
+
+class Speculation:
+    """Speculative decoding inside the engine's decode step: which rows draft how many tokens, then one round of
+    propose (the drafter) -> verify (one decode batch of the target, `runner`) -> emit, for every such row."""
+
+    def __init__(self, drafter: DraftProposer | NgramProposer, runner: ModelRunner, blocks: BlockManager,
+                 num_tokens: int, max_rows: int) -> None:
+        self.drafter = drafter
+        self.runner = runner  # the target's
+        self.blocks = blocks  # the target's
+        self.num_tokens = num_tokens  # EngineConfig.num_speculative_tokens
+        self.max_rows = max_rows  # EngineConfig.speculative_max_rows
+
+    def split(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        """(rows to decode plainly, (row, its draft count) to verify). While anyone speculates, rows without drafts
+        join its verification (0 drafts: their own next token), so the weights are read once per step; rows whose
+        logits the sampler shapes need the sampler, so they decode plainly."""
+        fits = len(seqs) * (self.num_tokens + 1) <= self.max_rows
+        counts = [self._draft_count(seq) for seq in seqs] if fits else [0] * len(seqs)
+        together = any(counts)
+        verified = [k > 0 or (together and not shapes_logits(seq)) for seq, k in zip(seqs, counts)]
+        plain = [seq for seq, v in zip(seqs, verified) if not v]
+        return plain, [(seq, k) for seq, k, v in zip(seqs, counts, verified) if v]
+
+    def _draft_count(self, seq: Sequence) -> int:
+        """Drafts worth proposing for `seq` (0: decode it plainly), with the target's blocks for them reserved.
+        Verification samples from the model's own distribution: requests whose logits the sampler shapes
+        (penalties, logit_bias, min_tokens not yet reached) decode plainly."""
+        if shapes_logits(seq):
+            return 0
+        count = min(self.num_tokens, seq.max_new - len(seq.output_token_ids) - 1)
+        if count <= 0:
+            return 0
+        try:
+            self.blocks.allocate(seq, count + 1)
+        except NoFreeBlocks:
+            return 0
+        return count
+
+    def step(self, rows: list[tuple[Sequence, int]], append: Append) -> list[StepOutput]:
+        """Draft, verify every draft of every row in one decode batch, emit what each row keeps."""
+        seqs = [seq for seq, _ in rows]
+        drafts, probs = self.drafter.propose(seqs, [k for _, k in rows])
+        batch = []
+        for seq, tokens in zip(seqs, drafts):
+            batch += one_token_rows(View(seq.all_token_ids + tokens, seq.num_computed, seq.block_ids), len(tokens) + 1)
+        logits = self.runner.forward(batch)  # (sum of k_i + 1, V)
+        outputs, start = [], 0
+        for seq, tokens, q in zip(seqs, drafts, probs):
+            scores = logits[start:start + len(tokens) + 1]
+            start += len(tokens) + 1
+            emitted = verify(scores, tokens, q, seq.params, seq.generator)
+            self.drafter.num_proposed += len(tokens)
+            self.drafter.num_accepted += len(emitted) - 1
+            outputs += self._emit(seq, emitted, scores, append)
+        return outputs
+
+    def _emit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor, append: Append) -> list[StepOutput]:
+        """Append the verified tokens (logits (len(tokens), V): the target's raw scores for each) until the
+        sequence finishes; then the cache holds the last token and the accepted drafts."""
+        chosen = torch.tensor(tokens, device=logits.device)
+        entries = sampler.logprob_entries(logits[:len(tokens)], chosen, [seq.params.logprobs] * len(tokens))
+        outputs = []
+        for token, entry in zip(tokens, entries):
+            outputs.append(append(seq, token, entry))
+            if seq.is_finished:
+                return outputs
+        self.blocks.mark_computed(seq, len(tokens))
+        self.drafter.settle(seq, seq.num_computed)
+        return outputs
 
 
 class DraftProposer:

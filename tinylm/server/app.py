@@ -19,7 +19,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from tinylm import hub
 from tinylm.engine.async_engine import AsyncEngine
-from tinylm.engine.engine import EngineConfig, LLMEngine
+from tinylm.engine.engine import EngineConfig
 from tinylm.server.errors import APIError, install_error_handlers  # noqa: F401  (APIError: re-exported)
 from tinylm.server.metrics import Metrics
 from tinylm.server.middleware import ApiKey, ReadBody, RequestLog
@@ -30,7 +30,7 @@ from tinylm.server.openapi import ERROR_RESPONSES, document_errors
 class ServerConfig:
     model_name: str = "tinylm"
     max_body_bytes: int = 4 << 20  # requests larger than this are refused with 413
-    engine: EngineConfig | None = None
+    engine: EngineConfig | None = None  # None: EngineConfig()'s defaults, not the LLM's engine_config
     api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer KEY`
     body_timeout: float = 30.0  # seconds a client may take to send its body (408 after)
     request_timeout: float = 600.0  # seconds a request may run, streaming included (408 after)
@@ -60,8 +60,9 @@ class ServerState:
 
 def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, config.engine,
-                       draft_model=llm.draft_model)
+    # The LLM's own engine, (re)configured for serving: one engine per LLM, which llm.generate() uses again once
+    # the server stops (LLM.engine_for; an engine another running server steps is not shared)
+    engine = llm.engine_for(config.engine or EngineConfig())
     engine.warmup()  # compiles the decode graphs before the server answers (with --compile only)
     metrics = Metrics(engine)
     defaults = config.sampling_defaults
