@@ -18,8 +18,6 @@ from tinylm.quant import cli as quant_cli
 from tinylm.server import cli as server_cli
 from tinylm.train import cli as train_cli
 
-# Kept only while tinylm/bench/cli.py still imports these from here; new code imports tinylm.cli_args
-from tinylm.cli_args import add_model_args as _model_args, resolve_dtype  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,11 @@ REFERENCES = ["transformers", "llama.cpp", "llama.cpp:bf16", "llama.cpp:f16"]
 
 
 def register(commands) -> None:
-    from tinylm.cli import _model_args
+    from tinylm.cli_args import add_model_args
 
     bench = commands.add_parser("bench", help="decode, batch and serving speed and memory, side by side with "
                                 "transformers and llama.cpp")
-    _model_args(bench)
+    add_model_args(bench)
     _add_bench_args(bench)
     bench.set_defaults(handler=cmd_bench)
 
@@ -66,7 +66,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from tinylm.bench import report, runner
-    from tinylm.cli import load_from_args
+    from tinylm.cli_args import load_from_args
 
     references = _check_args(args)
     if args.threads:
@@ -145,7 +145,7 @@ def _subject(llm, args, load_args, name: str = "tinylm"):
 
 def tinylm_label(args) -> str:
     """What tinylm ran, in words: "bfloat16 + w8a8, compiled, int8 K/V cache"."""
-    from tinylm.cli import resolve_dtype
+    from tinylm.cli_args import resolve_dtype
 
     parts = [resolve_dtype(args.dtype, args.device) + (f" + {args.quantize}" if args.quantize else "")]
     parts.append("compiled" if args.compile else "eager")
@@ -161,7 +161,7 @@ def tinylm_label(args) -> str:
 def _reference_openers(references: list[str], args, load_args, llm, work_dir: Path, measured) -> list:
     """A function per reference that loads it when its turn comes; the ones that cannot run here get one note."""
     from tinylm.bench import systems
-    from tinylm.cli import load_from_args, resolve_dtype
+    from tinylm.cli_args import load_from_args, resolve_dtype
 
     source, dtype = Path(llm.loaded.source), resolve_dtype(args.dtype, args.device)
     context = max(512, args.prompt_tokens + args.new_tokens)
@@ -207,10 +207,10 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _variant_args(flags: str, load_args) -> argparse.Namespace:
     """This run's load arguments with the --variant flags over them (argparse keeps what the namespace has)."""
-    from tinylm.cli import _model_args
+    from tinylm.cli_args import add_model_args
 
     parser = _OneLineParser(prog="--variant", add_help=False)
-    _model_args(parser)
+    add_model_args(parser)
     return parser.parse_args(shlex.split(flags), namespace=argparse.Namespace(**vars(load_args)))
 
 
@@ -231,10 +231,10 @@ def _settings(args) -> dict:
 
 def command_line(args) -> str:
     """The command that repeats this run: every flag that differs from its default."""
-    from tinylm.cli import _model_args
+    from tinylm.cli_args import add_model_args
 
     parser = argparse.ArgumentParser()
-    _model_args(parser)
+    add_model_args(parser)
     _add_bench_args(parser)
     defaults = vars(parser.parse_args([]))
     parts = ["tinylm", "bench"]

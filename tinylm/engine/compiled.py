@@ -7,7 +7,8 @@ into the pool in place (index_copy_, reinplaced by Inductor, so the pool is neve
 pool through tinylm's C++ kernel (tinylm/kernels; Inductor's own loops where it cannot be built). Gated DeltaNet
 layers read and write their states in the pool's state rows (index_copy_ too; the rows are allocated before the
 first trace), and mixture-of-experts blocks pick their experts' rows from stacked weights (tinylm/model/moe.py):
-seed 002's hybrid MoE shape decodes 466 -> 2682 tok/s in float32 (benchmarks/qwen3_next_decode.py).
+the TinyStories Qwen3-Gated-MoE hybrid's shape decodes 466 -> 2682 tok/s in float32
+(`tinylm bench --shape qwen3-next --compile`).
 
 The traced function takes only tensors; the paged view is built inside the graph, so the context length S and
 the batch size B are symbolic (marked dynamic): no recompilation as sequences grow or join. Batch 1 gets its own
@@ -61,7 +62,7 @@ class CompiledDecode:
         # call (Inductor's debug asserts: ~250 checks, 0.25 ms per batch-1 step).
         # The compiled step's wrapper is C++ (cpp_wrapper), not Python: a decode step makes ~300 calls (Inductor's
         # fused loops and tinylm's kernels) and ~450 tensor views, ~0.7 ms of Python per step by cProfile (the w8a8
-        # batch-16 step is ~8 ms). Measured gain is smaller (benchmarks/ab.py, 2-core EPYC): batch 16 w8a8 +0.5-3%
+        # batch-16 step is ~8 ms). Measured gain is smaller (`tinylm bench --variant`, 2-core EPYC): batch 16 w8a8 +0.5-3%
         # (two A/Bs, 13 of 14 pairs), batch 1 bf16 within the VM's noise. It adds ~20 s to a graph's first compile.
         options = {**_inductor_options(model), "guard_filter_fn": _keep_guard,
                    "size_asserts": False, "alignment_asserts": False, "cpp_wrapper": True,
@@ -113,9 +114,9 @@ class CompiledDecode:
                  torch.zeros(batch, context, dtype=torch.long), states)  # distinct tensors: aliasing is guarded on
 
     def _step(self, ids, positions, valid, write_slots, gather_slots, state_rows) -> torch.Tensor:
-        cache = PagedBatch(self.pool, write_slots, None, gather_slots, state_rows)
-        cache.attention_kernel = self.attention_kernel
-        cache.length = gather_slots.shape[1] - 1  # context before the new token: the query offset
+        # length: the context before the new token (the query offset)
+        cache = PagedBatch(self.pool, write_slots, None, gather_slots, state_rows,
+                           length=gather_slots.shape[1] - 1, attention_kernel=self.attention_kernel)
         out = self.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
         return out.logits[:, -1].float()
 
@@ -137,7 +138,7 @@ def _inductor_options(model) -> dict:
 
     Float weights are frozen: Inductor takes them as constants of the compiled code instead of ~250 graph inputs
     that dynamo's prologue and the wrapper pass on every call (one engine each way, alternating generate calls,
-    2-core EPYC: bf16 batch 1 +5.1%, 7 of 8 pairs; seed 002's hybrid +6.7%, 8 of 8). The compiled engine's model
+    2-core EPYC: bf16 batch 1 +5.1%, 7 of 8 pairs; the Qwen3-Gated-MoE hybrid +6.7%, 8 of 8). The compiled engine's model
     is inference-only already (fuse_projections copies q/k/v and gate/up).
     oneDNN weight prepacking, which freezing would also do, stays off: it keeps a second copy of each weight.
 
