@@ -14,12 +14,12 @@ SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, inter
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                     max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
-# TinyLlama-1.1B (seed 001): 22 layers, d 2048, 32 heads (GQA 4 KV heads), SwiGLU 5632, vocab 32000, context 2048
+# TinyLlama 1.1B: 22 layers, d 2048, 32 heads (GQA 4 KV heads), SwiGLU 5632, vocab 32000, context 2048
 TINYLLAMA_1_1B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                       num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                       max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                       bos_token_id=1, eos_token_id=2)
-# Seed 002's hybrid Qwen3-Next, as tests/model/test_qwen3_next.py builds it for parity: hidden 128, 6 layers
+# The TinyStories Qwen3-Gated-MoE hybrid (Qwen3-Next family), as tests/model/test_qwen3_next.py builds it for parity: hidden 128, 6 layers
 # alternating Gated DeltaNet / gated attention, 8 heads, 1 KV head, head_dim 32, 2 experts top-1 + shared expert,
 # YaRN; the linear-attention heads are transformers' defaults scaled down. Only its context (256) is short.
 QWEN3_NEXT_SEED_002 = dict(

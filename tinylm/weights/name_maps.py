@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-# QED (seed 004, modeling_qed.py): module names at the top level, optionally under `model.`.
+# QED-75M (its modeling_qed.py): module names at the top level, optionally under `model.`.
 _QED_TO_MODULE = [
     (r"^(?:model\.)?embed_tokens\.", "model.embed_tokens."),
     (r"^(?:model\.)?layers\.(\d+)\.input_norm\.", r"model.layers.\1.input_layernorm."),
