@@ -40,7 +40,7 @@ FAMILIES: dict[str, dict] = {
     "qwen3": dict(_BASE, model_type="qwen3", head_dim=32, tie_word_embeddings=True),
     "qwen3_moe": dict(_BASE, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       norm_topk_prob=True, tie_word_embeddings=False),
-    # Seed 002's hybrid, shrunk: DeltaNet and gated attention alternate, top-1 MoE with a shared expert, YaRN.
+    # The TinyStories Qwen3-Gated-MoE hybrid, shrunk: DeltaNet and gated attention alternate, top-1 MoE with a shared expert, YaRN.
     "qwen3_next": dict(_BASE, model_type="qwen3_next", num_hidden_layers=4, num_key_value_heads=1, head_dim=32,
                        layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
                        linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
