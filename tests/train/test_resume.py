@@ -147,7 +147,7 @@ def test_bad_steps_in_a_row_stop_the_run(tmp_path, h, copy_data, monkeypatch):
     assert [p.name for p in ckpt.list_checkpoints(config.out_dir)] == ["checkpoint-0000004"]
     weights = json.loads((config.out_dir / "checkpoint-0000004" / "trainer" / "state.json").read_text())
     assert weights["step"] == 4
-    from tinylm.weights.loader import load_model
+    from tinylm.loading import load_model
 
     model = load_model(config.out_dir / "checkpoint-0000004").model
     assert all(torch.isfinite(p).all() for p in model.parameters())
