@@ -73,6 +73,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     with contextlib.ExitStack() as stack:
         work_dir = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tinylm-bench-")))
+        work_dir.mkdir(parents=True, exist_ok=True)  # a --work-dir that does not exist yet
         load_args = _load_args(args, work_dir)
         start = time.perf_counter()
         llm = load_from_args(load_args)
