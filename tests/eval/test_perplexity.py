@@ -8,19 +8,17 @@ import math
 import pytest
 import torch
 
-import tinylm
 from tinylm.eval.data import EvalDataError
 from tinylm.eval.loglikelihood import Scorer
 from tinylm.eval.perplexity import perplexity, rolling_windows
-from tinylm.tiny import make_tiny
 
 TEXT = ("Once upon a time there was a little robot who loved to read. Every day it read a new story about the sea, "
         "the stars and the forest. The user asked: what is the capital of France? The assistant said: Paris. ") * 3
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return tinylm.load(make_tiny("llama", tmp_path_factory.mktemp("tiny") / "m", seed=2), dtype="float32")
+def llm(load_tiny):
+    return load_tiny("llama", seed=2, dtype="float32")
 
 
 def reference_nll(llm, tokens: list[int], prefix: int, context: int, stride: int) -> tuple[float, int]:

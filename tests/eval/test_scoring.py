@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import tinylm
 from tinylm.eval.loglikelihood import Scorer
 from tinylm.eval.metrics import doc_scores, mean_stderr, pooled_stderr
 from tinylm.eval.runner import Settings, build_items, evaluate
 from tinylm.eval.tasks import TASKS, resolve_tasks
-from tinylm.tiny import make_tiny
 
 DATA = Path(__file__).parents[1] / "data" / "eval"
 ALL = list(TASKS)
@@ -72,8 +70,8 @@ def test_stderr_formulas():
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    return tinylm.load(make_tiny("llama", tmp_path_factory.mktemp("tiny") / "m", seed=1), dtype="float32")
+def tiny_llm(load_tiny):
+    return load_tiny("llama", seed=1, dtype="float32")
 
 
 def direct_loglikelihood(llm, context: str, continuation: str) -> float:

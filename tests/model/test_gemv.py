@@ -7,10 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-import tinylm
 from tinylm.model.gemv import GemvLinear, use_gemv
 from tinylm.quant.linear import Int8Linear
-from tinylm.tiny import make_tiny
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -35,8 +33,8 @@ def test_compiled_int8_row_matches_kernel():
     torch.testing.assert_close(torch.compile(layer)(x), layer(x), rtol=1e-2, atol=1e-2)  # kernel: bf16 input
 
 
-def test_use_gemv_keeps_tied_head(tmp_path):
-    llm = tinylm.load(make_tiny("qwen3", tmp_path / "qwen3", seed=0))
+def test_use_gemv_keeps_tied_head(load_tiny):
+    llm = load_tiny("qwen3", seed=0)
     assert llm.config.tie_word_embeddings
     ids = torch.tensor([llm.encode("Once upon a time")])
     before = llm.forward(ids).logits

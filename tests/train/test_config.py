@@ -156,11 +156,9 @@ def test_example_configs_validate():
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "sft", "dpo"])
-def test_example_runs_end_to_end_briefly(mode, tmp_path, monkeypatch, capsys):
+def test_example_runs_end_to_end_briefly(mode, tmp_path, monkeypatch, capsys, tiny_folder):
     """The example configs as shipped (data paths included), cut to 2 steps."""
     import os
-
-    from tinylm.tiny import make_tiny
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     monkeypatch.chdir(repo)
@@ -168,7 +166,7 @@ def test_example_runs_end_to_end_briefly(mode, tmp_path, monkeypatch, capsys):
             "--set", f"checkpoint.out_dir={tmp_path / 'out'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
             "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=2", "--set", "train.eval_batches=1"]
     if mode != "pretrain":
-        args += ["--set", f"model.path={make_tiny('qwen2', tmp_path / 'tiny', seed=0)}"]
+        args += ["--set", f"model.path={tiny_folder('qwen2', seed=0)}"]
     assert main(args) == 0, capsys.readouterr().err
     assert "checkpoint-0000002" in capsys.readouterr().out
     assert (tmp_path / "out" / "checkpoint-0000002" / "model.safetensors").is_file()

@@ -70,13 +70,11 @@ def test_pretrain_two_processes_match_one(tmp_path, h, copy_data):
     assert len(list((tmp_path / "cache").glob("tokens-*"))) == 1
 
 
-def test_sft_accumulation_split_does_not_change_the_loss(tmp_path, h):
+def test_sft_accumulation_split_does_not_change_the_loss(tmp_path, h, tiny_folder):
     """Rows of different lengths: the loss is a mean over the global batch's assistant tokens, so splitting the
     batch into more micro-batches (as more processes do) changes nothing. In-process: the cross-process sum is the
     same code path with an all-reduce added (covered by the torchrun test above)."""
-    from tinylm.tiny import make_tiny
-
-    model = make_tiny("qwen2", tmp_path / "tiny", seed=0)
+    model = tiny_folder("qwen2", seed=0)
     data = h.write_jsonl(tmp_path / "chat.jsonl", h.conversations() * 4)
 
     def run(out: str, micro: int):

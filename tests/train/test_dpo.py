@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tinylm.tiny import FAMILIES, build_tokenizer, init_weights, make_tiny
+from tinylm.tiny import FAMILIES, build_tokenizer, init_weights
 from tinylm.config import ModelConfig
 from tinylm.model.transformer import CausalLM
 from tinylm.train import train
@@ -89,8 +89,8 @@ def test_objective_logps_match_unpadded_forward():
     assert metrics[:4].abs().max().item() < 1e-5
 
 
-def test_lora_dpo_run_learns_the_preference(tmp_path, h):
-    model = make_tiny("qwen2", tmp_path / "tiny", seed=0)
+def test_lora_dpo_run_learns_the_preference(tmp_path, h, tiny_folder):
+    model = tiny_folder("qwen2", seed=0)
     pairs = [{"prompt": [{"role": "user", "content": f"Question {i}?"}],
               "chosen": [{"role": "assistant", "content": "Paris."}],
               "rejected": [{"role": "assistant", "content": "I do not know."}]} for i in range(16)]

@@ -8,7 +8,6 @@ import torch
 import transformers
 
 import tinylm
-from tinylm.tiny import make_tiny
 from tinylm.train.config import config_from_dict
 from tinylm.train.lora import load_adapter
 from tinylm.train.trainer import Trainer
@@ -52,10 +51,10 @@ def test_qed_checkpoint_loads_in_tinylm(tmp_path, h, copy_data):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_lora_adapter_loads_in_peft_with_same_logits(tmp_path, h, copy_data, family):
+def test_lora_adapter_loads_in_peft_with_same_logits(tmp_path, h, copy_data, family, tiny_folder):
     import peft
 
-    base = make_tiny(family, tmp_path / "base", seed=0)
+    base = tiny_folder(family, seed=0)
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
     trainer = _trained(tmp_path, h, copy_data, model={"path": str(base), "family": None, "tokenizer": None},
                        lora=lora)

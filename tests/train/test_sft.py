@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tinylm.tiny import build_tokenizer, make_tiny
+from tinylm.tiny import build_tokenizer
 from tinylm.train import train
 from tinylm.train.chat import pack_rows, sft_rows, tokenize_conversation
 from tinylm.train.config import config_from_dict
@@ -96,8 +96,8 @@ def test_packing_restarts_positions_and_never_predicts_across_examples(h):
     assert second["labels"][:lengths[1]] == rows[1]["labels"]
 
 
-def test_sft_run_with_packing_lowers_the_loss(tmp_path, h):
-    model = make_tiny("qwen2", tmp_path / "tiny-qwen2", seed=0)
+def test_sft_run_with_packing_lowers_the_loss(tmp_path, h, tiny_folder):
+    model = tiny_folder("qwen2", seed=0)
     data = h.write_jsonl(tmp_path / "chat.jsonl", h.conversations() * 8)
     config = config_from_dict({
         "mode": "sft", "model": {"path": str(model)},
