@@ -16,6 +16,7 @@ from datetime import datetime
 import pytest
 import torch
 
+from tests.helpers import run_cli
 from tinylm.bench import report
 from tinylm.bench.shapes import SHAPES, build_shape, shape_config
 from tinylm.cli import main
@@ -29,9 +30,7 @@ def tiny(tmp_path_factory):
 
 
 def _bench(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["bench", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, "bench", *argv)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +238,7 @@ def _intended(name: str, smollm2_gguf) -> ModelConfig:
             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
             rope_theta=10000.0, tie_word_embeddings=False))
     if name == "qwen3-next":
-        from tests.model.test_qwen3_next import seed_002_config
+        from tests.model.test_parity import seed_002_config
 
         return ModelConfig.from_hf_dict(seed_002_config().to_dict())
     from tinylm import tiny

@@ -7,26 +7,11 @@ import sys
 
 import pytest
 
-from tinylm.cli import main
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_one_line_error(code: int, err: str, *words: str) -> None:
-    assert code == 1
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("tinylm: error:"), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0]
+from tests.helpers import assert_one_line_error, run_cli
 
 
 def test_chat_once_answers_paris(capsys, smollm2_gguf):
-    code, out, _ = _run(capsys, "chat", "--model", str(smollm2_gguf), "-m", "What is the capital of France?",
+    code, out, _ = run_cli(capsys, "chat", "--model", str(smollm2_gguf), "-m", "What is the capital of France?",
                         "--temperature", "0", "--max-tokens", "24")
     assert code == 0 and "Paris" in out
 
@@ -54,7 +39,7 @@ def test_chat_repl_keeps_history(monkeypatch, capsys, smollm2_gguf):
 
     monkeypatch.setattr(tinylm.LLM, "apply_chat_template", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("My name is Ada.\n/reset\nHi\nWhat is my name?\n"))
-    code, out, _ = _run(capsys, "chat", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "12")
+    code, out, _ = run_cli(capsys, "chat", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "12")
     assert code == 0
     first_answer = out.splitlines()[0]
     assert seen[0] == [{"role": "user", "content": "My name is Ada."}]
@@ -65,7 +50,7 @@ def test_chat_repl_keeps_history(monkeypatch, capsys, smollm2_gguf):
 
 
 def test_generate_streams_text(capsys, smollm2_gguf):
-    code, out, _ = _run(capsys, "generate", "--model", str(smollm2_gguf), "--temperature", "0",
+    code, out, _ = run_cli(capsys, "generate", "--model", str(smollm2_gguf), "--temperature", "0",
                         "--max-tokens", "8", "The capital of France is")
     assert code == 0 and out.strip()
 
@@ -73,50 +58,50 @@ def test_generate_streams_text(capsys, smollm2_gguf):
 def test_generate_with_a_draft_prints_the_same_text(capsys, smollm2_gguf):
     args = ["generate", "--model", str(smollm2_gguf), "--dtype", "float32", "--temperature", "0", "--max-tokens", "12",
             "The capital of France is"]
-    plain = _run(capsys, *args)
+    plain = run_cli(capsys, *args)
     for draft in (["--draft-model", "[ngram]"], ["--draft-model", str(smollm2_gguf), "--draft-quantize", "int8"]):
-        assert _run(capsys, *args, *draft, "--num-speculative-tokens", "4") == plain
+        assert run_cli(capsys, *args, *draft, "--num-speculative-tokens", "4") == plain
 
 
 def test_generate_with_an_int8_kv_cache_answers(capsys, smollm2_gguf):
-    code, out, _ = _run(capsys, "generate", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "8",
+    code, out, _ = run_cli(capsys, "generate", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "8",
                         "--kv-cache-dtype", "int8", "The capital of France is")
     assert code == 0 and "Paris" in out
 
 
 def test_info_reports_architecture_and_size(capsys, smollm2_gguf):
-    code, out, _ = _run(capsys, "info", "--model", str(smollm2_gguf), "--dtype", "float32")
+    code, out, _ = run_cli(capsys, "info", "--model", str(smollm2_gguf), "--dtype", "float32")
     assert code == 0
     assert "llama" in out and "134,515,008" in out
 
 
 def test_unknown_model_is_one_line(capsys):
-    code, _, err = _run(capsys, "generate", "--model", "no-such-model", "hi")
-    _assert_one_line_error(code, err, "no-such-model")
+    code, _, err = run_cli(capsys, "generate", "--model", "no-such-model", "hi")
+    assert_one_line_error(code, err, "no-such-model")
 
 
 def test_over_long_prompt_is_one_line(capsys, smollm2_gguf):
     prompt = "hello " * 9000
-    code, _, err = _run(capsys, "generate", "--model", str(smollm2_gguf), prompt)
-    _assert_one_line_error(code, err, "8192")
+    code, _, err = run_cli(capsys, "generate", "--model", str(smollm2_gguf), prompt)
+    assert_one_line_error(code, err, "8192")
 
 
 def test_invalid_sampling_parameter_is_one_line(capsys, smollm2_gguf):
-    code, _, err = _run(capsys, "generate", "--model", str(smollm2_gguf), "--top-p", "0", "hi")
-    _assert_one_line_error(code, err, "top_p")
+    code, _, err = run_cli(capsys, "generate", "--model", str(smollm2_gguf), "--top-p", "0", "hi")
+    assert_one_line_error(code, err, "top_p")
 
 
 def test_corrupt_gguf_is_one_line(capsys, smollm2_gguf, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(smollm2_gguf.read_bytes()[:1_000_000])
-    code, _, err = _run(capsys, "info", "--model", str(broken))
-    _assert_one_line_error(code, err, "broken.gguf")
+    code, _, err = run_cli(capsys, "info", "--model", str(broken))
+    assert_one_line_error(code, err, "broken.gguf")
 
 
 def test_unknown_architecture_folder_is_one_line(capsys, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}')
-    code, _, err = _run(capsys, "info", "--model", str(tmp_path))
-    _assert_one_line_error(code, err, "mamba")
+    code, _, err = run_cli(capsys, "info", "--model", str(tmp_path))
+    assert_one_line_error(code, err, "mamba")
 
 
 def test_serve_passes_the_kv_cache_dtype_to_its_engine():
@@ -276,9 +261,9 @@ def test_generate_reads_the_prompt_from_stdin(monkeypatch, capsys, smollm2_gguf)
     import io
 
     args = ["generate", "--model", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "8"]
-    given = _run(capsys, *args, "The capital of France is")
+    given = run_cli(capsys, *args, "The capital of France is")
     monkeypatch.setattr(sys, "stdin", io.StringIO("The capital of France is\n"))
-    assert _run(capsys, *args, "-") == given  # the final newline of `echo ... |` is not part of the prompt
+    assert run_cli(capsys, *args, "-") == given  # the final newline of `echo ... |` is not part of the prompt
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "info", "serve", "bench"])

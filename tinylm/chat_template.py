@@ -104,28 +104,41 @@ def _text_size(value: Any, cap: int, indent: int = 0) -> int:
     until the count passes `cap`. Walks with iterators, not copies, so a list that repeats a huge list a million
     times costs `cap` steps at most, not a million times the inner list."""
     total = 0
-    stack = [iter((value,))]
+    stack = [(iter((value,)), None, 0)]  # (iterator, id of its container, total when it was entered)
+    sizes: dict[int, int] = {}  # a container met again (one list held twice, 60 levels deep) counts at once
     while stack:
-        item = next(stack[-1], _END)
+        iterator, container, start = stack[-1]
+        item = next(iterator, _END)
         if item is _END:
             stack.pop()
+            if container is not None:
+                sizes[container] = total - start
             continue
         total += 1 + indent * len(stack)
         if isinstance(item, str):
             total += len(item)
         elif isinstance(item, int) and not isinstance(item, bool):
             total += item.bit_length() * 3 // 10 + 1
-        elif isinstance(item, Mapping):
-            stack.append(itertools.chain.from_iterable(item.items()))
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.append(iter(item))
-        elif isinstance(item, jinja2.utils.Namespace):
-            stack.append(itertools.chain.from_iterable(object.__getattribute__(item, "_Namespace__attrs").items()))
+        elif id(item) in sizes:
+            total += sizes[id(item)]
+        elif (children := _children(item)) is not None:
+            stack.append((children, id(item), total))
         else:
             total += 8  # None, bools, floats, Undefined, loop objects: short reprs
         if total > cap:
             break
     return total
+
+
+def _children(item: Any):
+    """An iterator over what a container prints, or None for anything else."""
+    if isinstance(item, Mapping):
+        return itertools.chain.from_iterable(item.items())
+    if isinstance(item, (list, tuple, set, frozenset)):
+        return iter(item)
+    if isinstance(item, jinja2.utils.Namespace):
+        return itertools.chain.from_iterable(object.__getattribute__(item, "_Namespace__attrs").items())
+    return None
 
 
 _END = object()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import run_engine
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.model.fuse import fuse_projections
@@ -24,13 +25,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
-    out = {str(i): [] for i in range(len(prompts))}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, GREEDY)
-    while engine.has_unfinished():
-        for output in engine.step():
-            out[output.request_id].append(output.token_id)
-    return [out[str(i)] for i in range(len(prompts))]
+    return run_engine(engine, prompts, GREEDY).tokens
 
 
 def _generate(tiny_dir, compile_: bool, quantize=None, attention_kernel: bool = True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import run_engine
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine, QueueFullError
 from tinylm.tiny import make_tiny
@@ -39,16 +40,8 @@ def _reference(llm, prompt: list[int], steps: int) -> list[int]:
 
 
 def _run(engine: LLMEngine, prompts, params=GREEDY) -> dict[str, list[int]]:
-    out = {str(i): [] for i in range(len(prompts))}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params if not isinstance(params, list) else params[i])
-    for _ in range(10_000):
-        if not engine.has_unfinished():
-            break
-        for output in engine.step():
-            out[output.request_id].append(output.token_id)
-    assert not engine.has_unfinished()
-    return out
+    """Each prompt's tokens by request id ("0", "1", ...)."""
+    return {str(i): tokens for i, tokens in enumerate(run_engine(engine, prompts, params).tokens)}
 
 
 def _engine(llm, **config) -> LLMEngine:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import run_engine
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.engine.kv_pool import KVPool, quantize_rows
@@ -26,13 +27,8 @@ def _run(llm, kv_cache_dtype: str, compile_: bool = False, texts=TEXTS, logprobs
     engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids,
                        EngineConfig(compile=compile_, kv_cache_dtype=kv_cache_dtype))
     params = tinylm.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=logprobs)
-    out = {str(i): [] for i in range(len(texts))}
-    for i, text in enumerate(texts):
-        engine.add_request(str(i), llm.encode(text), params)
-    while engine.has_unfinished():
-        for step in engine.step():
-            out[step.request_id].append((step.token_id, step.logprob))
-    return [out[str(i)] for i in range(len(texts))]
+    run = run_engine(engine, [llm.encode(text) for text in texts], params)
+    return [[(step.token_id, step.logprob) for step in outputs] for outputs in run.outputs]
 
 
 def test_quantized_rows_are_within_half_a_step():

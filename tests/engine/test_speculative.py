@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tests.helpers import run_engine
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.engine.ngram import NGRAM, lookup
@@ -45,15 +46,9 @@ def _speculative(paths, draft="other", k=3, **config) -> LLMEngine:
 
 
 def _run(engine: LLMEngine, prompts, params=GREEDY) -> tuple[dict[str, list[int]], int]:
-    out = {str(i): [] for i in range(len(prompts))}
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
-    steps = 0
-    while engine.has_unfinished():
-        steps += 1
-        for output in engine.step():
-            out[output.request_id].append(output.token_id)
-    return out, steps
+    """Each prompt's tokens by request id ("0", "1", ...), and the engine steps it took."""
+    run = run_engine(engine, prompts, params)
+    return {str(i): tokens for i, tokens in enumerate(run.tokens)}, run.steps
 
 
 @pytest.mark.parametrize("draft,k", [("target", 1), ("target", 4), ("other", 2), ("other", 5), (NGRAM, 3)])

@@ -37,11 +37,6 @@ def running_server(llm, config: ServerConfig, header_timeout: float = 10.0):
 
 
 @pytest.fixture(scope="session")
-def default_llm(smollm2_gguf):
-    return tinylm.load(smollm2_gguf, dtype="float32")
-
-
-@pytest.fixture(scope="session")
 def server(default_llm):
     """The default model served in float32 (so batched and one-at-a-time greedy outputs can be compared)."""
     config = ServerConfig(model_name="smollm2", engine=EngineConfig(max_num_seqs=32, kv_cache_bytes=512 << 20))
