@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse, Response
 from tinylm import hub
 from tinylm.engine.async_engine import AsyncEngine
 from tinylm.engine.engine import EngineConfig
-from tinylm.server.errors import APIError, install_error_handlers  # noqa: F401  (APIError: re-exported)
+from tinylm.server.errors import install_error_handlers
 from tinylm.server.metrics import Metrics
 from tinylm.server.middleware import ApiKey, ReadBody, RequestLog
 from tinylm.server.openapi import ERROR_RESPONSES, document_errors

@@ -74,22 +74,29 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, exc.status_code, _http_message(exc))
 
     @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return error_response(request.url.path, exc.status, exc.message, exc.kind, exc.param)
-
     @app.exception_handler(QueueFullError)
-    async def queue_full(request: Request, exc: QueueFullError):
-        return error_response(request.url.path, 429, str(exc), "rate_limit_exceeded")
-
     @app.exception_handler(TinyLMError)
     @app.exception_handler(ValueError)
-    async def bad_value(request: Request, exc: Exception):
-        return error_response(request.url.path, 400, _one_line(str(exc)))
-
     @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        return error_response(request.url.path, 500, _one_line(f"internal error: {type(exc).__name__}: {exc}"),
-                              "internal_error")
+    async def failed(request: Request, exc: Exception):
+        return error_response(request.url.path, *exception_error(exc))
+
+
+def exception_error(exc: Exception) -> tuple[int, str, str, str | None]:
+    """(status, message, kind, param) of a request that failed with `exc`, before or after its response started."""
+    if isinstance(exc, APIError):
+        return exc.status, exc.message, exc.kind, exc.param
+    if isinstance(exc, QueueFullError):
+        return 429, str(exc), "rate_limit_exceeded", None
+    if isinstance(exc, (TinyLMError, ValueError)):
+        return 400, _one_line(str(exc)), "invalid_request_error", None
+    return 500, _one_line(f"internal error: {type(exc).__name__}: {exc}"), "internal_error", None
+
+
+def stream_error(path: str, exc: Exception) -> dict:
+    """The final event of a stream that failed after it started, in the route's dialect."""
+    status, message, kind, param = exception_error(exc)
+    return error_body(path, status, message, kind, param)[0]
 
 
 def _http_message(exc: StarletteHTTPException) -> str:

@@ -59,6 +59,18 @@ def check_context(context: int, prompt_ids: list[int], max_tokens: int, explicit
             "completion). Please reduce the length of the prompt or completion.")
 
 
+def check_prompt_bytes(state, size: int) -> None:
+    """Refuse text no context could hold before spending CPU on tokenizing it."""
+    if size > state.max_prompt_bytes:
+        raise APIError(400, f"the prompt text is {size} bytes; this server accepts at most {state.max_prompt_bytes} "
+                       "bytes per request (--max-prompt-bytes)", param="prompt")
+
+
+def record_usage(request: Request, prompts: list[list[int]], results, n: int) -> None:
+    """Token counts for the access log line (tinylm/server/middleware.py)."""
+    request.state.usage = (sum(len(p) for p in prompts) * n, sum(len(r.token_ids) for r in results))
+
+
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """The params of choice `index` of n: a seeded request gives each choice its own seed (seed + index)."""
     return params.for_choice(index)

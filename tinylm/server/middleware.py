@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 
@@ -22,8 +23,6 @@ access_log = logging.getLogger("tinylm.access")
 async def send_error(scope, send, status: int, message: str, kind: str = "invalid_request_error",
                      headers: list[tuple[bytes, bytes]] = ()) -> None:
     """An error response in the route's dialect, sent straight through ASGI (before any route ran)."""
-    import json
-
     body, status = error_body(scope.get("path", ""), status, message, kind)
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,

@@ -14,8 +14,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tinylm.server.errors import APIError, error_body
-from tinylm.server.generation import check_context, merged_stream, off_loop, run_all, validate_all
+from tinylm.server.errors import APIError, stream_error
+from tinylm.server.generation import (check_context, check_prompt_bytes, merged_stream, off_loop, record_usage,
+                                      run_all, validate_all)
 from tinylm.server.openai_format import (chat_chunk, chat_logprobs, completion_logprobs, stream_completion_chunk,
                                          token_strings, usage)
 from tinylm.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, StrictRequest
@@ -42,13 +43,6 @@ def _prompt_ids(state, prompt) -> list[list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [state.llm.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-
-
-def check_prompt_bytes(state, size: int) -> None:
-    """Refuse text no context could hold before spending CPU on tokenizing it."""
-    if size > state.max_prompt_bytes:
-        raise APIError(400, f"the prompt text is {size} bytes; this server accepts at most {state.max_prompt_bytes} "
-                       "bytes per request (--max-prompt-bytes)", param="prompt")
 
 
 def _prompt_bytes(prompt) -> int:
@@ -122,7 +116,7 @@ async def _completion_events(state, body: CompletionRequest, prompts, stream, me
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     _check_model(state, body.model)
-    _check_messages(state, body)
+    _check_messages(state, body.messages)
     template_kwargs = _template_kwargs(state, body)
     prompt = await off_loop(state, _chat_prompt, state, body, template_kwargs)
     context = state.llm.config.max_position_embeddings
@@ -142,11 +136,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return {**meta, "object": "chat.completion", "choices": choices, "usage": usage([prompt], results, body.n)}
 
 
-def _check_messages(state, body: ChatCompletionRequest) -> None:
-    if len(body.messages) > state.config.max_messages:
-        raise APIError(400, f"{len(body.messages)} messages; this server accepts at most "
+def _check_messages(state, messages: list[ChatMessage]) -> None:
+    """Message count and text size, refused before anything renders or tokenizes them."""
+    if len(messages) > state.config.max_messages:
+        raise APIError(400, f"{len(messages)} messages; this server accepts at most "
                        f"{state.config.max_messages} per request", param="messages")
-    check_prompt_bytes(state, sum(m.text_bytes() for m in body.messages))
+    check_prompt_bytes(state, sum(m.text_bytes() for m in messages))
 
 
 def _template_kwargs(state, body: ChatCompletionRequest) -> dict:
@@ -195,11 +190,6 @@ async def _chat_events(state, body: ChatCompletionRequest, prompt, stream, meta,
                          "total_tokens": prompt_tokens + generated}}
 
 
-def record_usage(request: Request, prompts: list[list[int]], results, n: int) -> None:
-    """Token counts for the access log line (tinylm/server/middleware.py)."""
-    request.state.usage = (sum(len(p) for p in prompts) * n, sum(len(r.token_ids) for r in results))
-
-
 def _sse(request: Request, make_events) -> StreamingResponse:
     """An OpenAI event stream. A request that ends in an error after the stream started (its time limit, the
     server stopping, an internal error) gets a final `data: {"error": ...}` event, as vLLM sends, then [DONE]."""
@@ -217,14 +207,6 @@ def _sse(request: Request, make_events) -> StreamingResponse:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
-
-
-def stream_error(path: str, exc: Exception) -> dict:
-    if isinstance(exc, APIError):
-        return error_body(path, exc.status, exc.message, exc.kind)[0]
-    if isinstance(exc, ValueError):
-        return error_body(path, 400, str(exc))[0]
-    return error_body(path, 500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")[0]
 
 
 class TokenizeRequest(StrictRequest):
@@ -254,9 +236,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 def _tokenize(state, body: TokenizeRequest) -> list[int]:
     tokenizer = _tokenizer(state)
     if body.messages is not None:
-        if len(body.messages) > state.config.max_messages:
-            raise APIError(400, f"at most {state.config.max_messages} messages per request", param="messages")
-        check_prompt_bytes(state, sum(m.text_bytes() for m in body.messages))
+        _check_messages(state, body.messages)
         return tokenizer.apply_chat_template([m.plain() for m in body.messages], tokenize=True,
                                              add_generation_prompt=body.add_generation_prompt, trusted_kwargs=False)
     check_prompt_bytes(state, len(body.prompt.encode()))

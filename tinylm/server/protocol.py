@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tinylm.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_SEED, MAX_STOP_STRINGS, MIN_SEED, SamplingParams
+from tinylm.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_SEED, MAX_STOP_STRINGS, MIN_SEED,
+                                    SamplingParams)
 
-MAX_N = 16  # completions per request (n)
 MAX_MESSAGES = 4096  # chat messages per request, the most --max-messages may allow
 
 
@@ -64,13 +64,11 @@ class _OpenAISampling(StrictRequest):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict | None = None) -> SamplingParams:
         """`defaults`: the model's recommended sampling for fields the request leaves out."""
-        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
-            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         chosen = {**OPENAI_DEFAULTS, **(defaults or {})}
         given = {name: getattr(self, name) for name in OPENAI_DEFAULTS if getattr(self, name) is not None}
         chosen.update(given)
         return SamplingParams(
-            max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+            n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids or [], seed=self.seed, logprobs=logprobs,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=_token_bias(self.logit_bias),

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 import tinylm
-from tinylm.server.errors import APIError
-from tinylm.server.generation import Completion, check_context, merged_stream, off_loop, run_all, validate_all
-from tinylm.server.openai_routes import check_prompt_bytes, record_usage, stream_error
+from tinylm.server.errors import APIError, stream_error
+from tinylm.server.generation import (Completion, check_context, check_prompt_bytes, merged_stream, off_loop,
+                                      record_usage, run_all, validate_all)
 from tinylm.server.openai_format import token_strings
 from tinylm.server.protocol import TGIParameters, TGIRequest
 from tinylm.sampling_params import SamplingParams
