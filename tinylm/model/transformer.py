@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tinylm.config import ModelConfig
 from tinylm.errors import ContextLengthError
@@ -69,6 +70,7 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.rotary = RotaryEmbedding(config)
+        self.activation_checkpointing = False  # training option (train.activation_checkpointing): less memory
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -83,6 +85,17 @@ class CausalLM(nn.Module):
         Positions default to the count of real tokens before each one, so left- and right-padded rows give the
         same logits at real tokens as unpadded input.
         """
+        x = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, C) that lm_head maps to logits (training's chunked loss reads
+        them and lm_head's weight, never the (B, T, V) logits)."""
         past = cache.length if cache is not None else 0
         batch, seq = input_ids.shape
         self._check_length(past + seq)
@@ -96,15 +109,15 @@ class CausalLM(nn.Module):
             same = packed[:, None, :, None] == packed[:, None, None, :]  # (B, 1, T, T)
             mask = same & (_causal(seq, x.device) if mask is None else mask)
         pad_mask = new_token_mask(attention_mask, seq, cache) if self.config.has_linear_layers else None
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, pad_mask)
+            if recompute:  # keep only each layer's input; its activations are recomputed in the backward
+                x = checkpoint(layer, x, cos, sin, mask, None, pad_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, pad_mask)
         if cache is not None:
             cache.advance(seq)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
+        return self.model.norm(x)
 
     def _check_length(self, total: int) -> None:
         limit = self.config.max_position_embeddings
