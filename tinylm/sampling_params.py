@@ -8,6 +8,7 @@ vocabulary, the context length) is checked by the engine (tinylm/engine/engine.p
 from __future__ import annotations
 
 import functools
+import json as json_lib
 import math
 import warnings
 from dataclasses import dataclass, field, fields, replace
@@ -21,6 +22,58 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's and vLLM's bound on a logit_bias value
 MIN_TEMPERATURE = 0.01
 # torch.Generator.manual_seed takes seeds in [-2**63, 2**64 - 1] ("Overflow when unpacking long long" beyond)
 MIN_SEED, MAX_SEED = -(2 ** 63), 2 ** 64 - 1
+
+
+MAX_CHOICES = 1024  # choice= alternatives
+MAX_GRAMMAR_CHARS = 1 << 20  # a schema, regex or grammar's source (the HTTP server's body limit is tighter)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's StructuredOutputsParams: exactly one constraint on the text a request generates.
+
+    json: a JSON schema (dict or its JSON text); json_object: any JSON object; regex: a regular expression the
+    whole output matches; choice: one of these strings; grammar: a context-free grammar in Lark/EBNF syntax (or
+    llama.cpp's GBNF, recognised by its `::=`). whitespace_pattern: a regex for the whitespace JSON may hold
+    between tokens (default: none but one space after `,` and `:`, which keeps small models from looping on
+    newlines). Validity against the tokenizer is checked when the engine compiles the constraint.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        _check(len(given) == 1, "structured outputs take exactly one of json, regex, choice, grammar or "
+                                f"json_object, got {', '.join(given) or 'none'}")
+        _check(self.json is None or isinstance(self.json, (dict, str)),
+               f"json must be a JSON schema (an object or its text), got {type(self.json).__name__}")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value), f"{name} must be a non-empty string")
+        _check(self.choice is None or (isinstance(self.choice, list) and 0 < len(self.choice) <= MAX_CHOICES
+                                       and all(isinstance(c, str) and c for c in self.choice)),
+               f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        _check(len(self.key) <= MAX_GRAMMAR_CHARS, f"the constraint is over {MAX_GRAMMAR_CHARS} characters")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, name) not in (None, False))
+
+    @property
+    def key(self) -> str:
+        """A canonical text of the constraint: compiled grammars are cached under it."""
+        value = getattr(self, self.kind)
+        return json_lib.dumps([self.kind, value, self.whitespace_pattern], sort_keys=True)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's name before 0.10.2
 
 
 @dataclass
@@ -47,6 +100,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> value added to its logit before sampling
     prompt_logprobs: int | None = None  # None: none; N: each prompt token's logprob plus the top-N alternatives
     spaces_between_special_tokens: bool = True  # vLLM's; only True (tinylm's decoder does not add the spaces)
+    # Output constrained to a JSON schema, regex, choice or grammar (tinylm/engine/structured.py compiles it)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +112,9 @@ class SamplingParams:
         self._check_floats()
         self._check_integers()
         self._check_logit_bias()
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs must be a StructuredOutputsParams (json=, regex=, choice=, grammar= or "
+               f"json_object=True), got {type(self.structured_outputs).__name__}")
         _check(self.spaces_between_special_tokens is True,
                "spaces_between_special_tokens=False is not supported (tinylm decodes special tokens without "
                "added spaces either way)")
@@ -139,7 +197,7 @@ _FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))
 _UNSUPPORTED = {
     "bad_words": "mask the tokens with logit_bias={id: -100}",
     "allowed_token_ids": "mask the other tokens with logit_bias",
-    "guided_decoding": "", "structured_outputs": "", "logits_processors": "", "truncate_prompt_tokens": "",
+    "logits_processors": "", "truncate_prompt_tokens": "",
     "output_kind": "", "detokenize": "", "use_beam_search": "", "length_penalty": "", "early_stopping": "",
 }
 
@@ -148,6 +206,8 @@ def _refuse_unknown_arguments(init):
     """The dataclass __init__, with a message that names unknown arguments instead of Python's bare TypeError."""
     @functools.wraps(init)
     def checked(self, *args, **kwargs):
+        if "guided_decoding" in kwargs and "structured_outputs" not in kwargs:  # vLLM's name before 0.10.2
+            kwargs["structured_outputs"] = kwargs.pop("guided_decoding")
         unknown = sorted(set(kwargs) - _FIELD_NAMES)
         if unknown:
             hints = "".join(f"; {name}: {_UNSUPPORTED[name]}" for name in unknown if _UNSUPPORTED.get(name))

@@ -132,7 +132,7 @@ class Tokenizer:
         variables = {**kwargs, **(chat_template_kwargs or {})}
         if not trusted_kwargs:
             _check_request_variables(variables)
-        source = self._template_for(chat_template, tools)
+        source = self.template_source(chat_template, tools)
         if not messages:
             raise TemplateError("cannot apply a chat template to an empty conversation")
         # The special tokens are template variables; explicit ones override them (trusted callers only). They are
@@ -199,7 +199,7 @@ class Tokenizer:
         ids += self._text_backend.encode(text[start:], add_special_tokens=False).ids if rewrite else pending
         return ids
 
-    def _template_for(self, name_or_source: str | None, tools: list | None) -> str:
+    def template_source(self, name_or_source: str | None = None, tools: list | None = None) -> str:
         """transformers' `get_chat_template`: a name, else "tool_use" when tools are given, else "default"."""
         if name_or_source is not None:
             return self.templates.get(name_or_source, name_or_source)

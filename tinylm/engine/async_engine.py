@@ -76,14 +76,15 @@ class AsyncEngine:
         return f"{prefix}-{next(self._ids)}"
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       prompt_logprobs: int | None = None) -> AsyncIterator[StepOutput]:
+                       prompt_logprobs: int | None = None, constraint_gate: int | None = None
+                       ) -> AsyncIterator[StepOutput]:
         """Stream a request's outputs. Bad input raises here, before the first output (call `validate` first to
         answer it before a response starts)."""
         request_id = request_id or self.new_request_id()
         self.validate([prompt_token_ids], params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         self._streams[request_id] = stream
-        self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs))
+        self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs, constraint_gate))
         finished = False
         try:
             while not finished:
@@ -130,11 +131,11 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort(command[1])
                 continue
-            _, request_id, prompt, params, prompt_logprobs = command
+            _, request_id, prompt, params, prompt_logprobs, constraint_gate = command
             if request_id not in self._streams:
                 continue  # the client left before its request reached the engine
             try:
-                self.engine.add_request(request_id, prompt, params, prompt_logprobs)
+                self.engine.add_request(request_id, prompt, params, prompt_logprobs, constraint_gate)
             except Exception as exc:
                 self._deliver(request_id, exc)
 

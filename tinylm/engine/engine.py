@@ -29,6 +29,7 @@ from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
 from tinylm.engine.speculative import Speculation, make_drafter
 from tinylm.engine.stop import StopChecker
+from tinylm.engine.structured import GrammarCompiler
 from tinylm.errors import ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
 from tinylm.model.gemv import use_gemv
@@ -94,6 +95,7 @@ class LLMEngine:
         self.speculation = None if self.drafter is None else Speculation(
             self.drafter, self.runner, self.blocks, config.num_speculative_tokens, config.speculative_max_rows)
         self.requests: dict[str, Sequence] = {}
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         # The AsyncEngine stepping this engine from its thread while one does (async_engine.py): the engine is not
         # thread-safe, so it has one at most, and nobody else steps it meanwhile
         self.driver = None
@@ -109,9 +111,10 @@ class LLMEngine:
         return (self.blocks.num_blocks - 1) * self.blocks.block_size
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt_logprobs: int | None = None) -> Sequence:
+                    prompt_logprobs: int | None = None, constraint_gate: int | None = None) -> Sequence:
         """Queue a request. Raises ValueError/ContextLengthError for bad input and QueueFullError when full.
-        prompt_logprobs (the server's echo) defaults to params.prompt_logprobs (the Python API's)."""
+        prompt_logprobs (the server's echo) defaults to params.prompt_logprobs (the Python API's). constraint_gate:
+        a token (a reasoning model's `</think>`) before which params.structured_outputs does not apply."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
@@ -121,6 +124,8 @@ class LLMEngine:
                        generator=sampler.make_generator(params.seed, device),
                        max_new=min(params.max_tokens, self.context - len(prompt_token_ids)),
                        prompt_logprobs=params.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
+        if params.structured_outputs is not None:
+            seq.constraint = self.grammars.constraint(params.structured_outputs, constraint_gate)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -141,6 +146,8 @@ class LLMEngine:
         biased = sorted(t for t in params.logit_bias or {} if t >= self.vocab_size)
         if biased:
             raise ValueError(f"logit_bias token ids {biased[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)  # ConstraintError (a ValueError) naming the problem
         if len(ids) >= self.context:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens; the model's context is {self.context} "
                                      "tokens (at least one must be left to generate)")
@@ -240,7 +247,11 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
         seq.output_token_ids.append(token)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         text, reason = seq.stop.push(token)
+        if reason is None and seq.constraint is not None and seq.constraint.done:  # the grammar allows no more
+            text, reason = text + seq.stop.finish(), "stop"
         if reason is None and len(seq.output_token_ids) >= seq.max_new:
             text, reason = text + seq.stop.finish(), "length"
         first = len(seq.output_token_ids) == 1 and seq.prompt_logprobs is not None

@@ -1,5 +1,6 @@
 """What a sequence's own history does to its next logits before they are sampled, in vLLM's order: logit_bias and
-the min_tokens ban on stop tokens, then the repetition / presence / frequency penalties.
+the min_tokens ban on stop tokens, then the repetition / presence / frequency penalties, then the structured-output
+grammar's mask (tinylm/engine/structured.py).
 
 The arithmetic is the sampler's (pure functions over (B, V) tensors, tinylm/engine/sampler.py); this module
 gathers what each sequence contributes to it (its prompt, the tokens it generated, its parameters).
@@ -11,6 +12,7 @@ import torch
 
 from tinylm.engine import sampler
 from tinylm.engine.sequence import Sequence
+from tinylm.engine.structured import apply_masks, constraint_masks
 
 
 def shape_logits(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
@@ -20,7 +22,7 @@ def shape_logits(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) ->
     logits = sampler.mask_tokens(logits, [banned_tokens(seq, vocab_size) for seq in seqs])
     if any(p.penalized for p in params):
         logits = sampler.apply_penalties(logits, params, *penalty_state(seqs, logits.shape[-1], logits.device))
-    return logits
+    return apply_masks(logits, constraint_masks([seq.constraint for seq in seqs], vocab_size))
 
 
 def shapes_logits(seq: Sequence) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinylm.engine.stop import StopChecker
+from tinylm.engine.structured import Constraint
 from tinylm.sampling_params import SamplingParams
 
 
@@ -51,6 +52,7 @@ class Sequence:
     first_token_time: float | None = None
     prompt_logprob_values: list[TokenLogprob | None] = field(default_factory=list)  # [None, lp(t1), lp(t2), ...]
     prompt_logprobs_done: bool = False
+    constraint: Constraint | None = None  # structured outputs: where the text is in its grammar
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -36,6 +36,7 @@ from tinylm.engine.logit_shaping import shapes_logits
 from tinylm.engine.ngram import NGRAM, NgramProposer
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.sequence import Sequence, StepOutput, TokenLogprob
+from tinylm.engine.structured import apply_masks, constraint_masks
 from tinylm.errors import ConfigError
 from tinylm.model.fuse import fuse_projections
 from tinylm.model.gemv import use_gemv
@@ -126,7 +127,7 @@ class Speculation:
         """Drafts worth proposing for `seq` (0: decode it plainly), with the target's blocks for them reserved.
         Verification samples from the model's own distribution: requests whose logits the sampler shapes
         (penalties, logit_bias, min_tokens not yet reached) decode plainly."""
-        if shapes_logits(seq):
+        if shapes_logits(seq) or (seq.constraint is not None and not seq.constraint.verifies_drafts):
             return 0
         count = min(self.num_tokens, seq.max_new - len(seq.output_token_ids) - 1)
         if count <= 0:
@@ -145,11 +146,13 @@ class Speculation:
         for seq, tokens in zip(seqs, drafts):
             batch += one_token_rows(View(seq.all_token_ids + tokens, seq.num_computed, seq.block_ids), len(tokens) + 1)
         logits = self.runner.forward(batch)  # (sum of k_i + 1, V)
+        # structured outputs: each position is verified under its grammar's mask (after the drafts before it)
+        allowed = apply_masks(logits, constraint_masks([seq.constraint for seq in seqs], logits.shape[-1], drafts))
         outputs, start = [], 0
         for seq, tokens, q in zip(seqs, drafts, probs):
             scores = logits[start:start + len(tokens) + 1]
+            emitted = verify(allowed[start:start + len(tokens) + 1], tokens, q, seq.params, seq.generator)
             start += len(tokens) + 1
-            emitted = verify(scores, tokens, q, seq.params, seq.generator)
             self.drafter.num_proposed += len(tokens)
             self.drafter.num_accepted += len(emitted) - 1
             outputs += self._emit(seq, emitted, scores, append)

@@ -17,23 +17,13 @@ from tinylm.errors import TinyLMError
 
 # Request fields tinylm knows but does not implement: named in the 400 so a client learns why, never ignored.
 NOT_IMPLEMENTED_FIELDS = {
-    "response_format": "structured output (response_format) is not supported by this server yet",
-    "tools": "tool calling (tools) is not supported by this server yet",
-    "tool_choice": "tool calling (tool_choice) is not supported by this server yet",
     "functions": "function calling (functions) is not supported by this server",
     "function_call": "function calling (function_call) is not supported by this server",
-    "parallel_tool_calls": "tool calling (parallel_tool_calls) is not supported by this server yet",
-    "guided_json": "guided decoding (guided_json) is not supported by this server yet",
-    "guided_regex": "guided decoding (guided_regex) is not supported by this server yet",
-    "guided_choice": "guided decoding (guided_choice) is not supported by this server yet",
-    "guided_grammar": "guided decoding (guided_grammar) is not supported by this server yet",
-    "structured_outputs": "structured output (structured_outputs) is not supported by this server yet",
     "audio": "audio output is not supported by this server",
     "modalities": "only text output is supported by this server",
     "prediction": "predicted outputs (prediction) are not supported by this server",
     "web_search_options": "web search is not supported by this server",
     "reasoning_effort": "reasoning_effort is not supported by this server; use chat_template_kwargs",
-    "grammar": "grammar-constrained generation (grammar) is not supported by this server yet",
     "adapter_id": "LoRA adapters (adapter_id) are not supported by this server yet",
 }
 

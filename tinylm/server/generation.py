@@ -94,12 +94,12 @@ async def off_loop(state, function: Callable, *args, **kwargs):
 
 
 async def run_all(state, request: Request, prompts: list[list[int]], params: SamplingParams, n: int,
-                  prompt_logprobs: int | None = None) -> list[Completion]:
+                  prompt_logprobs: int | None = None, constraint_gate: int | None = None) -> list[Completion]:
     """Run n choices for each prompt concurrently; cancel them all if the client disconnects."""
     completions = [Completion() for _ in range(len(prompts) * n)]
 
     async def collect() -> None:
-        async for choice, output in merged_stream(state, prompts, params, n, prompt_logprobs):
+        async for choice, output in merged_stream(state, prompts, params, n, prompt_logprobs, constraint_gate):
             completions[choice].add(output)
 
     task = asyncio.ensure_future(collect())
@@ -113,7 +113,8 @@ async def run_all(state, request: Request, prompts: list[list[int]], params: Sam
 
 
 async def merged_stream(state, prompts: list[list[int]], params: SamplingParams, n: int,
-                        prompt_logprobs: int | None = None) -> AsyncIterator[tuple[int, StepOutput]]:
+                        prompt_logprobs: int | None = None, constraint_gate: int | None = None
+                        ) -> AsyncIterator[tuple[int, StepOutput]]:
     """Outputs of every choice as they come, tagged with the choice index (prompt-major, as OpenAI numbers them).
     Closing this iterator (a client that left) cancels every choice; the request's time limit or the server's
     shutdown raises RequestTimeout / ServerStopping here."""
@@ -125,7 +126,7 @@ async def merged_stream(state, prompts: list[list[int]], params: SamplingParams,
     async def pump(prompt: list[int], index: int, choice: int) -> None:
         try:
             async for output in state.engine.generate(prompt, choice_params(params, index),
-                                                      prompt_logprobs=prompt_logprobs):
+                                                      prompt_logprobs=prompt_logprobs, constraint_gate=constraint_gate):
                 await queue.put((choice, output))
         except Exception as exc:
             await queue.put((choice, exc))
@@ -153,9 +154,12 @@ def stop_live_requests(state) -> int:
     return len(state.live_queues)
 
 
-def validate_all(state, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
+async def validate_all(state, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> None:
     """Refuse bad input, or a request the queue has no room for (n choices of each prompt), before a response (or
-    a stream) starts."""
+    a stream) starts. A schema or grammar is compiled off the event loop (a large one takes a while; the engine
+    then finds it in its cache)."""
+    if params.structured_outputs is not None:
+        await off_loop(state, state.engine.engine.grammars.compile, params.structured_outputs)
     state.engine.validate(prompts, params, copies=n)
 
 

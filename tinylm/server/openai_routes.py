@@ -6,6 +6,7 @@ stop_token_ids, echo with max_tokens=0) follow vLLM's OpenAI server.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -14,6 +15,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from tinylm.server.chat_replies import ChatPlan, ReplyStream, plan_chat, reply_message
 from tinylm.server.errors import APIError, stream_error
 from tinylm.server.generation import (check_context, check_prompt_bytes, merged_stream, off_loop, record_usage,
                                       run_all, validate_all)
@@ -67,7 +69,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = await off_loop(state, _prompt_ids, state, body.prompt)
     for prompt in prompts:
         check_context(state.llm.config.max_position_embeddings, prompt, params.max_tokens)
-    validate_all(state, prompts, params, body.n)
+    await validate_all(state, prompts, params, body.n)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
@@ -118,22 +120,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_model(state, body.model)
     _check_messages(state, body.messages)
     template_kwargs = _template_kwargs(state, body)
-    prompt = await off_loop(state, _chat_prompt, state, body, template_kwargs)
+    plan = plan_chat(state.llm.tokenizer, body, template_kwargs["chat_template"])
+    prompt = await off_loop(state, _chat_prompt, state, body, template_kwargs, plan)
     context = state.llm.config.max_position_embeddings
     explicit = body.max_tokens is not None or body.max_completion_tokens is not None
     params = body.to_params(max(1, context - len(prompt)), state.sampling_defaults)
+    if plan.constraint is not None:  # a forced tool call: its grammar
+        params = dataclasses.replace(params, structured_outputs=plan.constraint)
     check_context(context, prompt, params.max_tokens, explicit)
-    validate_all(state, [prompt], params, body.n)
+    await validate_all(state, [prompt], params, body.n)
+    gate = _constraint_gate(state, plan, params)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
     if body.stream:
-        stream = merged_stream(state, [prompt], params, body.n)
-        return _sse(request, functools.partial(_chat_events, state, body, prompt, stream, meta))
-    results = await run_all(state, request, [prompt], params, body.n)
+        stream = merged_stream(state, [prompt], params, body.n, constraint_gate=gate)
+        return _sse(request, functools.partial(_chat_events, state, body, plan, prompt, stream, meta))
+    results = await run_all(state, request, [prompt], params, body.n, constraint_gate=gate)
     record_usage(request, [prompt], results, body.n)
-    choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                "logprobs": chat_logprobs(state, r.logprobs) if body.logprobs else None,
-                "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+    choices = []
+    for i, result in enumerate(results):
+        message, finish_reason = reply_message(plan, result.text, result.finish_reason)
+        choices.append({"index": i, "message": message, "finish_reason": finish_reason,
+                        "logprobs": chat_logprobs(state, result.logprobs) if body.logprobs else None})
     return {**meta, "object": "chat.completion", "choices": choices, "usage": usage([prompt], results, body.n)}
+
+
+def _constraint_gate(state, plan: ChatPlan, params) -> int | None:
+    """A reasoning model's constraint holds from its end-of-thinking token on (None: from the first token)."""
+    if plan.reasoning is None or params.structured_outputs is None or plan.opening == "closed":
+        return None
+    return state.llm.tokenizer.token_to_id(plan.reasoning.end)
 
 
 def _check_messages(state, messages: list[ChatMessage]) -> None:
@@ -159,31 +174,46 @@ def _template_kwargs(state, body: ChatCompletionRequest) -> dict:
     return {"chat_template": source, "chat_template_kwargs": variables}
 
 
-def _chat_prompt(state, body: ChatCompletionRequest, template_kwargs: dict) -> list[int]:
+def _chat_prompt(state, body: ChatCompletionRequest, template_kwargs: dict, plan: ChatPlan) -> list[int]:
     """Render and tokenize the conversation (runs off the loop; the template has a time and size budget). Message
-    text never becomes control tokens, and only allow-listed template variables may be set by a request."""
-    if state.llm.tokenizer is None:
+    text never becomes control tokens, and only allow-listed template variables may be set by a request. Tools
+    reach the template as transformers passes them (or are described in the system message, for a template without
+    tools: tinylm/tool_calls.py); a reasoning model's rendered prompt says where its reply starts (plan.opening)."""
+    tokenizer = state.llm.tokenizer
+    if tokenizer is None:
         raise ValueError("this model has no tokenizer, so it cannot chat")
-    messages = [m.plain() for m in body.messages]
-    return state.llm.tokenizer.apply_chat_template(
+    source = tokenizer.template_source(template_kwargs["chat_template"], plan.template_tools)
+    messages = plan.messages([m.plain() for m in body.messages], source)
+    ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
         continue_final_message=body.continue_final_message, tokenize=True, trusted_kwargs=False,
-        **template_kwargs)
+        tools=plan.template_tools, **template_kwargs)
+    if plan.reasoning is not None:
+        plan.opening = plan.reasoning.opening(tokenizer.decode(ids[-32:], skip_special_tokens=False))
+    return ids
 
 
-async def _chat_events(state, body: ChatCompletionRequest, prompt, stream, meta, usage_out: list):
-    started: set[int] = set()
+async def _chat_events(state, body: ChatCompletionRequest, plan: ChatPlan, prompt, stream, meta, usage_out: list):
+    replies: dict[int, ReplyStream] = {}
     generated = 0
     prompt_tokens = len(prompt) * body.n
     async for choice, output in stream:
-        if choice not in started:
-            started.add(choice)
+        if choice not in replies:
+            replies[choice] = ReplyStream(plan)
             yield chat_chunk(meta, choice, {"role": "assistant", "content": ""}, None, None)
         generated += output.token_id is not None
         usage_out[:] = [prompt_tokens, generated]
         logprobs = chat_logprobs(state, [output.logprob]) if body.logprobs and output.logprob else None
-        delta = {"content": output.text} if output.text or output.finish_reason is None else {}
-        yield chat_chunk(meta, choice, delta, logprobs, output.finish_reason)
+        finished = output.finish_reason is not None
+        deltas = replies[choice].push(output.text, finished)
+        if not deltas and not finished and logprobs is None:
+            continue  # text held back (a marker or a call in progress): nothing to send yet
+        for delta in deltas[:-1]:
+            yield chat_chunk(meta, choice, delta, None, None)
+        finish_reason = output.finish_reason
+        if finish_reason == "stop" and replies[choice].called:
+            finish_reason = "tool_calls"
+        yield chat_chunk(meta, choice, deltas[-1] if deltas else {}, logprobs, finish_reason)
     if body.stream_options and body.stream_options.include_usage:
         yield {**meta, "object": "chat.completion.chunk", "choices": [],
                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,

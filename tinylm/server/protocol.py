@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tinylm.sampling_params import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_SEED, MAX_STOP_STRINGS, MIN_SEED,
-                                    SamplingParams)
+from tinylm.sampling_params import (MAX_CHOICES, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_SEED, MAX_STOP_STRINGS,
+                                    MIN_SEED, SamplingParams, StructuredOutputsParams)
 
 MAX_MESSAGES = 4096  # chat messages per request, the most --max-messages may allow
+MAX_TOOLS = 128  # OpenAI's limit on tools per request
+FUNCTION_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"  # OpenAI's rule for function and schema names
 
 
 class StrictRequest(BaseModel):
@@ -37,7 +39,74 @@ class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
-class _OpenAISampling(StrictRequest):
+class JSONSchemaFormat(StrictRequest):
+    """response_format's json_schema: {name, schema, strict, description}."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    name: str = documented(..., pattern=FUNCTION_NAME)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(StrictRequest):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(StrictRequest):
+    """vLLM's `structured_outputs` request field (StructuredOutputsParams' fields)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = documented(maxItems=MAX_CHOICES)
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class _Constrained(StrictRequest):
+    """The ways to constrain output both OpenAI routes take: OpenAI's response_format, vLLM's structured_outputs
+    and its older guided_* fields. At most one may be given."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = documented(maxItems=MAX_CHOICES)
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The request's output constraint (ValueError when it gives several, or a json_schema without schema)."""
+        given = [name for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                                   "guided_grammar") if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give one way to constrain the output, got {', '.join(given)}")
+        if not given:
+            return None
+        return _constraint_of(self, given[0])
+
+
+def _constraint_of(request: _Constrained, field: str) -> StructuredOutputsParams:
+    whitespace = request.guided_whitespace_pattern
+    if field == "response_format":
+        fmt = request.response_format
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+    if field == "structured_outputs":
+        return StructuredOutputsParams(**request.structured_outputs.model_dump(by_alias=True, exclude_none=True))
+    kind = field.removeprefix("guided_")
+    return StructuredOutputsParams(**{kind: getattr(request, field)}, whitespace_pattern=whitespace)
+
+
+class _OpenAISampling(_Constrained):
     """The sampling fields both OpenAI routes share, plus vLLM's extensions."""
 
     model: str | None = None
@@ -72,7 +141,7 @@ class _OpenAISampling(StrictRequest):
             stop_token_ids=self.stop_token_ids or [], seed=self.seed, logprobs=logprobs,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=_token_bias(self.logit_bias),
-            **chosen)
+            structured_outputs=self.constraint(), **chosen)
 
 
 class CompletionRequest(_OpenAISampling):
@@ -127,6 +196,27 @@ class ChatMessage(StrictRequest):
         return len(content.encode()) + len((self.reasoning_content or "").encode())
 
 
+class FunctionDefinition(StrictRequest):
+    name: str = documented(..., pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # arguments are held to the schema whenever a call is forced, strict or not
+
+
+class Tool(StrictRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(StrictRequest):
+    name: str
+
+
+class NamedToolChoice(StrictRequest):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_OpenAISampling):
     # Bounded here too: pydantic stops at the bound instead of validating 100k messages on the event loop
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -138,12 +228,35 @@ class ChatCompletionRequest(_OpenAISampling):
     continue_final_message: bool = False
     chat_template: str | None = None  # a template name of the model, or (if the server trusts requests) a source
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = documented(maxItems=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def to_params(self, default_max_tokens: int, defaults: dict | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         max_tokens = _default(self.max_completion_tokens, _default(self.max_tokens, default_max_tokens))
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
+
+
+class TGIGrammar(StrictRequest):
+    """TGI's grammar parameter: {"type": "json", "value": a JSON schema} or {"type": "regex", "value": a regex}
+    ("json_schema": {"name", "schema"} as its value, as TGI 3 also takes)."""
+
+    type: Literal["json", "regex", "json_schema"]
+    value: dict[str, Any] | str
+
+    def constraint(self) -> StructuredOutputsParams:
+        if self.type == "regex":
+            if not isinstance(self.value, str):
+                raise ValueError("a regex grammar's value must be a string")
+            return StructuredOutputsParams(regex=self.value)
+        schema = self.value
+        if self.type == "json_schema":
+            schema = self.value.get("schema") if isinstance(self.value, dict) else None
+            if not isinstance(schema, dict):
+                raise ValueError("a json_schema grammar's value must be {\"name\", \"schema\"}")
+        return StructuredOutputsParams(json=schema)
 
 
 class TGIParameters(StrictRequest):
@@ -166,6 +279,7 @@ class TGIParameters(StrictRequest):
     truncate: int | None = documented(minimum=1)
     typical_p: float | None = documented(enum=[1.0, None])
     watermark: bool = documented(False, enum=[False])
+    grammar: TGIGrammar | None = None
 
 
 class TGIRequest(StrictRequest):

@@ -58,7 +58,8 @@ def to_sampling_params(p: TGIParameters) -> SamplingParams:
         max_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=(p.temperature or 1.0) if sampling else 0.0, top_k=p.top_k or -1, top_p=p.top_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
-        stop=p.stop, seed=seed, logprobs=(p.top_n_tokens or 0) if (p.details or p.top_n_tokens) else None)
+        stop=p.stop, seed=seed, logprobs=(p.top_n_tokens or 0) if (p.details or p.top_n_tokens) else None,
+        structured_outputs=p.grammar.constraint() if p.grammar else None)
 
 
 async def _prepare(request: Request, body: TGIRequest) -> tuple:
@@ -72,7 +73,7 @@ async def _prepare(request: Request, body: TGIRequest) -> tuple:
         prompt = prompt[-body.parameters.truncate:]
     check_context(state.llm.config.max_position_embeddings, prompt, params.max_tokens,
                   explicit=body.parameters.max_new_tokens is not None)
-    validate_all(state, [prompt], params)
+    await validate_all(state, [prompt], params)
     return state, params, prompt
 
 
