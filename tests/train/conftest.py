@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tinylm.train.config import TrainConfig, config_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_copy_task(path: Path, rows: int, digits: int = 8, seed: int = 0) -> Path:
@@ -58,10 +65,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def torchrun(config: TrainConfig, tmp_path: Path, mode: str, *extra: str, nproc: int = 2,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m tinylm.cli train MODE CONFIG [extra...]`, one thread a process."""
+    path = tmp_path / f"{mode}-{config.out_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tinylm.cli", "train", mode, str(path), *extra]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets torchrun stop its workers (a SIGKILL left them running, waiting on each other, for good);
+        # the group kill is the fallback
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s; its output:\n{out[-1500:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 @pytest.fixture
 def h():
     """The helpers above (test files cannot import conftest under --import-mode=importlib)."""
     from types import SimpleNamespace
 
     return SimpleNamespace(write_copy_task=write_copy_task, pretrain_config=pretrain_config,
-                           conversations=conversations, write_jsonl=write_jsonl)
+                           conversations=conversations, write_jsonl=write_jsonl, torchrun=torchrun)

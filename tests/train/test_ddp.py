@@ -3,52 +3,19 @@ checkpoints and the log are written once."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
-import pytest
-import yaml
-
 from tinylm.train import checkpoint as ckpt
 from tinylm.train import train
 from tinylm.train.config import config_from_dict
 from tinylm.train.metrics import read_log
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _torchrun(config, tmp_path, mode: str) -> subprocess.CompletedProcess:
-    path = tmp_path / f"{mode}-ddp.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "tinylm.cli", "train", mode, str(path)]
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        # SIGTERM lets torchrun stop its workers (a SIGKILL left them running, waiting on each other, for good);
-        # the group kill is the fallback
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s; its output:\n{out[-1500:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _losses(config) -> list[float]:
     return [r["loss"] for r in read_log(config.out_dir / "log.jsonl") if "event" not in r]
 
 
-def _compare(single, ddp, tmp_path, mode):
+def _compare(single, ddp, tmp_path, mode, torchrun):
     expected = train(single).losses
-    proc = _torchrun(ddp, tmp_path, mode)
+    proc = torchrun(ddp, tmp_path, mode)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = _losses(ddp)
     assert len(got) == len(expected)
@@ -65,7 +32,7 @@ def test_pretrain_two_processes_match_one(tmp_path, h, copy_data):
                                checkpoint={"every_tokens": 3 * 8 * 60})
     ddp = h.pretrain_config(tmp_path, copy_data, out="two", train={"max_steps": 6, "micro_batch_size": 2},
                             checkpoint={"every_tokens": 3 * 8 * 60})
-    _compare(single, ddp, tmp_path, "pretrain")
+    _compare(single, ddp, tmp_path, "pretrain", h.torchrun)
     # The shared token cache was built once; every rank read from it
     assert len(list((tmp_path / "cache").glob("tokens-*"))) == 1
 

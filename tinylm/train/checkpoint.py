@@ -108,9 +108,10 @@ def _fsync_dir(folder: Path) -> None:
 # --- optimizer: tensors in safetensors, everything else in JSON
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> None:
-    """`names[i]` is the parameter at index i of the optimizer's state dict (checked again on load)."""
-    state = optimizer.state_dict()
+def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path, state: dict | None = None) -> None:
+    """`names[i]` is the parameter at index i of the optimizer's state dict (checked again on load). `state`: the
+    optimizer's state dict already gathered whole (FSDP), else optimizer.state_dict()."""
+    state = optimizer.state_dict() if state is None else state
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
@@ -123,7 +124,8 @@ def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: P
     (folder / "optimizer.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> None:
+def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path, place=None) -> None:
+    """`place(index, tensor)` puts a whole saved tensor where parameter `index`'s state lives (FSDP shards it)."""
     meta = json.loads((folder / "optimizer.json").read_text())
     if meta["param_names"] != names:
         raise CheckpointError(f"{folder}: the optimizer was saved for other parameters (different model or LoRA "
@@ -131,6 +133,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: P
     state: dict[int, dict] = {}
     for key, value in load_file(str(folder / "optimizer.safetensors")).items():
         index, _, name = key.partition(".")
+        if place is not None and value.dim() > 0:  # per-element state (exp_avg, exp_avg_sq), not the step count
+            value = place(int(index), value)
         state.setdefault(int(index), {})[name] = value
     for key, value in meta["scalars"].items():
         index, _, name = key.partition(".")

@@ -74,6 +74,11 @@ class TrainSection:
     peak_flops: float | None = None  # per process, for MFU; default in metrics.default_peak_flops
     progress: bool = True
     threads: int | None = None  # torch intra-op threads per process (default: torch's choice)
+    loss_chunk: int = 1024  # tokens per chunk of the fused output head + loss (no (tokens x vocab) logits); 0: plain
+    compile: bool = False  # torch.compile each decoder layer (forward and backward); eager if compiling fails
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory
+    parallel: str = "ddp"  # under torchrun: ddp (a full copy per process) | fsdp (FSDP2: weights, gradients, AdamW sharded)
+    prefetch: bool = True  # collate the next step's batches in a background thread while this step runs
 
 
 @dataclass
@@ -238,6 +243,10 @@ def _check(config: TrainConfig) -> None:
     _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
              f"{t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", f"must be auto, fp32 or bf16, got {t.precision!r}")
+    _require(t.parallel in ("ddp", "fsdp"), "train.parallel", f"must be ddp or fsdp, got {t.parallel!r}")
+    _require(t.loss_chunk >= 0, "train.loss_chunk", f"must be 0 (plain loss) or positive, got {t.loss_chunk}")
+    _require(not (t.parallel == "fsdp" and c.lora is not None), "train.parallel",
+             "fsdp does not shard LoRA runs (the adapters are small): use ddp")
     _require(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
              f"must be auto, cpu or cuda, got {t.device!r}")
     _require(o.schedule in ("cosine", "linear", "constant"), "optim.schedule",

@@ -1,8 +1,12 @@
 """Run logs: JSON lines (one object per logged step, evaluation and checkpoint) and MFU.
 
-MFU = 6 N tokens/s / (peak FLOP/s x processes), N = the parameters the forward multiplies by (every parameter,
-counting a tied embedding once and leaving out an untied input embedding, which is a lookup). 6 N per token is the
-usual dense-model estimate (forward 2 N, backward 4 N; attention's own FLOPs and LoRA's cheaper backward ignored).
+MFU = FLOPs per token x tokens/s / (peak FLOP/s x processes). FLOPs per token = 6 N + 6 L d T: N the parameters the
+forward multiplies by (every parameter, a tied embedding once, an untied input embedding left out: it is a lookup),
+forward 2 N and backward 4 N; plus attention's scores and weighted sum, 12 L d T (PaLM, appendix B) halved because a
+causal kernel skips the masked half (L softmax-attention layers, d = heads x head_dim, T the sequence length).
+LoRA's cheaper backward is ignored. The peak is measured: the best rate of a large matmul in the step's dtype on
+this device (`measured_peak_flops`), so MFU says how close the step comes to what this machine's matmuls reach,
+not to a datasheet (set train.peak_flops to use a datasheet figure).
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Peak dense FLOP/s of one process's device when train.peak_flops is not set.
-# CPU: the bf16 matmul rate measured on the project's 2-core reference machine (DESIGN.md, about 350 GFLOP/s),
-# and half of it for fp32. GPUs: the vendor's dense bf16 tensor-core figure (fp32 runs use TF32: half of it).
+# Datasheet-style peaks (GPUs: the vendor's dense bf16 tensor-core figure; fp32 runs use TF32: half of it), kept
+# for comparison: the trainer and the benchmark use measured_peak_flops unless train.peak_flops is set.
 CPU_PEAK_BF16 = 350e9
 _GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 _GPU_PEAK_DEFAULT = 100e12
@@ -43,8 +46,39 @@ def flop_params(model: nn.Module) -> int:
     return total
 
 
-def mfu(params: int, tokens_per_s: float, peak_flops: float) -> float:
-    return 6 * params * tokens_per_s / peak_flops
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6 N + 6 L d T (module docstring): training FLOPs per token at sequence length T."""
+    c = model.config
+    attention_layers = sum(1 for i in range(c.num_hidden_layers) if c.layer_type(i) != "linear_attention")
+    return 6 * flop_params(model) + 6 * attention_layers * c.num_attention_heads * c.head_dim * seq_len
+
+
+def mfu(flops_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    return flops_token * tokens_per_s / peak_flops
+
+
+_MEASURED: dict[tuple[str, torch.dtype], float] = {}
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
+    """The best FLOP/s of (size x size) @ (size x size) in `dtype` on `device` over about `seconds`: a quick probe
+    (cached per process). On CPU it uses torch's threads, as the step does."""
+    key = (str(device), dtype)
+    if key not in _MEASURED:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        best, started = float("inf"), time.perf_counter()
+        for i in range(100):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first product warms up (oneDNN primitive creation, AMX tile setup)
+                best = min(best, time.perf_counter() - t0)
+            if i >= 3 and time.perf_counter() - started > seconds:
+                break
+        _MEASURED[key] = 2 * size ** 3 / best
+    return _MEASURED[key]
 
 
 class RunLog:

@@ -14,13 +14,17 @@ import torch
 import yaml
 
 from tinylm.train import checkpoint as ckpt
+from tinylm.train import fsdp
 from tinylm.train.config import save_config
 from tinylm.train.lora import MergedView, lora_modules, save_adapter
 from tinylm.train.setup import autocast
 
 # Keys that may change between a run and its resumption without changing what it computes.
 _FREE_KEYS = {("checkpoint", "resume"), ("train", "progress"), ("train", "log_every"), ("train", "threads"),
-              ("train", "micro_batch_size"), ("train", "eval_batches"), ("train", "peak_flops"), ("train", "device")}
+              ("train", "micro_batch_size"), ("train", "eval_batches"), ("train", "peak_flops"), ("train", "device"),
+              # how the same step is computed (rounding aside): a run may resume with other speed options or ranks
+              ("train", "loss_chunk"), ("train", "compile"), ("train", "activation_checkpointing"),
+              ("train", "parallel"), ("train", "prefetch")}
 
 
 def prepare_out_dir(tr) -> None:
@@ -46,21 +50,37 @@ def latest(tr) -> Path | None:
     return ckpt.latest_checkpoint(tr.config.out_dir)
 
 
+class _StateView:
+    """What export_hf_folder reads of a model (config, state_dict), over a state gathered whole from FSDP shards."""
+
+    def __init__(self, config, state: dict) -> None:
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
 def save(tr) -> Path:
     rngs = tr.dist.gather_objects(ckpt.rng_state())
     held_out = evaluate(tr)
     p = tr.progress
+    whole = None
+    if fsdp.is_sharded(tr.model):  # every process gathers, tensor by tensor; the main one writes
+        whole = (_StateView(tr.model.config, fsdp.full_state(tr.model, tr.dist.main)),
+                 fsdp.full_optimizer_state(tr.optimizer, tr.dist.main))
     if tr.dist.main:
-        path = ckpt.write_atomically(tr.config.out_dir, p.step, partial(_write, tr, rngs, held_out))
+        path = ckpt.write_atomically(tr.config.out_dir, p.step, partial(_write, tr, rngs, held_out, whole))
         tr.log.write({"event": "checkpoint", "step": p.step, "tokens": p.tokens, "path": str(path), **held_out})
     tr.dist.barrier()
     return tr.config.out_dir / ckpt.checkpoint_name(p.step)
 
 
-def _write(tr, rngs: list[dict], held_out: dict, folder: Path) -> None:
+def _write(tr, rngs: list[dict], held_out: dict, whole, folder: Path) -> None:
+    """`whole`: (model view, optimizer state) gathered from FSDP shards, or None (the model and optimizer as they are)."""
     config, p = tr.config, tr.progress
+    model, optimizer_state = whole if whole is not None else (tr.model, None)
     (folder / "trainer").mkdir()
-    ckpt.save_optimizer(tr.optimizer, tr.param_names, folder / "trainer")
+    ckpt.save_optimizer(tr.optimizer, tr.param_names, folder / "trainer", optimizer_state)
     save_config(config, folder / "train_config.yaml")
     if config.lora is not None:
         base = str(Path(config.model.path).resolve()) if config.model.path else None
@@ -68,7 +88,7 @@ def _write(tr, rngs: list[dict], held_out: dict, folder: Path) -> None:
     if config.lora is None or config.lora.merge_on_export:
         from tinylm.weights.export import export_hf_folder
 
-        export_hf_folder(MergedView(tr.model) if config.lora else tr.model, folder, tokenizer=tr.tokenizer)
+        export_hf_folder(MergedView(tr.model) if config.lora else model, folder, tokenizer=tr.tokenizer)
     state = {"step": p.step, "tokens": p.tokens, "samples": p.step * config.train.global_batch_size,
              "skipped_steps": p.skipped, "max_steps": tr.max_steps, "mode": config.mode,
              "loss": p.losses[-1] if p.losses else None, "world_size": tr.dist.world, **held_out, "rng": rngs}
@@ -82,7 +102,9 @@ def restore(tr, folder: Path) -> None:
         _restore_adapter(tr.model, folder / "adapter")
     else:
         _restore_weights(tr.model, folder)
-    ckpt.load_optimizer(tr.optimizer, tr.param_names, folder / "trainer")
+    params = [p for group in tr.optimizer.param_groups for p in group["params"]]
+    ckpt.load_optimizer(tr.optimizer, tr.param_names, folder / "trainer",
+                        place=lambda index, value: fsdp.shard_like(value, params[index]))
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[tr.dist.rank] if tr.dist.rank < len(rngs) else rngs[0])
     tr.progress.step, tr.progress.tokens = state["step"], state["tokens"]
@@ -94,10 +116,12 @@ def _restore_weights(model, folder: Path) -> None:
 
     config = model.config
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    current = model.state_dict()
+    shapes = {name: tuple(t.shape) for name, t in current.items()}  # a DTensor's shape is the whole tensor's
     tensors = safetensors_io.load_checkpoint(folder, shapes, optional, rename=lambda stored: None if
                                              name_maps.is_computed_buffer(stored) else
                                              name_maps.to_module_name(config.model_type, stored))
+    tensors = {name: fsdp.shard_like(t, current[name]) if name in current else t for name, t in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)  # copies into the optimizer's parameters
     if [m for m in missing if m not in optional] or unexpected:
         raise ckpt.CheckpointError(f"{folder}: weights do not fit the model ({missing[:3]}, {unexpected[:3]})")

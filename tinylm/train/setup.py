@@ -87,7 +87,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     from tinylm.cli_args import resolve_dtype  # "auto" there: bf16 where the CPU computes it natively (avx512_bf16/amx)
 
-    return "bf16" if resolve_dtype("auto", "cpu") == "bfloat16" else "fp32"
+    # oneDNN runs bf16 products on AVX512_BF16 / AMX units only when torch dispatches its AVX-512 kernels
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    return "bf16" if vector and resolve_dtype("auto", "cpu") == "bfloat16" else "fp32"
 
 
 def autocast(precision: str, device: torch.device):

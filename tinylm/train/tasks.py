@@ -13,22 +13,34 @@ from torch import nn
 
 from tinylm.train import chat, data, preference, shards
 from tinylm.train.config import TrainConfig
+from tinylm.train.fused_loss import linear_cross_entropy_sum, shifted_labels
 from tinylm.train.lora import adapters_disabled
 from tinylm.train.losses import dpo_loss, lm_loss_sum, sequence_logps
 
 
 class LMObjective(nn.Module):
-    """Next-token loss for pretraining and SFT: forward(batch) -> (loss sum, no extra metrics)."""
+    """Next-token loss for pretraining and SFT: forward(batch) -> (loss sum, no extra metrics).
+
+    With loss_chunk > 0 and a plain nn.Linear head, the head and the loss run fused in chunks of that many tokens
+    (fused_loss.py): the (B, T, V) logits never exist. A LoRA-wrapped or quantized head takes the plain path."""
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_chunk: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.loss_chunk = loss_chunk
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
-        logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        return lm_loss_sum(logits, labels), torch.zeros(0, device=input_ids.device)
+        head = self.model.lm_head
+        if self.loss_chunk and type(head) is nn.Linear:
+            hidden = self.model.hidden_states(input_ids, attention_mask, position_ids)  # (B, T, C)
+            loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
+                                            shifted_labels(labels), self.loss_chunk)
+        else:
+            logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            loss = lm_loss_sum(logits, labels)
+        return loss, torch.zeros(0, device=input_ids.device)
 
 
 class DPOObjective(nn.Module):
@@ -78,11 +90,11 @@ def build_task(config: TrainConfig, model: nn.Module, tokenizer, reference, dist
     if config.mode == "pretrain":
         train, evaluation = _pretrain_rows(config, tokenizer, model.config.vocab_size, dist)
         return Task(train, evaluation, partial(data.collate_lm, pad_id=pad), data.count_label_tokens,
-                    LMObjective(model))
+                    LMObjective(model, config.train.loss_chunk))
     if config.mode == "sft":
         train, evaluation, notes = _sft_rows(config, tokenizer)
         return Task(train, evaluation, partial(data.collate_lm, pad_id=pad), data.count_label_tokens,
-                    LMObjective(model), notes)
+                    LMObjective(model, config.train.loss_chunk), notes)
     train, evaluation = _dpo_rows(config, tokenizer)
     objective = DPOObjective(model, reference, config.dpo.beta, config.dpo.label_smoothing)
     return Task(train, evaluation, partial(preference.collate_pairs, pad_id=pad),

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 from tinylm.errors import TinyLMError
-from tinylm.train import run_state
+from tinylm.train import fsdp, run_state
 from tinylm.train.config import TrainConfig
 from tinylm.train.data import SampleOrder, count_tokens, rank_slice
 from tinylm.train.dist import Dist, init_distributed, shutdown
 from tinylm.train.lora import apply_lora
-from tinylm.train.metrics import RunLog, default_peak_flops, flop_params, mfu
+from tinylm.train.loader import Prefetcher
+from tinylm.train.metrics import RunLog, flops_per_token, measured_peak_flops, mfu
 from tinylm.train.preemption import StopSignals
 from tinylm.train.setup import autocast, build_model, build_optimizer, load_reference, lr_at, resolve_precision
+from tinylm.train.speed import apply_speed_options
 from tinylm.train.tasks import build_task
 
 
@@ -63,15 +65,22 @@ class Trainer:
             apply_lora(self.model, lo.r, lo.alpha, lo.dropout, lo.target_modules, seed=config.train.seed)
         reference = load_reference(config, self.dist.device) if config.mode == "dpo" else None
         self.task = build_task(config, self.model, self.tokenizer, reference, self.dist)
+        t = config.train
+        self.task.notes += apply_speed_options(self.model, t.compile, t.activation_checkpointing)
+        self.sharded = self.dist.enabled and t.parallel == "fsdp"
+        if self.sharded:  # before the optimizer: sharding replaces the parameters by DTensors
+            fsdp.shard(self.task.objective, self.model)
+            self.task.notes.append(fsdp.describe(self.model, self.dist.world))
         self.optimizer, self.param_names = build_optimizer(self.model, config.optim)
-        self.precision = resolve_precision(config.train.precision, self.dist.device)
-        self.order = SampleOrder(len(self.task.train), config.train.seed, config.data.shuffle)
+        self.precision = resolve_precision(t.precision, self.dist.device)
+        self.order = SampleOrder(len(self.task.train), t.seed, config.data.shuffle)
         self.max_steps = self._max_steps()
         self.progress = Progress()
         self.objective = self._wrap(self.task.objective)
-        t = config.train
-        self.peak = (t.peak_flops or default_peak_flops(self.dist.device, self.precision == "bf16")) * self.dist.world
-        self.flop_params = flop_params(self.model)
+        self.loader = Prefetcher(self._micro_batches, self.dist.device, enabled=t.prefetch)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.peak = (t.peak_flops or measured_peak_flops(self.dist.device, dtype)) * self.dist.world
+        self.flops_token = flops_per_token(self.model, config.data.seq_len)
         self.stop = StopSignals(announce=self.dist.main)
 
     def _max_steps(self) -> int:
@@ -81,7 +90,7 @@ class Trainer:
         return math.ceil(t.max_tokens / (t.global_batch_size * d.seq_len))
 
     def _wrap(self, objective):
-        if not self.dist.enabled:
+        if not self.dist.enabled or self.sharded:  # FSDP2 shards the module in place: no wrapper
             return objective
         from torch.nn.parallel import DistributedDataParallel
 
@@ -105,6 +114,7 @@ class Trainer:
             # teardown could wait forever on a peer that had already exited (a worker stuck right after the last
             # checkpoint, about 1 run in 12 of tests/train/test_ddp.py; py-spy showed it in train()'s return)
             self.objective = self.task.objective
+            self.loader.close()
             shutdown(self.dist)
 
     def _run(self, stop_after: int | None) -> TrainResult:
@@ -146,7 +156,7 @@ class Trainer:
         lr = lr_at(p.step, config.optim, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = self._micro_batches(p.step)
+        batches = self.loader.get(p.step)
         count = dist.all_reduce_sum([float(sum(self.task.count(b) for b in batches))])[0]
         totals = self._accumulate(batches, max(count, 1.0))
         loss_sum, tokens, *metrics = dist.all_reduce_sum(totals)
@@ -163,7 +173,7 @@ class Trainer:
                   "epoch": round(self.order.epoch(p.step * config.train.global_batch_size), 4)}
         record.update({name: v / max(count, 1.0) for name, v in zip(self.task.objective.metric_names, metrics)})
         elapsed = max(time.perf_counter() - started, 1e-9)
-        record.update(tokens_per_s=tokens / elapsed, mfu=mfu(self.flop_params, tokens / elapsed, self.peak))
+        record.update(tokens_per_s=tokens / elapsed, mfu=mfu(self.flops_token, tokens / elapsed, self.peak))
         self._after_step(record, finite)
 
     def _micro_batches(self, step: int) -> list[dict]:
@@ -178,9 +188,8 @@ class Trainer:
         scale = self.dist.world / count  # DDP averages gradients over processes; undo that to get a global mean
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.objective.no_sync()
-            inputs = {k: v.to(self.dist.device) for k, v in batch.items() if v is not None}
-            with sync:
+            inputs = self.loader.to_device(batch)
+            with self._gradient_sync(last):
                 with autocast(self.precision, self.dist.device):
                     part, extra = self.objective(**inputs)
                 (part * scale).backward()
@@ -189,10 +198,19 @@ class Trainer:
             metrics = extra.detach().double() if metrics is None else metrics + extra.detach().double()
         return [loss_sum, float(tokens), *metrics.tolist()]
 
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced over processes after the step's last micro-batch only."""
+        if not self.dist.enabled:
+            return nullcontext()
+        if self.sharded:
+            self.objective.set_requires_gradient_sync(last)
+            return nullcontext()
+        return nullcontext() if last else self.objective.no_sync()
+
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
         limit = self.config.optim.grad_clip or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+        return fsdp.total_norm(torch.nn.utils.clip_grad_norm_(params, limit))
 
     def _after_step(self, record: dict, finite: bool) -> None:
         p, config = self.progress, self.config
