@@ -54,6 +54,7 @@ class ReasoningStream:
         self.fmt = fmt
         self.state = {"open": "reasoning", "closed": "answer", "model": "undecided"}[opening]
         self.pending = ""
+        self.after_end = False  # the newlines after the end marker are dropped, in whichever delta they come
 
     def push(self, delta: str) -> tuple[str, str]:
         self.pending += delta
@@ -63,6 +64,9 @@ class ReasoningStream:
             return self._reasoning()
         if self.state == "answer":
             text, self.pending = self.pending, ""
+            if self.after_end:
+                text = text.lstrip("\n")
+                self.after_end = not text
             return "", text
         return "", ""
 
@@ -83,7 +87,9 @@ class ReasoningStream:
         reasoning, found, answer = self.pending.partition(self.fmt.end)
         if found:
             self.state, self.pending = "answer", ""
-            return reasoning, answer.lstrip("\n")
+            answer = answer.lstrip("\n")
+            self.after_end = not answer
+            return reasoning, answer
         keep = partial_suffix(self.pending, self.fmt.end)
         cut = len(self.pending) - keep
         text, self.pending = self.pending[:cut], self.pending[cut:]

@@ -208,3 +208,45 @@ def test_tgi_grammar(server):
     body["parameters"]["grammar"] = {"type": "regex", "value": "(["}
     reply = post(url, "/generate", body)
     assert reply.status_code == 422 and "regex" in reply.json()["error"]
+
+
+THINKING_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nCall a tool as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>: "
+    "{% for tool in tools %}{{ tool | tojson }}{% endfor %}<|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{%- else %}<think>\n{%- endif %}"
+    "{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory):
+    """A tiny Qwen3 whose template opens a <think> block after the generation prompt and takes tools."""
+    import tinylm
+    from tests.server.conftest import running_server
+    from tinylm.server.app import ServerConfig
+    from tinylm.tiny import make_tiny
+    llm = tinylm.load(make_tiny("qwen3", tmp_path_factory.mktemp("thinking") / "qwen3", seed=6))
+    llm.tokenizer.chat_template = THINKING_TEMPLATE
+    with running_server(llm, ServerConfig(model_name="tiny")) as (url, _):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_reasoning_content_is_split_off(thinking_server):
+    """The prompt opens the block and the random model never closes it: all of its reply is reasoning; with
+    enable_thinking=false the template closes the block and all of it is the answer."""
+    ask = {"model": "tiny", "messages": ASK, "max_tokens": 12, "temperature": 0}
+    thinking = thinking_server.chat.completions.create(**ask).choices[0].message
+    answering = thinking_server.chat.completions.create(
+        **ask, extra_body={"chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
+    assert thinking.reasoning_content and not thinking.content
+    assert answering.content and getattr(answering, "reasoning_content", None) is None
+    streamed = "".join(getattr(chunk.choices[0].delta, "reasoning_content", None) or "" for chunk in
+                       thinking_server.chat.completions.create(**ask, stream=True) if chunk.choices)
+    assert streamed.strip() == thinking.reasoning_content
+
+
+def test_auto_tool_choice_on_a_template_with_a_call_format(thinking_server):
+    out = thinking_server.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], max_tokens=8,
+                                                  temperature=0)
+    assert out.choices[0].finish_reason in {"length", "stop", "tool_calls"}
