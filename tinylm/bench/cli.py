@@ -56,6 +56,9 @@ def _add_bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--serve", action="store_true",
                        help="time tinylm through its HTTP server: each prompt one streaming client, all at once "
                             "(needs httpx)")
+    bench.add_argument("--json-schema", default=None, metavar="NAME|FILE",
+                       help="also time tinylm and each llama.cpp system with every reply constrained to this JSON "
+                            "schema (the built-in 'records', or a file), as 'tinylm+json' and 'llama.cpp+json'")
     bench.add_argument("--threads", type=int, default=None, metavar="T",
                        help="torch intra-op threads (and llama.cpp's)")
     bench.add_argument("--json", action="store_true", help="print one JSON document (command, machine, ISA, date, "
@@ -177,6 +180,27 @@ def _reference_openers(references: list[str], args, load_args, llm, work_dir: Pa
     if args.variant:
         variant = _variant_args(args.variant, load_args)
         openers.append(lambda: _subject(load_from_args(variant), args, variant, name="tinylm-variant"))
+    if args.json_schema:
+        openers += _constrained_openers(references, args, load_args, llm, work_dir, context, measured)
+    return openers
+
+
+def _constrained_openers(references, args, load_args, llm, work_dir: Path, context: int, measured) -> list:
+    """--json-schema: tinylm and each llama.cpp reference again, every reply constrained to the schema."""
+    from tinylm.bench import constraint
+    from tinylm.bench.systems import TinyLMSystem
+    from tinylm.cli_args import load_from_args
+
+    schema = constraint.load_schema(args.json_schema)
+    measured.note(f"JSON schema {args.json_schema!r} compiles in {constraint.compile_seconds(llm, schema) * 1e3:.1f} "
+                  "ms for tinylm (llguidance)")
+    label = f"{tinylm_label(load_args)}, JSON schema {args.json_schema!r}"
+    openers = [lambda: TinyLMSystem(load_from_args(load_args), "tinylm+json", label, schema)]
+    source = Path(llm.loaded.source)
+    for name in references:
+        if name.startswith("llama.cpp") and _llama_cpp_missing(source) is None:
+            openers.append(lambda name=name: _llama_cpp(name, source, work_dir, context,
+                                                        constraint.llama_cpp_grammar(schema)))
     return openers
 
 
@@ -188,17 +212,19 @@ def _llama_cpp_missing(source: Path) -> str | None:
     return None
 
 
-def _llama_cpp(name: str, source: Path, work_dir: Path, context: int):
+def _llama_cpp(name: str, source: Path, work_dir: Path, context: int, grammar=None):
+    """llama.cpp on the GGUF (or a float copy of it); with a grammar, the constrained twin "NAME+json"."""
     from tinylm.bench.systems import LlamaCppSystem
 
+    suffix, constrained = ("+json", ", JSON schema as GBNF") if grammar is not None else ("", "")
     if name == "llama.cpp":
-        return LlamaCppSystem(source, name, f"{source.name} as stored", context)
+        return LlamaCppSystem(source, name + suffix, f"{source.name} as stored{constrained}", context, grammar)
     from tinylm.bench.gguf_float import float_gguf
 
     kind = name.split(":")[1]
     copy = float_gguf(source, work_dir, kind)
-    return LlamaCppSystem(copy, name, f"{kind.upper()} copy of {source.name} (dequantized by the gguf package)",
-                          context)
+    return LlamaCppSystem(copy, name + suffix, f"{kind.upper()} copy of {source.name} (dequantized by the gguf "
+                          f"package){constrained}", context, grammar)
 
 
 class _OneLineParser(argparse.ArgumentParser):

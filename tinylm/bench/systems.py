@@ -19,18 +19,19 @@ WARM_TOKENS = 4  # a short run per batch size before timing: allocator, kernels'
 
 
 class TinyLMSystem:
-    def __init__(self, llm, name: str = "tinylm", label: str = "") -> None:
+    def __init__(self, llm, name: str = "tinylm", label: str = "", schema: dict | None = None) -> None:
         self.llm, self.name, self.label = llm, name, label
+        self.schema = schema  # --json-schema: every reply constrained to it
 
     def skip_reason(self, batch: int) -> str | None:
         return None
 
     def warm(self, prompts: list[list[int]]) -> None:
         self.llm.engine.warmup()  # compiles the decode graphs (with --compile; cached on disk)
-        self.llm.generate(prompts, _greedy(WARM_TOKENS))
+        self.llm.generate(prompts, _greedy(WARM_TOKENS, self.schema))
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Stamps:
-        return stream_stamps(self.llm, prompts, _greedy(new_tokens))
+        return stream_stamps(self.llm, prompts, _greedy(new_tokens, self.schema))
 
     def close(self) -> None:
         self.llm = None
@@ -61,10 +62,11 @@ class TransformersSystem:
 class LlamaCppSystem:
     """llama.cpp through llama-cpp-python, greedy, one sequence: its high-level API does not batch prompts."""
 
-    def __init__(self, gguf: Path, name: str, label: str, context: int) -> None:
+    def __init__(self, gguf: Path, name: str, label: str, context: int, grammar=None) -> None:
         from llama_cpp import Llama
 
         self.name, self.label = name, label
+        self.grammar = grammar  # --json-schema: llama.cpp's GBNF of it
         self.llama = Llama(model_path=str(gguf), n_ctx=context, n_threads=torch.get_num_threads(), verbose=False)
 
     def skip_reason(self, batch: int) -> str | None:
@@ -77,7 +79,7 @@ class LlamaCppSystem:
         self.llama.reset()  # else generate() reuses the cached prompt and skips its prefill
         times, ids = [], []
         start = time.perf_counter()
-        for token in self.llama.generate(prompts[0], top_k=1, temp=0.0):  # never stops by itself: EOS is ignored
+        for token in self.llama.generate(prompts[0], top_k=1, temp=0.0, grammar=self.grammar):  # EOS is ignored
             times.append(time.perf_counter())
             ids.append(token)
             if len(times) == new_tokens:
@@ -104,10 +106,13 @@ def load_transformers(source: Path, dtype: str, device: str = "cpu"):
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
-def _greedy(new_tokens: int):
+def _greedy(new_tokens: int, schema: dict | None = None):
     import tinylm
+    from tinylm.sampling_params import StructuredOutputsParams
 
-    return tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    structured = None if schema is None else StructuredOutputsParams(json=schema)
+    return tinylm.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True,
+                                 structured_outputs=structured)
 
 
 def _release() -> None:
