@@ -254,8 +254,7 @@ def test_min_tokens(default_server, tiny_llm):
 # --- say no instead of ignoring
 
 
-@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}),
-                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+@pytest.mark.parametrize("field, value", [("functions", [{"name": "f"}]), ("audio", {"voice": "alloy"}),
                                           ("frobnicate", 1)])
 def test_unimplemented_fields_are_400(default_server, field, value):
     url, _ = default_server
