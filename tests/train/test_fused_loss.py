@@ -86,3 +86,14 @@ def test_bf16_autocast_is_close_to_the_plain_autocast_loss():
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
+
+
+def test_compiled_softmax_gradient_gives_the_same_values_and_gradients():
+    """train.compile runs the per-chunk softmax and its gradient as one torch.compile kernel (ragged last chunk:
+    dynamic shapes)."""
+    hidden, weight, b, labels = _case(4)
+    plain = F.cross_entropy(F.linear(hidden, weight, b), labels, ignore_index=-100, reduction="sum")
+    fused = linear_cross_entropy_sum(hidden, weight, b, labels, chunk=8, compiled=True)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-5)
+    for got, want in zip(_grads(fused, (hidden, weight, b)), _grads(plain, (hidden, weight, b))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

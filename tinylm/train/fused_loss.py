@@ -22,17 +22,18 @@ DEFAULT_CHUNK = 1024  # rows per chunk: (1024, 49152) float32 logits = 200 MB, 4
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             labels: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                             labels: torch.Tensor, chunk: int = DEFAULT_CHUNK, compiled: bool = False) -> torch.Tensor:
     """sum over tokens with labels[i] != -100 of CE(hidden[i] @ weight.T + bias, labels[i]) -> float32 scalar.
 
     hidden (N, C), weight (V, C), bias (V,) or None, labels (N,) int. Equal to
     F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=-100, reduction="sum"),
-    values and gradients, to float32 rounding.
+    values and gradients, to float32 rounding. compiled: the softmax and its gradient as one compiled kernel.
     """
     keep = (labels != IGNORE).nonzero().squeeze(-1)  # (n,): ignored rows cost nothing
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return _loss_only(hidden.index_select(0, keep), weight, bias, labels.index_select(0, keep), chunk)
-    return _FusedLinearCE.apply(hidden, weight, bias, labels, keep, chunk)
+    grad_fn = compiled_softmax_grad if compiled else softmax_grad
+    return _FusedLinearCE.apply(hidden, weight, bias, labels, keep, chunk, grad_fn)
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def _loss_only(h, weight, bias, labels, chunk: int) -> torch.Tensor:
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, keep, chunk):
+    def forward(ctx, hidden, weight, bias, labels, keep, chunk, grad_fn):
         dtype = _compute_dtype(weight)
         device = weight.device.type
         with torch.autocast(device, enabled=False):  # casts made explicit below: one per operand, not per chunk
@@ -79,7 +80,7 @@ class _FusedLinearCE(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, h_all.shape[0], chunk):
                 h, y = h_all[start:start + chunk], y_all[start:start + chunk]
-                total += _chunk_step(h, y, w, b, grad_h[start:start + chunk], grad_w, grad_b)
+                total += _chunk_step(h, y, w, b, grad_h[start:start + chunk], grad_w, grad_b, grad_fn)
         ctx.save_for_backward(keep, grad_h, grad_w, grad_b)
         ctx.shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -92,23 +93,54 @@ class _FusedLinearCE(torch.autograd.Function):
         d_hidden.index_copy_(0, keep, (grad_h * grad_out).to(h_dtype))
         d_weight = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
         d_bias = (grad_b * grad_out).to(b_dtype) if grad_b is not None and ctx.needs_input_grad[2] else None
-        return d_hidden, d_weight, d_bias, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None
 
 
-def _chunk_step(h, y, w, b, grad_h_out, grad_w, grad_b) -> torch.Tensor:
+def softmax_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (n, V) in the compute dtype, y (n,) -> (loss sum float32, d loss / d logits (n, V) in the logits'
+    dtype, its column sums (V,) float32 for the bias). Softmax in float32, as the plain loss computes it.
+
+    Eager: in place over one float32 copy of the logits, so one (n, V) float32 buffer is alive at a time."""
+    z = logits.float()  # (n, V); the logits themselves when they are float32 (a temporary: free to overwrite)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    loss = (lse.squeeze(1) - z.gather(1, y[:, None]).squeeze(1)).sum()
+    grad = z.sub_(lse).exp_()  # softmax
+    grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+    return loss, grad.to(logits.dtype), grad.sum(0)
+
+
+def _softmax_grad_for_compile(logits, y):
+    """softmax_grad written without in-place ops or scatter, for Inductor to fuse into one kernel."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    loss = (lse.squeeze(1) - z.gather(1, y[:, None]).squeeze(1)).sum()
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == y[:, None]  # (n, V), computed inside the kernel
+    grad = torch.exp(z - lse) - onehot.float()
+    return loss, grad.to(logits.dtype), grad.sum(0)
+
+
+_COMPILED = {}
+
+
+def compiled_softmax_grad(logits, y):
+    """softmax_grad through torch.compile (dynamic in n: the last chunk is shorter); eager if compiling fails."""
+    if "fn" not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        _COMPILED["fn"] = torch.compile(_softmax_grad_for_compile, dynamic=True)
+    return _COMPILED["fn"](logits, y)
+
+
+def _chunk_step(h, y, w, b, grad_h_out, grad_w, grad_b, grad_fn) -> torch.Tensor:
     """One chunk: h (n, C) in the compute dtype, y (n,). Writes d/dh into grad_h_out (n, C), adds into grad_w
     (V, C) and grad_b (V,); -> the chunk's loss sum (float32)."""
-    logits = _logits(h, w, b)  # (n, V) float32
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits: (n, V)
-    grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-    g = grad.to(h.dtype)
+    loss, g, g_sum = grad_fn(F.linear(h, w, b), y)  # g (n, V) in the compute dtype
     grad_h_out.copy_(g @ w)  # (n, C)
     if g.dtype == torch.float32:
         grad_w.addmm_(g.t(), h)  # (V, C), accumulated in place
     else:
         grad_w += g.t() @ h  # the bf16 product, accumulated over chunks in float32
     if grad_b is not None:
-        grad_b += grad.sum(0)
+        grad_b += g_sum
     return loss

@@ -64,6 +64,7 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 20
     """The best FLOP/s of (size x size) @ (size x size) in `dtype` on `device` over about `seconds`: a quick probe
     (cached per process). On CPU it uses torch's threads, as the step does."""
     key = (str(device), dtype)
+    size = 8192 if device.type == "cuda" else size  # a GPU needs a large product to reach its rate
     if key not in _MEASURED:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)

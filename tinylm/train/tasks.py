@@ -26,17 +26,17 @@ class LMObjective(nn.Module):
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, loss_chunk: int = 0) -> None:
+    def __init__(self, model: nn.Module, loss_chunk: int = 0, compiled: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.loss_chunk = loss_chunk
+        self.loss_chunk, self.compiled = loss_chunk, compiled
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         head = self.model.lm_head
         if self.loss_chunk and type(head) is nn.Linear:
             hidden = self.model.hidden_states(input_ids, attention_mask, position_ids)  # (B, T, C)
             loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
-                                            shifted_labels(labels), self.loss_chunk)
+                                            shifted_labels(labels), self.loss_chunk, self.compiled)
         else:
             logits = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
             loss = lm_loss_sum(logits, labels)
@@ -90,11 +90,11 @@ def build_task(config: TrainConfig, model: nn.Module, tokenizer, reference, dist
     if config.mode == "pretrain":
         train, evaluation = _pretrain_rows(config, tokenizer, model.config.vocab_size, dist)
         return Task(train, evaluation, partial(data.collate_lm, pad_id=pad), data.count_label_tokens,
-                    LMObjective(model, config.train.loss_chunk))
+                    LMObjective(model, config.train.loss_chunk, config.train.compile))
     if config.mode == "sft":
         train, evaluation, notes = _sft_rows(config, tokenizer)
         return Task(train, evaluation, partial(data.collate_lm, pad_id=pad), data.count_label_tokens,
-                    LMObjective(model, config.train.loss_chunk), notes)
+                    LMObjective(model, config.train.loss_chunk, config.train.compile), notes)
     train, evaluation = _dpo_rows(config, tokenizer)
     objective = DPOObjective(model, reference, config.dpo.beta, config.dpo.label_smoothing)
     return Task(train, evaluation, partial(preference.collate_pairs, pad_id=pad),
