@@ -8,7 +8,6 @@ q/k row permutation, and checks that turn every malformed file into a one-line W
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,8 @@ from tqdm import tqdm
 
 from tinylm.config import ModelConfig, check_size
 from tinylm.errors import ConfigError, WeightsError
+from tinylm.model.transformer import CausalLM
+from tinylm.weights import gguf_layout as layout
 from tinylm.weights.fit import Stored, check_config_fits
 from tinylm.weights.gguf_tokenizer import build_tokenizer
 
@@ -31,27 +32,8 @@ SUPPORTED_TYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType
                              QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 _TYPE_IDS = frozenset(int(t) for t in GGML_QUANT_SIZES)  # every type the gguf package knows the block size of
 _BIG_ARRAY = 64  # metadata arrays longer than this (tokens, merges, scores) are left out of GGUFModel.metadata
-
-
-@dataclass(frozen=True)
-class _Arch:
-    model_type: str
-    # llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute` interleaves the two rotary halves of each q/k head
-    # (HF's rotate_half layout -> GPT-J's pairs) for the llama architecture only; Qwen2Model/Qwen3Model do not.
-    permuted_qk: bool
-
-
-ARCHITECTURES = {"llama": _Arch("llama", True), "qwen2": _Arch("qwen2", False), "qwen3": _Arch("qwen3", False)}
-
-# GGUF tensor names -> Hugging Face module names; the suffix (.weight / .bias) carries over.
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# llama.cpp architectures tinylm reads (names, stacked experts, Qwen3-Next's tensors: tinylm/weights/gguf_layout.py)
+ARCHITECTURES = tuple(layout.FAMILY_OF_ARCH)
 _ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 RoPE factors: read into config.rope_scaling, not a weight
 
 
@@ -103,19 +85,34 @@ def open_gguf(path: str | Path) -> GGUFFile:
     reader = _open(path)
     meta = _fields(reader, path)
     config = _wrap(path, "model metadata", _config, reader, meta, path, None)
+    arch = meta["general.architecture"]
+    weights = [t for t in reader.tensors if t.name != _ROPE_FREQS]
+    try:
+        tensors = layout.views(arch, config, weights)
+    except WeightsError as exc:
+        raise WeightsError(f"{path.name}: {exc} with {config.num_hidden_layers} layers") from None
+    config, tensors = _zero_output_bias(arch, config, tensors)
     expected = expected_shapes(config)
-    tensors = {}
-    for tensor in reader.tensors:
-        if tensor.name == _ROPE_FREQS:
-            continue
-        name = hf_name(tensor.name)
+    for name, tensor in tensors.items():
         if name not in expected:
             raise WeightsError(f"{path.name}: unexpected tensor {tensor.name!r} for a {config.model_type} model "
                                f"with {config.num_hidden_layers} layers")
         _check_tensor(tensor, expected[name], path)
-        tensors[name] = tensor
     _check_complete(path, expected, tensors)
-    return GGUFFile(path, reader, config, meta, tensors, ARCHITECTURES[meta["general.architecture"]].permuted_qk)
+    return GGUFFile(path, reader, config, meta, tensors, arch in layout.PERMUTED_QK)
+
+
+def _zero_output_bias(arch: str, config: ModelConfig, tensors: dict) -> tuple[ModelConfig, dict]:
+    """q/k/v biases without an o_proj bias where the family's one `attention_bias` flag covers all four: the
+    exporter leaves out an all-zero o_proj bias that llama.cpp's architecture has no tensor for (gguf_layout's
+    LACKS_OUTPUT_BIAS); zeros go back so the config stays one transformers can express."""
+    if arch not in layout.LACKS_OUTPUT_BIAS or not config.qkv_bias or config.o_bias:
+        return config, tensors
+    tensors = dict(tensors)
+    for name in [n for n in tensors if n.endswith(".self_attn.q_proj.bias")]:
+        tensors[name.replace(".q_proj.", ".o_proj.")] = layout.zero_vector(f"{name} (o_proj, zero)",
+                                                                         config.hidden_size)
+    return replace(config, o_bias=True), tensors
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
@@ -136,40 +133,14 @@ def read_gguf_config(path: str | Path) -> ModelConfig:
     return _wrap(path, "model metadata", _config, reader, _fields(reader, path), path, None)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for names tinylm does not map."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    if stem in _TOP and suffix in ("weight", "bias"):
-        return f"{_TOP[stem]}.{suffix}"
-    match = _LAYER_NAME.fullmatch(gguf_name)
-    if match and match[2] in _LAYER:
-        return f"model.layers.{int(match[1])}.{_LAYER[match[2]]}.{match[3]}"
-    return None
-
-
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor `config` needs, in HF names and torch shapes (out_features, in_features)."""
-    hidden, head_dim, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, hidden)
-    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-             "self_attn.q_proj.weight": (q_out, hidden), "self_attn.k_proj.weight": (kv_out, hidden),
-             "self_attn.v_proj.weight": (kv_out, hidden), "self_attn.o_proj.weight": (hidden, q_out),
-             "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
-             "mlp.down_proj.weight": (hidden, inter)}
-    if config.qkv_bias:
-        layer.update({"self_attn.q_proj.bias": (q_out,), "self_attn.k_proj.bias": (kv_out,),
-                      "self_attn.v_proj.bias": (kv_out,)})
-    if config.o_bias:
-        layer["self_attn.o_proj.bias"] = (hidden,)
-    if config.mlp_bias:
-        layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (hidden,)})
-    if config.qk_norm:
-        layer.update({"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)})
-    for i in range(config.num_hidden_layers):
-        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    """Every tensor `config` needs, in HF names and torch shapes (out_features, in_features): the state dict of
+    the model built on the meta device (no memory), the tied head left out."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
     return shapes
 
 
@@ -338,8 +309,8 @@ def _check_tensor(tensor, shape: tuple[int, ...], path: Path) -> None:
 def _read_tensor(tensor, path: Path) -> torch.Tensor:
     """Dequantize one (checked) tensor to float32 in torch layout."""
     shape = _torch_shape(tensor)
-    values = _wrap(path, f"tensor {tensor.name!r} ({tensor.tensor_type.name})", dequantize, tensor.data,
-                   tensor.tensor_type)
+    values = _wrap(path, f"tensor {tensor.name!r} ({tensor.tensor_type.name})",
+                   lambda: dequantize(tensor.data, tensor.tensor_type))  # a view's data is computed here
     # F32/F16 come back as views of the read-only memory map: copy those so the tensor owns writable memory
     return torch.from_numpy(np.require(values, np.float32, ["C", "W"])).reshape(shape)
 
@@ -380,22 +351,25 @@ def _config(reader: GGUFReader, meta: dict, path: Path, dtype: str | None) -> Mo
     rotary_dim, theta = hp.size("rope.dimension_count", head_dim), float(hp.get("rope.freq_base", 10000.0))
     freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
     eos = [_opt_int(meta.get(f"tokenizer.ggml.{k}_token_id")) for k in ("eos", "eot", "eom")]
+    layers = hp.size("block_count")
+    family = _family_fields(hp, arch_name, layers, shapes)
     config = ModelConfig(
-        model_type=ARCHITECTURES[arch_name].model_type,
+        model_type=layout.FAMILY_OF_ARCH[arch_name],
         vocab_size=hp.size("vocab_size", shapes.get("token_embd.weight", (0,))[0]),
-        hidden_size=hidden, intermediate_size=hp.size("feed_forward_length"), num_hidden_layers=hp.size("block_count"),
+        hidden_size=hidden, intermediate_size=hp.size("feed_forward_length", 0 if family else None),
+        num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=hp.size("attention.head_count_kv", heads), head_dim=head_dim,
         max_position_embeddings=hp.size("context_length"),
         rms_norm_eps=float(hp.get("attention.layer_norm_rms_epsilon", 1e-6)), rope_theta=theta,
         partial_rotary_factor=rotary_dim / head_dim, rope_scaling=_rope_scaling(hp, freqs, theta, rotary_dim, path),
-        **_flags_from_tensors(set(shapes)),
+        **_flags_from_tensors(set(shapes)), **family,
         bos_token_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
         eos_token_id=list(dict.fromkeys(i for i in eos if i is not None)),  # eos, then end-of-turn / end-of-message
         pad_token_id=_opt_int(meta.get("tokenizer.ggml.padding_token_id")), torch_dtype=dtype,
     )
-    # Before anything is sized by it (expected_shapes loops over the layers): one flipped byte of block_count
-    # would otherwise claim billions of layers.
-    stored = {hf_name(name): Stored(name, shape) for name, shape in shapes.items() if hf_name(name) is not None}
+    # Before anything is sized by it (expected_shapes builds every layer and expert): a flipped byte of
+    # block_count or expert_count must not size a meta model.
+    stored = {name: Stored(*entry) for name, entry in layout.stored_shapes(arch_name, shapes).items()}
     check_config_fits(config, stored, path.name, {f: f"{arch_name}.{k}" for f, k in _SIZE_KEYS.items()})
     return config
 
@@ -408,11 +382,46 @@ def _flags_from_tensors(names: set[str]) -> dict[str, bool]:
             "qk_norm": has(".attn_q_norm.weight"), "tie_word_embeddings": "output.weight" not in names}
 
 
+def _family_fields(hp: _Hparams, arch: str, layers: int, shapes: dict) -> dict[str, Any]:
+    """The mixture-of-experts and Gated DeltaNet fields of qwen2moe / qwen3moe / qwen3next files ({} otherwise)."""
+    if not hp.get("expert_count"):
+        return {}
+    shared = shapes.get("blk.0.ffn_up_shexp.weight", (0,))[0]  # older qwen2moe files lack the length key
+    fields = {"num_experts": hp.size("expert_count"), "num_experts_per_tok": hp.size("expert_used_count"),
+              "moe_intermediate_size": hp.size("expert_feed_forward_length"),
+              "shared_expert_intermediate_size": hp.size("expert_shared_feed_forward_length", shared),
+              # llama.cpp renormalizes the top-k weights for qwen3moe / qwen3next (build_moe_ffn norm_w), not qwen2moe
+              "norm_topk_prob": arch != "qwen2moe"}
+    if arch == "qwen3next":
+        fields.update(_deltanet_fields(hp, layers))
+    return fields
+
+
+def _deltanet_fields(hp: _Hparams, layers: int) -> dict[str, Any]:
+    """llama.cpp's ssm.* keys -> the Gated DeltaNet sizes; its layer plan: softmax attention every n-th layer."""
+    interval = hp.int("full_attention_interval", 4)
+    if not 0 < interval <= layers:
+        raise ConfigError(f"{hp.path.name}: GGUF metadata {hp.arch}.full_attention_interval={interval} is not in "
+                          f"1..{layers}")
+    value_heads, inner = hp.size("ssm.time_step_rank"), hp.int("ssm.inner_size")
+    if inner <= 0 or inner % value_heads:
+        raise ConfigError(f"{hp.path.name}: GGUF metadata {hp.arch}.ssm.inner_size={inner} is not a multiple of "
+                          f"{hp.arch}.ssm.time_step_rank={value_heads}")
+    return {"layer_types": ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)],
+            "linear_conv_kernel_dim": hp.size("ssm.conv_kernel"), "linear_key_head_dim": hp.size("ssm.state_size"),
+            "linear_num_key_heads": hp.size("ssm.group_count"), "linear_num_value_heads": value_heads,
+            "linear_value_head_dim": inner // value_heads, "attn_output_gate": True, "zero_centered_norm": True}
+
+
 # ModelConfig field -> the `{arch}.` key it is read from, for messages and bounds.
 _SIZE_KEYS = {"vocab_size": "vocab_size", "hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
               "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
               "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
-              "max_position_embeddings": "context_length"}
+              "max_position_embeddings": "context_length", "num_experts": "expert_count",
+              "num_experts_per_tok": "expert_used_count", "moe_intermediate_size": "expert_feed_forward_length",
+              "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+              "linear_conv_kernel_dim": "ssm.conv_kernel", "linear_key_head_dim": "ssm.state_size",
+              "linear_num_key_heads": "ssm.group_count", "linear_num_value_heads": "ssm.time_step_rank"}
 _FIELDS = {key: field for field, key in _SIZE_KEYS.items()} | {"rope.dimension_count": "head_dim"}
 
 
