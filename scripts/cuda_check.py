@@ -49,6 +49,51 @@ def throughput(folder: Path) -> str:
     return f"tiny llama bf16, 16 prompts x 128 tokens: {tokens / seconds:.0f} tok/s end to end (eager engine)"
 
 
+def structured(folder: Path) -> str:
+    """JSON-schema and regex constraints on CUDA (the masks are built on the CPU and moved to the logits' device)."""
+    import json
+    import re
+
+    from tinylm.sampling_params import StructuredOutputsParams
+
+    llm = tinylm.load(folder, dtype="bfloat16", device="cuda")
+    schema = {"type": "object", "additionalProperties": False, "required": ["n", "ok"],
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}
+    prompts = [[(i * 7 + j) % 500 + 3 for j in range(8)] for i in range(4)]
+    outs = llm.generate(prompts, tinylm.SamplingParams(max_tokens=40, temperature=0.8, seed=1,
+                                                       structured_outputs=StructuredOutputsParams(json=schema)))
+    valid = sum(set(json.loads(o.text)) == {"n", "ok"} for o in outs)
+    regex = r"[a-z]{2,6}( [a-z]{2,6}){2}"
+    outs = llm.generate(prompts, tinylm.SamplingParams(max_tokens=40, temperature=0,
+                                                       structured_outputs=StructuredOutputsParams(regex=regex)))
+    matched = sum(bool(re.fullmatch(regex, o.text)) for o in outs)
+    return f"structured outputs on CUDA: JSON valid {valid}/4, regex matched {matched}/4"
+
+
+def step_profile(folder: Path) -> str:
+    """Where an eager decode step's time goes on CUDA (host syncs show up as aten::item / _local_scalar_dense)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = tinylm.load(folder, dtype="bfloat16", device="cuda")
+    engine = llm.engine
+    params = tinylm.SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    for i in range(16):
+        engine.add_request(str(i), [(i * 7 + j) % 500 + 3 for j in range(16)], params)
+    for _ in range(4):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - start) / 10 * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
+    return f"decode step at batch 16 (profiled): {step_ms:.1f} ms\n{table}"
+
+
 def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(0), "transformers", transformers.__version__, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,6 +103,11 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001  (report every family)
                 print(f"{arch}: ERROR {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         print(throughput(Path(tmp) / "llama"), flush=True)
+        for check in (structured, step_profile):
+            try:
+                print(check(Path(tmp) / "llama"), flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{check.__name__}: ERROR {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

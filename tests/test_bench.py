@@ -21,12 +21,11 @@ from tinylm.bench import report
 from tinylm.bench.shapes import SHAPES, build_shape, shape_config
 from tinylm.cli import main
 from tinylm.config import ModelConfig
-from tinylm.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny("llama", tmp_path_factory.mktemp("bench") / "llama", seed=1))
+def tiny(tiny_folder):
+    return str(tiny_folder("llama", 1))
 
 
 def _bench(capsys, *argv) -> tuple[int, str, str]:

@@ -14,7 +14,6 @@ from tinylm import LLM, SamplingParams
 from tinylm.engine import sampler
 from tinylm.engine.stop import StopChecker
 from tinylm.sampling_params import MIN_TEMPERATURE
-from tinylm.tiny import make_tiny
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -46,8 +45,8 @@ print(scored[0].prompt_logprobs)
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return str(make_tiny("llama", tmp_path_factory.mktemp("vllm") / "llama", seed=2))
+def model_path(tiny_folder):
+    return str(tiny_folder("llama", 2))
 
 
 @pytest.fixture(scope="module")

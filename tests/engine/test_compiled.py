@@ -13,15 +13,14 @@ from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.model.fuse import fuse_projections
 from tinylm.quant.apply import quantize_model
 from tinylm.quant.policy import QuantPolicy
-from tinylm.tiny import make_tiny
 
 GREEDY = tinylm.SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 TEXTS = ["Once upon a time", "The capital of France is Paris. " * 3, "def add(a, b):", "Hi"]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3", seed=3)
+def tiny_dir(tiny_folder):
+    return tiny_folder("qwen3", 3)
 
 
 def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
@@ -94,17 +93,17 @@ def test_compile_failure_falls_back_to_eager(tiny_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_moe"])
-def test_hybrid_and_moe_models_compile_to_eager_tokens(tmp_path, family):
+def test_hybrid_and_moe_models_compile_to_eager_tokens(tiny_folder, family):
     """Gated DeltaNet states (read and written in the pool by the graph) and experts picked from stacked weights
     decode the eager engine's tokens, at batch 1 and in a padded batch whose rows finish at different steps."""
-    path = make_tiny(family, tmp_path / family, seed=1)
+    path = tiny_folder(family, 1)
     eager, compiled = _generate(path, False), _generate(path, True)
     assert compiled == eager
     assert all(len(tokens) == GREEDY.max_tokens for tokens in compiled)
 
 
-def test_quantized_experts_decode_eagerly(tmp_path):
-    llm = tinylm.load(make_tiny("qwen3_moe", tmp_path / "moe", seed=1), quantize="int8")
+def test_quantized_experts_decode_eagerly(load_tiny):
+    llm = load_tiny("qwen3_moe", 1, quantize="int8")
     with pytest.warns(RuntimeWarning, match="mixture-of-experts"):
         engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
     assert engine.runner.compiled is None

@@ -9,20 +9,19 @@ import torch
 from tests.helpers import run_engine
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine, QueueFullError
-from tinylm.tiny import make_tiny
 
 GREEDY = tinylm.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return tinylm.load(make_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama", seed=2))
+def llm(load_tiny):
+    return load_tiny("llama", 2)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3_next"])
-def any_llm(request, tmp_path_factory):
+def any_llm(request, load_tiny):
     """A softmax-attention model and a hybrid one (DeltaNet states live in the engine's state pool)."""
-    return tinylm.load(make_tiny(request.param, tmp_path_factory.mktemp("tiny") / request.param, seed=2))
+    return load_tiny(request.param, 2)
 
 
 def _prompts(llm, count=6):

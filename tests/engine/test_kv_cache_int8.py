@@ -12,14 +12,13 @@ from tests.helpers import run_engine
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.engine.kv_pool import KVPool, quantize_rows
-from tinylm.tiny import make_tiny
 
 TEXTS = ["Once upon a time", "The capital of France is Paris. " * 3, "def add(a, b):", "Hi"]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return tinylm.load(make_tiny("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3", seed=3))
+def llm(load_tiny):
+    return load_tiny("qwen3", 3)
 
 
 def _run(llm, kv_cache_dtype: str, compile_: bool = False, texts=TEXTS, logprobs: int | None = None):
@@ -69,8 +68,8 @@ def test_an_int8_cache_holds_more_tokens_per_budget(llm):
     assert KVPool.bytes_per_block(config, 16, torch.int8) < KVPool.bytes_per_block(config, 16, torch.bfloat16)
 
 
-def test_a_hybrid_model_quantizes_its_attention_layers_only(tmp_path):
-    llm = tinylm.load(make_tiny("qwen3_next", tmp_path / "next", seed=1))
+def test_a_hybrid_model_quantizes_its_attention_layers_only(load_tiny):
+    llm = load_tiny("qwen3_next", 1)
     exact, quantized = _run(llm, "auto", texts=TEXTS[:2]), _run(llm, "int8", texts=TEXTS[:2])
     assert [[t for t, _ in row] for row in quantized] == [[t for t, _ in row] for row in exact]
 

@@ -17,18 +17,17 @@ from tinylm.quant.chunked import ChunkedMLP
 from tinylm.quant.embedding import TiedHead
 from tinylm.quant.linear import HalfLinear, Int4Linear, Int8Linear, QuantLinearBase
 from tinylm.quant.policy import parse_policy
-from tinylm.tiny import make_tiny
 
 POLICIES = ["int8", "int4", "qkv-fp16", "int4-tiedq"]
 IDS = torch.tensor([[5, 17, 99, 300, 2, 64, 128, 7], [9, 8, 7, 6, 5, 4, 3, 2]])
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_folder):
     folders = {}
     # tied + q/k/v bias, untied head, hybrid DeltaNet + MoE, tied head with its own bias
     for arch in ("qwen2", "llama", "qwen3_next", "qed"):
-        folders[arch] = make_tiny(arch, tmp_path_factory.mktemp(arch), seed=1)
+        folders[arch] = tiny_folder(arch, 1)
     return folders
 
 

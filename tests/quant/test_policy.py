@@ -11,12 +11,11 @@ from tinylm.cli import main
 from tinylm.errors import ConfigError
 from tinylm.quant.policy import BUILTIN, QuantPolicy, parse_policy
 from tinylm.quant.quality import Gate, distribution_metrics, evaluate
-from tinylm.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny("qwen2", tmp_path_factory.mktemp("qwen2"), seed=2)
+def tiny(tiny_folder):
+    return tiny_folder("qwen2", 2)
 
 
 def test_parse_names_aliases_and_options():

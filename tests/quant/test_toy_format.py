@@ -15,7 +15,6 @@ from tinylm.quant.checkpoint import save_quantized
 from tinylm.quant.chunked import ChunkedMLP
 from tinylm.quant.formats import QuantFormat, check_scales, expect, register, required
 from tinylm.quant.policy import QuantPolicy
-from tinylm.tiny import make_tiny
 
 TOY = "int8-toy"
 GREEDY = tinylm.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -85,8 +84,8 @@ def _part(bias: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:
 POLICY = QuantPolicy("toy", default=TOY, embedding="float")
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny("qwen2", tmp_path_factory.mktemp("qwen2"), seed=3)  # tied head, q/k/v biases
+def tiny(tiny_folder):
+    return tiny_folder("qwen2", 3)  # tied head, q/k/v biases
 
 
 def _dequantized_float_model(folder):

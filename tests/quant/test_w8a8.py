@@ -20,14 +20,13 @@ from tinylm.quant.checkpoint import save_quantized
 from tinylm.quant.linear import Int8Linear
 from tinylm.quant.policy import parse_policy
 from tinylm.quant.smooth import input_scales, sibling_groups
-from tinylm.tiny import make_tiny
 
 IDS = torch.tensor([[5, 17, 99, 300, 2, 64, 128, 7], [9, 8, 7, 6, 5, 4, 3, 2]])
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return {arch: make_tiny(arch, tmp_path_factory.mktemp(arch), seed=2) for arch in ("qwen2", "llama", "qwen3_next")}
+def tiny(tiny_folder):
+    return {arch: tiny_folder(arch, 2) for arch in ("qwen2", "llama", "qwen3_next")}
 
 
 def _reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ import pytest
 import tinylm
 from tinylm.engine.engine import EngineBusyError, EngineConfig
 from tinylm.server.app import ServerConfig
-from tinylm.tiny import make_tiny
 
 from tests.server.conftest import post, running_server
 
@@ -17,8 +16,8 @@ BODY = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "ignore
 
 
 @pytest.fixture
-def llm(tmp_path):
-    return tinylm.load(make_tiny("llama", tmp_path / "llama", seed=4))
+def llm(load_tiny):
+    return load_tiny("llama", 4)
 
 
 def _served(config: EngineConfig) -> ServerConfig:

@@ -10,13 +10,12 @@ import httpx
 import tinylm
 from tinylm.engine.engine import EngineConfig
 from tinylm.server.app import ServerConfig
-from tinylm.tiny import make_tiny
 
 from tests.server.conftest import post, running_server
 
 
-def test_served_with_a_draft(tmp_path):
-    target = make_tiny("llama", tmp_path / "target", seed=4)
+def test_served_with_a_draft(tiny_folder):
+    target = tiny_folder("llama", 4)
     llm = tinylm.load(target, draft=target, draft_quantize="int8", num_speculative_tokens=4)
     alone = tinylm.load(target)
     body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 12}}
@@ -35,10 +34,10 @@ def test_served_with_a_draft(tmp_path):
     assert values["tinylm:spec_decode_num_accepted_tokens"] <= values["tinylm:spec_decode_num_draft_tokens"]
 
 
-def test_concurrent_mixed_requests_with_a_draft(tmp_path):
+def test_concurrent_mixed_requests_with_a_draft(tiny_folder):
     """Greedy, seeded sampling, penalties and stop strings at once: some speculate, some not, batches join and
     leave; every answer is whole and the greedy ones are the model's own."""
-    target = make_tiny("llama", tmp_path / "target", seed=4)
+    target = tiny_folder("llama", 4)
     llm = tinylm.load(target, draft="[ngram]", num_speculative_tokens=3)
     alone = tinylm.load(target)
     prompts = ["Once upon a time", "The capital of France is Paris. " * 3, "def add(a, b):", "Hi there"]

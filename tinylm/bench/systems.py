@@ -79,7 +79,8 @@ class LlamaCppSystem:
         self.llama.reset()  # else generate() reuses the cached prompt and skips its prefill
         times, ids = [], []
         start = time.perf_counter()
-        for token in self.llama.generate(prompts[0], top_k=1, temp=0.0, grammar=self.grammar):  # EOS is ignored
+        constrained = {} if self.grammar is None else {"grammar": self.grammar}
+        for token in self.llama.generate(prompts[0], top_k=1, temp=0.0, **constrained):  # EOS is ignored
             times.append(time.perf_counter())
             ids.append(token)
             if len(times) == new_tokens:
