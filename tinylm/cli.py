@@ -17,6 +17,7 @@ from tinylm.eval import cli as eval_cli
 from tinylm.quant import cli as quant_cli
 from tinylm.server import cli as server_cli
 from tinylm.train import cli as train_cli
+from tinylm.verify import cli as verify_cli
 
 
 
@@ -65,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(handler=cmd_chat)
 
-    convert = commands.add_parser("convert", help="GGUF file -> Hugging Face folder (safetensors)")
-    convert.add_argument("source", type=Path, metavar="SOURCE")
-    convert.add_argument("dest", type=Path, metavar="DEST")
-    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    convert = commands.add_parser("convert", help="GGUF file -> Hugging Face folder (safetensors), or a Hugging Face "
+                                                  "folder -> GGUF file (llama.cpp, Ollama)")
+    convert.add_argument("source", type=Path, metavar="SOURCE", help="a .gguf file, or a Hugging Face folder")
+    convert.add_argument("dest", type=Path, metavar="DEST", help="the folder, or the .gguf file, to write")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="GGUF -> folder: the dtype of the safetensors weights")
+    convert.add_argument("--outtype", default="f16", help="folder -> GGUF: the type of the weight matrices, f32, f16, "
+                                                          "bf16, q8_0, q5_0, q5_1, q4_0 or q4_1 (default f16)")
     convert.set_defaults(handler=cmd_convert)
 
     tiny = commands.add_parser("tiny", help="write a tiny random checkpoint of a family, with a small tokenizer")
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Packages that add their own subcommands: each has `register(commands)` (an argparse subparsers object) and keeps
 # its heavy imports inside its handlers, so `tinylm chat` never pays for the server or the trainer.
-_COMMAND_GROUPS = (eval_cli, server_cli, train_cli, quant_cli, bench)
+_COMMAND_GROUPS = (eval_cli, server_cli, train_cli, quant_cli, bench, verify_cli)
 
 
 def cmd_generate(args) -> int:
@@ -219,9 +224,22 @@ def _print_stream(llm: tinylm.LLM, prompt, params: tinylm.SamplingParams, stop: 
 
 
 def cmd_convert(args) -> int:
-    from tinylm.weights.convert import convert_gguf_to_hf
+    if not args.source.exists():
+        raise FileNotFoundError(f"{args.source}: no such GGUF file or Hugging Face folder")
+    if args.source.is_dir():
+        import warnings
 
-    dest = convert_gguf_to_hf(args.source, args.dest, dtype=args.dtype)
+        from tinylm.weights.gguf_writer import convert_hf_to_gguf
+
+        with warnings.catch_warnings(record=True) as caveats:  # what llama.cpp cannot do as the model does
+            warnings.simplefilter("always")
+            dest = convert_hf_to_gguf(args.source, args.dest, outtype=args.outtype)
+        for caveat in caveats:
+            print(f"tinylm: warning: {caveat.message}", file=sys.stderr)
+    else:
+        from tinylm.weights.convert import convert_gguf_to_hf
+
+        dest = convert_gguf_to_hf(args.source, args.dest, dtype=args.dtype)
     print(f"wrote {dest}")
     return 0
 

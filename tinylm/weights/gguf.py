@@ -360,7 +360,7 @@ def _config(reader: GGUFReader, meta: dict, path: Path, dtype: str | None) -> Mo
         num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=hp.size("attention.head_count_kv", heads), head_dim=head_dim,
         max_position_embeddings=hp.size("context_length"),
-        rms_norm_eps=float(hp.get("attention.layer_norm_rms_epsilon", 1e-6)), rope_theta=theta,
+        rms_norm_eps=_decimal(hp.get("attention.layer_norm_rms_epsilon", 1e-6)), rope_theta=theta,
         partial_rotary_factor=rotary_dim / head_dim, rope_scaling=_rope_scaling(hp, freqs, theta, rotary_dim, path),
         **_flags_from_tensors(set(shapes)), **family,
         bos_token_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
@@ -512,6 +512,12 @@ def _wrap(path: Path, what: str, fn, *args):
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+
+
+def _decimal(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that is the same float32 (1e-06, not 9.99999997e-07):
+    the value config.json had."""
+    return float(str(np.float32(value)))
 
 
 def _opt_int(value: Any) -> int | None:

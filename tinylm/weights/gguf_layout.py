@@ -98,10 +98,11 @@ def _reverse(arch: str) -> dict[str, str]:
 # --- tinylm -> GGUF (the writer)
 
 
-def to_gguf(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def to_gguf(config: ModelConfig, tensors: dict[str, torch.Tensor], arch: str | None = None
+            ) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, float32 tensor in torch layout) for every tensor of a tinylm state dict (HF names, the tied
-    head left out by the caller)."""
-    arch = export_arch(config)
+    head left out by the caller). `arch`: the family's own (export_arch) unless given, e.g. "qwen2moe"."""
+    arch = arch or export_arch(config)
     for name, tensor in _stack_experts(tensors).items():
         if arch in LACKS_OUTPUT_BIAS and name.endswith("self_attn.o_proj.bias") and not tensor.any():
             continue
@@ -148,6 +149,8 @@ def _export_value(arch: str, config: ModelConfig, name: str, t: torch.Tensor) ->
         return permute_rows(t, config.num_attention_heads)
     if arch in PERMUTED_QK and (name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias")):
         return permute_rows(t, config.num_key_value_heads)
+    if name.endswith("mlp.shared_expert_gate.weight"):
+        return t.reshape(-1)  # (1, hidden) -> (hidden,): llama.cpp's ffn_gate_inp_shexp is a vector
     if arch not in SHIFTED_NORMS:
         return t
     if _is_shifted_norm(name):
@@ -156,8 +159,6 @@ def _export_value(arch: str, config: ModelConfig, name: str, t: torch.Tensor) ->
         return -torch.exp(t)
     if name.endswith("linear_attn.conv1d.weight"):
         return t.reshape(t.shape[0], t.shape[-1])  # (channels, 1, kernel) -> (channels, kernel)
-    if name.endswith("mlp.shared_expert_gate.weight"):
-        return t.reshape(-1)  # (1, hidden) -> (hidden,): llama.cpp's ffn_gate_inp_shexp is a vector
     return t
 
 

@@ -41,9 +41,11 @@ def add_tokenizer(writer: GGUFWriter, tokenizer: Any, config: ModelConfig) -> No
         writer.add_token_merges(meta["tokenizer.ggml.merges"])
     if "tokenizer.ggml.add_space_prefix" in meta:
         writer.add_add_space_prefix(meta["tokenizer.ggml.add_space_prefix"])
-    for key in ("bos", "eos", "eot", "unk", "pad"):
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("eot", writer.add_eot_token_id), ("unknown", writer.add_unk_token_id),
+                     ("padding", writer.add_pad_token_id)):
         if meta.get(f"tokenizer.ggml.{key}_token_id") is not None:
-            getattr(writer, f"add_{key}_token_id")(meta[f"tokenizer.ggml.{key}_token_id"])
+            add(meta[f"tokenizer.ggml.{key}_token_id"])
     writer.add_add_bos_token(meta["tokenizer.ggml.add_bos_token"])
     writer.add_add_eos_token(meta["tokenizer.ggml.add_eos_token"])
     templates = tokenizer.templates

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from gguf.quants import quantize
 
 from tinylm.config import ModelConfig
 from tinylm.errors import ConfigError, WeightsError
-from tinylm.weights.gguf_layout import export_arch, to_gguf
+from tinylm.weights.gguf_layout import LACKS_OUTPUT_BIAS, export_arch, to_gguf
 from tinylm.weights.gguf_vocab import add_tokenizer
 
 # --outtype -> (type of the matrices, general.file_type)
@@ -58,14 +59,17 @@ def convert_hf_to_gguf(source: str | Path, dest: str | Path, outtype: str = "f16
 
 
 def write_gguf(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer: Any,
-               outtype: str = "f16", name: str | None = None) -> Path:
-    """Write `tensors` (tinylm / Hugging Face names, tied head left out) as GGUF, atomically."""
+               outtype: str = "f16", name: str | None = None, arch: str | None = None) -> Path:
+    """Write `tensors` (tinylm / Hugging Face names, tied head left out) as GGUF, atomically. `arch`: the llama.cpp
+    architecture, the family's own unless given (a MoE model with Qwen2's attention as "qwen2moe")."""
     qtype, file_type = _check_outtype(outtype)
-    arch = export_arch(config)
+    arch = arch or export_arch(config)
+    for caveat in llama_cpp_caveats(arch, config, tensors):
+        warnings.warn(caveat, stacklevel=2)
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     writer = GGUFWriter(str(partial), arch)
-    try:
+    try:  # into DEST.partial, renamed when complete: an interrupted export never leaves a truncated DEST
         writer.add_name(name or path.stem)
         add_hparams(writer, arch, config)
         writer.add_file_type(int(file_type))
@@ -73,14 +77,34 @@ def write_gguf(path: str | Path, config: ModelConfig, tensors: dict[str, torch.T
             writer.add_quantization_version(GGML_QUANT_VERSION)
         if tokenizer is not None:
             add_tokenizer(writer, tokenizer, config)
-        _add_tensors(writer, config, tensors, qtype)
+        _add_tensors(writer, arch, config, tensors, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
+    except BaseException:
         writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
     os.replace(partial, path)
     return path
+
+
+def llama_cpp_caveats(arch: str, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What llama.cpp's architecture cannot do as this model does: the file still round-trips in tinylm, but
+    llama.cpp refuses it or computes something else (checked against llama-cpp-python 0.3.36)."""
+    found = []
+    if arch in LACKS_OUTPUT_BIAS and any(n.endswith("o_proj.bias") and t.any() for n, t in tensors.items()):
+        found.append(f"llama.cpp's {arch} has no attn_output.bias, and this model's is not zero: llama.cpp will "
+                     "refuse the file")
+    if arch in ("qwen3moe", "qwen3next") and not config.norm_topk_prob:
+        found.append(f"llama.cpp's {arch} renormalizes the chosen experts' weights and this model does not "
+                     "(norm_topk_prob=false): llama.cpp's outputs will differ")
+    if arch in ("qwen3moe",) and config.rotary_dim != config.head_dim:
+        found.append(f"llama.cpp's {arch} rotates the whole head (partial_rotary_factor=1): it will refuse the file")
+    if arch == "qwen3next" and config.linear_key_head_dim != config.linear_value_head_dim:
+        found.append("llama.cpp's qwen3next assumes equal DeltaNet key and value head dims: it will refuse the file")
+    return found
 
 
 def _check_outtype(outtype: str) -> tuple[QType, LlamaFileType]:
@@ -90,10 +114,11 @@ def _check_outtype(outtype: str) -> tuple[QType, LlamaFileType]:
     return OUTTYPES[outtype]
 
 
-def _add_tensors(writer: GGUFWriter, config: ModelConfig, tensors: dict[str, torch.Tensor], qtype: QType) -> None:
+def _add_tensors(writer: GGUFWriter, arch: str, config: ModelConfig, tensors: dict[str, torch.Tensor],
+                 qtype: QType) -> None:
     if config.rope_scaling and config.rope_scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_factors(config))
-    for gguf_name, tensor in to_gguf(config, tensors):
+    for gguf_name, tensor in to_gguf(config, tensors, arch):
         data, raw = encode(gguf_name, tensor.detach().cpu().numpy(), qtype)
         writer.add_tensor(gguf_name, data, raw_dtype=raw)
 
