@@ -1,14 +1,24 @@
-"""Multiple-choice scoring speed, tinylm vs transformers, side by side in one run, on the same GGUF weights.
+"""Multiple-choice scoring speed: tinylm vs transformers vs lm-evaluation-harness's `hf` backend, in one run.
 
-    .venv/bin/python benchmarks/eval_mc.py --dtypes float32 bfloat16 --examples 64 --batch-size 8
+    .venv/bin/python benchmarks/eval_mc.py --shapes hellaswag mmlu --dtypes bfloat16 --examples 64 --batch-size 8
 
-Both sides score the same requests with the same scorer (tinylm.eval's lm-eval-style batching: sorted longest
-first, right-padded, identical inputs shared), so the batches are identical and only the forward differs: tinylm's
-`llm.forward` vs transformers' `model(input_ids).logits` on the model it loads from the same GGUF. Examples are
-HellaSwag-shaped (a context of about 60-90 tokens, four endings of about 8-25 tokens) generated from a fixed seed,
-or the first --examples of a real task with --data-dir/--task. examples/s = examples / scoring seconds
-(tokenization excluded, done once); best of --repeats. Also printed: the largest log-likelihood difference between
-the two and the share of examples where both pick the same choice.
+The same examples, the same weights (tinylm and transformers both load the GGUF / folder), three scorers:
+- tinylm: `Scorer.from_llm` (tinylm/eval/shared_context.py: each example's context run once, its choices on top of
+  the context's K/V, lm_head and log-softmax only at the continuation tokens), --batch-size examples per batch;
+- transformers: lm-eval-style padded rows (context + continuation per row, sorted longest first, identical rows
+  shared) through transformers' `model(input_ids).logits` (the loop tinylm itself ran before), --batch-size rows;
+- lm-eval: lm_eval's `HFLM` (`pip install lm_eval`, a bench tool only) on the same transformers model and its
+  tokenizer, `_loglikelihood_tokens` with --batch-size, softmax in float32 (`softmax_dtype`, so its numbers are
+  comparable with the other two, which log-softmax in float32). Runs offline: the model is passed as an object.
+
+Shapes, generated from a fixed seed through the tasks' own row parsers (tinylm/eval/tasks.py), or the first
+--examples of a real task with --data-dir/--task:
+- hellaswag: a HellaSwag row (activity label, a context of about 60-90 tokens, four endings of about 8-25 tokens);
+- mmlu: an MMLU row (subject line, a question of 60-130 words, four lettered options; choices " A".." D").
+examples/s = examples / scoring seconds (tokenization excluded, done once per system); best of --repeats, after a
+warm-up on --warmup examples. Printed per shape and dtype: each system's examples/s, tinylm's ratios, each system's
+acc / acc_norm (4 digits, as lm-eval prints them), the largest log-likelihood difference from tinylm and the share
+of examples where each picks tinylm's choice.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ import tinylm
 from tinylm import hub
 from tinylm.bench.systems import load_transformers
 from tinylm.bench.timing import machine_line
-from tinylm.eval.loglikelihood import Scorer, prefix_token_id
+from tinylm.eval.loglikelihood import Scorer
+from tinylm.eval.metrics import doc_scores
 from tinylm.eval.prompts import requests_for
 from tinylm.eval.runner import Settings, build_items
 from tinylm.eval.tasks import TASKS, Doc
@@ -35,75 +46,146 @@ _WORDS = ("the a man woman child dog city river garden kitchen ball book table w
           "into onto under over near behind across").split()
 
 
-def synthetic_docs(n: int, seed: int = 0) -> list[Doc]:
+def _sentence(rnd: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rnd.choice(_WORDS) for _ in range(rnd.randint(lo, hi))).capitalize() + "."
+
+
+def hellaswag_docs(n: int, seed: int = 0) -> list[Doc]:
     rnd = random.Random(seed)
-
-    def sentence(lo: int, hi: int) -> str:
-        return " ".join(rnd.choice(_WORDS) for _ in range(rnd.randint(lo, hi))).capitalize() + "."
-
-    docs = []
-    for _ in range(n):
-        text = "Activity: " + " ".join(sentence(10, 18) for _ in range(4)) + " Then the person"
-        docs.append(Doc(text=text, choices=[sentence(6, 20) for _ in range(4)], gold=0))
-    return docs
+    rows = [{"activity_label": "Activity", "ctx_a": " ".join(_sentence(rnd, 10, 18) for _ in range(4)),
+             "ctx_b": "then the person", "endings": [_sentence(rnd, 6, 20) for _ in range(4)],
+             "label": rnd.randrange(4)} for _ in range(n)]
+    return [TASKS["hellaswag"].make_doc(row) for row in rows]
 
 
-def time_scoring(scorer: Scorer, pairs, batch_size: int) -> tuple[float, dict[int, float]]:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        lls = {i: ll for batch in scorer.score(pairs, batch_size) for i, ll, _ in batch}
-    return time.perf_counter() - start, lls
+def mmlu_docs(n: int, seed: int = 0) -> list[Doc]:
+    rnd = random.Random(seed)
+    rows = [{"question": " ".join(_sentence(rnd, 8, 16) for _ in range(rnd.randint(6, 9))) + " Which is right?",
+             "choices": [_sentence(rnd, 3, 10) for _ in range(4)], "answer": rnd.randrange(4),
+             "subject": "high_school_physics"} for _ in range(n)]
+    return [TASKS["mmlu"].make_doc(row) for row in rows]
 
 
-def predictions(lls: dict[int, float], sizes: list[int]) -> list[int]:
-    out, start = [], 0
-    for size in sizes:
-        out.append(max(range(size), key=lambda j: lls[start + j]))
-        start += size
-    return out
+SHAPES = {"hellaswag": hellaswag_docs, "mmlu": mmlu_docs}
+
+
+def timed(score, repeats: int) -> tuple[float, list[float]]:
+    """Best seconds of `repeats` calls of score() -> log-likelihoods in request order, and those log-likelihoods."""
+    best, lls = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            lls = score()
+        best = min(best, time.perf_counter() - start)
+    return best, lls
+
+
+def scorer_lls(scorer: Scorer, pairs, batch_size: int) -> list[float]:
+    out = {i: ll for batch in scorer.score(pairs, batch_size) for i, ll, _ in batch}
+    return [out[i] for i in range(len(pairs))]
+
+
+def lm_eval_system(model, source: Path, batch_size: int):
+    """lm_eval's HFLM on the transformers model already loaded, and the transformers tokenizer of the same source;
+    None with the reason when lm_eval is not installed."""
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:
+        return None, f"lm_eval not importable ({e}); pip install lm_eval"
+    from transformers import AutoTokenizer
+
+    if source.suffix == ".gguf":
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32), None
+
+
+def lm_eval_lls(lm, requests: list, batch_size: int) -> list[float]:
+    return [ll for ll, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=batch_size)]
+
+
+def scores(lls: list[float], docs: list[Doc]) -> tuple[float, float, list[int]]:
+    """acc, acc_norm over the docs (tinylm.eval.metrics, lm-eval's definitions) and each doc's acc choice."""
+    acc = norm = 0.0
+    picks, start = [], 0
+    for doc in docs:
+        mine = lls[start:start + len(doc.choices)]
+        start += len(doc.choices)
+        s = doc_scores(mine, doc.choices, doc.gold)
+        acc, norm = acc + s["acc"], norm + s["acc_norm"]
+        picks.append(max(range(len(mine)), key=lambda j: (mine[j], -j)))
+    return acc / len(docs), norm / len(docs), picks
+
+
+def run_shape(name: str, docs: list[Doc], llm, model, lm, args) -> None:
+    requests = [r for doc in docs for r in requests_for(doc)]
+    ours = Scorer.from_llm(llm)
+    theirs = Scorer(lambda ids: model(ids).logits, ours.tokenizer, ours.max_length, ours.prefix_token_id)
+    pairs = [ours.encode_pair(r.context, r.continuation) for r in requests]
+    systems = {"tinylm": lambda p: scorer_lls(ours, p, args.batch_size),
+               "transformers": lambda p: scorer_lls(theirs, p, args.batch_size)}
+    inputs = {"tinylm": pairs, "transformers": pairs}
+    if lm is not None:
+        inputs["lm-eval"] = [((r.context, r.continuation), *lm._encode_pair(r.context, r.continuation))
+                             for r in requests]
+        systems["lm-eval"] = lambda p: lm_eval_lls(lm, p, args.batch_size)
+        same_tokens = sum(tuple(a) == tuple(b[1:]) for a, b in zip(pairs, inputs["lm-eval"]))
+        print(f"{name}: lm-eval's tokenization equals tinylm's for {same_tokens}/{len(pairs)} requests")
+    warm = sum(len(d.choices) for d in docs[:args.warmup])
+    results = {}
+    for system, score in systems.items():
+        score(inputs[system][:warm])  # first calls: allocator, kernels
+        seconds, lls = timed(lambda: score(inputs[system]), args.repeats)
+        results[system] = (len(docs) / seconds, lls, *scores(lls, docs))
+    print_rows(name, args.dtype_now, results)
+
+
+def print_rows(shape: str, dtype: str, results: dict) -> None:
+    base_rate, base_lls, _, _, base_picks = results["tinylm"]
+    for system, (rate, lls, acc, norm, picks) in results.items():
+        ratio = "" if system == "tinylm" else f"{base_rate / rate:.2f}x"
+        diff = max(abs(a - b) for a, b in zip(lls, base_lls))
+        same = sum(a == b for a, b in zip(picks, base_picks)) / len(picks)
+        print(f"| {shape} | {dtype} | {system} | {rate:.2f} | {ratio} | {acc:.4f} / {norm:.4f} | {diff:.4f} | "
+              f"{same:.0%} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=hub.DEFAULT_MODEL)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=4, help="examples scored once, untimed, before timing")
+    parser.add_argument("--no-lm-eval", action="store_true", help="skip lm-evaluation-harness")
     parser.add_argument("--data-dir", type=Path, default=None, help="real task files instead of synthetic examples")
     parser.add_argument("--task", default="hellaswag")
     args = parser.parse_args()
 
-    gguf = hub.resolve(args.model)
+    source = hub.resolve(args.model)
     if args.data_dir:
         items = build_items(TASKS[args.task], args.data_dir, Settings(limit=args.examples))[:args.examples]
-        requests = [item.requests for item in items]
+        shapes = {args.task: [item.doc for item in items]}
     else:
-        requests = [requests_for(doc) for doc in synthetic_docs(args.examples)]
+        shapes = {name: SHAPES[name](args.examples) for name in args.shapes}
     print(f"machine: {machine_line()}")
-    print(f"model: {gguf.name}; {len(requests)} examples, {sum(map(len, requests))} requests, "
-          f"batch {args.batch_size}")
-    print("| dtype | tinylm examples/s | transformers examples/s | ratio | max abs ll diff | same choice |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"model: {source.name}; {args.examples} examples per shape, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads")
+    print("| shape | dtype | system | examples/s | tinylm is | acc / acc_norm | max abs ll diff | same choice |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for dtype in args.dtypes:
-        llm = tinylm.load(gguf, dtype=dtype)
-        ours = Scorer.from_llm(llm)
-        pairs = [ours.encode_pair(r.context, r.continuation) for reqs in requests for r in reqs]
-        model = load_transformers(gguf, dtype)
-        theirs = Scorer(lambda ids: model(ids).logits, llm.tokenizer, ours.max_length, prefix_token_id(llm))
-        runs_ours, runs_theirs = [], []
-        for _ in range(args.repeats):  # alternate, so both see the same machine load
-            runs_ours.append(time_scoring(ours, pairs, args.batch_size))
-            runs_theirs.append(time_scoring(theirs, pairs, args.batch_size))
-        t_ours, ll_ours = min(runs_ours, key=lambda r: r[0])
-        t_theirs, ll_theirs = min(runs_theirs, key=lambda r: r[0])
-        sizes = [len(r) for r in requests]
-        same = sum(a == b for a, b in zip(predictions(ll_ours, sizes), predictions(ll_theirs, sizes))) / len(sizes)
-        diff = max(abs(ll_ours[i] - ll_theirs[i]) for i in ll_ours)
-        n = len(requests)
-        print(f"| {dtype} | {n / t_ours:.2f} | {n / t_theirs:.2f} | {t_theirs / t_ours:.2f} | {diff:.4f} | "
-              f"{same:.0%} |", flush=True)
-        del llm, model
+        args.dtype_now = dtype
+        llm = tinylm.load(source, dtype=dtype)
+        model = load_transformers(source, dtype)
+        lm, why = (None, "--no-lm-eval") if args.no_lm_eval else lm_eval_system(model, source, args.batch_size)
+        if lm is None:
+            print(f"lm-eval skipped: {why}")
+        for name, docs in shapes.items():
+            run_shape(name, docs, llm, model, lm, args)
+        del llm, model, lm
 
 
 if __name__ == "__main__":

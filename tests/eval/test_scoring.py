@@ -114,17 +114,6 @@ def test_batched_loglikelihoods_equal_unbatched_ones(tiny_llm):
         assert scored[i] == pytest.approx(direct_loglikelihood(tiny_llm, r.context, r.continuation), abs=1e-4)
 
 
-def test_requests_with_the_same_input_share_one_row(tiny_llm):
-    """MMLU's one-token answers " A".." D" read the same input: one row per question, as lm-eval's logits cache."""
-    rows = []
-    scorer = Scorer.from_llm(tiny_llm)
-    scorer.forward = lambda ids: (rows.append(ids.shape[0]), tiny_llm.forward(ids).logits)[1]
-    items = build_items(TASKS["mmlu"], DATA, Settings(progress=False))
-    pairs = [scorer.encode_pair(r.context, r.continuation) for item in items for r in item.requests]
-    results = [x for batch in scorer.score(pairs, batch_size=64) for x in batch]
-    assert len(results) == 16 and sum(rows) == 4
-
-
 def test_encode_pair_moves_trailing_space_and_splits_the_joint_encoding(tiny_llm):
     scorer = Scorer.from_llm(tiny_llm)
     tok = tiny_llm.tokenizer

@@ -23,11 +23,15 @@ def _common(parser: argparse.ArgumentParser, lists: bool) -> None:
     parser.add_argument("--dtype", default="auto", help=f"auto, float32, bfloat16 or float16{each}")
     parser.add_argument("--quantize", default="none", help=f"none, int8 or int4{each}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch-size", type=_positive, default=8 if lists else 1)
+    parser.add_argument("--batch-size", type=_positive, default=8 if lists else 1,
+                        help="examples (distinct contexts, with all their choices) per forward" if lists
+                        else "windows per forward")
     parser.add_argument("--context", type=_positive, default=None,
                         help="tokens the model reads per forward pass (default: the model's context length)")
     parser.add_argument("--add-bos", action="store_true",
                         help="let the tokenizer add its special tokens (lm-eval's add_bos_token; off by default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model through torch.compile (about a minute to compile; pays on whole tasks)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -118,7 +122,7 @@ def cmd_perplexity(args) -> int:
 
     documents = read_documents(args.data, args.field)[:args.limit]
     llm, dtype = _load(args.model, args.dtype, args.quantize, args)
-    scorer = Scorer.from_llm(llm, max_length=args.context, add_bos=args.add_bos)
+    scorer = Scorer.from_llm(llm, max_length=args.context, add_bos=args.add_bos, compile=args.compile)
     result = perplexity(scorer, documents, stride=args.stride, batch_size=args.batch_size,
                         progress=not args.no_progress).as_dict()
     print(f"model: {args.model} ({dtype}, quantize={args.quantize})  data: {args.data}")
@@ -182,7 +186,7 @@ def _run_variant(model: tuple[str, str, int | None], dtype: str, quantize: str, 
 
     source, name, tokens = model
     llm, dtype = _load(source, dtype, quantize, args)
-    scorer = Scorer.from_llm(llm, max_length=args.context, add_bos=args.add_bos)
+    scorer = Scorer.from_llm(llm, max_length=args.context, add_bos=args.add_bos, compile=args.compile)
     fingerprint = model_fingerprint(llm.loaded.source, dtype=dtype, quantize=quantize, device=args.device,
                                     max_length=scorer.max_length, add_bos=args.add_bos)
     settings = Settings(args.num_fewshot, args.limit, args.batch_size, args.fewshot_seed, not args.no_progress)

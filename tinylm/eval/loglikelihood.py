@@ -10,6 +10,11 @@ Source: lm_eval/models/huggingface.py (`_loglikelihood_tokens`) and lm_eval/api/
   the argmax (lm-eval's is_greedy).
 - requests are sorted longest first (lm-eval's Collator) so batches are tight; requests whose model input is the same
   token sequence (e.g. MMLU's one-token answers " A".." D") share one row, as lm-eval's logits cache does.
+
+Two ways to compute the same numbers: a Scorer made from an LLM (`from_llm`) scores batches of examples with each
+shared context run once and logits only at the scored tokens (shared_context.py; batch_size counts distinct
+contexts, about one per example); a Scorer given only a `forward` function (any model's logits, e.g. transformers'
+for a comparison) runs lm-eval's padded rows (batch_size counts rows).
 """
 
 from __future__ import annotations
@@ -19,25 +24,29 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from tinylm.eval.data import EvalDataError
+from tinylm.eval.shared_context import Group, SharedContextScorer, split_request
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input_ids (B, T) -> logits (B, T, V)
 Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
 
 class Scorer:
-    def __init__(self, forward: Forward, tokenizer, max_length: int, prefix_token_id: int, add_bos: bool = False):
+    def __init__(self, forward: Forward, tokenizer, max_length: int, prefix_token_id: int, add_bos: bool = False,
+                 model=None, compile: bool = False):
         self.forward = forward
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prefix_token_id = prefix_token_id
         self.add_bos = add_bos
+        self.model = model  # tinylm's CausalLM: shared contexts run once (None: `forward`'s padded rows)
+        self.shared = SharedContextScorer(model, compile) if model is not None else None
 
     @classmethod
-    def from_llm(cls, llm, max_length: int | None = None, add_bos: bool = False) -> Scorer:
+    def from_llm(cls, llm, max_length: int | None = None, add_bos: bool = False, compile: bool = False) -> Scorer:
         if llm.tokenizer is None:
             raise EvalDataError("this model has no tokenizer; evaluating text needs one")
         return cls(lambda ids: llm.forward(ids).logits, llm.tokenizer, max_length or llm.config.max_position_embeddings,
-                   prefix_token_id(llm), add_bos)
+                   prefix_token_id(llm), add_bos, model=llm.model, compile=compile)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.add_bos)
@@ -54,6 +63,9 @@ class Scorer:
 
     def score(self, pairs: Sequence[Pair], batch_size: int) -> Iterator[list[tuple[int, float, bool]]]:
         """For each batch run, the (pair index, log-likelihood, is_greedy) of the pairs it scored."""
+        if self.shared is not None:
+            yield from self._score_shared(pairs, batch_size)
+            return
         by_input: dict[tuple[int, ...], list[int]] = {}
         for index, (context, continuation) in enumerate(pairs):
             self._check(context, continuation)
@@ -62,6 +74,17 @@ class Scorer:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             yield self._run(chunk, [by_input[toks] for toks in chunk], pairs)
+
+    def _score_shared(self, pairs: Sequence[Pair], batch_size: int) -> Iterator[list[tuple[int, float, bool]]]:
+        """batch_size distinct prefixes (contexts) per batch, longest first, every choice of each in the same batch."""
+        groups: dict[tuple[int, ...], Group] = {}
+        for index, (context, continuation) in enumerate(pairs):
+            self._check(context, continuation)
+            prefix = split_request(context + continuation, continuation, self.max_length)
+            groups.setdefault(prefix, Group(prefix)).members.append((index, continuation))
+        order = sorted(groups.values(), key=lambda g: (-len(g.prefix), g.prefix))
+        for start in range(0, len(order), batch_size):
+            yield self.shared.score(order[start:start + batch_size])
 
     def _check(self, context: list[int], continuation: list[int]) -> None:
         if not context or not continuation:

@@ -95,12 +95,15 @@ def _score_windows(scorer: Scorer, jobs: list[tuple[list[int], tuple[int, int, i
     """Summed NLL of the tokens the windows score; windows are right-padded into one batch (causal: no mask)."""
     width = max(end - begin for _, (begin, end, _) in jobs)
     ids = torch.zeros(len(jobs), width, dtype=torch.long)  # (B, T)
-    for row, (seq, (begin, end, _)) in enumerate(jobs):
-        ids[row, :end - begin] = torch.tensor(seq[begin:end])
-    logits = scorer.forward(ids)  # (B, T, V)
-    total = 0.0
+    rows, positions, targets = [], [], []
     for row, (seq, (begin, end, first)) in enumerate(jobs):
-        logprobs = logits[row, first - begin:end - begin].float().log_softmax(-1)  # (k, V)
-        target = torch.tensor(seq[first + 1:end + 1], device=logprobs.device)  # (k,)
-        total -= logprobs.gather(-1, target[:, None]).sum().item()
-    return total
+        ids[row, :end - begin] = torch.tensor(seq[begin:end])
+        rows += [row] * (end - first)
+        positions += range(first - begin, end - begin)
+        targets += seq[first + 1:end + 1]
+    if scorer.shared is not None:  # tinylm's model: lm_head at the scored positions only
+        return -scorer.shared.sequence_logprobs(ids, rows, positions, targets).sum().item()
+    logits = scorer.forward(ids)  # (B, T, V)
+    logprobs = logits[rows, positions].float().log_softmax(-1)  # (M, V)
+    target = torch.tensor(targets, device=logprobs.device)  # (M,)
+    return -logprobs.gather(-1, target[:, None]).sum().item()

@@ -93,8 +93,10 @@ def _score(scorer: Scorer, items: list[Item], cache: ResultCache, settings: Sett
     lls = {id(item): [0.0] * len(item.requests) for item in items}
     greedy = {id(item): [False] * len(item.requests) for item in items}
     left = {id(item): len(item.requests) for item in items}
-    with tqdm(total=len(pairs), desc=name, unit="req", disable=not settings.progress or not pairs) as bar:
+    # examples/s and the ETA, counted in whole examples (all choices scored)
+    with tqdm(total=len(items), desc=name, unit="example", disable=not settings.progress or not pairs) as bar:
         for batch in scorer.score(pairs, settings.batch_size):
+            done = 0
             for index, ll, is_greedy in batch:
                 item, choice = owners[index]
                 lls[id(item)][choice], greedy[id(item)][choice] = ll, is_greedy
@@ -102,4 +104,5 @@ def _score(scorer: Scorer, items: list[Item], cache: ResultCache, settings: Sett
                 if left[id(item)] == 0:
                     item.lls = lls[id(item)]
                     cache.put(item.group, item.index, item.digest, item.lls, greedy[id(item)])
-            bar.update(len(batch))
+                    done += 1
+            bar.update(done)
