@@ -271,3 +271,12 @@ def test_hybrid_layer_plan_without_a_period_is_refused(tmp_path):
 def test_qed_has_no_llama_cpp_architecture(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="llama.cpp has no architecture for the qed family"):
         convert_hf_to_gguf(tiny_folder("qed", seed=0), tmp_path / "qed.gguf")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_next"])
+def test_q8_0_experts_and_split_projection_load_as_their_blocks(family, tiny_folders, tmp_path):
+    """Quantized loading takes each expert's Q8_0 blocks out of the stacked tensor (and Qwen3-Next's projection
+    from its two halves) as they are: int8 layers in groups of 32 compute what the dequantized file computes."""
+    path = convert_hf_to_gguf(tiny_folders[family], tmp_path / "q8.gguf", "q8_0")
+    exact = tinylm.load(path, dtype="float32", quantize="int8:int8_group_size=32,kernel_dtype=model")
+    torch.testing.assert_close(exact.forward([IDS]).logits[0], logits(path), rtol=1e-5, atol=1e-5)
