@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("command helpers", ["tinylm.cli_args"]),  # flags shared by the commands and train's config loader
     # each package's `tinylm <command>` group (its cli.py) belongs to its package, except `tinylm quantize`, which
     # lives beside the quantization code but loads models through the public API
-    ("applications", ["tinylm.server", "tinylm.train", "tinylm.eval", "tinylm.bench", "tinylm.quant.cli"]),
+    ("applications", ["tinylm.server", "tinylm.train", "tinylm.eval", "tinylm.bench", "tinylm.quant.cli",
+                      "tinylm.verify"]),
     ("cli", ["tinylm.cli"]),  # wires the command groups together: nothing imports it
 ]
 

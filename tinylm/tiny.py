@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from tinylm.config import ModelConfig
 from tinylm.model.transformer import CausalLM
@@ -55,10 +55,24 @@ FAMILIES: dict[str, dict] = {
 }
 
 
-def build_tokenizer() -> Tokenizer:
-    """A byte-level BPE (like Qwen2/SmolLM2) trained on a short built-in text: ids 0..2 are the special tokens."""
+# Qwen2's pre-tokenization (its tokenizer.json's, and the one transformers 5's Qwen2Tokenizer builds): words, single
+# digits, punctuation runs, newlines, spaces
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def build_tokenizer(arch: str = "llama") -> Tokenizer:
+    """A byte-level BPE (like Qwen2/SmolLM2) trained on a short built-in text: ids 0..2 are the special tokens.
+
+    For qwen2 it pre-tokenizes as Qwen2 does (NFC, then QWEN2_SPLIT): transformers 5 loads every qwen2 checkpoint's
+    tokenizer through Qwen2Tokenizer, which imposes that pipeline whatever tokenizer.json says, so a tiny qwen2
+    with GPT-2's pre-tokenizer would tokenize differently there (digits, spaces; `tinylm verify` reports it)."""
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if arch == "qwen2":
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -99,4 +113,4 @@ def make_tiny(arch: str, out: str | Path, seed: int = 0) -> Path:
     init_weights(model, seed)
     if not all(math.isfinite(p.abs().max().item()) for p in model.parameters()):
         raise RuntimeError(f"tiny {arch}: non-finite initial weights")
-    return export_hf_folder(model, out, tokenizer=build_tokenizer())
+    return export_hf_folder(model, out, tokenizer=build_tokenizer(arch))
