@@ -263,8 +263,10 @@ def test_hybrid_layer_plan_without_a_period_is_refused(tmp_path):
     data = {**FAMILIES["qwen3_next"], "layer_types": ["linear_attention", "full_attention", "full_attention",
                                                       "linear_attention"]}
     config = ModelConfig.from_hf_dict(data)
+    model = CausalLM(config)
+    init_weights(model, seed=0)
     with pytest.raises(ConfigError, match="every n layers"):
-        write_gguf(tmp_path / "x.gguf", config, dict(CausalLM(config).state_dict()), None, "f32")
+        write_gguf(tmp_path / "x.gguf", config, dict(model.state_dict()), None, "f32")
     assert not (tmp_path / "x.gguf").exists()
 
 
