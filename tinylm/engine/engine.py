@@ -29,7 +29,7 @@ from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
 from tinylm.engine.speculative import Speculation, make_drafter
 from tinylm.engine.stop import StopChecker
-from tinylm.engine.structured import GrammarCompiler
+from tinylm.engine.structured import GrammarCompiler, prefetch_masks
 from tinylm.errors import ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
 from tinylm.model.gemv import use_gemv
@@ -202,8 +202,9 @@ class LLMEngine:
         plain, verified = self.speculation.split(seqs) if self.speculation else (seqs, [])
         outputs = []
         if plain:
+            masks = prefetch_masks([seq.constraint for seq in plain], self.vocab_size)  # while the model runs
             logits = self.runner.forward([(seq, 1) for seq in plain])
-            outputs += self._after_forward(plain, [1] * len(plain), logits)
+            outputs += self._after_forward(plain, [1] * len(plain), logits, masks)
         return outputs + (self.speculation.step(verified, self._append) if verified else [])
 
     def _prefill_groups(self, prefill: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
@@ -222,8 +223,10 @@ class LLMEngine:
             return self._after_forward(seqs, [n], logits[-1:])
         return self._after_forward(seqs, [n for _, n in group], self.runner.forward(group))
 
-    def _after_forward(self, seqs: list[Sequence], counts: list[int], logits: torch.Tensor) -> list[StepOutput]:
-        """Advance each sequence's computed tokens; sample for those whose every token is now computed."""
+    def _after_forward(self, seqs: list[Sequence], counts: list[int], logits: torch.Tensor,
+                       masks=None) -> list[StepOutput]:
+        """Advance each sequence's computed tokens; sample for those whose every token is now computed. masks: a
+        decode step's structured-output masks, computed during its forward (every row is then ready)."""
         ready = []
         for row, (seq, n) in enumerate(zip(seqs, counts)):
             self.blocks.mark_computed(seq, n)
@@ -233,14 +236,15 @@ class LLMEngine:
             return []
         if len(ready) < len(seqs):  # rows still in prefill produced no token yet
             logits = logits.index_select(0, torch.tensor(ready, device=logits.device))
-        return self._sample([seqs[r] for r in ready], logits)
+        masks = masks.result() if masks is not None else None
+        return self._sample([seqs[r] for r in ready], logits, masks if len(ready) == len(seqs) else None)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks=None) -> list[StepOutput]:
         """logits (B, V) float32 at each sequence's last token -> one new token per sequence."""
         params = [seq.params for seq in seqs]
         # logit_bias, the min_tokens ban and penalties (logit_shaping.py), then temperature and the filters;
         # logprobs are those of the model's own distribution, before any of them
-        shaped = shape_logits(logits, seqs, self.vocab_size)
+        shaped = shape_logits(logits, seqs, self.vocab_size, masks)
         tokens = sampler.sample(shaped, params, [seq.generator for seq in seqs])
         entries = sampler.logprob_entries(logits, tokens, [p.logprobs for p in params])
         return [self._append(seq, token, entry) for seq, token, entry in zip(seqs, tokens.tolist(), entries)]

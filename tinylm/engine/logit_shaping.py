@@ -15,14 +15,17 @@ from tinylm.engine.sequence import Sequence
 from tinylm.engine.structured import apply_masks, constraint_masks
 
 
-def shape_logits(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
-    """logits (B, V) at each sequence's last token -> the logits its sampling parameters ask to sample from."""
+def shape_logits(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int, masks=None) -> torch.Tensor:
+    """logits (B, V) at each sequence's last token -> the logits its sampling parameters ask to sample from.
+    masks: the rows' structured-output masks when they were computed during the forward (prefetch_masks)."""
     params = [seq.params for seq in seqs]
     logits = sampler.apply_logit_bias(logits, params)
     logits = sampler.mask_tokens(logits, [banned_tokens(seq, vocab_size) for seq in seqs])
     if any(p.penalized for p in params):
         logits = sampler.apply_penalties(logits, params, *penalty_state(seqs, logits.shape[-1], logits.device))
-    return apply_masks(logits, constraint_masks([seq.constraint for seq in seqs], vocab_size))
+    if masks is None:
+        masks = constraint_masks([seq.constraint for seq in seqs], vocab_size)
+    return apply_masks(logits, masks)
 
 
 def shapes_logits(seq: Sequence) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import torch
@@ -30,6 +31,8 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 LIMITS = dict(verbose_errors=False)
 CACHE_SIZE = 256  # compiled grammars kept per engine
 MAX_ERROR_CHARS = 400
+# One thread computes a decode step's masks while the model runs it (llguidance and ATen both release the GIL)
+_MASK_THREAD = ThreadPoolExecutor(1, thread_name_prefix="tinylm-masks")
 
 
 class ConstraintError(ValueError):
@@ -157,6 +160,14 @@ def constraint_masks(constraints: list[Constraint | None], vocab: int,
     for constraint, first, tokens in jobs:
         _fill(constraint.matcher, bitmask, first, tokens)
     return unpack_bitmask(bitmask, vocab), rows
+
+
+def prefetch_masks(constraints: list[Constraint | None], vocab: int) -> Future | None:
+    """constraint_masks for the rows of a step about to run, computed on the mask thread while the model runs it
+    (None when no row is constrained). The matchers are not touched elsewhere until the result is taken."""
+    if not any(c is not None and c.active for c in constraints):
+        return None
+    return _MASK_THREAD.submit(constraint_masks, constraints, vocab)
 
 
 def apply_masks(logits: torch.Tensor, masks: tuple[torch.Tensor, list[int]] | None) -> torch.Tensor:
