@@ -4,6 +4,7 @@
     tinylm eval tasks MODEL [MODEL ...] --tasks hellaswag,arc_challenge,... --data-dir DIR [--num-fewshot K]
 
 Modules: tasks (the task definitions), loading (task files under --data-dir), prompts (few-shot contexts and
-requests), loglikelihood (batched scoring through `llm.forward`), metrics, runner, cache (resume), perplexity,
+requests), loglikelihood (lm-eval's request encoding and batching), shared_context (each example's context run once,
+logits only at the scored tokens), metrics, runner, cache (resume), perplexity,
 results (JSON, CSV, tables), checkpoints (training-token convention), plot, cli.
 """

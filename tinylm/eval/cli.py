@@ -188,7 +188,8 @@ def _run_variant(model: tuple[str, str, int | None], dtype: str, quantize: str, 
     llm, dtype = _load(source, dtype, quantize, args)
     scorer = Scorer.from_llm(llm, max_length=args.context, add_bos=args.add_bos, compile=args.compile)
     fingerprint = model_fingerprint(llm.loaded.source, dtype=dtype, quantize=quantize, device=args.device,
-                                    max_length=scorer.max_length, add_bos=args.add_bos)
+                                    max_length=scorer.max_length, add_bos=args.add_bos,
+                                    **({"compile": True} if args.compile else {}))  # bf16 rounds differently
     settings = Settings(args.num_fewshot, args.limit, args.batch_size, args.fewshot_seed, not args.no_progress)
     start = time.time()
     results = evaluate(scorer, specs, args.data_dir, settings,
