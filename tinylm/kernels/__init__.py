@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp")]
 HEADERS = [Path(__file__).with_name("vec_rows.h")]  # included by the sources: part of the build's name too
 _STATE: dict[str, bool] = {}
 
@@ -134,6 +135,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::int8_gemm")
     def _(x_u8, weight, weight_sums, weight_scales):
         return x_u8.new_empty((x_u8.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("tinylm::invariant_linear")
+    def _(x, weight, bias=None):
+        return x.new_empty((x.shape[0], weight.shape[0]))  # (M, N) in x's dtype
 
 
 def int8_gemm_available() -> bool:

@@ -1,0 +1,153 @@
+"""tinylm's batch-invariant product (tinylm/kernels/invariant_gemm.cpp, the wrapper tinylm/kernels/invariant.py):
+a row's output is bitwise the same whatever the number of rows, the other rows, its position, the thread count,
+and it is F.linear within float32 / bfloat16 rounding; bias, strided inputs, leading dims and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+from tinylm import kernels
+from tinylm.kernels import invariant
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs tinylm's kernels (a C++ compiler)")
+
+ROWS = [1, 2, 3, 5, 16, 17, 64, 300]
+DTYPES = [torch.float32, torch.bfloat16]
+# (N, K, bias): the default model's (SmolLM2-135M) projections, then tails of every tile and chunk
+MODEL_SHAPES = [(1536, 576, False), (576, 1536, False), (192, 576, True), (49152, 576, False)]
+ODD_SHAPES = [(37, 100, True), (8, 5, False), (3, 33, True)]
+
+
+def product(kernel, x, weight, bias):
+    return getattr(torch.ops.tinylm, kernel)(x, weight, bias)
+
+
+def make(shape, dtype, seed=0):
+    n, k, with_bias = shape
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    probe = torch.randn(1, k, generator=gen).to(dtype)  # (1, K): the row whose output must not move
+    return weight, bias, probe
+
+
+def outputs_of_probe(kernel, weight, bias, probe, threads):
+    """The probe row's output in every batch of ROWS (first, middle and last place, random companions)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        found = []
+        for rows in ROWS:
+            x = torch.randn(rows, probe.shape[1], generator=torch.Generator().manual_seed(rows)).to(probe.dtype)
+            places = sorted({0, rows // 2, rows - 1})
+            x[places] = probe
+            out = product(kernel, x, weight, bias)
+            found += [(rows, place, out[place]) for place in places]
+        return found
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_invariant(kernel, shape, dtype):
+    weight, bias, probe = make(shape, dtype)
+    alone = product(kernel, probe, weight, bias)[0]  # (N,): M = 1
+    for threads in (1, 2):
+        for rows, place, row in outputs_of_probe(kernel, weight, bias, probe, threads):
+            assert torch.equal(row, alone), f"row {place} of {rows} rows differs ({threads} threads)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MODEL_SHAPES + ODD_SHAPES)
+def test_a_row_does_not_depend_on_its_batch(shape, dtype):
+    assert_invariant("invariant_linear", shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(192, 576, True)] + ODD_SHAPES)
+def test_portable_path_is_invariant_too(shape, dtype):
+    """The path CPUs without AVX-512 take (Vectorized<float> FMAs), run here through its own op."""
+    assert_invariant("invariant_linear_portable", shape, dtype)
+
+
+@pytest.mark.parametrize("kernel", ["invariant_linear", "invariant_linear_portable"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MODEL_SHAPES[:3] + ODD_SHAPES)
+def test_close_to_float64(kernel, shape, dtype):
+    weight, bias, _ = make(shape, dtype)
+    x = torch.randn(40, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = product(kernel, x, weight, bias)
+    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert out.dtype == dtype and out.shape == (40, shape[0])
+    if dtype == torch.float32:  # float32 sums of K products
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=2e-6 * shape[1])
+    else:  # exact bf16 products, float32 sums, one rounding to bfloat16 (2^-8 relative)
+        torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(192, 576, True), (37, 100, True)])
+def test_bias_is_one_float32_add_after_the_sum(shape):
+    weight, bias, _ = make(shape, torch.float32)
+    x = torch.randn(7, shape[1])
+    op = torch.ops.tinylm.invariant_linear
+    assert torch.equal(op(x, weight, bias), op(x, weight, None) + bias)
+    # bfloat16 x: a bias given in bfloat16 or as the same values in float32 is the same float32 add
+    xb, wb, bb = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    assert torch.equal(op(xb, wb, bb), op(xb, wb, bb.float()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs_give_the_contiguous_result(dtype):
+    weight, bias, _ = make((64, 96, True), dtype)
+    wide = torch.randn(9, 192).to(dtype)
+    x = wide[:, ::2]  # (9, 96), not contiguous
+    strided_weight = weight.t().contiguous().t()
+    expected = torch.ops.tinylm.invariant_linear(x.contiguous(), weight, bias)
+    assert torch.equal(torch.ops.tinylm.invariant_linear(x, strided_weight, bias), expected)
+
+
+def test_wrapper_keeps_leading_dims_and_equals_the_op():
+    weight, bias, _ = make((48, 64, True), torch.bfloat16)
+    x = torch.randn(2, 3, 64).bfloat16()
+    out = invariant.invariant_linear(x, weight, bias)
+    assert out.shape == (2, 3, 48)
+    assert torch.equal(out.reshape(6, 48), torch.ops.tinylm.invariant_linear(x.reshape(6, 64), weight, bias))
+
+
+def test_refuses_what_it_cannot_compute():
+    weight = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        torch.ops.tinylm.invariant_linear(torch.randn(2, 16).bfloat16(), weight)
+    with pytest.raises(RuntimeError, match="x's K"):
+        torch.ops.tinylm.invariant_linear(torch.randn(2, 15), weight)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.tinylm.invariant_linear(torch.randn(2, 16), weight, torch.randn(7))
+
+
+def test_wrapper_falls_back_to_f_linear_with_one_warning(monkeypatch):
+    monkeypatch.setattr(invariant, "_WARNED", set())
+    x, weight = torch.randn(3, 16).half(), torch.randn(8, 16).half()  # float16: not a kernel dtype
+    with pytest.warns(RuntimeWarning, match="float32 or bfloat16"):
+        out = invariant.invariant_linear(x, weight)
+    assert torch.equal(out, F.linear(x, weight))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        invariant.invariant_linear(x, weight)  # the second time: silent
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inside_torch_compile(dtype):
+    weight, bias, _ = make((192, 576, True), dtype)
+
+    def layer(x):
+        return invariant.invariant_linear(x, weight, bias) * 2
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for rows in (3, 17):
+        x = torch.randn(1, rows, 576).to(dtype)
+        out, code = run_and_get_code(compiled, x)
+        assert "invariant_linear" in "".join(code)
+        assert torch.equal(out, layer(x))

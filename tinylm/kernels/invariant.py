@@ -1,0 +1,52 @@
+"""Batch-invariant linear layers: `invariant_linear(x, weight, bias)` is F.linear whose every output row is
+bitwise the same whatever else is in the batch (issue 21).
+
+PyTorch's CPU products pick their algorithm by the number of rows (oneDNN / MKL block K differently for 1, 2,
+16+ rows; bf16 switches to AMX tiles from 64 rows), so a token's logits change with the batch it is in. The C++
+kernel (tinylm/kernels/invariant_gemm.cpp) computes each output element by one fixed sequence of float32
+operations over K, whatever M, the other rows, the thread count or the split of the work. Output in x's dtype,
+as F.linear: float32 sums, bias added in float32, one rounding to bfloat16 at the end.
+
+Where the kernels cannot be built, or for dtypes / devices the kernel does not take (float16, CUDA), it is
+F.linear, with one warning: the result is then correct but not batch invariant.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from tinylm import kernels
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_WARNED: set[str] = set()
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K), weight (N, K), bias (N,) or None -> (..., N) in x's dtype, each row independent of the others."""
+    reason = _fallback_reason(x, weight)
+    if reason is not None:
+        _warn_once(reason)
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])  # (M, K): a view when the leading dims merge; the op copies strided rows
+    out = torch.ops.tinylm.invariant_linear(rows, weight, bias)  # (M, N)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fallback_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the kernel cannot take this product (None when it can)."""
+    if not kernels.available():
+        return "tinylm's CPU kernels are not built here"
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return f"the batch-invariant product runs on CPU only (got {x.device.type})"
+    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype:
+        return f"the batch-invariant product takes float32 or bfloat16 (got {x.dtype} x {weight.dtype})"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"{reason}: using F.linear, whose rows depend on the batch", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,368 @@
+// Batch-invariant products: y = x @ weight.T + bias where every output element is computed by the same sequence
+// of floating-point operations whatever the number of rows M, whatever the other rows hold, however many threads
+// run and however the work is split (issue 21: a token's logits must not depend on what shares its batch).
+//
+// x (M, K), weight (N, K), bias (N,) or none, float32 or bfloat16 -> (M, N) in x's dtype (as F.linear), computed
+// with float32 sums and rounded once at the end. Element (i, n) is, on every path:
+//   1. a vector accumulator of L lanes, zero, takes the K columns in chunks of C (C = L, or 2L with VDPBF16PS)
+//      from k = 0 upwards, one multiply-add instruction per chunk; the last K % C columns are zero-filled;
+//   2. its L lanes are summed by one fixed tree (the same tree for every lane position of the tile);
+//   3. bias[n] is added (one float32 add) and the sum rounded to the output dtype.
+// The tile an element sits in (4 weight rows x up to 4 activation rows) only decides which registers hold it: the
+// accumulators never mix, and K is never split (parallelism is over output blocks only). Nothing depends on M.
+//
+// Paths, chosen at compile time for this CPU (results are invariant within one machine's build, not across paths):
+//   bfloat16, AVX-512 BF16: VDPBF16PS, chunks of 32 (lane j adds the products of columns 2j and 2j+1 per chunk).
+//   float32 (and bfloat16 without AVX-512 BF16), AVX-512: FMA, chunks of 16 (bf16 widened exactly to float32).
+//   elsewhere (AVX2, ARM): the portable path, at::vec::Vectorized<float> FMAs (8 lanes on AVX2); also exposed as
+//   tinylm::invariant_linear_portable so its invariance is tested on AVX-512 machines too.
+//
+// Speed: the weight is read in its stored layout, 4 rows (a tile) at a time, and each tile is multiplied by every
+// activation row of a block before the next tile (the tile stays in L1); work units are (chunk of weight tiles,
+// block of activation rows), sized so both stay in L2, so at prefill each weight byte comes from memory once. At
+// decode (M <= one block) the next tile is prefetched (non-temporal) while one computes, as in bf16_gemm.cpp.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define TINYLM_INV_AVX512 1
+#endif
+
+namespace {
+
+constexpr int kW = 4;  // weight rows per tile
+constexpr int kX = 4;  // activation rows per tile: kW * kX = 16 accumulators, one reduction vector of sums
+constexpr int64_t kBlockBytes = 256 * 1024;  // activation block and weight chunk, each (L2 holds both)
+
+#ifdef TINYLM_INV_AVX512
+// Lane i of the result is the sum of the 16 lanes of v[i] (bf16_gemm.cpp's transpose-and-add tree). Every v[i]
+// gets the same tree, ((e0 + e2) + (e1 + e3)) per 128-bit quarter q, then (q0 + q1) + (q2 + q3), so an element's
+// sum does not depend on its place in the tile (that is, on its row index in the batch).
+inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  #pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < 4; ++i) {
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < 2; ++i) {
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// The AVX-512 paths share the accumulator type and reduction; they differ in what a chunk is and how it is added.
+struct Avx512Acc {
+  using Acc = __m512;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static void reduce(const Acc* acc, float* sums) { _mm512_storeu_ps(sums, sum16(acc)); }  // sums[4i + r]
+};
+
+struct F32Fma : Avx512Acc {  // float32: 16 columns per FMA
+  using T = float;
+  using In = __m512;
+  static constexpr int kChunk = 16;
+  static In load(const T* p) { return _mm512_loadu_ps(p); }
+  static In load_tail(const T* p, int64_t left) { return _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p); }
+  static Acc madd(Acc acc, In w, In x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+struct BF16Fma : Avx512Acc {  // bfloat16 without AVX-512 BF16: 16 columns widened exactly (<< 16), then FMA
+  using T = uint16_t;
+  using In = __m512;
+  static constexpr int kChunk = 16;
+  static In widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static In load(const T* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static In load_tail(const T* p, int64_t left) {
+    return widen(_mm256_maskz_loadu_epi16((__mmask16)((1u << left) - 1), p));
+  }
+  static Acc madd(Acc acc, In w, In x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+#if defined(__AVX512BF16__)
+struct BF16Dot : Avx512Acc {  // bfloat16 on AVX-512 BF16: 32 columns per VDPBF16PS (exact products, float32 adds)
+  using T = uint16_t;
+  using In = __m512bh;
+  static constexpr int kChunk = 32;
+  static In load(const T* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static In load_tail(const T* p, int64_t left) {
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);
+  }
+  static Acc madd(Acc acc, In w, In x) { return _mm512_dpbf16_ps(acc, w, x); }
+};
+#endif
+#endif  // TINYLM_INV_AVX512
+
+// Portable path (any CPU at::vec supports): Vectorized<float> FMAs, each accumulator reduced by a pairwise tree.
+template <typename Elem>
+struct Portable {
+  using Vec = at::vec::Vectorized<float>;
+  using T = Elem;
+  using Acc = Vec;
+  using In = Vec;
+  static constexpr int kChunk = Vec::size();
+  static Acc zero() { return Vec(0.0f); }
+  static In load(const float* p) { return Vec::loadu(p); }
+  static In load(const c10::BFloat16* p) {
+    Vec out;
+    at::vec::load_fp32_from_bf16(p, out);
+    return out;
+  }
+  static In load_tail(const T* p, int64_t left) {  // zero-filled copy of the last K % kChunk columns
+    T part[kChunk];
+    std::memset(part, 0, sizeof(part));
+    std::memcpy(part, p, left * sizeof(T));
+    return load(part);
+  }
+  static Acc madd(Acc acc, In w, In x) { return at::vec::fmadd(w, x, acc); }
+  static void reduce(const Acc* acc, float* sums) {
+    for (int j = 0; j < kW * kX; ++j) {
+      alignas(64) float lanes[kChunk];
+      acc[j].store(lanes);
+      for (int width = kChunk / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
+      }
+      sums[j] = lanes[0];
+    }
+  }
+};
+
+// Prefetch the next weight tile (kW * k contiguous elements) in step with reading this one: step `c` of the K loop
+// fetches the lines at kW * c elements, so the whole tile has arrived when the loop ends.
+template <class Ops>
+inline void prefetch_step(const char* next, int64_t c, bool once) {
+  constexpr int kBytes = kW * Ops::kChunk * sizeof(typename Ops::T);
+  const char* line = next + kW * c * static_cast<int64_t>(sizeof(typename Ops::T));
+  #pragma GCC unroll 8
+  for (int b = 0; b < kBytes; b += 64) {
+    if (once) {
+      __builtin_prefetch(line + b, 0, 0);  // weights read once (decode): do not displace the cache's other data
+    } else {
+      __builtin_prefetch(line + b, 0, 3);  // weights reused by the next activation block (prefill): keep in L2
+    }
+  }
+}
+
+// sums[4i + r] = dot(x row i, weight row r) for MB activation rows at x (stride k) and the kW weight rows wr.
+template <class Ops, int MB>
+void tile(const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k, const char* next, bool once,
+          float* sums) {
+  typename Ops::Acc acc[kX * kW];
+  #pragma GCC unroll 16
+  for (int j = 0; j < kX * kW; ++j) acc[j] = Ops::zero();
+  int64_t c = 0;
+  for (; c + Ops::kChunk <= k; c += Ops::kChunk) {
+    if (next != nullptr) prefetch_step<Ops>(next, c, once);
+    typename Ops::In wv[kW];
+    #pragma GCC unroll 4
+    for (int r = 0; r < kW; ++r) wv[r] = Ops::load(wr[r] + c);
+    #pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const typename Ops::In xv = Ops::load(x + i * k + c);
+      #pragma GCC unroll 4
+      for (int r = 0; r < kW; ++r) acc[i * kW + r] = Ops::madd(acc[i * kW + r], wv[r], xv);
+    }
+  }
+  if (c < k) {  // the last K % kChunk columns, zero-filled (0 * 0 adds nothing): the same step for every row
+    typename Ops::In wv[kW];
+    #pragma GCC unroll 4
+    for (int r = 0; r < kW; ++r) wv[r] = Ops::load_tail(wr[r] + c, k - c);
+    #pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const typename Ops::In xv = Ops::load_tail(x + i * k + c, k - c);
+      #pragma GCC unroll 4
+      for (int r = 0; r < kW; ++r) acc[i * kW + r] = Ops::madd(acc[i * kW + r], wv[r], xv);
+    }
+  }
+  Ops::reduce(acc, sums);
+}
+
+// The problem as the kernel sees it: raw pointers (bias float32 or null) and sizes.
+template <class Ops, typename Out>
+struct Problem {
+  const typename Ops::T* x;
+  const typename Ops::T* w;
+  const float* bias;
+  Out* out;
+  int64_t m, k, n;
+};
+
+#ifdef TINYLM_INV_AVX512
+// float32 -> bfloat16 bits as c10::BFloat16 rounds (to nearest even; NaN -> 0x7FC0), 16 at a time
+inline __m256i to_bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+// sums (+ bias, broadcast to each row's 4 lanes) of a full tile row by row: the same adds and rounding as the
+// scalar store_tile below, without 16 scalar conversions per tile
+inline __m512 with_bias(const float* sums, const float* bias) {
+  const __m512 v = _mm512_load_ps(sums);
+  return bias == nullptr ? v : _mm512_add_ps(v, _mm512_broadcast_f32x4(_mm_loadu_ps(bias)));
+}
+inline void store_full(const float* sums, const float* bias, int mb, float* out, int64_t n) {
+  alignas(64) float values[kX * kW];
+  _mm512_store_ps(values, with_bias(sums, bias));
+  for (int i = 0; i < mb; ++i) std::memcpy(out + i * n, values + i * kW, kW * sizeof(float));
+}
+inline void store_full(const float* sums, const float* bias, int mb, c10::BFloat16* out, int64_t n) {
+  alignas(32) uint16_t values[kX * kW];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(values), to_bf16_bits(with_bias(sums, bias)));
+  for (int i = 0; i < mb; ++i) std::memcpy(out + i * n, values + i * kW, kW * sizeof(uint16_t));
+}
+#endif
+
+// out rows [i0, i0 + mb) x columns [n0, n0 + cols) from sums (4 activation rows x 4 weight rows); bias added once.
+template <class Ops, typename Out>
+void store_tile(const Problem<Ops, Out>& p, const float* sums, int64_t i0, int mb, int64_t n0, int cols) {
+#ifdef TINYLM_INV_AVX512
+  if (cols == kW) return store_full(sums, p.bias == nullptr ? nullptr : p.bias + n0, mb, p.out + i0 * p.n + n0, p.n);
+#endif
+  for (int i = 0; i < mb; ++i) {
+    Out* row = p.out + (i0 + i) * p.n + n0;
+    for (int r = 0; r < cols; ++r) {
+      const float value = p.bias == nullptr ? sums[i * kW + r] : sums[i * kW + r] + p.bias[n0 + r];
+      row[r] = static_cast<Out>(value);  // float32 as is; bfloat16 rounded to nearest even (c10::BFloat16)
+    }
+  }
+}
+
+// One weight tile (rows n0 .. n0 + 3; past N the last row again, its sums dropped) against activation rows
+// [i_begin, i_end), 4 at a time; the tile stays in L1 meanwhile.
+template <class Ops, typename Out>
+void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t i_end, const char* next, bool once) {
+  const typename Ops::T* wr[kW];
+  for (int r = 0; r < kW; ++r) wr[r] = p.w + std::min(n0 + r, p.n - 1) * p.k;
+  const int cols = static_cast<int>(std::min<int64_t>(kW, p.n - n0));
+  alignas(64) float sums[kX * kW];
+  for (int64_t i = i_begin; i < i_end; i += kX, next = nullptr) {  // prefetch during the first pass only
+    const typename Ops::T* x = p.x + i * p.k;
+    const int mb = static_cast<int>(std::min<int64_t>(kX, i_end - i));
+    switch (mb) {
+      case 4: tile<Ops, 4>(wr, x, p.k, next, once, sums); break;
+      case 3: tile<Ops, 3>(wr, x, p.k, next, once, sums); break;
+      case 2: tile<Ops, 2>(wr, x, p.k, next, once, sums); break;
+      default: tile<Ops, 1>(wr, x, p.k, next, once, sums); break;
+    }
+    store_tile(p, sums, i, mb, n0, cols);
+  }
+}
+
+// Rows per activation block and weight tiles per chunk: ~kBlockBytes each, a multiple of the tile; the chunks are
+// also cut small enough that every thread gets some when there is one block (decode). Results do not depend on it.
+template <class Ops>
+void plan(int64_t m, int64_t k, int64_t n, int64_t* block_rows, int64_t* chunk_tiles) {
+  const int64_t row_bytes = std::max<int64_t>(1, k * static_cast<int64_t>(sizeof(typename Ops::T)));
+  *block_rows = std::max<int64_t>(kX, (kBlockBytes / row_bytes) / kX * kX);
+  const int64_t tiles = (n + kW - 1) / kW;
+  int64_t chunk = std::max<int64_t>(1, kBlockBytes / (row_bytes * kW));
+  if (m <= *block_rows) chunk = std::min(chunk, std::max<int64_t>(1, tiles / (4 * at::get_num_threads())));
+  *chunk_tiles = chunk;
+}
+
+template <class Ops, typename Out>
+void run(const Problem<Ops, Out>& p) {
+  int64_t block_rows = 0, chunk_tiles = 0;
+  plan<Ops>(p.m, p.k, p.n, &block_rows, &chunk_tiles);
+  const int64_t tiles = (p.n + kW - 1) / kW;
+  const int64_t blocks = (p.m + block_rows - 1) / block_rows, chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
+  const bool once = blocks == 1;
+  // unit u = (weight chunk u / blocks, activation block u % blocks): a thread's consecutive units share a chunk
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i_begin = (u % blocks) * block_rows, i_end = std::min(p.m, i_begin + block_rows);
+      const int64_t t_end = std::min(tiles, (u / blocks + 1) * chunk_tiles);
+      for (int64_t t = (u / blocks) * chunk_tiles; t < t_end; ++t) {
+        const char* next = t + 1 < tiles ? reinterpret_cast<const char*>(p.w + (t + 1) * kW * p.k) : nullptr;
+        tile_rows(p, t * kW, i_begin, i_end, next, once);
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "tinylm::invariant_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "tinylm::invariant_linear: x (M, K) and weight (N, K)");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "tinylm::invariant_linear: x and weight both float32 or both bfloat16");
+  TORCH_CHECK(weight.size(1) == x.size(1), "tinylm::invariant_linear: weight (N, K) with x's K");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->device().is_cpu() &&
+                    (bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat),
+                "tinylm::invariant_linear: bias (N,) in x's dtype or float32");
+  }
+}
+
+template <class Ops, typename Elem>
+at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_inputs(x, weight, bias);
+  // strided inputs are copied: the kernel reads rows of K contiguous elements (same values, same results)
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (out.numel() == 0) return out;
+  Problem<Ops, Elem> p{reinterpret_cast<const typename Ops::T*>(xc.data_ptr<Elem>()),
+                       reinterpret_cast<const typename Ops::T*>(wc.data_ptr<Elem>()),
+                       bc.defined() ? bc.data_ptr<float>() : nullptr, out.data_ptr<Elem>(),
+                       x.size(0), x.size(1), weight.size(0)};
+  run(p);
+  return out;
+}
+
+at::Tensor invariant_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (x.scalar_type() == at::kBFloat16) {
+#if defined(TINYLM_INV_AVX512) && defined(__AVX512BF16__)
+    return linear_with<BF16Dot, c10::BFloat16>(x, weight, bias);
+#elif defined(TINYLM_INV_AVX512)
+    return linear_with<BF16Fma, c10::BFloat16>(x, weight, bias);
+#else
+    return linear_with<Portable<c10::BFloat16>, c10::BFloat16>(x, weight, bias);
+#endif
+  }
+#if defined(TINYLM_INV_AVX512)
+  return linear_with<F32Fma, float>(x, weight, bias);
+#else
+  return linear_with<Portable<float>, float>(x, weight, bias);
+#endif
+}
+
+at::Tensor invariant_linear_portable(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias) {
+  if (x.scalar_type() == at::kBFloat16) return linear_with<Portable<c10::BFloat16>, c10::BFloat16>(x, weight, bias);
+  return linear_with<Portable<float>, float>(x, weight, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinylm, m) {
+  m.def("invariant_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("invariant_linear_portable(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinylm, CPU, m) {
+  m.impl("invariant_linear", &invariant_linear);
+  m.impl("invariant_linear_portable", &invariant_linear_portable);
+}
