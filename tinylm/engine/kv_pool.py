@@ -109,7 +109,7 @@ class PagedBatch:
 
     def __init__(self, pool: KVPool, write_slots: torch.Tensor, write_mask: torch.Tensor | None,
                  gather_slots: torch.Tensor, state_rows: torch.Tensor | None, *, length: int = 0,
-                 attention_kernel: bool = False) -> None:
+                 attention_kernel: bool = False, batch_invariant: bool = False) -> None:
         self.pool = pool
         self.write_slots = write_slots
         self.write_mask = write_mask  # None: every (row, step) is a real token
@@ -118,6 +118,9 @@ class PagedBatch:
         self.state_rows = state_rows
         self.length = length  # S - T: the context before the new tokens, the query offset the mask builder expects
         self.attention_kernel = attention_kernel  # the compiled decode step's, when tinylm.kernels are built
+        # attention by tinylm::invariant_attention (decode_attention and prefill_attention): a row's result the same
+        # whatever shares the batch and however its prompt is split (issue 21); only when tinylm.kernels are built
+        self.batch_invariant = batch_invariant
 
     @property
     def new_tokens(self) -> torch.Tensor | None:
@@ -133,27 +136,72 @@ class PagedBatch:
     def decode_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor | None:
         """One new token per row: store k, v (B, H_kv, 1, D) and attend q (B, H, 1, D) to each row's context
-        with mask (B, 1, 1, S) bool or None, reading K/V in the pool (tinylm/kernels/decode_attention.cpp).
-        Returns (B, H, 1, D), or None where the kernel does not apply (the caller gathers and attends itself)."""
+        with mask (B, 1, 1, S) bool or None, reading K/V in the pool (tinylm/kernels/decode_attention.cpp, or
+        invariant_attention.cpp when `batch_invariant`). Returns (B, H, 1, D), or None where the kernel does not
+        apply (the caller gathers and attends itself)."""
         pool = self.pool
         keys, values = pool.keys[layer_idx], pool.values[layer_idx]
         k_scales, v_scales = pool.key_scales.get(layer_idx), pool.value_scales.get(layer_idx)
         batch, heads, _, dim = q.shape
-        if not self.attention_kernel or dim % 16 or dim > 256:  # the head sizes the kernel takes
+        if not (self.attention_kernel or self.batch_invariant) or dim % 16 or dim > 256:  # the kernels' head sizes
             return None
-        for flat, scales, new in ((keys, k_scales, k), (values, v_scales, v)):
-            rows = new.reshape(batch, *flat.shape[1:])  # (B, H_kv, D)
+        self._store(layer_idx, k.reshape(batch, *keys.shape[1:]), v.reshape(batch, *keys.shape[1:]))
+        valid = None if mask is None else mask.reshape(batch, self.context)
+        slots = self.gather_slots.view(batch, self.context)
+        q_rows = q.reshape(batch, heads, dim).float().contiguous()
+        if self.batch_invariant:  # each row's keys from its own first one: (B,) starts, every row ends at S
+            rows = torch.arange(batch, device=q.device)
+            starts = rows * 0 if valid is None else self.context - valid.sum(dim=-1)
+            out = torch.ops.tinylm.invariant_attention(q_rows, keys, values, slots, rows, starts,
+                                                       torch.full_like(rows, self.context), dim ** -0.5,
+                                                       k_scales, v_scales)
+        else:
+            out = torch.ops.tinylm.paged_attention(q_rows, keys, values, slots, valid, dim ** -0.5,
+                                                   k_scales, v_scales)
+        return out.to(v.dtype).view(batch, heads, 1, dim)
+
+    def prefill_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor | None:
+        """T new tokens per row (left-padded): store the real rows of k, v (B, H_kv, T, D), then attend each real
+        query of q (B, H, T, D) to its own context up to itself, in the pool, with the operations decode uses
+        (tinylm/kernels/invariant_attention.cpp): a prompt token scored here equals the same token decoded.
+        mask (B, 1, T, S) bool (build_attention_mask: causal AND real key) or None (no padding, S == T).
+        Returns (B, H, T, D), zeros at padding queries, or None where the kernel does not apply (head size)."""
+        batch, heads, steps, dim = q.shape
+        if not self.batch_invariant or dim % 16 or dim > 256:
+            return None
+        pool = self.pool
+        keys, values = pool.keys[layer_idx], pool.values[layer_idx]
+        self._store(layer_idx, self._real_rows(k), self._real_rows(v))
+        # row b's context occupies slots [starts[b], S): the keys its newest query (the last column) may see
+        starts = q.new_zeros(batch, dtype=torch.long) if mask is None else self.context - mask[:, 0, -1].sum(dim=-1)
+        ends = torch.arange(self.context - steps + 1, self.context + 1, device=q.device).expand(batch, steps)
+        if self.write_mask is not None:  # padding queries attend nothing
+            ends = torch.where(self.write_mask, ends, starts[:, None])
+        rows = torch.arange(batch, device=q.device).repeat_interleave(steps)
+        q_rows = q.transpose(1, 2).reshape(batch * steps, heads, dim).float().contiguous()  # (B*T, H, D)
+        out = torch.ops.tinylm.invariant_attention(
+            q_rows, keys, values, self.gather_slots.view(batch, self.context), rows,
+            starts.repeat_interleave(steps), ends.reshape(-1).contiguous(), dim ** -0.5,
+            pool.key_scales.get(layer_idx), pool.value_scales.get(layer_idx))
+        return out.to(v.dtype).view(batch, steps, heads, dim).transpose(1, 2)
+
+    def _real_rows(self, new: torch.Tensor) -> torch.Tensor:
+        """new (B, H_kv, T, D) -> its real tokens' rows (N, H_kv, D), row-major (write_slots' order)."""
+        rows = new.transpose(1, 2)  # (B, T, H_kv, D)
+        return rows.reshape(-1, *rows.shape[2:]) if self.write_mask is None else rows[self.write_mask]
+
+    def _store(self, layer_idx: int, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
+        """k_rows, v_rows (N, H_kv, D) -> the pool at write_slots, as codes and row scales for an int8 pool."""
+        pool = self.pool
+        for flat, scales, rows in ((pool.keys[layer_idx], pool.key_scales.get(layer_idx), k_rows),
+                                   (pool.values[layer_idx], pool.value_scales.get(layer_idx), v_rows)):
             if scales is None:
                 flat.index_copy_(0, self.write_slots, rows.to(flat.dtype))
             else:
                 codes, row_scales = quantize_rows(rows)
                 flat.index_copy_(0, self.write_slots, codes)
                 scales.index_copy_(0, self.write_slots, row_scales)
-        valid = None if mask is None else mask.reshape(batch, self.context)
-        out = torch.ops.tinylm.paged_attention(q.reshape(batch, heads, dim).float().contiguous(), keys, values,
-                                               self.gather_slots.view(batch, self.context), valid, dim ** -0.5,
-                                               k_scales, v_scales)
-        return out.to(v.dtype).view(batch, heads, 1, dim)
 
     def _write_and_gather(self, flat: torch.Tensor, new: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
         """new (B, H_kv, T, D) -> its real rows stored, every row's context (B, H_kv, S, D) in new's dtype

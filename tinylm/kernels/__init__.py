@@ -27,8 +27,10 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp")]
-HEADERS = [Path(__file__).with_name("vec_rows.h")]  # included by the sources: part of the build's name too
+           for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
+                         "invariant_attention.cpp")]
+# included by the sources: part of the build's name too
+HEADERS = [Path(__file__).with_name(name) for name in ("vec_rows.h", "attend_chunk.h")]
 _STATE: dict[str, bool] = {}
 
 
@@ -127,6 +129,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::paged_attention")
     def _(q, k_pool, v_pool, slots, valid, scale, k_scales=None, v_scales=None):
         return torch.empty_like(q)
+
+    @torch.library.register_fake("tinylm::invariant_attention")
+    def _(q, k_pool, v_pool, slots, rows, starts, ends, scale, k_scales=None, v_scales=None):
+        return torch.empty_like(q)  # (R, H, D) float32
 
     @torch.library.register_fake("tinylm::bf16_gemm")
     def _(x, weight):

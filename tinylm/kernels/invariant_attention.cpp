@@ -1,0 +1,142 @@
+// Batch-invariant attention over the paged K/V pool, for decode rows and prefill queries alike (issue 21).
+//
+// q (R, H, D) float32, k_pool / v_pool (N, H_kv, D) float32 | bfloat16 | float16 | int8 (k_scales / v_scales
+// (N, H_kv) float32 for int8, as decode_attention.cpp), slots (B, S) int64: each sequence's context slots, in any
+// alignment; per query row r: rows[r] its sequence (a row of slots), and keys [starts[r], ends[r]) of that row, its
+// sequence's position 0 at starts[r] (a prefill query at position t: ends = starts + t + 1) -> out (R, H, D) float32.
+//
+// A query's output is the same floating-point operations whatever else is in the call: its keys are cut into
+// chunks of kChunk counted from starts[r] (its sequence's first key, never the batch's slot axis), each chunk is
+// attend_chunk (attend_chunk.h, the code decode_attention.cpp runs) over exactly that chunk's keys, and the
+// chunks' partials are combined in order (combine_chunks). Work items, threads and the batch's padding only
+// decide who computes a chunk, never how. So a prompt token scored here equals the same token decoded alone,
+// bit for bit, given the same q and the same pool contents.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "attend_chunk.h"
+
+namespace {
+
+using namespace tinylm_rows;
+using namespace tinylm_attend;
+
+// Every query row's chunks, numbered row after row: first[r] is row r's first chunk, first[R] the total.
+std::vector<int64_t> first_chunks(const int64_t* starts, const int64_t* ends, int64_t queries) {
+  std::vector<int64_t> first(queries + 1, 0);
+  for (int64_t r = 0; r < queries; ++r) first[r + 1] = first[r] + (ends[r] - starts[r] + kChunk - 1) / kChunk;
+  return first;
+}
+
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const float* k_scales,
+         const float* v_scales, const at::Tensor& slots, const int64_t* rows, const int64_t* starts,
+         const int64_t* ends, float scale, at::Tensor& out) {
+  const int64_t queries = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_pool.size(1), groups = heads / kv_heads, context = slots.size(1);
+  const std::vector<int64_t> first = first_chunks(starts, ends, queries);
+  const int64_t chunks = first[queries];
+  std::vector<int64_t> owner(chunks);  // chunk -> its query row
+  for (int64_t r = 0; r < queries; ++r) std::fill(owner.begin() + first[r], owner.begin() + first[r + 1], r);
+  // As decode_attention.cpp: whole K/V records per item when there are enough items, else one K/V head each.
+  // Either way a chunk's numbers are attend_chunk's on the same keys, so the choice is only about speed.
+  const bool whole_records = chunks >= 4 * at::get_num_threads();
+  const int64_t heads_per_item = whole_records ? kv_heads : 1, parts = kv_heads / heads_per_item;
+  // per chunk, K/V head and query head of its group: m, l, then D output sums
+  at::Tensor partial = at::empty({chunks, kv_heads, groups, dim + 2}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const T* kp = k_pool.data_ptr<T>();
+  const T* vp = v_pool.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, chunks * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = item / parts, first_head = item % parts * heads_per_item, r = owner[chunk];
+      const int64_t s0 = starts[r] + (chunk - first[r]) * kChunk, s1 = std::min(ends[r], s0 + kChunk);
+      for (int64_t kv_head = first_head; kv_head < first_head + heads_per_item; ++kv_head) {
+        const int64_t fetch = !whole_records ? dim : (kv_head == 0 ? kv_heads * dim : 0);  // elements to prefetch
+        attend_chunk<T>(qp + (r * heads + kv_head * groups) * dim, kp, vp, k_scales, v_scales,
+                        sp + rows[r] * context, nullptr, s0, s1, kv_head, kv_heads, groups, dim, scale, fetch,
+                        pp + (chunk * kv_heads + kv_head) * groups * (dim + 2));
+      }
+    }
+  });
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, queries * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / heads, h = rh % heads, kv_head = h / groups, g = h % groups;
+      const float* row_first = pp + ((first[r] * kv_heads + kv_head) * groups + g) * (dim + 2);
+      combine_chunks(row_first, kv_heads * groups * (dim + 2), first[r + 1] - first[r], dim, op + rh * dim);
+    }
+  });
+}
+
+// (R,) contiguous int64
+const int64_t* per_query(const at::Tensor& t, int64_t queries, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == queries && t.scalar_type() == at::kLong && t.is_contiguous(), name,
+              ": contiguous (R,) int64, one per query row");
+  return t.data_ptr<int64_t>();
+}
+
+void check_ranges(const at::Tensor& slots, const int64_t* rows, const int64_t* starts, const int64_t* ends,
+                  int64_t queries, int64_t pool_slots) {
+  const int64_t batch = slots.size(0), context = slots.size(1);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < queries; ++r) {
+    TORCH_CHECK(rows[r] >= 0 && rows[r] < batch, "rows: ", rows[r], " is not a row of slots (", batch, ")");
+    TORCH_CHECK(0 <= starts[r] && starts[r] <= ends[r] && ends[r] <= context, "keys [", starts[r], ", ", ends[r],
+                ") of query ", r, " are not a range of its ", context, " slots");
+    for (int64_t s = starts[r]; s < ends[r]; ++s) {
+      const int64_t at = slot[rows[r] * context + s];
+      TORCH_CHECK(at >= 0 && at < pool_slots, "slots: ", at, " is outside the pool (", pool_slots, " slots)");
+    }
+  }
+}
+
+at::Tensor invariant_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                               const at::Tensor& slots, const at::Tensor& rows, const at::Tensor& starts,
+                               const at::Tensor& ends, double scale, const c10::optional<at::Tensor>& k_scales,
+                               const c10::optional<at::Tensor>& v_scales) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous (R, H, D) float32");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  k_pool.sizes() == v_pool.sizes() && k_pool.scalar_type() == v_pool.scalar_type(),
+              "k_pool / v_pool: contiguous (N, H_kv, D) of one dtype");
+  const int64_t dim = q.size(2), queries = q.size(0);
+  TORCH_CHECK(k_pool.size(2) == dim && dim <= kMaxDim && dim % 16 == 0, "head size ", dim,
+              " is not supported (a multiple of 16, at most 256)");
+  TORCH_CHECK(q.size(1) % k_pool.size(1) == 0 && q.size(1) / k_pool.size(1) <= kMaxGroup, "bad GQA grouping");
+  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "slots: contiguous (B, S) int64");
+  const int64_t* row = per_query(rows, queries, "rows");
+  const int64_t* start = per_query(starts, queries, "starts");
+  const int64_t* end = per_query(ends, queries, "ends");
+  check_ranges(slots, row, start, end, queries, k_pool.size(0));
+  at::Tensor out = at::empty_like(q);
+  const float s = static_cast<float>(scale);
+  switch (k_pool.scalar_type()) {
+    case at::kFloat: run<float>(q, k_pool, v_pool, nullptr, nullptr, slots, row, start, end, s, out); break;
+    case at::kBFloat16: run<c10::BFloat16>(q, k_pool, v_pool, nullptr, nullptr, slots, row, start, end, s, out); break;
+    case at::kHalf: run<c10::Half>(q, k_pool, v_pool, nullptr, nullptr, slots, row, start, end, s, out); break;
+    case at::kChar:
+      run<int8_t>(q, k_pool, v_pool, row_scales(k_scales, k_pool, "k_scales"), row_scales(v_scales, v_pool, "v_scales"),
+                  slots, row, start, end, s, out);
+      break;
+    default: TORCH_CHECK(false, "unsupported cache dtype ", k_pool.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinylm, m) {
+  m.def("invariant_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slots, Tensor rows, Tensor starts, "
+        "Tensor ends, float scale, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("invariant_attention", &invariant_attention); }
