@@ -1,6 +1,7 @@
 """tinylm's batch-invariant product (tinylm/kernels/invariant_gemm.cpp, the wrapper tinylm/kernels/invariant.py):
 a row's output is bitwise the same whatever the number of rows, the other rows, its position, the thread count,
-and it is F.linear within float32 / bfloat16 rounding; bias, strided inputs, leading dims and torch.compile."""
+on every path the CPU has (AMX, AVX-512, portable), and it is F.linear within float32 / bfloat16 rounding; bias,
+strided inputs, leading dims and torch.compile."""
 
 from __future__ import annotations
 
@@ -21,8 +22,16 @@ MODEL_SHAPES = [(1536, 576, False), (576, 1536, False), (192, 576, True), (49152
 ODD_SHAPES = [(37, 100, True), (8, 5, False), (3, 33, True)]
 
 
-def product(kernel, x, weight, bias):
-    return getattr(torch.ops.tinylm, kernel)(x, weight, bias)
+def product(path, x, weight, bias):
+    """The op ("auto": tinylm::invariant_linear) or one named path of it (amx, avx512, portable)."""
+    if path == "auto":
+        return torch.ops.tinylm.invariant_linear(x, weight, bias)
+    return torch.ops.tinylm.invariant_linear_on(x, weight, bias, path)
+
+
+def skip_unless_here(path, dtype):
+    if path not in torch.ops.tinylm.invariant_linear_paths() or (path == "amx" and dtype != torch.bfloat16):
+        pytest.skip(f"no {path} path for {dtype} on this CPU")
 
 
 def make(shape, dtype, seed=0):
@@ -34,7 +43,7 @@ def make(shape, dtype, seed=0):
     return weight, bias, probe
 
 
-def outputs_of_probe(kernel, weight, bias, probe, threads):
+def outputs_of_probe(path, weight, bias, probe, threads):
     """The probe row's output in every batch of ROWS (first, middle and last place, random companions)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -44,41 +53,45 @@ def outputs_of_probe(kernel, weight, bias, probe, threads):
             x = torch.randn(rows, probe.shape[1], generator=torch.Generator().manual_seed(rows)).to(probe.dtype)
             places = sorted({0, rows // 2, rows - 1})
             x[places] = probe
-            out = product(kernel, x, weight, bias)
+            out = product(path, x, weight, bias)
             found += [(rows, place, out[place]) for place in places]
         return found
     finally:
         torch.set_num_threads(previous)
 
 
-def assert_invariant(kernel, shape, dtype):
+def assert_invariant(path, shape, dtype):
     weight, bias, probe = make(shape, dtype)
-    alone = product(kernel, probe, weight, bias)[0]  # (N,): M = 1
+    alone = product(path, probe, weight, bias)[0]  # (N,): M = 1
     for threads in (1, 2):
-        for rows, place, row in outputs_of_probe(kernel, weight, bias, probe, threads):
+        for rows, place, row in outputs_of_probe(path, weight, bias, probe, threads):
             assert torch.equal(row, alone), f"row {place} of {rows} rows differs ({threads} threads)"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", MODEL_SHAPES + ODD_SHAPES)
 def test_a_row_does_not_depend_on_its_batch(shape, dtype):
-    assert_invariant("invariant_linear", shape, dtype)
+    assert_invariant("auto", shape, dtype)
 
 
+@pytest.mark.parametrize("path", ["amx", "avx512", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(192, 576, True)] + ODD_SHAPES)
-def test_portable_path_is_invariant_too(shape, dtype):
-    """The path CPUs without AVX-512 take (Vectorized<float> FMAs), run here through its own op."""
-    assert_invariant("invariant_linear_portable", shape, dtype)
+@pytest.mark.parametrize("shape", [(192, 576, True), (40, 64, True)] + ODD_SHAPES)
+def test_every_path_is_invariant(path, shape, dtype):
+    """Each path this CPU has, the ones the op does not pick here included (portable: CPUs without AVX-512)."""
+    skip_unless_here(path, dtype)
+    assert_invariant(path, shape, dtype)
 
 
-@pytest.mark.parametrize("kernel", ["invariant_linear", "invariant_linear_portable"])
+@pytest.mark.parametrize("path", ["auto", "amx", "avx512", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", MODEL_SHAPES[:3] + ODD_SHAPES)
-def test_close_to_float64(kernel, shape, dtype):
+def test_close_to_float64(path, shape, dtype):
+    if path != "auto":
+        skip_unless_here(path, dtype)
     weight, bias, _ = make(shape, dtype)
     x = torch.randn(40, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
-    out = product(kernel, x, weight, bias)
+    out = product(path, x, weight, bias)
     exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     assert out.dtype == dtype and out.shape == (40, shape[0])
     if dtype == torch.float32:  # float32 sums of K products
@@ -124,6 +137,8 @@ def test_refuses_what_it_cannot_compute():
         torch.ops.tinylm.invariant_linear(torch.randn(2, 15), weight)
     with pytest.raises(RuntimeError, match="bias"):
         torch.ops.tinylm.invariant_linear(torch.randn(2, 16), weight, torch.randn(7))
+    with pytest.raises(RuntimeError, match="no path 'amx'"):
+        torch.ops.tinylm.invariant_linear_on(torch.randn(2, 16), weight, None, "amx")  # bfloat16 only
 
 
 def test_wrapper_falls_back_to_f_linear_with_one_warning(monkeypatch):

@@ -12,10 +12,11 @@
 // accumulators never mix, and K is never split (parallelism is over output blocks only). Nothing depends on M.
 //
 // Paths, chosen at compile time for this CPU (results are invariant within one machine's build, not across paths):
+//   bfloat16, AMX (Sapphire Rapids and later, when Linux lends the tiles): invariant_amx.h, every row count.
 //   bfloat16, AVX-512 BF16: VDPBF16PS, chunks of 32 (lane j adds the products of columns 2j and 2j+1 per chunk).
 //   float32 (and bfloat16 without AVX-512 BF16), AVX-512: FMA, chunks of 16 (bf16 widened exactly to float32).
-//   elsewhere (AVX2, ARM): the portable path, at::vec::Vectorized<float> FMAs (8 lanes on AVX2); also exposed as
-//   tinylm::invariant_linear_portable so its invariance is tested on AVX-512 machines too.
+//   elsewhere (AVX2, ARM): the portable path, at::vec::Vectorized<float> FMAs (8 lanes on AVX2).
+// tinylm::invariant_linear_on(x, weight, bias, path) runs a named path, so each one's invariance is tested here.
 //
 // Speed: the weight is read in its stored layout, 4 rows (a tile) at a time, and each tile is multiplied by every
 // activation row of a block before the next tile (the tile stays in L1); work units are (chunk of weight tiles,
@@ -34,10 +35,17 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define TINYLM_INV_AVX512 1
+#endif
+#if defined(TINYLM_INV_AVX512) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "invariant_amx.h"
+#define TINYLM_INV_AMX 1
 #endif
 
 namespace {
@@ -316,8 +324,93 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
   }
 }
 
+#ifdef TINYLM_INV_AMX
+// out rows [i0, i0 + rows) x columns [n0, n0 + cols) from C (16 weight rows x 16 x rows, float32): a column of C
+// is an output row; bias added once, rounded as c10 does (to_bf16_bits)
+void store_amx_tile(const float* c, const float* bias, int64_t i0, int64_t rows, int64_t n0, int64_t cols,
+                    c10::BFloat16* out, int64_t n) {
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+  const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + n0);
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 v = _mm512_i32gather_ps(column, c + i, 4);
+    if (bias != nullptr) v = _mm512_add_ps(v, b);
+    _mm256_mask_storeu_epi16(out + (i0 + i) * n + n0, mask, to_bf16_bits(v));
+  }
+}
+
+// One pair of weight tiles (rows n0 .. n0 + 31) against x tiles [xt_begin, xt_end), two at a time
+void amx_pair(const Problem<BF16Dot, c10::BFloat16>& p, const uint32_t* packed, int64_t chunks, int64_t n0,
+              int64_t xt_begin, int64_t xt_end, std::vector<uint16_t>* copies) {
+  using namespace tinylm_amx;
+  WeightTile a[2];
+  a[0].point(p.w, p.n, p.k, n0, chunks, copies[0]);
+  const bool two = n0 + kT < p.n;
+  if (two) a[1].point(p.w, p.n, p.k, n0 + kT, chunks, copies[1]);
+  alignas(64) float c[4 * 256];
+  for (int64_t xt = xt_begin; xt < xt_end; xt += 2) {
+    const bool pair = xt + 1 < xt_end;
+    const uint32_t* b0 = packed + xt * chunks * 256;
+    const uint32_t* b1 = pair ? b0 + chunks * 256 : b0;
+    if (two && pair) block<2, 2>(a, b0, b1, chunks, c);
+    else if (two) block<2, 1>(a, b0, b1, chunks, c);
+    else if (pair) block<1, 2>(a, b0, b1, chunks, c);
+    else block<1, 1>(a, b0, b1, chunks, c);
+    for (int t = 0; t < (two ? 2 : 1); ++t) {
+      const int64_t w0 = n0 + t * kT, cols = std::min<int64_t>(kT, p.n - w0);
+      for (int u = 0; u < (pair ? 2 : 1); ++u) {
+        const int64_t i0 = (xt + u) * kT;
+        store_amx_tile(c + (t * 2 + u) * 256, p.bias, i0, std::min<int64_t>(kT, p.m - i0), w0, cols, p.out, p.n);
+      }
+    }
+  }
+}
+
+void run_amx(const Problem<BF16Dot, c10::BFloat16>& p) {
+  using namespace tinylm_amx;
+  const int64_t chunks = (p.k + kK - 1) / kK, x_tiles = (p.m + kT - 1) / kT, pairs = (p.n + 2 * kT - 1) / (2 * kT);
+  at::Tensor packed_tensor = at::empty({x_tiles * chunks * 256}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* packed = reinterpret_cast<uint32_t*>(packed_tensor.data_ptr<int32_t>());
+  at::parallel_for(0, x_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) pack_rows(p.x, p.m, p.k, b, chunks, packed);
+  });
+  // x tiles per block and weight pairs per chunk, ~kBlockBytes each (both stay in L2); results do not depend on it
+  const int64_t block_tiles = std::max<int64_t>(2, kBlockBytes / (chunks * kTileBytes) / 2 * 2);
+  const int64_t blocks = (x_tiles + block_tiles - 1) / block_tiles;
+  int64_t chunk_pairs = std::max<int64_t>(1, kBlockBytes / (2 * kT * p.k * 2));
+  if (blocks == 1) chunk_pairs = std::min(chunk_pairs, std::max<int64_t>(1, pairs / (4 * at::get_num_threads())));
+  const int64_t n_chunks = (pairs + chunk_pairs - 1) / chunk_pairs;
+  at::parallel_for(0, n_chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+    configure();
+    std::vector<uint16_t> copies[2];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t xt_begin = (u % blocks) * block_tiles, xt_end = std::min(x_tiles, xt_begin + block_tiles);
+      const int64_t pair_end = std::min(pairs, (u / blocks + 1) * chunk_pairs);
+      for (int64_t q = (u / blocks) * chunk_pairs; q < pair_end; ++q) {
+        amx_pair(p, packed, chunks, q * 2 * kT, xt_begin, xt_end, copies);
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+// The paths this build has ("amx" takes bfloat16 only), fastest first; "auto" is the first that applies
+std::vector<std::string> invariant_linear_paths() {
+  std::vector<std::string> paths;
+#ifdef TINYLM_INV_AMX
+  if (tinylm_amx::enabled()) paths.push_back("amx");
+#endif
+#ifdef TINYLM_INV_AVX512
+  paths.push_back("avx512");
+#endif
+  paths.push_back("portable");
+  return paths;
+}
+
 template <class Ops, typename Elem>
-at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor linear_on(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     bool amx) {
   check_inputs(x, weight, bias);
   // strided inputs are copied: the kernel reads rows of K contiguous elements (same values, same results)
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
@@ -328,41 +421,56 @@ at::Tensor linear_with(const at::Tensor& x, const at::Tensor& weight, const std:
                        reinterpret_cast<const typename Ops::T*>(wc.data_ptr<Elem>()),
                        bc.defined() ? bc.data_ptr<float>() : nullptr, out.data_ptr<Elem>(),
                        x.size(0), x.size(1), weight.size(0)};
+#ifdef TINYLM_INV_AMX
+  if constexpr (std::is_same_v<Ops, BF16Dot>) {
+    if (amx) {
+      run_amx(p);
+      return out;
+    }
+  }
+#endif
   run(p);
   return out;
 }
 
-at::Tensor invariant_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  if (x.scalar_type() == at::kBFloat16) {
-#if defined(TINYLM_INV_AVX512) && defined(__AVX512BF16__)
-    return linear_with<BF16Dot, c10::BFloat16>(x, weight, bias);
-#elif defined(TINYLM_INV_AVX512)
-    return linear_with<BF16Fma, c10::BFloat16>(x, weight, bias);
-#else
-    return linear_with<Portable<c10::BFloat16>, c10::BFloat16>(x, weight, bias);
-#endif
+at::Tensor invariant_linear_on(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               c10::string_view path) {
+  const std::vector<std::string> paths = invariant_linear_paths();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const std::string chosen = path != "auto" ? std::string(path) : (bf16 || paths[0] != "amx") ? paths[0] : paths[1];
+  TORCH_CHECK(std::find(paths.begin(), paths.end(), chosen) != paths.end() && (bf16 || chosen != "amx"),
+              "tinylm::invariant_linear: no path '", chosen, "' here for ", x.scalar_type());
+  if (chosen == "portable") {
+    if (bf16) return linear_on<Portable<c10::BFloat16>, c10::BFloat16>(x, weight, bias, false);
+    return linear_on<Portable<float>, float>(x, weight, bias, false);
   }
-#if defined(TINYLM_INV_AVX512)
-  return linear_with<F32Fma, float>(x, weight, bias);
+#ifdef TINYLM_INV_AVX512
+  if (!bf16) return linear_on<F32Fma, float>(x, weight, bias, false);
+#if defined(__AVX512BF16__)
+  return linear_on<BF16Dot, c10::BFloat16>(x, weight, bias, chosen == "amx");
 #else
-  return linear_with<Portable<float>, float>(x, weight, bias);
+  return linear_on<BF16Fma, c10::BFloat16>(x, weight, bias, false);
 #endif
+#endif
+  TORCH_CHECK(false, "unreachable");
 }
 
-at::Tensor invariant_linear_portable(const at::Tensor& x, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias) {
-  if (x.scalar_type() == at::kBFloat16) return linear_with<Portable<c10::BFloat16>, c10::BFloat16>(x, weight, bias);
-  return linear_with<Portable<float>, float>(x, weight, bias);
+at::Tensor invariant_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return invariant_linear_on(x, weight, bias, "auto");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tinylm, m) {
   m.def("invariant_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
-  m.def("invariant_linear_portable(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // the same product on a named path ("auto", "amx", "avx512", "portable"): for tests of each path's invariance
+  m.def("invariant_linear_on(Tensor x, Tensor weight, Tensor? bias, str path) -> Tensor");
+  m.def("invariant_linear_paths() -> str[]");
 }
 
 TORCH_LIBRARY_IMPL(tinylm, CPU, m) {
   m.impl("invariant_linear", &invariant_linear);
-  m.impl("invariant_linear_portable", &invariant_linear_portable);
+  m.impl("invariant_linear_on", &invariant_linear_on);
 }
+
+TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("invariant_linear_paths", &invariant_linear_paths); }
