@@ -57,6 +57,9 @@ class SharedContextScorer:
     def __init__(self, model, compile: bool = False) -> None:
         self.model = model
         self.compiled = torch.compile(model.hidden_states, dynamic=True) if compile else None
+        # Compiled graphs specialize sizes 0 and 1 and a cache exactly as long as its input: batches, lengths and
+        # the tails' room are padded to at least 2, so about three graphs serve a whole run (prefill, tails)
+        self.least = 2 if compile else 0
 
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         """The final-normed states (B, T, C) of `CausalLM.hidden_states`, compiled when asked for."""
@@ -85,11 +88,11 @@ class SharedContextScorer:
     def score(self, groups: list[Group]) -> list[tuple[int, float, bool]]:
         """(pair index, log-likelihood, is_greedy) of every member of the groups, scored in one batch."""
         tails, tail_rows = _distinct_tails(groups)
-        room = max((len(tokens) for _, tokens in tails), default=0)
-        last, cache, prefix_mask = self._prefill([g.prefix for g in groups], room)  # (G, C)
-        states = [last]
+        room = max([len(tokens) for _, tokens in tails] + [self.least])  # the tails' width
+        last, cache, prefix_mask = self._prefill([g.prefix for g in groups], room)
+        states = [last[:len(groups)]]  # (G, C)
         if tails:
-            states.append(self._extend(cache, prefix_mask, tails))  # (N_tail, C)
+            states.append(self._extend(cache, prefix_mask, tails, room))  # (N_tail, C)
         hidden = torch.cat(states)  # (G + N_tail, C): every state that scores a token
         rows, targets, owner, order = _token_plan(groups, tail_rows, _tail_offsets(tails, len(groups)))
         lls, greedy = self._continuation_scores(hidden, rows, targets, owner, len(order))
@@ -98,7 +101,9 @@ class SharedContextScorer:
     def _prefill(self, prefixes: list[tuple[int, ...]], room: int):
         """Prefixes left-padded (G, P) -> the final-normed state at each one's last token (G, C), the KV cache
         holding their K/V (with room for `room` more tokens per row), the (G, P) real-token mask."""
-        width = max(map(len, prefixes))
+        width = max([len(p) for p in prefixes] + [self.least])
+        if len(prefixes) < self.least:
+            prefixes = prefixes * self.least  # a copy of the row; its states are never read
         weight = self.model.lm_head.weight
         ids = torch.zeros(len(prefixes), width, dtype=torch.long)
         mask = torch.zeros(len(prefixes), width, dtype=torch.bool)
@@ -111,10 +116,12 @@ class SharedContextScorer:
         hidden = self.hidden_states(ids, mask, cache)
         return hidden[:, -1], cache, mask
 
-    def _extend(self, cache, prefix_mask: torch.Tensor, tails: list[tuple[int, tuple[int, ...]]]) -> torch.Tensor:
-        """Tails (group, tokens) right-padded (R, T) after their prefixes' cached K/V -> the states of their real
-        tokens, row-major (N_tail, C)."""
-        width = max(len(t) for _, t in tails)
+    def _extend(self, cache, prefix_mask: torch.Tensor, tails: list[tuple[int, tuple[int, ...]]],
+                width: int) -> torch.Tensor:
+        """Tails (group, tokens) right-padded (R, width) after their prefixes' cached K/V -> the states of their
+        real tokens, row-major (N_tail, C)."""
+        count = len(tails)
+        tails = tails * 2 if count < self.least else tails  # a copy of the row; its states are never read
         device = prefix_mask.device
         ids = torch.zeros(len(tails), width, dtype=torch.long)
         mask = torch.zeros(len(tails), width, dtype=torch.bool)
@@ -126,7 +133,7 @@ class SharedContextScorer:
         mask = mask.to(device)
         keys = torch.cat([prefix_mask[rows], mask], dim=1)  # (R, P + T): real keys
         hidden = self.hidden_states(ids.to(device), keys, cache)  # (R, T, C)
-        return hidden[mask]
+        return hidden[:count][mask[:count]]
 
     def _continuation_scores(self, hidden: torch.Tensor, rows: list[int], targets: list[int], owner: list[int],
                              count: int) -> tuple[torch.Tensor, torch.Tensor]:
