@@ -166,3 +166,14 @@ def test_inside_torch_compile(dtype):
         out, code = run_and_get_code(compiled, x)
         assert "invariant_linear" in "".join(code)
         assert torch.equal(out, layer(x))
+
+
+def test_gradients_are_the_linear_ones():
+    weight, bias, _ = make((24, 40, True), torch.float32)
+    x = torch.randn(5, 40)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    (invariant.invariant_linear(*leaves) ** 2).sum().backward()
+    expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    (F.linear(*expected) ** 2).sum().backward()
+    for got, want in zip(leaves, expected):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,9 @@ Inductor writes good loops for element-wise work and streaming reductions, but n
 paged cache (it reduces every score with a horizontal vector sum and runs the softmax on one thread: 134 us per
 layer at batch 16 on the 2-core EPYC, BENCHMARKS.md issue 5). `decode_attention.cpp` does it flash-decoding
 style; `int8_gemm.cpp` runs W8A8 decode batches on AVX-512 VNNI from the stored weight, `bf16_gemm.cpp` bf16
-products of 1-16 rows on AVX-512 BF16 (compiled bf16 decode, its batches, speculative verification). The sources are compiled
+products of 1-16 rows on AVX-512 BF16 (compiled bf16 decode, its batches, speculative verification),
+`invariant_gemm.cpp` batch-invariant products (each output element one fixed float32 sequence whatever the
+batch; wrapper `invariant.py`). The sources are compiled
 with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
 ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded in about a second); if that
 is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
@@ -145,6 +147,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::invariant_linear")
     def _(x, weight, bias=None):
         return x.new_empty((x.shape[0], weight.shape[0]))  # (M, N) in x's dtype
+
+    from tinylm.kernels.invariant import register_autograd
+
+    register_autograd()
 
 
 def int8_gemm_available() -> bool:

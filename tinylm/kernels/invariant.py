@@ -35,6 +35,28 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def register_autograd() -> None:
+    """Gradients of tinylm::invariant_linear (called once the kernels are registered): the usual linear backward
+    through PyTorch's products, so training can run the same forward the engine samples with. Only the forward
+    is batch invariant."""
+    torch.library.register_autograd("tinylm::invariant_linear", _backward, setup_context=_setup_context)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors  # (M, K), (N, K); grad (M, N)
+    grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+    grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
+    grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
 def _fallback_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why the kernel cannot take this product (None when it can)."""
     if not kernels.available():

@@ -54,11 +54,19 @@ inline void configure() {  // every tile 16 rows x 64 bytes (per thread: the til
 
 // packed[(b * chunks + c) * 256 + p * 16 + i] = the bf16 pair x[16b + i][32c + 2p .. +1]; zeros past M and K
 inline void pack_rows(const uint16_t* x, int64_t m, int64_t k, int64_t b, int64_t chunks, uint32_t* packed) {
-  uint16_t* dst = reinterpret_cast<uint16_t*>(packed + b * chunks * 256);
+  uint32_t* dst = packed + b * chunks * 256;
   std::memset(dst, 0, chunks * kTileBytes);
   for (int64_t i = 0; i < kT && kT * b + i < m; ++i) {
     const uint16_t* row = x + (kT * b + i) * k;
-    for (int64_t col = 0; col < k; ++col) dst[(col / kK) * 512 + ((col % kK) / 2) * 32 + i * 2 + col % 2] = row[col];
+    for (int64_t q = 0; q < k / 2; ++q) {  // whole pairs: pair q goes to chunk q / 16, K-pair row q % 16
+      uint32_t pair;
+      std::memcpy(&pair, row + 2 * q, 4);
+      dst[(q / 16) * 256 + (q % 16) * 16 + i] = pair;
+    }
+    if (k % 2) {  // an odd K's last column, paired with a zero
+      const int64_t q = k / 2;
+      dst[(q / 16) * 256 + (q % 16) * 16 + i] = row[k - 1];
+    }
   }
 }
 

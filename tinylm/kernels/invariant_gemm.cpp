@@ -325,16 +325,44 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
 }
 
 #ifdef TINYLM_INV_AMX
+// r[i] = row i of a 16 x 16 float block -> r[j] = column j (moves only: no arithmetic)
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: (r0[0], r1[0], r0[1], r1[1]) and (r0[2], r1[2], r0[3], r1[3])
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[16];  // u[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {  // gather lane L of u[j], u[4 + j], u[8 + j], u[12 + j] into column 4L + j
+    const __m512 lo0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), hi0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 lo1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 hi1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(lo0, lo1, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(lo0, lo1, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(hi0, hi1, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(hi0, hi1, 0xDD);
+  }
+}
+
 // out rows [i0, i0 + rows) x columns [n0, n0 + cols) from C (16 weight rows x 16 x rows, float32): a column of C
 // is an output row; bias added once, rounded as c10 does (to_bf16_bits)
 void store_amx_tile(const float* c, const float* bias, int64_t i0, int64_t rows, int64_t n0, int64_t cols,
                     c10::BFloat16* out, int64_t n) {
-  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
   const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + n0);
+  __m512 r[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(c + 16 * j);
+  transpose16(r);
   for (int64_t i = 0; i < rows; ++i) {
-    __m512 v = _mm512_i32gather_ps(column, c + i, 4);
-    if (bias != nullptr) v = _mm512_add_ps(v, b);
+    const __m512 v = bias == nullptr ? r[i] : _mm512_add_ps(r[i], b);
     _mm256_mask_storeu_epi16(out + (i0 + i) * n + n0, mask, to_bf16_bits(v));
   }
 }
