@@ -56,7 +56,15 @@ void weigh_values(int heads, const T* values, const int64_t* offset, int64_t n, 
   weigh_values<kPaired, NV, kMax>(values, offset, n, weights, nv, sums);
 }
 
-// Item (b, kv head, keys [s0, s1)) for its G query heads, written to part (G, D + 2): per head the max score m,
+// Several query rows over the same keys (a block of a prefill chunk): `count` rows of G heads each, row i's heads
+// at q + i * q_step, its partials at part + i * part_step. Every head's numbers are those it gets alone: the heads
+// only share the loads of K and V rows.
+struct QueryRows {
+  int64_t count = 1, q_step = 0, part_step = 0;
+};
+
+// Item (b, kv head, keys [s0, s1)) for its G query heads (of each of rows.count query rows), written to part
+// (G, D + 2) (per query row): per head the max score m,
 // the sum l of exp(score - m), then the D sums of exp(score - m) * v. NV = D / Vec::size() vectors per head row,
 // a compile-time constant for the usual head sizes (rows then live in registers), 0 for any other multiple of the
 // vector width. Masked keys are dropped first (their slots may hold anything, NaN included), so padding costs
@@ -67,11 +75,14 @@ void weigh_values(int heads, const T* values, const int64_t* offset, int64_t n, 
 template <typename T, int NV>
 void attend_chunk(const float* q, const T* keys, const T* values, const float* k_scales, const float* v_scales,
                   const int64_t* slots, const bool* valid, int64_t s0, int64_t s1, int64_t kv_head,
-                  int64_t kv_heads, int64_t groups, int64_t head_dim, float scale, int64_t fetch, float* part) {
+                  int64_t kv_heads, int64_t groups, int64_t head_dim, float scale, int64_t fetch, float* part,
+                  QueryRows rows = {}) {
   constexpr int kSlots = NV > 0 ? NV : kMaxDim / Vec::size();
   constexpr int64_t kLanes = Vec::size();
   const int nv = NV > 0 ? NV : static_cast<int>(head_dim / kLanes);
   const int64_t dim = nv * kLanes;
+  const int64_t heads = groups * rows.count;  // at most kMaxGroup (checked by the caller)
+  const auto part_of = [&](int64_t g) { return part + g / groups * rows.part_step + g % groups * (dim + 2); };
   constexpr bool kScaled = std::is_same_v<T, int8_t>;
   int64_t offset[kChunk];  // element offset of each unmasked key's row (K and V pools share the layout)
   alignas(64) float k_scale[kChunk], v_scale[kChunk];  // int8 rows' scales, padded with 0 to whole vectors
@@ -94,7 +105,9 @@ void attend_chunk(const float* q, const T* keys, const T* values, const float* k
     prefetch_row(values + offset[j], fetch);
   }
   alignas(64) float scaled_q[kMaxGroup][kMaxDim];  // in the rows' element order
-  for (int64_t g = 0; g < groups; ++g) to_row_order<kPaired>(q + g * dim, scale, dim, scaled_q[g]);
+  for (int64_t g = 0; g < heads; ++g) {
+    to_row_order<kPaired>(q + g / groups * rows.q_step + g % groups * dim, scale, dim, scaled_q[g]);
+  }
   // scores (G, n), padded with -inf to whole vectors so the softmax below needs no scalar tail
   alignas(64) float scores[kMaxGroup][kChunk];
   for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
@@ -103,7 +116,7 @@ void attend_chunk(const float* q, const T* keys, const T* values, const float* k
     for (int64_t jj = 0; jj < kLanes; ++jj) {
       const int64_t j = j0 + jj;
       if (j >= n) {
-        for (int64_t g = 0; g < groups; ++g) Vec(0.f).store(&parts[g][jj * kLanes]);
+        for (int64_t g = 0; g < heads; ++g) Vec(0.f).store(&parts[g][jj * kLanes]);
         continue;
       }
       if (j + kPrefetchKeys < n) {  // records sit in scattered cache blocks: fetch ahead of use (V for the pass below)
@@ -112,20 +125,20 @@ void attend_chunk(const float* q, const T* keys, const T* values, const float* k
       }
       Vec k[kSlots];
       widen<kPaired>(keys + offset[j], nv, k);
-      for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t g = 0; g < heads; ++g) {
         Vec sum = Vec::loadu(&scaled_q[g][0]) * k[0];
         for (int i = 1; i < nv; ++i) sum = at::vec::fmadd(Vec::loadu(&scaled_q[g][i * kLanes]), k[i], sum);
         sum.store(&parts[g][jj * kLanes]);
       }
     }
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = 0; g < heads; ++g) {
       Vec sums = sum_each(parts[g]);
       if constexpr (kScaled) sums = sums * Vec::loadu(&k_scale[j0]);
       sums.store(&scores[g][j0]);
     }
   }
   const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = 0; g < heads; ++g) {
     for (int64_t j = n; j < padded; ++j) scores[g][j] = kNegInf;
     Vec top_vec(kNegInf);
     for (int64_t j = 0; j < padded; j += kLanes) top_vec = at::vec::maximum(top_vec, Vec::loadu(&scores[g][j]));
@@ -137,8 +150,8 @@ void attend_chunk(const float* q, const T* keys, const T* values, const float* k
       e.store(&scores[g][j]);
       total = total + e;
     }
-    part[g * (dim + 2)] = top;
-    part[g * (dim + 2) + 1] = n == 0 ? 0.f : at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total);
+    part_of(g)[0] = top;
+    part_of(g)[1] = n == 0 ? 0.f : at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total);
     if constexpr (kScaled) {  // the value rows' weights: exp(score - m) x the row's scale
       for (int64_t j = 0; j < padded; j += kLanes) {
         (Vec::loadu(&scores[g][j]) * Vec::loadu(&v_scale[j])).store(&scores[g][j]);
@@ -147,23 +160,24 @@ void attend_chunk(const float* q, const T* keys, const T* values, const float* k
   }
   // outputs, up to kHeadBlock heads per pass over the V rows
   constexpr int kHeadBlock = NV == 8 ? 2 : (NV > 0 && NV <= 4 ? 4 : 1);
-  for (int64_t g0 = 0; g0 < groups; g0 += kHeadBlock) {
-    const int heads = static_cast<int>(std::min<int64_t>(kHeadBlock, groups - g0));
+  for (int64_t g0 = 0; g0 < heads; g0 += kHeadBlock) {
+    const int block = static_cast<int>(std::min<int64_t>(kHeadBlock, heads - g0));
     const float* weights[kHeadBlock];
-    for (int h = 0; h < heads; ++h) weights[h] = scores[g0 + h];
+    for (int h = 0; h < block; ++h) weights[h] = scores[g0 + h];
     alignas(64) float sums[kHeadBlock][kMaxDim];
-    weigh_values<kPaired, NV, kHeadBlock>(heads, values, offset, n, weights, nv, sums);
-    for (int h = 0; h < heads; ++h) from_row_order<kPaired>(sums[h], dim, part + (g0 + h) * (dim + 2) + 2);
+    weigh_values<kPaired, NV, kHeadBlock>(block, values, offset, n, weights, nv, sums);
+    for (int h = 0; h < block; ++h) from_row_order<kPaired>(sums[h], dim, part_of(g0 + h) + 2);
   }
 }
 
 template <typename T>
 void attend_chunk(const float* q, const T* keys, const T* values, const float* k_scales, const float* v_scales,
                   const int64_t* slots, const bool* valid, int64_t s0, int64_t s1, int64_t kv_head,
-                  int64_t kv_heads, int64_t groups, int64_t dim, float scale, int64_t fetch, float* part) {
+                  int64_t kv_heads, int64_t groups, int64_t dim, float scale, int64_t fetch, float* part,
+                  QueryRows rows = {}) {
 #define TINYLM_CHUNK(NV) \
   attend_chunk<T, NV>(q, keys, values, k_scales, v_scales, slots, valid, s0, s1, kv_head, kv_heads, groups, dim, \
-                      scale, fetch, part)
+                      scale, fetch, part, rows)
   switch (dim / Vec::size()) {
     case 2: return TINYLM_CHUNK(2);
     case 4: return TINYLM_CHUNK(4);

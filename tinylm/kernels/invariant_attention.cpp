@@ -27,11 +27,55 @@ namespace {
 using namespace tinylm_rows;
 using namespace tinylm_attend;
 
-// Every query row's chunks, numbered row after row: first[r] is row r's first chunk, first[R] the total.
-std::vector<int64_t> first_chunks(const int64_t* starts, const int64_t* ends, int64_t queries) {
-  std::vector<int64_t> first(queries + 1, 0);
-  for (int64_t r = 0; r < queries; ++r) first[r + 1] = first[r] + (ends[r] - starts[r] + kChunk - 1) / kChunk;
-  return first;
+// Query rows in blocks: consecutive rows of one sequence (same slots row and start; a prefill chunk's queries), at
+// most kMaxGroup / G of them, so that a chunk every one of them sees whole is read once for all their heads
+// (decode rows: blocks of one).
+// Partials of a block's row i for its chunk c sit at slot first + c * count + i (the rows of a chunk side by side).
+struct Block {
+  int64_t row, count, chunks, first;
+};
+
+std::vector<Block> query_blocks(const int64_t* rows, const int64_t* starts, const int64_t* ends, int64_t queries,
+                                int64_t most) {
+  std::vector<Block> blocks;
+  int64_t slots = 0;
+  for (int64_t r = 0; r < queries;) {
+    Block block{r, 0, 0, slots};
+    const auto joins = [&](int64_t i) {  // rows without keys (padding queries) stay alone
+      return i == block.row || (rows[i] == rows[block.row] && starts[i] == starts[block.row] && ends[i] > starts[i] &&
+                                ends[block.row] > starts[block.row]);
+    };
+    for (; r < queries && block.count < most && joins(r); ++r) {
+      block.count += 1;
+      block.chunks = std::max(block.chunks, (ends[r] - starts[r] + kChunk - 1) / kChunk);
+    }
+    slots += block.chunks * block.count;
+    blocks.push_back(block);
+  }
+  return blocks;
+}
+
+// Chunk c of a block: for all its rows at once where each sees the same keys, else row by row (the diagonal of a
+// prefill chunk). attend_chunk gives each head the same numbers either way.
+template <typename T>
+void attend_block_chunk(const Block& block, int64_t c, const float* q, const T* keys, const T* values,
+                        const float* k_scales, const float* v_scales, const int64_t* slots, const int64_t* starts,
+                        const int64_t* ends, int64_t kv_head, int64_t kv_heads, int64_t heads, int64_t dim,
+                        float scale, int64_t fetch, float* partial) {
+  const int64_t groups = heads / kv_heads, record = kv_heads * groups * (dim + 2), r0 = block.row;
+  const int64_t s0 = starts[r0] + c * kChunk;
+  bool same = true;
+  for (int64_t i = 1; i < block.count; ++i) {
+    same = same && std::min(ends[r0 + i], s0 + kChunk) == std::min(ends[r0], s0 + kChunk);
+  }
+  const int64_t together = same ? block.count : 1;
+  for (int64_t i = 0; i < block.count; i += together) {
+    const int64_t r = r0 + i, s1 = std::min(ends[r], s0 + kChunk);
+    if (s1 <= s0) continue;  // the row ends before this chunk
+    float* part = partial + (block.first + c * block.count + i) * record + kv_head * groups * (dim + 2);
+    attend_chunk<T>(q + (r * heads + kv_head * groups) * dim, keys, values, k_scales, v_scales, slots, nullptr, s0,
+                    s1, kv_head, kv_heads, groups, dim, scale, fetch, part, QueryRows{together, heads * dim, record});
+  }
 }
 
 template <typename T>
@@ -40,39 +84,46 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
          const int64_t* ends, float scale, at::Tensor& out) {
   const int64_t queries = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_pool.size(1), groups = heads / kv_heads, context = slots.size(1);
-  const std::vector<int64_t> first = first_chunks(starts, ends, queries);
-  const int64_t chunks = first[queries];
-  std::vector<int64_t> owner(chunks);  // chunk -> its query row
-  for (int64_t r = 0; r < queries; ++r) std::fill(owner.begin() + first[r], owner.begin() + first[r + 1], r);
+  const std::vector<Block> blocks = query_blocks(rows, starts, ends, queries, kMaxGroup / groups);
+  std::vector<std::pair<int64_t, int64_t>> work;  // (block, chunk)
+  for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
+    for (int64_t c = 0; c < blocks[b].chunks; ++c) work.emplace_back(b, c);
+  }
+  const int64_t partial_slots = blocks.empty() ? 0 : blocks.back().first + blocks.back().chunks * blocks.back().count;
   // As decode_attention.cpp: whole K/V records per item when there are enough items, else one K/V head each.
   // Either way a chunk's numbers are attend_chunk's on the same keys, so the choice is only about speed.
-  const bool whole_records = chunks >= 4 * at::get_num_threads();
+  const int64_t items = static_cast<int64_t>(work.size());
+  const bool whole_records = items >= 4 * at::get_num_threads();
   const int64_t heads_per_item = whole_records ? kv_heads : 1, parts = kv_heads / heads_per_item;
-  // per chunk, K/V head and query head of its group: m, l, then D output sums
-  at::Tensor partial = at::empty({chunks, kv_heads, groups, dim + 2}, q.options());
+  // per (block, chunk, row of the block), K/V head and query head of its group: m, l, then D output sums
+  at::Tensor partial = at::empty({partial_slots, kv_heads, groups, dim + 2}, q.options());
   const float* qp = q.data_ptr<float>();
   const T* kp = k_pool.data_ptr<T>();
   const T* vp = v_pool.data_ptr<T>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, chunks * parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t chunk = item / parts, first_head = item % parts * heads_per_item, r = owner[chunk];
-      const int64_t s0 = starts[r] + (chunk - first[r]) * kChunk, s1 = std::min(ends[r], s0 + kChunk);
+      const auto [b, c] = work[item / parts];
+      const int64_t first_head = item % parts * heads_per_item;
       for (int64_t kv_head = first_head; kv_head < first_head + heads_per_item; ++kv_head) {
         const int64_t fetch = !whole_records ? dim : (kv_head == 0 ? kv_heads * dim : 0);  // elements to prefetch
-        attend_chunk<T>(qp + (r * heads + kv_head * groups) * dim, kp, vp, k_scales, v_scales,
-                        sp + rows[r] * context, nullptr, s0, s1, kv_head, kv_heads, groups, dim, scale, fetch,
-                        pp + (chunk * kv_heads + kv_head) * groups * (dim + 2));
+        attend_block_chunk<T>(blocks[b], c, qp, kp, vp, k_scales, v_scales, sp + rows[blocks[b].row] * context,
+                              starts, ends, kv_head, kv_heads, heads, dim, scale, fetch, pp);
       }
     }
   });
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, queries * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t rh = begin; rh < end; ++rh) {
-      const int64_t r = rh / heads, h = rh % heads, kv_head = h / groups, g = h % groups;
-      const float* row_first = pp + ((first[r] * kv_heads + kv_head) * groups + g) * (dim + 2);
-      combine_chunks(row_first, kv_heads * groups * (dim + 2), first[r + 1] - first[r], dim, op + rh * dim);
+  const int64_t record = kv_heads * groups * (dim + 2);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const Block& block = blocks[bh / heads];
+      const int64_t h = bh % heads, kv_head = h / groups, g = h % groups;
+      for (int64_t i = 0; i < block.count; ++i) {
+        const int64_t r = block.row + i, chunks = (ends[r] - starts[r] + kChunk - 1) / kChunk;
+        const float* row_first = pp + (block.first + i) * record + (kv_head * groups + g) * (dim + 2);
+        combine_chunks(row_first, block.count * record, chunks, dim, op + (r * heads + h) * dim);
+      }
     }
   });
 }
