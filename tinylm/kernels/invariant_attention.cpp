@@ -55,77 +55,116 @@ std::vector<Block> query_blocks(const int64_t* rows, const int64_t* starts, cons
   return blocks;
 }
 
-// Chunk c of a block: for all its rows at once where each sees the same keys, else row by row (the diagonal of a
-// prefill chunk). attend_chunk gives each head the same numbers either way.
+// The pool, the query rows and their key ranges, as every work item reads them.
 template <typename T>
-void attend_block_chunk(const Block& block, int64_t c, const float* q, const T* keys, const T* values,
-                        const float* k_scales, const float* v_scales, const int64_t* slots, const int64_t* starts,
-                        const int64_t* ends, int64_t kv_head, int64_t kv_heads, int64_t heads, int64_t dim,
-                        float scale, int64_t fetch, float* partial) {
-  const int64_t groups = heads / kv_heads, record = kv_heads * groups * (dim + 2), r0 = block.row;
-  const int64_t s0 = starts[r0] + c * kChunk;
-  bool same = true;
-  for (int64_t i = 1; i < block.count; ++i) {
-    same = same && std::min(ends[r0 + i], s0 + kChunk) == std::min(ends[r0], s0 + kChunk);
+struct Inputs {
+  const float* q;
+  const T *keys, *values;
+  const float *k_scales, *v_scales;
+  const int64_t *slots, *rows, *starts, *ends;
+  int64_t context, heads, kv_heads, dim;
+  float scale;
+
+  // chunk c of `block` for K/V heads [h0, h1), partials at `partial` (where the block's slot 0 is at block.first)
+  void attend(const Block& block, int64_t c, int64_t h0, int64_t h1, int64_t fetch_all, float* partial) const {
+    for (int64_t kv_head = h0; kv_head < h1; ++kv_head) {
+      const int64_t fetch = fetch_all == 0 ? dim : (kv_head == 0 ? fetch_all : 0);  // elements to prefetch
+      attend_heads(block, c, kv_head, fetch, partial);
+    }
   }
-  const int64_t together = same ? block.count : 1;
-  for (int64_t i = 0; i < block.count; i += together) {
-    const int64_t r = r0 + i, s1 = std::min(ends[r], s0 + kChunk);
-    if (s1 <= s0) continue;  // the row ends before this chunk
-    float* part = partial + (block.first + c * block.count + i) * record + kv_head * groups * (dim + 2);
-    attend_chunk<T>(q + (r * heads + kv_head * groups) * dim, keys, values, k_scales, v_scales, slots, nullptr, s0,
-                    s1, kv_head, kv_heads, groups, dim, scale, fetch, part, QueryRows{together, heads * dim, record});
+
+  // Chunk c of a block for one K/V head: for all its rows at once where each sees the same keys, else row by row
+  // (the diagonal of a prefill chunk). attend_chunk gives each head the same numbers either way.
+  void attend_heads(const Block& block, int64_t c, int64_t kv_head, int64_t fetch, float* partial) const {
+    const int64_t groups = heads / kv_heads, record = heads * (dim + 2), r0 = block.row;
+    const int64_t s0 = starts[r0] + c * kChunk;
+    bool same = true;
+    for (int64_t i = 1; i < block.count; ++i) {
+      same = same && std::min(ends[r0 + i], s0 + kChunk) == std::min(ends[r0], s0 + kChunk);
+    }
+    const int64_t together = same ? block.count : 1;
+    for (int64_t i = 0; i < block.count; i += together) {
+      const int64_t r = r0 + i, s1 = std::min(ends[r], s0 + kChunk);
+      if (s1 <= s0) continue;  // the row ends before this chunk
+      float* part = partial + (block.first + c * block.count + i) * record + kv_head * groups * (dim + 2);
+      attend_chunk<T>(q + (r * heads + kv_head * groups) * dim, keys, values, k_scales, v_scales,
+                      slots + rows[r0] * context, nullptr, s0, s1, kv_head, kv_heads, groups, dim, scale, fetch,
+                      part, QueryRows{together, heads * dim, record});
+    }
   }
+
+  // every output row of `block` from its partials, combined in chunk order
+  void combine(const Block& block, const float* partial, float* out) const {
+    const int64_t record = heads * (dim + 2);
+    for (int64_t i = 0; i < block.count; ++i) {
+      const int64_t r = block.row + i, chunks = (ends[r] - starts[r] + kChunk - 1) / kChunk;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* first = partial + (block.first + i) * record + h * (dim + 2);  // (kv head, g) = h
+        combine_chunks(first, block.count * record, chunks, dim, out + (r * heads + h) * dim);
+      }
+    }
+  }
+};
+
+// Many blocks (a prefill, a large decode batch): one item per block, all its chunks and K/V heads in turn, its
+// partials in a buffer of the thread's, combined at once (no partials of the whole call written to memory).
+template <typename T>
+void run_per_block(const Inputs<T>& in, const std::vector<Block>& blocks, float* out) {
+  const int64_t record = in.heads * (in.dim + 2);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> partial;
+    for (int64_t b = begin; b < end; ++b) {
+      Block block = blocks[b];
+      block.first = 0;
+      partial.resize(block.chunks * block.count * record);
+      for (int64_t c = 0; c < block.chunks; ++c) {
+        in.attend(block, c, 0, in.kv_heads, in.kv_heads * in.dim, partial.data());
+      }
+      in.combine(block, partial.data(), out);
+    }
+  });
 }
 
+// Few blocks (decode rows): items of (block, chunk, K/V head) so that every thread has work, then the combination.
 template <typename T>
-void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const float* k_scales,
-         const float* v_scales, const at::Tensor& slots, const int64_t* rows, const int64_t* starts,
-         const int64_t* ends, float scale, at::Tensor& out) {
-  const int64_t queries = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = k_pool.size(1), groups = heads / kv_heads, context = slots.size(1);
-  const std::vector<Block> blocks = query_blocks(rows, starts, ends, queries, kMaxGroup / groups);
+void run_per_chunk(const Inputs<T>& in, const std::vector<Block>& blocks, const at::Tensor& q, float* out) {
   std::vector<std::pair<int64_t, int64_t>> work;  // (block, chunk)
   for (int64_t b = 0; b < static_cast<int64_t>(blocks.size()); ++b) {
     for (int64_t c = 0; c < blocks[b].chunks; ++c) work.emplace_back(b, c);
   }
-  const int64_t partial_slots = blocks.empty() ? 0 : blocks.back().first + blocks.back().chunks * blocks.back().count;
-  // As decode_attention.cpp: whole K/V records per item when there are enough items, else one K/V head each.
-  // Either way a chunk's numbers are attend_chunk's on the same keys, so the choice is only about speed.
-  const int64_t items = static_cast<int64_t>(work.size());
-  const bool whole_records = items >= 4 * at::get_num_threads();
-  const int64_t heads_per_item = whole_records ? kv_heads : 1, parts = kv_heads / heads_per_item;
+  const Block& last = blocks.back();
   // per (block, chunk, row of the block), K/V head and query head of its group: m, l, then D output sums
-  at::Tensor partial = at::empty({partial_slots, kv_heads, groups, dim + 2}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const T* kp = k_pool.data_ptr<T>();
-  const T* vp = v_pool.data_ptr<T>();
-  const int64_t* sp = slots.data_ptr<int64_t>();
+  at::Tensor partial = at::empty({last.first + last.chunks * last.count, in.heads, in.dim + 2}, q.options());
   float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, items * parts, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = static_cast<int64_t>(work.size()) * in.kv_heads;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const auto [b, c] = work[item / parts];
-      const int64_t first_head = item % parts * heads_per_item;
-      for (int64_t kv_head = first_head; kv_head < first_head + heads_per_item; ++kv_head) {
-        const int64_t fetch = !whole_records ? dim : (kv_head == 0 ? kv_heads * dim : 0);  // elements to prefetch
-        attend_block_chunk<T>(blocks[b], c, qp, kp, vp, k_scales, v_scales, sp + rows[blocks[b].row] * context,
-                              starts, ends, kv_head, kv_heads, heads, dim, scale, fetch, pp);
-      }
+      const auto [b, c] = work[item / in.kv_heads];
+      in.attend(blocks[b], c, item % in.kv_heads, item % in.kv_heads + 1, 0, pp);
     }
   });
-  float* op = out.data_ptr<float>();
-  const int64_t record = kv_heads * groups * (dim + 2);
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const Block& block = blocks[bh / heads];
-      const int64_t h = bh % heads, kv_head = h / groups, g = h % groups;
-      for (int64_t i = 0; i < block.count; ++i) {
-        const int64_t r = block.row + i, chunks = (ends[r] - starts[r] + kChunk - 1) / kChunk;
-        const float* row_first = pp + (block.first + i) * record + (kv_head * groups + g) * (dim + 2);
-        combine_chunks(row_first, block.count * record, chunks, dim, op + (r * heads + h) * dim);
-      }
-    }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) in.combine(blocks[b], pp, out);
   });
+}
+
+// Which of the two splits runs changes who computes a chunk, never its numbers (attend_chunk on the same keys,
+// combine_chunks on the same partials, in the same order).
+template <typename T>
+void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool, const float* k_scales,
+         const float* v_scales, const at::Tensor& slots, const int64_t* rows, const int64_t* starts,
+         const int64_t* ends, float scale, at::Tensor& out) {
+  const Inputs<T> in{q.data_ptr<float>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(), k_scales, v_scales,
+                     slots.data_ptr<int64_t>(), rows, starts, ends, slots.size(1), q.size(1), k_pool.size(1),
+                     q.size(2), scale};
+  const int64_t most = kMaxGroup / (in.heads / in.kv_heads);  // query rows per block: at most kMaxGroup heads
+  const std::vector<Block> blocks = query_blocks(rows, starts, ends, q.size(0), most);
+  if (blocks.empty()) return;
+  if (static_cast<int64_t>(blocks.size()) >= 4 * at::get_num_threads()) {
+    run_per_block(in, blocks, out.data_ptr<float>());
+  } else {
+    run_per_chunk(in, blocks, q, out.data_ptr<float>());
+  }
 }
 
 // (R,) contiguous int64
