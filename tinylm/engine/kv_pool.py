@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from tinylm import kernels
 from tinylm.config import ModelConfig
 
 
@@ -119,8 +120,8 @@ class PagedBatch:
         self.length = length  # S - T: the context before the new tokens, the query offset the mask builder expects
         self.attention_kernel = attention_kernel  # the compiled decode step's, when tinylm.kernels are built
         # attention by tinylm::invariant_attention (decode_attention and prefill_attention): a row's result the same
-        # whatever shares the batch and however its prompt is split (issue 21); only when tinylm.kernels are built
-        self.batch_invariant = batch_invariant
+        # whatever shares the batch and however its prompt is split (issue 21); only where tinylm.kernels are built
+        self.batch_invariant = batch_invariant and kernels.available()
 
     @property
     def new_tokens(self) -> torch.Tensor | None:
