@@ -104,3 +104,22 @@ def test_the_gate_frees_the_text_before_it(target):
         tokens += [out.token_id for out in llm.engine.step()]
     assert tokens[0] == gate
     assert re.fullmatch(WORDS, llm.tokenizer.decode(tokens[1:])), llm.tokenizer.decode(tokens)
+
+
+def test_hostile_constraints_are_bounded(target):
+    """Constraints built to blow up a compiler (exponential regex DFAs, a 20,000-value enum, deep nesting) compile
+    within llguidance's limits or are refused with a message; none hangs the engine."""
+    llm = tinylm.load(target)
+    blowup = r"(a|b)*a(a|b){30}"
+    params = SamplingParams(max_tokens=48, temperature=0, structured_outputs=StructuredOutputsParams(regex=blowup))
+    text = llm.generate("x", params, use_tqdm=False)[0].outputs[0].text
+    assert re.fullmatch("[ab]*", text) and (len(text) < 31 or text[-31] == "a")
+    deep = {"type": "integer"}
+    for _ in range(200):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    with pytest.raises(ConstraintError, match="recursion"):
+        llm.engine.grammars.compile(StructuredOutputsParams(json=deep))
+    enum = StructuredOutputsParams(json={"enum": [f"v{i}" for i in range(20_000)]})
+    reply = llm.generate("x", SamplingParams(max_tokens=16, temperature=0, structured_outputs=enum),
+                         use_tqdm=False)[0].outputs[0].text
+    assert re.fullmatch(r'"v[0-9]+"', reply)
