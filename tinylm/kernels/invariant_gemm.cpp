@@ -21,7 +21,7 @@
 // Speed: the weight is read in its stored layout, 4 rows (a tile) at a time, and each tile is multiplied by every
 // activation row of a block before the next tile (the tile stays in L1); work units are (chunk of weight tiles,
 // block of activation rows), sized so both stay in L2, so at prefill each weight byte comes from memory once. At
-// decode (M <= one block) the next tile is prefetched (non-temporal) while one computes, as in bf16_gemm.cpp.
+// decode (M <= one block) the next tile is prefetched while one computes, as in bf16_gemm.cpp.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -53,6 +53,12 @@ namespace {
 constexpr int kW = 4;  // weight rows per tile
 constexpr int kX = 4;  // activation rows per tile: kW * kX = 16 accumulators, one reduction vector of sums
 constexpr int64_t kBlockBytes = 256 * 1024;  // activation block and weight chunk, each (L2 holds both)
+constexpr int64_t kThreadWork = 128 * 1024;  // multiply-adds below which a thread is not worth waking
+
+// work units per thread at least, so a small product (a 192 x 576 decode step) stays on the calling thread
+inline int64_t grain(int64_t unit_rows, int64_t unit_cols, int64_t k) {
+  return std::max<int64_t>(1, kThreadWork / std::max<int64_t>(1, unit_rows * unit_cols * k));
+}
 
 #ifdef TINYLM_INV_AVX512
 // Lane i of the result is the sum of the 16 lanes of v[i] (bf16_gemm.cpp's transpose-and-add tree). Every v[i]
@@ -155,31 +161,26 @@ struct Portable {
 };
 
 // Prefetch the next weight tile (kW * k contiguous elements) in step with reading this one: step `c` of the K loop
-// fetches the lines at kW * c elements, so the whole tile has arrived when the loop ends.
+// fetches the lines at kW * c elements, so the whole tile has arrived when the loop ends. Into every cache level
+// (T0): on this Xeon (AMX, 2 shared cores) the non-temporal hint bf16_gemm.cpp chose on an EPYC made the default
+// model's lm_head at 1 row 2.5-4x slower (49152 x 576: float32 28.6 -> 8.9 ms, bf16 9.6 -> 2.1-3.5 ms).
 template <class Ops>
-inline void prefetch_step(const char* next, int64_t c, bool once) {
+inline void prefetch_step(const char* next, int64_t c) {
   constexpr int kBytes = kW * Ops::kChunk * sizeof(typename Ops::T);
   const char* line = next + kW * c * static_cast<int64_t>(sizeof(typename Ops::T));
   #pragma GCC unroll 8
-  for (int b = 0; b < kBytes; b += 64) {
-    if (once) {
-      __builtin_prefetch(line + b, 0, 0);  // weights read once (decode): do not displace the cache's other data
-    } else {
-      __builtin_prefetch(line + b, 0, 3);  // weights reused by the next activation block (prefill): keep in L2
-    }
-  }
+  for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(line + b, 0, 3);
 }
 
 // sums[4i + r] = dot(x row i, weight row r) for MB activation rows at x (stride k) and the kW weight rows wr.
 template <class Ops, int MB>
-void tile(const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k, const char* next, bool once,
-          float* sums) {
+void tile(const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k, const char* next, float* sums) {
   typename Ops::Acc acc[kX * kW];
   #pragma GCC unroll 16
   for (int j = 0; j < kX * kW; ++j) acc[j] = Ops::zero();
   int64_t c = 0;
   for (; c + Ops::kChunk <= k; c += Ops::kChunk) {
-    if (next != nullptr) prefetch_step<Ops>(next, c, once);
+    if (next != nullptr) prefetch_step<Ops>(next, c);
     typename Ops::In wv[kW];
     #pragma GCC unroll 4
     for (int r = 0; r < kW; ++r) wv[r] = Ops::load(wr[r] + c);
@@ -260,7 +261,7 @@ void store_tile(const Problem<Ops, Out>& p, const float* sums, int64_t i0, int m
 // One weight tile (rows n0 .. n0 + 3; past N the last row again, its sums dropped) against activation rows
 // [i_begin, i_end), 4 at a time; the tile stays in L1 meanwhile.
 template <class Ops, typename Out>
-void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t i_end, const char* next, bool once) {
+void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t i_end, const char* next) {
   const typename Ops::T* wr[kW];
   for (int r = 0; r < kW; ++r) wr[r] = p.w + std::min(n0 + r, p.n - 1) * p.k;
   const int cols = static_cast<int>(std::min<int64_t>(kW, p.n - n0));
@@ -269,10 +270,10 @@ void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t 
     const typename Ops::T* x = p.x + i * p.k;
     const int mb = static_cast<int>(std::min<int64_t>(kX, i_end - i));
     switch (mb) {
-      case 4: tile<Ops, 4>(wr, x, p.k, next, once, sums); break;
-      case 3: tile<Ops, 3>(wr, x, p.k, next, once, sums); break;
-      case 2: tile<Ops, 2>(wr, x, p.k, next, once, sums); break;
-      default: tile<Ops, 1>(wr, x, p.k, next, once, sums); break;
+      case 4: tile<Ops, 4>(wr, x, p.k, next, sums); break;
+      case 3: tile<Ops, 3>(wr, x, p.k, next, sums); break;
+      case 2: tile<Ops, 2>(wr, x, p.k, next, sums); break;
+      default: tile<Ops, 1>(wr, x, p.k, next, sums); break;
     }
     store_tile(p, sums, i, mb, n0, cols);
   }
@@ -296,15 +297,15 @@ void run(const Problem<Ops, Out>& p) {
   plan<Ops>(p.m, p.k, p.n, &block_rows, &chunk_tiles);
   const int64_t tiles = (p.n + kW - 1) / kW;
   const int64_t blocks = (p.m + block_rows - 1) / block_rows, chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
-  const bool once = blocks == 1;
   // unit u = (weight chunk u / blocks, activation block u % blocks): a thread's consecutive units share a chunk
-  at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t unit_grain = grain(chunk_tiles * kW, std::min(p.m, block_rows), p.k);
+  at::parallel_for(0, chunks * blocks, unit_grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t i_begin = (u % blocks) * block_rows, i_end = std::min(p.m, i_begin + block_rows);
       const int64_t t_end = std::min(tiles, (u / blocks + 1) * chunk_tiles);
       for (int64_t t = (u / blocks) * chunk_tiles; t < t_end; ++t) {
         const char* next = t + 1 < tiles ? reinterpret_cast<const char*>(p.w + (t + 1) * kW * p.k) : nullptr;
-        tile_rows(p, t * kW, i_begin, i_end, next, once);
+        tile_rows(p, t * kW, i_begin, i_end, next);
       }
     }
   });
@@ -408,7 +409,8 @@ void run_amx(const Problem<BF16Dot, c10::BFloat16>& p) {
   int64_t chunk_pairs = std::max<int64_t>(1, kBlockBytes / (2 * kT * p.k * 2));
   if (blocks == 1) chunk_pairs = std::min(chunk_pairs, std::max<int64_t>(1, pairs / (4 * at::get_num_threads())));
   const int64_t n_chunks = (pairs + chunk_pairs - 1) / chunk_pairs;
-  at::parallel_for(0, n_chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t unit_grain = grain(chunk_pairs * 2 * kT, std::min(p.m, block_tiles * kT), p.k);
+  at::parallel_for(0, n_chunks * blocks, unit_grain, [&](int64_t begin, int64_t end) {
     configure();
     std::vector<uint16_t> copies[2];
     for (int64_t u = begin; u < end; ++u) {
