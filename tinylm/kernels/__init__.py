@@ -32,7 +32,8 @@ SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
                          "invariant_attention.cpp")]
 # included by the sources: part of the build's name too
-HEADERS = [Path(__file__).with_name(name) for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h")]
+HEADERS = [Path(__file__).with_name(name)
+           for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h")]
 _STATE: dict[str, bool] = {}
 
 
