@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from tinylm import kernels
 from tinylm.config import ModelConfig
 
 
@@ -120,8 +119,9 @@ class PagedBatch:
         self.length = length  # S - T: the context before the new tokens, the query offset the mask builder expects
         self.attention_kernel = attention_kernel  # the compiled decode step's, when tinylm.kernels are built
         # attention by tinylm::invariant_attention (decode_attention and prefill_attention): a row's result the same
-        # whatever shares the batch and however its prompt is split (issue 21); only where tinylm.kernels are built
-        self.batch_invariant = batch_invariant and kernels.available()
+        # whatever shares the batch and however its prompt is split (issue 21). The caller sets it only where
+        # tinylm.kernels.available() (resolved once, outside compiled graphs: the call builds on first use)
+        self.batch_invariant = batch_invariant
 
     @property
     def new_tokens(self) -> torch.Tensor | None:
