@@ -18,6 +18,9 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <vector>
 
 #include "attend_chunk.h"
@@ -108,13 +111,21 @@ struct Inputs {
 
 // Many blocks (a prefill, a large decode batch): one item per block, all its chunks and K/V heads in turn, its
 // partials in a buffer of the thread's, combined at once (no partials of the whole call written to memory).
+// Threads take the next block as they finish, largest first: a prefill's blocks grow with their position, and
+// split in halves the second half was 3x the first (2 threads: 1.4x instead of 2x faster than 1).
 template <typename T>
 void run_per_block(const Inputs<T>& in, const std::vector<Block>& blocks, float* out) {
-  const int64_t record = in.heads * (in.dim + 2);
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t record = in.heads * (in.dim + 2), count = static_cast<int64_t>(blocks.size());
+  std::vector<int64_t> order(count);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return blocks[a].chunks * blocks[a].count > blocks[b].chunks * blocks[b].count;
+  });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, count, 1, [&](int64_t, int64_t) {
     std::vector<float> partial;
-    for (int64_t b = begin; b < end; ++b) {
-      Block block = blocks[b];
+    for (int64_t k = next++; k < count; k = next++) {
+      Block block = blocks[order[k]];
       block.first = 0;
       partial.resize(block.chunks * block.count * record);
       for (int64_t c = 0; c < block.chunks; ++c) {
