@@ -93,6 +93,22 @@ def test_a_decode_row_is_bitwise_the_same_beside_any_rows_padding_and_threads(dt
         torch.set_num_threads(threads)
 
 
+def test_todays_decode_kernel_moves_with_the_batch():
+    """Why the invariant op exists, and proof that these comparisons can fail: paged_attention splits keys in
+    chunks counted on the batch's slot axis, so one row's bits change when a longer row joins it."""
+    pool, _ = _pool(torch.bfloat16, 3, 64)
+    target, other = _sequences([150, 200])
+    q = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(6))
+    alone = torch.ops.tinylm.paged_attention(q[:1], pool[0], pool[1], target[None], None, 0.125)
+    slots = torch.zeros(2, 200, dtype=torch.long)
+    slots[0, 50:], slots[1] = target, other
+    together = torch.ops.tinylm.paged_attention(q, pool[0], pool[1], slots, slots != 0, 0.125)
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(together[0], alone[0])
+    invariant = _attend(pool, [target, other], [(0, q[0], 149), (1, q[1], 199)])
+    assert torch.equal(invariant[0], _attend(pool, [target], [(0, q[0], 149)])[0])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
 @pytest.mark.parametrize("chunk", [1, 5, 150])

@@ -13,6 +13,8 @@
 // cache): ~11 us at batch 1 / 150 keys; at batch 16 / 140 keys 41 us with the pool in cache and ~80 us with it in
 // memory (int8 pool ~60), as in the decode step, where the weights streaming through L3 evict it (Inductor's loops
 // over the same pool: 28-33 and 116-131 us from cache). Hence the prefetch of K/V records.
+// A chunk and the combination of chunks are attend_chunk.h's, shared with invariant_attention.cpp (the
+// batch-invariant variant: chunks counted from each sequence's first key instead of the batch's slot axis).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
