@@ -18,6 +18,7 @@ import torch
 
 from tinylm import hub
 from tinylm.engine.engine import EngineBusyError, EngineConfig, LLMEngine, model_context
+from tinylm.engine.lora import LoRARequest
 from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.ngram import NGRAM
 from tinylm.engine.sequence import StepOutput, TokenLogprob
@@ -240,11 +241,12 @@ class LLM:
                  lora_request=None) -> list[RequestOutput]:
         """Complete each prompt (text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}) with
         SamplingParams.n completions each; all run as one continuous batch. use_tqdm is accepted (tinylm shows
-        no progress bar); lora_request must be None."""
-        _check_no_lora(lora_request)
+        no progress bar); lora_request: a LoRARequest (a PEFT adapter folder, loaded on first use, served
+        unmerged: tinylm/engine/lora.py)."""
         prompts, params = self._normalize(prompts, sampling_params)
+        lora_id = self._lora_id(lora_request)
         outputs = [self._request_output(text, ids, p) for (text, ids), p in zip(prompts, params)]
-        for events in self._steps([ids for _, ids in prompts], params):
+        for events in self._steps([ids for _, ids in prompts], params, lora_id):
             for event in events:
                 self._collect(outputs[event.index], event, params[event.index])
         return outputs
@@ -267,7 +269,6 @@ class LLM:
         """One conversation (a list of {role, content}) or several; the model's chat template (or chat_template:
         a template name of the model or a template's source) is applied. vLLM's arguments; content may be a
         string or a list of {"type": "text", "text": ...} parts."""
-        _check_no_lora(lora_request)
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         options = {**(chat_template_kwargs or {}), **template_kwargs,
                    "add_generation_prompt": add_generation_prompt, "tools": tools}
@@ -276,7 +277,7 @@ class LLM:
         if continue_final_message:
             options["continue_final_message"] = True
         prompts = [self.apply_chat_template([_plain_message(m) for m in c], **options) for c in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_request=lora_request)
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         if self.tokenizer is None:
@@ -355,7 +356,23 @@ class LLM:
             raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (a list of ids)")
         return prompt["prompt"], self.encode(prompt["prompt"])
 
-    def _steps(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[StepEvent]]:
+    def _lora_id(self, lora_request) -> int:
+        if lora_request is None:
+            return 0
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError("lora_request must be a tinylm.LoRARequest(lora_name, lora_int_id, lora_path), got "
+                             f"{type(lora_request).__name__}")
+        if self.engine.driver is not None and self.engine.driver.is_alive:
+            raise EngineBusyError("this LLM's engine is serving HTTP requests; load adapters through the server")
+        name, loaded = lora_request.lora_name, self.engine.loras.ids
+        if name in loaded:
+            return loaded[name]
+        if not lora_request.lora_path:
+            raise ValueError(f"LoRA adapter {name!r} is not loaded and the request gives no lora_path")
+        return self.engine.load_lora(name, lora_request.lora_path)
+
+    def _steps(self, prompt_ids: list[list[int]], params: list[SamplingParams],
+               lora_id: int = 0) -> Iterator[list[StepEvent]]:
         """Run every prompt's n completions through the engine; yield each step's events. Every prompt is checked
         before any runs, and leaving early (an exception, a closed stream) cancels what is left."""
         engine = self.engine
@@ -370,7 +387,7 @@ class LLM:
                 for choice in range(p.n):
                     self._request_ids += 1
                     request_id = f"llm-{self._request_ids}"
-                    engine.add_request(request_id, ids, _choice_params(p, choice))
+                    engine.add_request(request_id, ids, _choice_params(p, choice), lora_id=lora_id)
                     where[request_id] = (index, choice)
             while any(r in engine.requests for r in where):
                 yield [_event(*where[o.request_id], o) for o in engine.step() if o.request_id in where]
@@ -438,10 +455,6 @@ def _plain_message(message: Message) -> Message:
         raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
     return {**message, "content": "".join(str(part.get("text", "")) for part in content)}
 
-
-def _check_no_lora(lora_request) -> None:
-    if lora_request is not None:
-        raise ValueError("lora_request is not supported: tinylm serves no LoRA adapters")
 
 
 def _check_extra_args(kwargs: dict) -> None:

@@ -76,7 +76,7 @@ class AsyncEngine:
         return f"{prefix}-{next(self._ids)}"
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       prompt_logprobs: int | None = None, constraint_gate: int | None = None
+                       prompt_logprobs: int | None = None, constraint_gate: int | None = None, lora_id: int = 0
                        ) -> AsyncIterator[StepOutput]:
         """Stream a request's outputs. Bad input raises here, before the first output (call `validate` first to
         answer it before a response starts)."""
@@ -84,7 +84,7 @@ class AsyncEngine:
         self.validate([prompt_token_ids], params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         self._streams[request_id] = stream
-        self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs, constraint_gate))
+        self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs, constraint_gate, lora_id))
         finished = False
         try:
             while not finished:
@@ -97,6 +97,23 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._submit(("abort", request_id))
+
+    async def call(self, function: Callable, *args):
+        """function(*args) on the engine thread, between two steps (what changes the model, such as loading a LoRA
+        adapter, must not run beside a forward); its result or exception here."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._submit(("call", function, args, loop, future))
+        return await future
+
+    @staticmethod
+    def _call(function: Callable, args: tuple, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        try:
+            result, error = function(*args), None
+        except Exception as exc:  # noqa: BLE001  (handed to the caller)
+            result, error = None, exc
+        settle = (lambda: future.set_exception(error)) if error is not None else (lambda: future.set_result(result))
+        loop.call_soon_threadsafe(lambda: None if future.done() else settle())
 
     def validate(self, prompts: list[list[int]], params: SamplingParams, copies: int = 1) -> None:
         """The engine's checks for `copies` requests of each prompt, with the queue counted from the streams open
@@ -131,11 +148,14 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort(command[1])
                 continue
-            _, request_id, prompt, params, prompt_logprobs, constraint_gate = command
+            if command[0] == "call":
+                self._call(*command[1:])
+                continue
+            _, request_id, prompt, params, prompt_logprobs, constraint_gate, lora_id = command
             if request_id not in self._streams:
                 continue  # the client left before its request reached the engine
             try:
-                self.engine.add_request(request_id, prompt, params, prompt_logprobs, constraint_gate)
+                self.engine.add_request(request_id, prompt, params, prompt_logprobs, constraint_gate, lora_id)
             except Exception as exc:
                 self._deliver(request_id, exc)
 

@@ -58,7 +58,7 @@ class BlockManager:
             return
         tokens = seq.all_token_ids
         usable = (len(tokens) - 1) // self.block_size
-        parent = None
+        parent = _root(seq)
         for index in range(usable):
             parent = _hash(parent, tokens[index * self.block_size:(index + 1) * self.block_size])
             block = self.cached.get(parent)
@@ -85,7 +85,7 @@ class BlockManager:
             return
         tokens = seq.all_token_ids
         for index in range(first_full, seq.num_computed // self.block_size):
-            parent = self.block_hash[seq.block_ids[index - 1]] if index else None
+            parent = self.block_hash[seq.block_ids[index - 1]] if index else _root(seq)
             block = seq.block_ids[index]
             digest = _hash(parent, tokens[index * self.block_size:(index + 1) * self.block_size])
             if self.block_hash[block] is None and digest not in self.cached:
@@ -134,5 +134,10 @@ class BlockManager:
         self.block_hash[block] = None
 
 
-def _hash(parent: int | None, tokens: list[int]) -> int:
+def _root(seq: Sequence):
+    """The parent of a sequence's first block: the same tokens under another LoRA adapter have other K/V."""
+    return ("lora", seq.lora_id) if seq.lora_id else None
+
+
+def _hash(parent, tokens: list[int]) -> int:
     return hash((parent, tuple(tokens)))

@@ -24,13 +24,14 @@ from tinylm.engine.block_manager import BlockManager
 from tinylm.engine.compiled import can_compile
 from tinylm.engine.kv_pool import KVPool, pool_dtype
 from tinylm.engine.logit_shaping import shape_logits
+from tinylm.engine.lora import LoRAAdapters
 from tinylm.engine.runner import ModelRunner
 from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
 from tinylm.engine.speculative import Speculation, make_drafter
 from tinylm.engine.stop import StopChecker
 from tinylm.engine.structured import GrammarCompiler, prefetch_masks
-from tinylm.errors import ContextLengthError, TinyLMError
+from tinylm.errors import ConfigError, ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
 from tinylm.model.gemv import use_gemv
 from tinylm.sampling_params import SamplingParams
@@ -90,7 +91,8 @@ class LLMEngine:
         if compile_decode:
             fuse_projections(model)  # fewer, larger matmuls in the compiled step (inference only: see fuse.py)
             use_gemv(model)  # batch-1 products as reductions Inductor streams at memory speed (see gemv.py)
-        self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode)
+        self.loras = LoRAAdapters(model)
+        self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode, self.loras)
         self.drafter = None if draft_model is None else make_drafter(draft_model, model, config)
         self.speculation = None if self.drafter is None else Speculation(
             self.drafter, self.runner, self.blocks, config.num_speculative_tokens, config.speculative_max_rows)
@@ -111,13 +113,17 @@ class LLMEngine:
         return (self.blocks.num_blocks - 1) * self.blocks.block_size
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt_logprobs: int | None = None, constraint_gate: int | None = None) -> Sequence:
+                    prompt_logprobs: int | None = None, constraint_gate: int | None = None,
+                    lora_id: int = 0) -> Sequence:
         """Queue a request. Raises ValueError/ContextLengthError for bad input and QueueFullError when full.
         prompt_logprobs (the server's echo) defaults to params.prompt_logprobs (the Python API's). constraint_gate:
-        a token (a reasoning model's `</think>`) before which params.structured_outputs does not apply."""
+        a token (a reasoning model's `</think>`) before which params.structured_outputs does not apply. lora_id: a
+        loaded adapter's id (load_lora), 0 for the base model."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
+        if lora_id and lora_id not in self.loras.ids.values():
+            raise ValueError(f"no LoRA adapter with id {lora_id} is loaded")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         device = self.model.lm_head.weight.device
         seq = Sequence(request_id, list(prompt_token_ids), params, StopChecker(self.tokenizer, params, stop_ids),
@@ -126,6 +132,7 @@ class LLMEngine:
                        prompt_logprobs=params.prompt_logprobs if prompt_logprobs is None else prompt_logprobs)
         if params.structured_outputs is not None:
             seq.constraint = self.grammars.constraint(params.structured_outputs, constraint_gate)
+        seq.lora_id = lora_id
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -155,6 +162,22 @@ class LLMEngine:
         if needed > self.capacity_tokens:
             raise ContextLengthError(f"the request needs {needed} tokens of KV cache; the cache holds "
                                      f"{self.capacity_tokens} (raise the cache memory budget)")
+
+    def load_lora(self, name: str, path) -> int:
+        """Serve the PEFT adapter at `path` as `name` (its id for add_request). The engine must be idle or driven
+        by this thread: adapters change the model's layers. Compiled engines fuse the projections adapters touch."""
+        if self.runner.compiled is not None:
+            raise ConfigError("LoRA adapters are served by the eager engine: load the model without --compile")
+        return self.loras.load(name, path)
+
+    def unload_lora(self, name: str) -> int:
+        """Stop serving adapter `name` (ValueError while requests use it, or when it is not loaded)."""
+        if name not in self.loras.ids:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded")
+        users = sum(seq.lora_id == self.loras.ids[name] for seq in self.requests.values())
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {users} running requests")
+        return self.loras.unload(name)
 
     def check_room(self, in_flight: int, incoming: int = 1) -> None:
         """QueueFullError when `incoming` more requests would leave more than max_queue of them waiting for one

@@ -12,12 +12,15 @@ import torch
 from tinylm.engine.block_manager import BlockManager
 from tinylm.engine.compiled import CompiledDecode
 from tinylm.engine.kv_pool import KVPool, PagedBatch
+from tinylm.engine.lora import LoRAAdapters
 from tinylm.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, pool: KVPool, blocks: BlockManager, compile_decode: bool = False) -> None:
+    def __init__(self, model, pool: KVPool, blocks: BlockManager, compile_decode: bool = False,
+                 loras: LoRAAdapters | None = None) -> None:
         self.model = model
+        self.loras = loras  # the engine's LoRA adapters (engine/lora.py): each row's is set before a forward
         self.pool = pool
         self.blocks = blocks
         self.device = model.lm_head.weight.device
@@ -49,10 +52,20 @@ class ModelRunner:
         key_mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
         new_tokens = None if write_mask.all() else torch.from_numpy(write_mask).to(self.device)
         cache = PagedBatch(self.pool, write_slots, new_tokens, gather, state_rows, length=width - steps)
+        if self.loras is not None:
+            self.loras.set_rows(self._token_adapters(rows, steps))
         out = self.model(ids, attention_mask=key_mask, position_ids=positions, cache=cache,
                          logits_to_keep=0 if all_logits else 1)
         logits = out.logits.float()
         return logits if all_logits else logits[:, -1]
+
+    def _token_adapters(self, rows: list[tuple[Sequence, int]], steps: int) -> torch.Tensor | None:
+        """(B * T,) each token's LoRA adapter id, padding included (its rows are never read), or None when every
+        row runs the base model."""
+        ids = [seq.lora_id for seq, _ in rows]
+        if not any(ids):
+            return None
+        return torch.tensor(ids, device=self.device).repeat_interleave(steps)
 
     # Inputs are built with numpy (a microsecond an operation, a few for torch's): at batch 1 a tiny model's
     # decode step takes ~0.3 ms, and preparing its inputs with ~25 torch calls took a quarter of it.

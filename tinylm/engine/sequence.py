@@ -53,6 +53,7 @@ class Sequence:
     prompt_logprob_values: list[TokenLogprob | None] = field(default_factory=list)  # [None, lp(t1), lp(t2), ...]
     prompt_logprobs_done: bool = False
     constraint: Constraint | None = None  # structured outputs: where the text is in its grammar
+    lora_id: int = 0  # the LoRA adapter its rows run with (engine/lora.py); 0: the base model
 
     @property
     def all_token_ids(self) -> list[int]:

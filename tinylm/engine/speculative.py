@@ -49,11 +49,12 @@ if TYPE_CHECKING:
 class View:
     """A sequence as the model runner and block manager see it: token ids, how many lead the cache, its blocks."""
 
-    def __init__(self, tokens: list[int], num_computed: int, block_ids: list[int]) -> None:
+    def __init__(self, tokens: list[int], num_computed: int, block_ids: list[int], lora_id: int = 0) -> None:
         self.all_token_ids = tokens
         self.num_computed = num_computed
         self.block_ids = block_ids
         self.state_slot = None  # drafts and targets of speculative decoding have no DeltaNet state
+        self.lora_id = lora_id  # the target's rows run with the sequence's adapter (engine/lora.py)
 
     @property
     def num_uncomputed(self) -> int:
@@ -62,7 +63,7 @@ class View:
 
 def one_token_rows(view: View, count: int) -> list[tuple[View, int]]:
     """The next `count` uncomputed tokens of `view` as `count` rows of one token each (a decode batch)."""
-    return [(View(view.all_token_ids, view.num_computed + j, view.block_ids), 1) for j in range(count)]
+    return [(View(view.all_token_ids, view.num_computed + j, view.block_ids, view.lora_id), 1) for j in range(count)]
 
 
 def check_num_tokens(count: int) -> None:
@@ -144,7 +145,8 @@ class Speculation:
         drafts, probs = self.drafter.propose(seqs, [k for _, k in rows])
         batch = []
         for seq, tokens in zip(seqs, drafts):
-            batch += one_token_rows(View(seq.all_token_ids + tokens, seq.num_computed, seq.block_ids), len(tokens) + 1)
+            view = View(seq.all_token_ids + tokens, seq.num_computed, seq.block_ids, seq.lora_id)
+            batch += one_token_rows(view, len(tokens) + 1)
         logits = self.runner.forward(batch)  # (sum of k_i + 1, V)
         # structured outputs: each position is verified under its grammar's mask (after the drafts before it)
         allowed = apply_masks(logits, constraint_masks([seq.constraint for seq in seqs], logits.shape[-1], drafts))

@@ -39,6 +39,8 @@ class ServerConfig:
     trust_request_chat_template: bool = False  # allow requests to send their own chat template source
     sampling_defaults: dict | None = None  # the model's recommended sampling; None: read from the model's folder
     cpu_workers: int = 4  # threads that tokenize and render templates for requests
+    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> PEFT folder, served unmerged
+    allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (they read server paths)
 
 
 @dataclass
@@ -64,6 +66,9 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     # the server stops (LLM.engine_for; an engine another running server steps is not shared)
     engine = llm.engine_for(config.engine or EngineConfig())
     engine.warmup()  # compiles the decode graphs before the server answers (with --compile only)
+    for name, path in config.lora_modules.items():
+        if name not in engine.loras.ids:  # the LLM's engine may hold them from an earlier server
+            engine.load_lora(name, path)
     metrics = Metrics(engine)
     defaults = config.sampling_defaults
     if defaults is None:
@@ -90,10 +95,11 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    from tinylm.server import openai_routes, tgi_routes
+    from tinylm.server import lora_routes, openai_routes, tgi_routes
 
     app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)
+    app.include_router(lora_routes.router)
 
     @app.get("/health", response_class=Response, responses={
         200: {"description": "The engine is running", "content": {"text/plain": {}}},

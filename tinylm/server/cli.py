@@ -27,6 +27,12 @@ def register(commands) -> None:
     serve.add_argument("--graceful-timeout", type=float, default=10.0,
                        help="seconds running requests may take to finish after SIGTERM; the rest end with an error "
                             "event")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="serve PEFT LoRA adapters (as `tinylm train` writes them) beside the model, unmerged: "
+                            "each NAME is a model name on every route, several in one batch")
+    serve.add_argument("--allow-runtime-lora", action="store_true",
+                       help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (they read paths a request "
+                            "names on this machine)")
     safety = serve.add_argument_group("serving safely (see README: Serving safely)")
     safety.add_argument("--api-key", default=os.environ.get("TINYLM_API_KEY"),
                         help="require `Authorization: Bearer KEY` on every route but /health "
@@ -74,7 +80,21 @@ def server_config(args):
                         body_timeout=args.body_timeout, request_timeout=args.request_timeout,
                         max_messages=args.max_messages, max_prompt_bytes=args.max_prompt_bytes,
                         trust_request_chat_template=args.trust_request_chat_template,
-                        sampling_defaults=hub.recommended_sampling(args.model))
+                        sampling_defaults=hub.recommended_sampling(args.model),
+                        lora_modules=lora_modules(args.lora_modules), allow_runtime_lora=args.allow_runtime_lora)
+
+
+def lora_modules(values: list[str]) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... -> {name: path}."""
+    modules = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH, got {value!r}")
+        if name in modules:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    return modules
 
 
 def cmd_serve(args) -> int:

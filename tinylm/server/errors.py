@@ -24,7 +24,6 @@ NOT_IMPLEMENTED_FIELDS = {
     "prediction": "predicted outputs (prediction) are not supported by this server",
     "web_search_options": "web search is not supported by this server",
     "reasoning_effort": "reasoning_effort is not supported by this server; use chat_template_kwargs",
-    "adapter_id": "LoRA adapters (adapter_id) are not supported by this server yet",
 }
 
 

@@ -94,12 +94,14 @@ async def off_loop(state, function: Callable, *args, **kwargs):
 
 
 async def run_all(state, request: Request, prompts: list[list[int]], params: SamplingParams, n: int,
-                  prompt_logprobs: int | None = None, constraint_gate: int | None = None) -> list[Completion]:
+                  prompt_logprobs: int | None = None, constraint_gate: int | None = None,
+                  lora_id: int = 0) -> list[Completion]:
     """Run n choices for each prompt concurrently; cancel them all if the client disconnects."""
     completions = [Completion() for _ in range(len(prompts) * n)]
 
     async def collect() -> None:
-        async for choice, output in merged_stream(state, prompts, params, n, prompt_logprobs, constraint_gate):
+        async for choice, output in merged_stream(state, prompts, params, n, prompt_logprobs, constraint_gate,
+                                                  lora_id):
             completions[choice].add(output)
 
     task = asyncio.ensure_future(collect())
@@ -113,7 +115,7 @@ async def run_all(state, request: Request, prompts: list[list[int]], params: Sam
 
 
 async def merged_stream(state, prompts: list[list[int]], params: SamplingParams, n: int,
-                        prompt_logprobs: int | None = None, constraint_gate: int | None = None
+                        prompt_logprobs: int | None = None, constraint_gate: int | None = None, lora_id: int = 0
                         ) -> AsyncIterator[tuple[int, StepOutput]]:
     """Outputs of every choice as they come, tagged with the choice index (prompt-major, as OpenAI numbers them).
     Closing this iterator (a client that left) cancels every choice; the request's time limit or the server's
@@ -126,7 +128,8 @@ async def merged_stream(state, prompts: list[list[int]], params: SamplingParams,
     async def pump(prompt: list[int], index: int, choice: int) -> None:
         try:
             async for output in state.engine.generate(prompt, choice_params(params, index),
-                                                      prompt_logprobs=prompt_logprobs, constraint_gate=constraint_gate):
+                                                      prompt_logprobs=prompt_logprobs, constraint_gate=constraint_gate,
+                                                      lora_id=lora_id):
                 await queue.put((choice, output))
         except Exception as exc:
             await queue.put((choice, exc))

@@ -30,10 +30,15 @@ def _state(request: Request):
     return request.app.state.tinylm
 
 
-def _check_model(state, model: str | None) -> None:
-    if model is not None and model != state.config.model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{state.config.model_name}`.",
-                       "NotFoundError", "model")
+def _check_model(state, model: str | None) -> int:
+    """The request's model: the served model (0) or one of its LoRA adapters (the adapter's id); else 404."""
+    if model is None or model == state.config.model_name:
+        return 0
+    adapters = state.engine.engine.loras.ids
+    if model in adapters:
+        return adapters[model]
+    names = ", ".join(f"`{n}`" for n in [state.config.model_name, *adapters])
+    raise APIError(404, f"The model `{model}` does not exist; this server serves {names}.", "NotFoundError", "model")
 
 
 def _prompt_ids(state, prompt) -> list[list[int]]:
@@ -55,15 +60,18 @@ def _prompt_bytes(prompt) -> int:
 @router.get("/v1/models")
 async def models(request: Request) -> dict:
     state = _state(request)
-    card = {"id": state.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "tinylm",
+    created, base = int(time.time()), state.config.model_name
+    card = {"id": base, "object": "model", "created": created, "owned_by": "tinylm", "root": base, "parent": None,
             "max_model_len": state.llm.config.max_position_embeddings}
-    return {"object": "list", "data": [card]}
+    adapters = [{**card, "id": name, "root": path, "parent": base}
+                for name, path in state.engine.engine.loras.paths.items()]  # vLLM lists LoRA adapters so
+    return {"object": "list", "data": [card, *adapters]}
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
-    _check_model(state, body.model)
+    lora_id = _check_model(state, body.model)
     params = body.to_params(state.sampling_defaults)
     check_prompt_bytes(state, _prompt_bytes(body.prompt))
     prompts = await off_loop(state, _prompt_ids, state, body.prompt)
@@ -71,11 +79,12 @@ async def completions(body: CompletionRequest, request: Request):
         check_context(state.llm.config.max_position_embeddings, prompt, params.max_tokens)
     await validate_all(state, prompts, params, body.n)
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": body.model or state.config.model_name}
     if body.stream:
-        stream = merged_stream(state, prompts, params, body.n, prompt_logprobs)
+        stream = merged_stream(state, prompts, params, body.n, prompt_logprobs, lora_id=lora_id)
         return _sse(request, functools.partial(_completion_events, state, body, prompts, stream, meta))
-    results = await run_all(state, request, prompts, params, body.n, prompt_logprobs)
+    results = await run_all(state, request, prompts, params, body.n, prompt_logprobs, lora_id=lora_id)
     record_usage(request, prompts, results, body.n)
     scoring_only = body.max_tokens == 0
     choices = []
@@ -117,7 +126,7 @@ async def _completion_events(state, body: CompletionRequest, prompts, stream, me
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
-    _check_model(state, body.model)
+    lora_id = _check_model(state, body.model)
     _check_messages(state, body.messages)
     template_kwargs = _template_kwargs(state, body)
     plan = plan_chat(state.llm.tokenizer, body, template_kwargs["chat_template"])
@@ -130,11 +139,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_context(context, prompt, params.max_tokens, explicit)
     await validate_all(state, [prompt], params, body.n)
     gate = _constraint_gate(state, plan, params)
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.config.model_name}
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": body.model or state.config.model_name}
     if body.stream:
-        stream = merged_stream(state, [prompt], params, body.n, constraint_gate=gate)
+        stream = merged_stream(state, [prompt], params, body.n, constraint_gate=gate, lora_id=lora_id)
         return _sse(request, functools.partial(_chat_events, state, body, plan, prompt, stream, meta))
-    results = await run_all(state, request, [prompt], params, body.n, constraint_gate=gate)
+    results = await run_all(state, request, [prompt], params, body.n, constraint_gate=gate, lora_id=lora_id)
     record_usage(request, [prompt], results, body.n)
     choices = []
     for i, result in enumerate(results):

@@ -280,6 +280,7 @@ class TGIParameters(StrictRequest):
     typical_p: float | None = documented(enum=[1.0, None])
     watermark: bool = documented(False, enum=[False])
     grammar: TGIGrammar | None = None
+    adapter_id: str | None = None  # a LoRA adapter the server serves (--lora-modules), by name
 
 
 class TGIRequest(StrictRequest):

@@ -74,16 +74,26 @@ async def _prepare(request: Request, body: TGIRequest) -> tuple:
     check_context(state.llm.config.max_position_embeddings, prompt, params.max_tokens,
                   explicit=body.parameters.max_new_tokens is not None)
     await validate_all(state, [prompt], params)
-    return state, params, prompt
+    return state, params, prompt, _adapter(state, body.parameters.adapter_id)
+
+
+def _adapter(state, adapter_id: str | None) -> int:
+    """TGI's adapter_id: a LoRA adapter the server loaded (--lora-modules), by name; None is the base model."""
+    if adapter_id is None or adapter_id == state.config.model_name:
+        return 0
+    adapters = state.engine.engine.loras.ids
+    if adapter_id not in adapters:
+        _fail(f"adapter `{adapter_id}` is not loaded; loaded: {', '.join(adapters) or 'none'}")
+    return adapters[adapter_id]
 
 
 @router.post("/generate")
 async def generate(body: TGIRequest, request: Request):
     if body.stream:
         return await generate_stream(body, request)
-    state, params, prompt = await _prepare(request, body)
+    state, params, prompt, lora_id = await _prepare(request, body)
     prompt_logprobs = 0 if body.parameters.decoder_input_details else None
-    result = (await run_all(state, request, [prompt], params, 1, prompt_logprobs))[0]
+    result = (await run_all(state, request, [prompt], params, 1, prompt_logprobs, lora_id=lora_id))[0]
     record_usage(request, [prompt], [result], 1)
     text = (body.inputs if body.parameters.return_full_text else "") + result.text
     response = {"generated_text": text}
@@ -94,12 +104,12 @@ async def generate(body: TGIRequest, request: Request):
 
 @router.post("/generate_stream")
 async def generate_stream(body: TGIRequest, request: Request):
-    state, params, prompt = await _prepare(request, body)
+    state, params, prompt, lora_id = await _prepare(request, body)
 
     async def events():
         count = 0
         try:
-            async for event in _stream_events(state, body, params, prompt):
+            async for event in _stream_events(state, body, params, prompt, lora_id):
                 count += 1
                 yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
         except Exception as exc:  # noqa: BLE001  (the time limit, the server stopping: TGI's final error event)
@@ -110,9 +120,9 @@ async def generate_stream(body: TGIRequest, request: Request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-async def _stream_events(state, body: TGIRequest, params: SamplingParams, prompt: list[int]):
+async def _stream_events(state, body: TGIRequest, params: SamplingParams, prompt: list[int], lora_id: int = 0):
     text, count = "", 0
-    async for _, output in merged_stream(state, [prompt], params, 1):
+    async for _, output in merged_stream(state, [prompt], params, 1, lora_id=lora_id):
         text += output.text
         count += 1
         event = {"index": count - 1, "token": _token(state, output.token_id, output.logprob, output.text),

@@ -14,14 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from tinylm.errors import WeightsError
-from tinylm.weights import name_maps
+from tinylm.weights.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_key, read_adapter
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Module):
@@ -113,11 +111,6 @@ class MergedView:
         return merged_state_dict(self._model)
 
 
-def _peft_key(model_type: str, module: str, part: str) -> str:
-    stored = name_maps.to_checkpoint_name(model_type, f"{module}.weight").removesuffix(".weight")
-    return f"base_model.model.{stored}.{part}.weight"
-
-
 def save_adapter(model: nn.Module, folder: Path, r: int, alpha: float, dropout: float,
                  base_model: str | None) -> None:
     """adapter_config.json + adapter_model.safetensors, as PEFT's save_pretrained writes them."""
@@ -125,8 +118,8 @@ def save_adapter(model: nn.Module, folder: Path, r: int, alpha: float, dropout: 
     model_type = model.config.model_type
     tensors = {}
     for name, module in modules.items():
-        tensors[_peft_key(model_type, name, "lora_A")] = module.lora_A.weight.detach().contiguous()
-        tensors[_peft_key(model_type, name, "lora_B")] = module.lora_B.weight.detach().contiguous()
+        tensors[peft_key(model_type, name, "lora_A")] = module.lora_A.weight.detach().contiguous()
+        tensors[peft_key(model_type, name, "lora_B")] = module.lora_B.weight.detach().contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     leaves = sorted({name.rpartition(".")[2] for name in modules})
@@ -141,24 +134,14 @@ def save_adapter(model: nn.Module, folder: Path, r: int, alpha: float, dropout: 
 
 def load_adapter(model: nn.Module, folder: Path, trainable: bool = False) -> list[str]:
     """Apply a PEFT LoRA adapter folder to a tinylm model (wrapping the modules it names); return their names."""
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"{folder}: not a readable LoRA adapter ({exc})") from None
-    if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
-        raise WeightsError(f"{folder}: only plain LoRA adapters are supported")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    model_type = model.config.model_type
-    by_key = {_peft_key(model_type, n, "lora_A"): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    names = sorted({by_key.get(k.replace(".lora_B.", ".lora_A.")) for k in tensors} - {None})
-    if len(names) * 2 != len(tensors):
-        raise WeightsError(f"{folder}: adapter tensors do not match this model's modules")
-    apply_lora(model, r, alpha, float(config.get("lora_dropout", 0.0)), names)
+    adapter = read_adapter(folder, model)
+    names = sorted(adapter.weights)
+    apply_lora(model, adapter.r, adapter.alpha, adapter.dropout, names)
     for name, module in lora_modules(model).items():
+        a, b = adapter.weights[name]
         with torch.no_grad():
-            module.lora_A.weight.copy_(tensors[_peft_key(model_type, name, "lora_A")])
-            module.lora_B.weight.copy_(tensors[_peft_key(model_type, name, "lora_B")])
+            module.lora_A.weight.copy_(a)
+            module.lora_B.weight.copy_(b)
         module.lora_A.weight.requires_grad_(trainable)
         module.lora_B.weight.requires_grad_(trainable)
     return names

@@ -130,13 +130,13 @@ def _restore_weights(model, folder: Path) -> None:
 def _restore_adapter(model, folder: Path) -> None:
     from safetensors.torch import load_file
 
-    from tinylm.train.lora import _peft_key
+    from tinylm.weights.lora_files import peft_key
 
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     with torch.no_grad():
         for name, module in lora_modules(model).items():
             for part in ("lora_A", "lora_B"):
-                key = _peft_key(model.config.model_type, name, part)
+                key = peft_key(model.config.model_type, name, part)
                 if key not in tensors:
                     raise ckpt.CheckpointError(f"{folder}: adapter has no {key}")
                 getattr(module, part).weight.copy_(tensors[key])
