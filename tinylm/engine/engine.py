@@ -30,7 +30,7 @@ from tinylm.engine.scheduler import Scheduler
 from tinylm.engine.sequence import Sequence, Status, StepOutput, TokenLogprob
 from tinylm.engine.speculative import Speculation, make_drafter
 from tinylm.engine.stop import StopChecker
-from tinylm.engine.structured import GrammarCompiler, prefetch_masks, unpack
+from tinylm.engine.structured import GrammarCompiler, prefetch_masks
 from tinylm.errors import ConfigError, ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
 from tinylm.model.gemv import use_gemv
@@ -259,7 +259,7 @@ class LLMEngine:
             return []
         if len(ready) < len(seqs):  # rows still in prefill produced no token yet
             logits = logits.index_select(0, torch.tensor(ready, device=logits.device))
-        masks = unpack(masks.result(), self.vocab_size) if masks is not None else None
+        masks = masks.result() if masks is not None else None
         return self._sample([seqs[r] for r in ready], logits, masks if len(ready) == len(seqs) else None)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks=None) -> list[StepOutput]:

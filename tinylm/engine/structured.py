@@ -160,51 +160,54 @@ def constraint_bitmasks(constraints: list[Constraint | None], vocab: int,
 
 
 def constraint_masks(constraints: list[Constraint | None], vocab: int,
-                     drafts: list[list[int]] | None = None) -> tuple[torch.Tensor, list[int]] | None:
+                     drafts: list[list[int]] | None = None) -> tuple[np.ndarray, list[int]] | None:
     """The allowed tokens of each active constraint's next position(s), for the rows of a logits batch.
 
     Without drafts, row i of the batch is constraint i's next token. With drafts (speculative verification),
     constraint i owns len(drafts[i]) + 1 consecutive rows: its next token and the position after each draft.
-    Returns (bool (R, V) allowed, the batch rows they belong to), or None when no row is constrained.
+    Returns (float32 (R, V) additive masks, 0 where allowed and -inf elsewhere, the batch rows they belong to), or
+    None when no row is constrained. numpy only: it may run on the mask thread (prefetch_masks).
     """
-    return unpack(constraint_bitmasks(constraints, vocab, drafts), vocab)
+    bitmasks = constraint_bitmasks(constraints, vocab, drafts)
+    return None if bitmasks is None else (additive_masks(bitmasks[0], vocab), bitmasks[1])
 
 
 def prefetch_masks(constraints: list[Constraint | None], vocab: int) -> Future | None:
-    """constraint_bitmasks for the rows of a step about to run, computed on the mask thread while the model runs it
-    (None when no row is constrained; `unpack` the result). The matchers are not touched elsewhere until then.
+    """constraint_masks for the rows of a step about to run, computed on the mask thread while the model runs it
+    (None when no row is constrained). The matchers are not touched elsewhere until the result is taken.
     The thread runs llguidance and numpy only: a torch op there gives the process a second OpenMP team, after which
     every compiled decode step ran 35% slower (37.7 -> 24.5 tok/s at batch 1, measured)."""
     if not any(c is not None and c.active for c in constraints):
         return None
-    return _MASK_THREAD.submit(constraint_bitmasks, constraints, vocab)
+    return _MASK_THREAD.submit(constraint_masks, constraints, vocab)
 
 
-def unpack(bitmasks: tuple[np.ndarray, list[int]] | None, vocab: int) -> tuple[torch.Tensor, list[int]] | None:
-    """constraint_bitmasks' (R, W) words and rows -> (bool (R, V) allowed, rows), on the calling thread."""
-    if bitmasks is None:
-        return None
-    bitmask, rows = bitmasks
-    return unpack_bitmask(torch.from_numpy(bitmask), vocab), rows
-
-
-def apply_masks(logits: torch.Tensor, masks: tuple[torch.Tensor, list[int]] | None) -> torch.Tensor:
-    """logits (B, V) with -inf at the tokens a row's constraint does not allow."""
+def apply_masks(logits: torch.Tensor, masks: tuple[np.ndarray, list[int]] | None) -> torch.Tensor:
+    """logits (B, V) plus each constrained row's additive mask (-inf at the tokens it does not allow); a new tensor
+    (the raw logits stay for logprobs). An add, not masked_fill: 0.2 ms against 2.3 for 16 x 49152."""
     if masks is None:
         return logits
-    allowed, rows = masks
-    index = torch.tensor(rows, device=logits.device)
-    blocked = ~allowed.to(logits.device)
-    return logits.index_put((index,), logits.index_select(0, index).masked_fill(blocked, float("-inf")))
+    additive, rows = masks
+    additive = torch.from_numpy(additive).to(logits.device)
+    if rows == list(range(logits.shape[0])):
+        return logits + additive
+    return logits.index_add(0, torch.tensor(rows, device=logits.device), additive)
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(R, W) int32 bitmask, bit j of word w for token 32 w + j -> (R, V) bool. A row that allows nothing (a
-    matcher in error) allows everything instead: its sequence is ended by Constraint.done, not by NaN logits."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
-    empty = ~allowed.any(dim=-1)
-    return allowed | empty[:, None]
+# _BYTE_MASKS[b] (8,): the additive mask of the 8 tokens whose bits byte b holds (bit j: token 8 i + j)
+_BYTE_MASKS = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1,
+                       0.0, -np.inf).astype(np.float32)
+
+
+def additive_masks(bitmask: np.ndarray, vocab: int) -> np.ndarray:
+    """(R, W) int32 bitmask words (bit j of word w: token 32 w + j) -> (R, V) float32, 0 allowed / -inf not, by
+    an 8-token table per byte (0.6 ms for 16 x 49152). A row that allows nothing (a matcher in error) allows
+    everything instead: its sequence is ended by Constraint.done, not by NaN logits."""
+    rows = bitmask.shape[0]
+    out = np.take(_BYTE_MASKS, bitmask.view(np.uint8), axis=0).reshape(rows, -1)[:, :vocab]
+    empty = ~(bitmask != 0).any(axis=1)
+    out[empty] = 0.0
+    return np.ascontiguousarray(out)
 
 
 def _fill(matcher: llguidance.LLMatcher, bitmask: np.ndarray, first: int, drafts: list[int]) -> None:
