@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 
 def register(commands) -> None:
@@ -97,17 +98,39 @@ def lora_modules(values: list[str]) -> dict[str, str]:
     return modules
 
 
+def on_a_passing_thread(function):
+    """function() on a thread that ends before this returns (its exception re-raised here).
+
+    Loading, warming up and compiling run torch's parallel ops, and the thread that runs them keeps an OpenMP team
+    for as long as it lives. The engine decodes on its own thread; with the main thread's team still alive beside
+    its own, libgomp throttles every team's spin-waits and each decode step ran 35% slower (BENCHMARKS.md, Leads).
+    A passing thread's team goes with it, so the engine thread's is the only one while serving."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # noqa: BLE001  (re-raised on the calling thread)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="tinylm-load")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def cmd_serve(args) -> int:
     from tinylm.cli_args import load_from_args
     from tinylm.server.app import create_app
     from tinylm.server.http import make_server, uvicorn_config
 
     config = server_config(args)
-    llm = load_from_args(args)
     if args.compile:
         print("tinylm: compiling the decode step (about a minute per graph the first time; cached on disk)",
               file=sys.stderr, flush=True)
-    app = create_app(llm, config)
+    app = on_a_passing_thread(lambda: create_app(load_from_args(args), config))
     uv_config = uvicorn_config(app, args.host, args.port, header_timeout=args.header_timeout,
                                graceful_timeout=args.graceful_timeout, access_log=not args.no_access_log)
     auth = ", API key required" if config.api_key else ""
