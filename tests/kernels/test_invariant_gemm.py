@@ -175,5 +175,7 @@ def test_gradients_are_the_linear_ones():
     (invariant.invariant_linear(*leaves) ** 2).sum().backward()
     expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
     (F.linear(*expected) ** 2).sum().backward()
+    # the gradients carry the forward's output (2 * out), whose float32 sums run in another order than F.linear's:
+    # a few 1e-5 apart on some random draws (the suite's order changes the draw), far below a wrong formula's error
     for got, want in zip(leaves, expected):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.grad, want.grad, rtol=2e-4, atol=2e-4)
