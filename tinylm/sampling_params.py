@@ -66,9 +66,10 @@ class StructuredOutputsParams:
         return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
                     if getattr(self, name) not in (None, False))
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """A canonical text of the constraint: compiled grammars are cached under it."""
+        """A canonical text of the constraint: compiled grammars are cached under it (computed once: a request's
+        schema is looked up on the event loop, per choice, and may be a megabyte)."""
         value = getattr(self, self.kind)
         return json_lib.dumps([self.kind, value, self.whitespace_pattern], sort_keys=True)
 

@@ -83,7 +83,13 @@ def reply_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple
     if not calls:
         return message, finish_reason
     message.update(content=content, tool_calls=[call.openai() for call in calls])
-    return message, "tool_calls" if finish_reason == "stop" else finish_reason
+    return message, called_finish_reason(finish_reason, called=True)
+
+
+def called_finish_reason(finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish_reason for a reply that ended by itself after calling tools: "tool_calls" (a reply cut by
+    max_tokens stays "length")."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
 
 
 class ReplyStream:

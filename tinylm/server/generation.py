@@ -173,3 +173,11 @@ async def _cancel_on_disconnect(request: Request, tasks: list[asyncio.Future]) -
                 task.cancel()
             return
         await asyncio.sleep(_DISCONNECT_POLL_SECONDS)
+
+
+def lora_id(state, name: str | None) -> int | None:
+    """The engine id a request's model name selects: 0 for the served model (or no name), a loaded LoRA adapter's
+    id, or None when neither (each dialect answers that in its own way)."""
+    if name is None or name == state.config.model_name:
+        return 0
+    return state.engine.engine.loras.ids.get(name)

@@ -15,10 +15,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tinylm.server.chat_replies import ChatPlan, ReplyStream, plan_chat, reply_message
+from tinylm.server.chat_replies import ChatPlan, ReplyStream, called_finish_reason, plan_chat, reply_message
 from tinylm.server.errors import APIError, stream_error
-from tinylm.server.generation import (check_context, check_prompt_bytes, merged_stream, off_loop, record_usage,
-                                      run_all, validate_all)
+from tinylm.server.generation import (check_context, check_prompt_bytes, lora_id, merged_stream, off_loop,
+                                      record_usage, run_all, validate_all)
 from tinylm.server.openai_format import (chat_chunk, chat_logprobs, completion_logprobs, stream_completion_chunk,
                                          token_strings, usage)
 from tinylm.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, StrictRequest
@@ -32,12 +32,10 @@ def _state(request: Request):
 
 def _check_model(state, model: str | None) -> int:
     """The request's model: the served model (0) or one of its LoRA adapters (the adapter's id); else 404."""
-    if model is None or model == state.config.model_name:
-        return 0
-    adapters = state.engine.engine.loras.ids
-    if model in adapters:
-        return adapters[model]
-    names = ", ".join(f"`{n}`" for n in [state.config.model_name, *adapters])
+    selected = lora_id(state, model)
+    if selected is not None:
+        return selected
+    names = ", ".join(f"`{n}`" for n in [state.config.model_name, *state.engine.engine.loras.ids])
     raise APIError(404, f"The model `{model}` does not exist; this server serves {names}.", "NotFoundError", "model")
 
 
@@ -220,9 +218,7 @@ async def _chat_events(state, body: ChatCompletionRequest, plan: ChatPlan, promp
             continue  # text held back (a marker or a call in progress): nothing to send yet
         for delta in deltas[:-1]:
             yield chat_chunk(meta, choice, delta, None, None)
-        finish_reason = output.finish_reason
-        if finish_reason == "stop" and replies[choice].called:
-            finish_reason = "tool_calls"
+        finish_reason = called_finish_reason(output.finish_reason, replies[choice].called)
         yield chat_chunk(meta, choice, deltas[-1] if deltas else {}, logprobs, finish_reason)
     if body.stream_options and body.stream_options.include_usage:
         yield {**meta, "object": "chat.completion.chunk", "choices": [],

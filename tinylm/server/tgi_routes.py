@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 import tinylm
 from tinylm.server.errors import APIError, stream_error
-from tinylm.server.generation import (Completion, check_context, check_prompt_bytes, merged_stream, off_loop,
+from tinylm.server.generation import (Completion, check_context, check_prompt_bytes, lora_id, merged_stream, off_loop,
                                       record_usage, run_all, validate_all)
 from tinylm.server.openai_format import token_strings
 from tinylm.server.protocol import TGIParameters, TGIRequest
@@ -79,12 +79,11 @@ async def _prepare(request: Request, body: TGIRequest) -> tuple:
 
 def _adapter(state, adapter_id: str | None) -> int:
     """TGI's adapter_id: a LoRA adapter the server loaded (--lora-modules), by name; None is the base model."""
-    if adapter_id is None or adapter_id == state.config.model_name:
-        return 0
-    adapters = state.engine.engine.loras.ids
-    if adapter_id not in adapters:
-        _fail(f"adapter `{adapter_id}` is not loaded; loaded: {', '.join(adapters) or 'none'}")
-    return adapters[adapter_id]
+    selected = lora_id(state, adapter_id)
+    if selected is None:
+        loaded = ", ".join(state.engine.engine.loras.ids) or "none"
+        _fail(f"adapter `{adapter_id}` is not loaded; loaded: {loaded}")
+    return selected
 
 
 @router.post("/generate")
