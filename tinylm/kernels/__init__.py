@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
-                         "invariant_attention.cpp")]
+                         "invariant_attention.cpp", "int4_gemm.cpp")]
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
            for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h")]
@@ -144,6 +144,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::int8_gemm")
     def _(x_u8, weight, weight_sums, weight_scales):
         return x_u8.new_empty((x_u8.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("tinylm::int4_gemm")
+    def _(x, qweight, scales, isa=0):
+        return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("tinylm::invariant_linear")
     def _(x, weight, bias=None):

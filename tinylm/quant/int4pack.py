@@ -146,3 +146,45 @@ def check_shape(name: str, rows: int, cols: int, group_size: int) -> None:
         raise ConfigError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     if cols % group_size:
         raise ConfigError(f"int4 group size {group_size} does not divide in_features {cols} of {name}")
+
+
+# --- tinylm's own tile layout for tinylm::int4_gemm (tinylm/kernels/int4_gemm.cpp): portable, the same on every CPU
+
+TILE = 16  # output rows per tile
+
+
+def to_tiles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15], N % 16 == 0, K % 8 == 0 -> (N, K/2) uint8 in tiles of 16 rows: per tile and
+    8 features k0.., 64 bytes, byte 4r + t = q[r, k0 + t] | q[r, k0 + 4 + t] << 4."""
+    rows, cols = q.shape
+    parts = q.to(torch.uint8).reshape(rows // TILE, TILE, cols // 8, 2, 4)  # (tile, r, octet, low/high, t)
+    lines = parts[:, :, :, 0] | (parts[:, :, :, 1] << 4)  # (tile, r, octet, t)
+    return lines.transpose(1, 2).contiguous().reshape(rows, cols // 2)
+
+
+def from_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_tiles`: (N, K/2) uint8 tiles -> (N, K) uint8 values."""
+    rows, cols = tiles.shape[0], tiles.shape[1] * 2
+    lines = tiles.reshape(rows // TILE, cols // 8, TILE, 4).transpose(1, 2)  # (tile, r, octet, t)
+    return torch.stack([lines & 15, lines >> 4], dim=3).reshape(rows, cols)
+
+
+def gather_tile_rows(tiles: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Values (..., K) uint8 of output rows `rows` (any shape, int64) of a tiled (N, K/2) weight; index arithmetic
+    only, so it traces under torch.compile."""
+    total, cols = tiles.shape[0], tiles.shape[1] * 2
+    lines = tiles.reshape(total // TILE, cols // 8, TILE, 4)[rows // TILE, :, rows % TILE]  # (..., K/8, 4)
+    return torch.stack([lines & 15, lines >> 4], dim=-2).flatten(-3)
+
+
+def tile_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """scales, mins (N, G), N % 16 == 0 (w = scale * q + min) -> (N/16, G, 2, 16) float16, as the kernel reads."""
+    rows, groups = scales.shape
+    both = torch.stack([scales, mins], dim=-1).to(torch.float16)  # (N, G, 2)
+    return both.reshape(rows // TILE, TILE, groups, 2).permute(0, 2, 3, 1).contiguous()
+
+
+def untile_scales(tiled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N/16, G, 2, 16) float16 -> scales, mins (N, G) float32."""
+    both = tiled.permute(0, 3, 1, 2).reshape(-1, tiled.shape[1], 2).float()  # (N, G, 2)
+    return both[..., 0].contiguous(), both[..., 1].contiguous()

@@ -7,7 +7,8 @@ scale per token (W8A8 dynamic, as vLLM's int8 w8a8), and several rows multiply i
 16 rows on tinylm's AVX-512 VNNI kernel over the stored weight (tinylm/kernels/int8_gemm.cpp; the default model's
 products at 16 rows: 5.7 ms from memory, against 7.9 on oneDNN's prepacked weight), more rows on oneDNN's
 `_int_mm`; without VNNI or a C++ toolchain, on oneDNN over a prepacked copy of the weight (int8_matmul.py). Int4Linear:
-asymmetric 4-bit by groups on `_weight_int4pack_mm_for_cpu` (tinygemm's convention, see int4pack.py). Both keep
+asymmetric 4-bit by groups (GGUF Q4_0 / Q4_1 blocks as stored) on tinylm's int4 x int8 kernel
+(tinylm/kernels/int4_gemm.cpp: activations quantized per block of 32 as llama.cpp's Q8_0, exact int32 sums). Both keep
 checkpoint-readable names (`qweight`, `scales`, `zeros`, `bias`), and both can also return dequantized rows
 (`lookup`), which is how one quantized copy serves as the embedding and the tied output head. HalfLinear: a float
 layer stored in 16 bits.
@@ -338,22 +339,33 @@ class Int8Linear(QuantLinearBase):
 
 @register("int4")
 class Int4Linear(QuantLinearBase):
-    """qweight kernel-packed (N_pad, K/2) uint8; scales_and_zeros (K / group_size, N_pad, 2). N_pad = N rounded up
-    to 16 (the kernel's requirement); padded rows are zero and cut from outputs."""
+    """4-bit weights by groups, w = scale * q + min (q in [0, 15]), in tinylm's tile layout (int4pack.to_tiles):
+    qweight (N_pad, K/2) uint8, scales_mins (N_pad/16, G, 2, 16) float16. N_pad = N rounded up to 16; padded rows
+    are zero and cut from outputs.
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, dtype: torch.dtype, kernel_dtype: torch.dtype | None = None) -> None:
-        """q (N, K) values in [0, 15]; scales, zeros (N, G): weight = (q - 8) * scale + zero."""
+    Products run on tinylm::int4_gemm (tinylm/kernels/int4_gemm.cpp): each input row is quantized to int8 in
+    blocks of 32 features (as llama.cpp's Q8_0) and multiplied in exact int32 sums, one fixed float sequence per
+    output element, so a row's result does not depend on the batch. Without the kernels (no C++ toolchain) the
+    weight is dequantized a bounded number of rows at a time and multiplied in `kernel_dtype`."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None = None, *, dtype: torch.dtype, kernel_dtype: torch.dtype | None = None,
+                 mins: torch.Tensor | None = None) -> None:
+        """q (N, K) values in [0, 15]; scales, zeros (N, G): weight = (q - 8) * scale + zero (tinygemm's and
+        tinylm's checkpoint convention), or, with `mins` (and zeros None), weight = scale * q + min as stored."""
+        from tinylm import kernels
+
         rows, cols = q.shape
         super().__init__(cols, rows, dtype, kernel_dtype or dtype, bias)
         self.group_size = cols // scales.shape[1]
-        self.layout = int4pack.kernel_layout()  # found once per process, outside any traced code
-        pad = -rows % int4pack.ROW_MULTIPLE
+        mins = zeros.float() - 8 * scales.float() if mins is None else mins
+        pad = -rows % int4pack.TILE
         if pad:
-            q = torch.cat([q, torch.full((pad, cols), 8, dtype=q.dtype)])
-            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
-        self.register_buffer("qweight", int4pack.to_kernel(q))
-        self.register_buffer("scales_and_zeros", int4pack.scales_and_zeros(scales, zeros, self.kernel_dtype))
+            q = torch.cat([q, q.new_zeros(pad, cols)])
+            scales, mins = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, mins))
+        self.register_buffer("qweight", int4pack.to_tiles(q))
+        self.register_buffer("scales_mins", int4pack.tile_scales(scales.float(), mins.float()))
+        self.use_kernel = kernels.available()  # decided here, outside any traced code
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int,
@@ -362,32 +374,47 @@ class Int4Linear(QuantLinearBase):
         return cls(q, scales, zeros, bias, dtype=dtype, kernel_dtype=kernel_dtype)
 
     def _mm(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
-        if rows == slice(0, self.out_features):  # the whole weight (padded rows cut after)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size,
-                                                           self.scales_and_zeros)
-            return y[:, :self.out_features]
-        # a row chunk (the chunked head): starts at a multiple of 64 rows, so it is itself a valid packed weight
-        pad = -(rows.stop - rows.start) % int4pack.ROW_MULTIPLE
-        stop = rows.stop + pad
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight[rows.start:stop], self.group_size,
-                                                       self.scales_and_zeros[:, rows.start:stop].contiguous())
-        return y[:, :rows.stop - rows.start]
+        """flat (M, K) -> (M, rows) float32 (the kernel) or kernel_dtype (the fallback)."""
+        start, stop = rows.start, rows.stop
+        if not self.use_kernel or start % int4pack.TILE:
+            return self._mm_dequantized(flat, rows)
+        tiles = slice(start // int4pack.TILE, -(-stop // int4pack.TILE))  # a last partial tile: cut below
+        y = torch.ops.tinylm.int4_gemm(flat.float(), self.qweight[tiles.start * int4pack.TILE:
+                                                                   tiles.stop * int4pack.TILE],
+                                       self.scales_mins[tiles])
+        return y[:, :stop - start]
+
+    def _mm_dequantized(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
+        chunks = []  # a bounded number of rows dequantized at a time
+        for start in range(rows.start, rows.stop, _DEQUANT_ROWS):
+            part = torch.arange(start, min(start + _DEQUANT_ROWS, rows.stop))
+            chunks.append(F.linear(flat, self._rows(part).to(flat.dtype)))
+        return torch.cat(chunks, dim=-1)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> (..., K) float32 dequantized rows, as the kernel sees them: scale * q + min."""
+        q = int4pack.gather_tile_rows(self.qweight, ids)  # (..., K)
+        sm = self.scales_mins[ids // int4pack.TILE, :, :, ids % int4pack.TILE].float()  # (..., G, 2)
+        w = q.float().unflatten(-1, (-1, self.group_size)) * sm[..., :1] + sm[..., 1:]
+        return w.flatten(-2)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows: ids (...) -> (..., K) in the model dtype; reads only those rows' bytes."""
-        q = int4pack.gather_rows(self.qweight, ids, self.in_features, self.layout)  # (..., K)
-        sz = self.scales_and_zeros[:, ids].movedim(0, -2).float()  # (..., G, 2)
-        w = (q.float() - 8).unflatten(-1, (-1, self.group_size)) * sz[..., :1] + sz[..., 1:]
-        return w.flatten(-2).to(self.dtype)
+        return self._rows(ids).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return int4pack.dequantize_int4(*self.portable_parts())
+        return self._rows(torch.arange(self.out_features))
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q (N, K) uint8 in [0, 15], scales (N, G), mins (N, G)) float32, without the padding rows."""
+        scales, mins = int4pack.untile_scales(self.scales_mins)
+        n = self.out_features
+        return int4pack.from_tiles(self.qweight)[:n], scales[:n], mins[:n]
 
     def portable_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q (N, K) uint8 in [0, 15], scales (N, G), zeros (N, G)) without the padding rows."""
-        q = int4pack.from_kernel(self.qweight, self.in_features)[:self.out_features]
-        sz = self.scales_and_zeros[:, :self.out_features].transpose(0, 1)  # (N, G, 2)
-        return q, sz[..., 0].contiguous(), sz[..., 1].contiguous()
+        """(q (N, K) uint8 in [0, 15], scales (N, G), zeros (N, G)): the checkpoint convention (q - 8) * s + z."""
+        q, scales, mins = self.parts()
+        return q, scales, mins + 8 * scales
 
     # --- the format protocol (tinylm/quant/formats.py)
 
@@ -410,8 +437,8 @@ class Int4Linear(QuantLinearBase):
         return cls(native.q, native.scales, native.zeros, bias, dtype=spec.dtype, kernel_dtype=spec.kernel_dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The portable layout (qweight (N, K/2), 2 values per byte; scales, zeros (N, G)): the kernel's layout
-        depends on the CPU."""
+        """The checkpoint layout (qweight (N, K/2), 2 values per byte, low nibble first; scales, zeros (N, G),
+        w = (q - 8) * scale + zero), which other tools read; the tiles are this kernel's own."""
         q, scales, zeros = self.portable_parts()
         return {"qweight": int4pack.pack_portable(q), "scales": scales, "zeros": zeros}
 
@@ -426,23 +453,22 @@ class Int4Linear(QuantLinearBase):
                    kernel_dtype=spec.kernel_dtype)
 
     def split_rows(self, bounds: Bounds) -> list[Int4Linear]:
-        """Pieces repacked from the portable values (the kernel's layout is by blocks of rows)."""
-        q, scales, zeros = self.portable_parts()
-        return [Int4Linear(q[a:b], scales[a:b], zeros[a:b], _part(self.bias, a, b), **self.options())
+        """Pieces retiled from the values (scales and mins as stored: no rounding on the way)."""
+        q, scales, mins = self.parts()
+        return [Int4Linear(q[a:b], scales[a:b], None, _part(self.bias, a, b), **self.options(), mins=mins[a:b])
                 for a, b in bounds]
 
     def split_cols(self, bounds: Bounds) -> list[Int4Linear]:
-        (q, s, z), g = self.portable_parts(), self.group_size
+        (q, s, m), g = self.parts(), self.group_size
         biases = [self.bias] + [None] * (len(bounds) - 1)
-        return [Int4Linear(q[:, a:b], s[:, a // g:b // g], z[:, a // g:b // g], bias, **self.options())
+        return [Int4Linear(q[:, a:b], s[:, a // g:b // g], None, bias, **self.options(), mins=m[:, a // g:b // g])
                 for (a, b), bias in zip(bounds, biases)]
 
     @classmethod
     def concat_rows(cls, layers: list[Int4Linear]) -> Int4Linear:
         same_options(layers, "group_size")
-        parts = [m.portable_parts() for m in layers]
-        return cls(*(torch.cat([p[i] for p in parts]) for i in range(3)), concat_biases(layers),
-                   **layers[0].options())
+        q, s, m = (torch.cat([layer.parts()[i] for layer in layers]) for i in range(3))
+        return cls(q, s, None, concat_biases(layers), **layers[0].options(), mins=m)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -454,7 +480,7 @@ class Int4Linear(QuantLinearBase):
         fresh = Int4Linear(int4pack.unpack_portable(state_dict[prefix + "qweight"]), state_dict[prefix + "scales"],
                            state_dict[prefix + "zeros"], state_dict.get(prefix + "bias"), dtype=self.dtype,
                            kernel_dtype=self.kernel_dtype)
-        self.qweight, self.scales_and_zeros, self.bias = fresh.qweight, fresh.scales_and_zeros, fresh.bias
+        self.qweight, self.scales_mins, self.bias = fresh.qweight, fresh.scales_mins, fresh.bias
 
 
 def _part(tensor: torch.Tensor | None, a: int, b: int) -> torch.Tensor | None:

@@ -1,0 +1,309 @@
+// int4 weight x int8 activation products for 1-16 rows (decode), as llama.cpp's Q4 x Q8 dot products.
+//
+// A weight is w = s * q + m, q in [0, 15], one (s, m) per output row and group of `group` input features (GGUF
+// Q4_1: s = d, m as stored; Q4_0: m = -8d). Each activation row is quantized on the fly in blocks of 32 features
+// as llama.cpp's Q8_0: dx = max|x| / 127, xq = round(x / dx) in [-127, 127]. Per block b the integer dot
+// i_b = sum q * xq is exact in int32; the float combination of one output element is then one fixed sequence:
+//
+//     acc = 0
+//     for each group g:  for each block b of g:  acc = acc + (float(i_b) * dx_b) * s_g
+//                        acc = acc + m_g * xsum_g       xsum_g = sum over b of g of dx_b * float(sum of xq in b)
+//
+// (additions and products rounded separately: contraction into FMAs is switched off below), whatever the number
+// of rows M, the thread split or the instruction set, so a row's output never depends on the batch (issue 21) and
+// the AVX-512 VNNI, AVX2 and scalar paths give the same bits (tests/kernels/test_int4_gemm.py).
+//
+// Weight layout (tinylm/quant/int4pack.py to_tiles): tiles of 16 output rows, (N/16, K/8, 64) bytes: for each 8
+// input features k0..k0+7 one 64-byte line, byte 4r + t holding q[r, k0 + t] (low nibble) and q[r, k0 + 4 + t]
+// (high nibble). One 512-bit load therefore gives, after a mask and a shift, two VPDPBUSD operands whose 16 int32
+// lanes are the tile's 16 output rows (4 features each), against 4 activation bytes broadcast: no horizontal sums,
+// and each weight byte is read once per call. scales (N/16, G, 2, 16) float16: the tile's 16 s, then its 16 m.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TINYLM_INT4_VNNI 1
+#endif
+
+// Every float operation rounded on its own, on every path (GCC otherwise fuses a * b + c into one FMA in some
+// places and not others, and the paths would differ in the last bit).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+namespace {
+
+constexpr int64_t kTile = 16;   // output rows per tile (int32 lanes of a 512-bit vector)
+constexpr int64_t kBlock = 32;  // activation features per quantization block
+constexpr int64_t kRowChunk = 4;  // activation rows sharing one unpacked weight line
+#ifndef TINYLM_INT4_AHEAD
+#define TINYLM_INT4_AHEAD 8192
+#endif
+#ifndef TINYLM_INT4_HINT
+#define TINYLM_INT4_HINT _MM_HINT_T0
+#endif
+
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
+
+int64_t best_isa() {
+#if defined(TINYLM_INT4_VNNI)
+  return kAvx512Vnni;
+#elif defined(__AVX2__)
+  return kAvx2;
+#else
+  return kScalar;
+#endif
+}
+
+// One call's activations, quantized: xq (M, K) int8, dx (M, K/32), xsum (M, G) (see the sequence above).
+struct Quantized {
+  std::vector<int8_t> xq;
+  std::vector<float> dx;
+  std::vector<float> xsum;
+};
+
+Quantized quantize_rows(const float* x, int64_t m, int64_t k, int64_t group) {
+  const int64_t blocks = k / kBlock, groups = k / group, per_group = group / kBlock;
+  Quantized out{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * groups)};
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0.0f;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+        const float* src = x + i * k + b * kBlock;
+        float amax = 0.0f;
+        for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(src[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32_t sum = 0;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(src[j] * id)));
+          out.xq[i * k + b * kBlock + j] = static_cast<int8_t>(v);
+          sum += static_cast<int32_t>(v);
+        }
+        out.dx[i * blocks + b] = d;
+        acc = acc + d * static_cast<float>(sum);
+      }
+      out.xsum[i * groups + g] = acc;
+    }
+  }
+  return out;
+}
+
+// The shapes of one call, and where its tensors start.
+struct Problem {
+  const Quantized* act;
+  const uint8_t* w;      // (N/16, K/8, 64)
+  const c10::Half* sm;   // (N/16, G, 2, 16)
+  float* out;            // (M, N)
+  int64_t m, n, k, group;
+};
+
+// ---- scalar: the reference sequence, one output element at a time
+
+void tile_scalar(const Problem& p, int64_t tile, int64_t row) {
+  const int64_t groups = p.k / p.group, per_group = p.group / kBlock, blocks = p.k / kBlock;
+  const uint8_t* w = p.w + tile * (p.k / 8) * 64;
+  const c10::Half* sm = p.sm + tile * groups * 2 * kTile;
+  const int8_t* xq = p.act->xq.data() + row * p.k;
+  for (int64_t r = 0; r < kTile; ++r) {
+    float acc = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = static_cast<float>(sm[(g * 2) * kTile + r]), mn = static_cast<float>(sm[(g * 2 + 1) * kTile + r]);
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+        int32_t dot = 0;
+        for (int64_t o = b * 4; o < b * 4 + 4; ++o) {  // the block's 4 lines of 8 features
+          for (int64_t t = 0; t < 4; ++t) {
+            const uint8_t byte = w[o * 64 + 4 * r + t];
+            dot += (byte & 15) * xq[8 * o + t] + (byte >> 4) * xq[8 * o + 4 + t];
+          }
+        }
+        acc = acc + (static_cast<float>(dot) * p.act->dx[row * blocks + b]) * s;
+      }
+      acc = acc + mn * p.act->xsum[row * groups + g];
+    }
+    p.out[row * p.n + tile * kTile + r] = acc;
+  }
+}
+
+void run_scalar(const Problem& p, int64_t tile) {
+  for (int64_t row = 0; row < p.m; ++row) tile_scalar(p, tile, row);
+}
+
+// ---- AVX2: the 16 rows of a tile as two halves of 8 int32 lanes; VPMADDUBSW + VPMADDWD make the same integers
+// (pairs of q * xq are at most 2 * 15 * 127 in magnitude: no int16 saturation)
+
+#if defined(__AVX2__)
+inline __m256i bcast4(const int8_t* p) {
+  int32_t quad;
+  std::memcpy(&quad, p, 4);
+  return _mm256_set1_epi32(quad);
+}
+
+inline __m256i dot4(__m256i q, __m256i x) {  // 8 lanes: sum of 4 q (u8) * x (s8) each
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+}
+
+void tile_avx2(const Problem& p, int64_t tile, int64_t row, int64_t half) {
+  const int64_t groups = p.k / p.group, per_group = p.group / kBlock, blocks = p.k / kBlock;
+  const uint8_t* w = p.w + tile * (p.k / 8) * 64 + half * 32;
+  const c10::Half* sm = p.sm + tile * groups * 2 * kTile + half * 8;
+  const int8_t* xq = p.act->xq.data() + row * p.k;
+  const __m256i mask = _mm256_set1_epi8(15);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + g * 2 * kTile)));
+    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + (g * 2 + 1) * kTile)));
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m256i dot = _mm256_setzero_si256();
+      for (int64_t o = b * 4; o < b * 4 + 4; ++o) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 64));
+        dot = _mm256_add_epi32(dot, dot4(_mm256_and_si256(v, mask), bcast4(xq + 8 * o)));
+        dot = _mm256_add_epi32(dot, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), bcast4(xq + 8 * o + 4)));
+      }
+      const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(p.act->dx[row * blocks + b]));
+      acc = _mm256_add_ps(acc, _mm256_mul_ps(scaled, s));
+    }
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(mn, _mm256_set1_ps(p.act->xsum[row * groups + g])));
+  }
+  _mm256_storeu_ps(p.out + row * p.n + tile * kTile + half * 8, acc);
+}
+
+void run_avx2(const Problem& p, int64_t tile) {
+  for (int64_t row = 0; row < p.m; ++row) {
+    tile_avx2(p, tile, row, 0);
+    tile_avx2(p, tile, row, 1);
+  }
+}
+#endif
+
+// ---- AVX-512 VNNI: R (<= 4) activation rows against one tile; each 64-byte line is unpacked once for the R rows
+
+#if defined(TINYLM_INT4_VNNI)
+inline __m512i bcast4x(const int8_t* p) {
+  int32_t quad;
+  std::memcpy(&quad, p, 4);
+  return _mm512_set1_epi32(quad);
+}
+
+template <int R>
+void tile_vnni(const Problem& p, int64_t tile, int64_t row0) {
+  const int64_t groups = p.k / p.group, per_group = p.group / kBlock, blocks = p.k / kBlock;
+  const uint8_t* w = p.w + tile * (p.k / 8) * 64;
+  const c10::Half* sm = p.sm + tile * groups * 2 * kTile;
+  const int8_t* xq[R];
+  const float* dx[R];
+  const float* xsum[R];
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = p.act->xq.data() + (row0 + r) * p.k;
+    dx[r] = p.act->dx.data() + (row0 + r) * blocks;
+    xsum[r] = p.act->xsum.data() + (row0 + r) * groups;
+    acc[r] = _mm512_setzero_ps();
+  }
+  const __m512i mask = _mm512_set1_epi8(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + g * 2 * kTile)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + (g * 2 + 1) * kTile)));
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      // two accumulators per row (low / high nibbles): shorter VPDPBUSD dependency chains; integer sums, so
+      // adding them at the end changes nothing. The block's 4 lines of 8 features, unrolled.
+      __m512i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+      const uint8_t* line = w + b * 4 * 64;
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) {
+        _mm_prefetch(reinterpret_cast<const char*>(line + o * 64 + TINYLM_INT4_AHEAD), TINYLM_INT4_HINT);
+        const __m512i v = _mm512_loadu_si512(line + o * 64);
+        const __m512i ql = _mm512_and_si512(v, mask), qh = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        for (int r = 0; r < R; ++r) {
+          lo[r] = _mm512_dpbusd_epi32(lo[r], ql, bcast4x(xq[r] + b * kBlock + 8 * o));
+          hi[r] = _mm512_dpbusd_epi32(hi[r], qh, bcast4x(xq[r] + b * kBlock + 8 * o + 4));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r], hi[r]));
+        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(dx[r][b])), s));
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mn, _mm512_set1_ps(xsum[r][g])));
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.out + (row0 + r) * p.n + tile * kTile, acc[r]);
+}
+
+void run_vnni(const Problem& p, int64_t tile) {
+  int64_t row = 0;
+  for (; row + kRowChunk <= p.m; row += kRowChunk) tile_vnni<4>(p, tile, row);
+  switch (p.m - row) {
+    case 3: tile_vnni<3>(p, tile, row); break;
+    case 2: tile_vnni<2>(p, tile, row); break;
+    case 1: tile_vnni<1>(p, tile, row); break;
+    default: break;
+  }
+}
+#endif
+
+void run_tile(const Problem& p, int64_t isa, int64_t tile) {
+#if defined(TINYLM_INT4_VNNI)
+  if (isa == kAvx512Vnni) return run_vnni(p, tile);
+#endif
+#if defined(__AVX2__)
+  if (isa == kAvx2) return run_avx2(p, tile);
+#endif
+  run_scalar(p, tile);
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous (M, K) float32");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
+              "qweight: contiguous (N, K/2) uint8 in tiles");
+  TORCH_CHECK(scales.dim() == 4 && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.size(2) == 2 && scales.size(3) == kTile,
+              "scales: contiguous (N/16, G, 2, 16) float16");
+  const int64_t k = x.size(1), n = qweight.size(0), groups = scales.size(1);
+  TORCH_CHECK(k % kBlock == 0 && qweight.size(1) * 2 == k && n % kTile == 0 && scales.size(0) * kTile == n,
+              "shapes: K a multiple of 32 matching qweight, N a multiple of 16 matching scales");
+  TORCH_CHECK(groups > 0 && k % groups == 0 && (k / groups) % kBlock == 0, "scales: groups of a multiple of 32");
+  TORCH_CHECK(isa >= kAuto && isa <= best_isa(), "isa: 0 (best), 1 (scalar), 2 (AVX2), 3 (AVX-512 VNNI), up to ",
+              best_isa(), " here");
+}
+
+// x (M, K) float32, qweight (N, K/2) uint8 tiles, scales (N/16, G, 2, 16) float16 -> (M, N) float32.
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t isa) {
+  check_args(x, qweight, scales, isa);
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0), group = k / scales.size(1);
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  const Quantized act = quantize_rows(x.data_ptr<float>(), m, k, group);
+  const Problem p{&act, qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), out.data_ptr<float>(), m, n, k,
+                  group};
+  const int64_t chosen = isa == kAuto ? best_isa() : isa;
+  at::parallel_for(0, n / kTile, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) run_tile(p, chosen, tile);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinylm, m) {
+  m.def("int4_gemm(Tensor x, Tensor qweight, Tensor scales, int isa=0) -> Tensor");
+  m.def("int4_gemm_best_isa() -> int");
+}
+
+TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("int4_gemm", &int4_gemm); }
+
+TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("int4_gemm_best_isa", &best_isa); }
