@@ -111,6 +111,20 @@ def test_load_time_options_of_a_saved_checkpoint(tiny, tmp_path):
         save_quantized(chunked.model, tmp_path / "again", parse_policy("int4"))
 
 
+def test_format_1_folders_still_load(tiny, tmp_path):
+    """Folders written before the refusal for other tools (quant_method "tinylm", no tinylm_format) load as before."""
+    llm = tinylm.load(tiny["qwen2"], quantize="int8")
+    folder = save_quantized(llm.model, tmp_path / "q", parse_policy("int8"), llm.tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8" and config["quantization_config"]["tinylm_format"]
+    qc = config["quantization_config"]
+    config["quantization_config"] = {"quant_method": "tinylm", "format_version": 1, "spec": qc["spec"],
+                                     "policy": qc["policy"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "SHA256SUMS").unlink()
+    assert torch.equal(tinylm.load(folder).forward(IDS).logits, llm.forward(IDS).logits)
+
+
 def test_corrupt_quantized_checkpoint_gives_one_line(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -1,6 +1,7 @@
 """Quantized checkpoints: a Hugging Face-shaped folder whose quantized layers store integer weights.
 
-  config.json           the model config plus `quantization_config` {"quant_method": "tinylm", "policy": {...}}
+  config.json           the model config plus `quantization_config` {"tinylm_format": 2, "spec": ..., "policy": {...},
+                        and a refusal for other tools, see REFUSAL below}
   model.safetensors     float tensors as usual; a quantized layer `X` stores instead of X.weight its format's
                         `state()` (tinylm/quant/formats.py), for the built-in formats:
                           X.qweight  int8 (N, K)                          int8: w = q * scale
@@ -15,6 +16,17 @@ The policy recorded in config.json names each layer's scheme (from the config, D
 format class, which reads back its own tensors (`from_state`, each checked) and supplies the load-time options
 (chunking, kernel dtype). The int4 bytes are in a portable order (feature 2i low nibble, 2i+1 high) and are packed
 for this CPU's kernel at load.
+
+Other tools must refuse such a folder rather than run it with random weights (transformers 5 skips a
+quantization_config whose quant_method it does not know, with a warning, and initializes the missing `weight`s).
+The config therefore names a method transformers and vLLM both know, "fp8", with an `activation_scheme` both
+validate before reading any weight and reject, quoting it (lowercased): transformers 5.25 raises "ValueError:
+Activation scheme of this folder (tinylm's own quantized layout, policy qkv-fp16: load it with tinylm.load; ...)
+not supported" (FineGrainedFP8Config.post_init); vLLM's Fp8Config checks the same key ("Unsupported activation
+scheme ...", from its source, not run here). tinylm knows its folders by `tinylm_format`. Folders of
+format 1 (quant_method "tinylm", before the refusal) still load.
+
+compressed-tensors folders (tinylm/quant/compressed_tensors.py) load here too, into the same layers.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from torch import nn
 
 from tinylm.config import ModelConfig
 from tinylm.errors import ConfigError
+from tinylm.quant import compressed_tensors, ct_layout
 from tinylm.quant.apply import build_quantized, layer_schemes
 from tinylm.quant.chunked import ChunkedMLP
 from tinylm.quant.formats import format_class
@@ -37,7 +50,9 @@ from tinylm.weights.export import generation_config
 from tinylm.weights.loader import LoadedModel, build_model, folder_tokenizer, module_name
 from tinylm.weights.sources import SafetensorsSource
 
-QUANT_METHOD = "tinylm"
+FORMAT_VERSION = 2  # 1: quant_method "tinylm" (transformers ignored it and loaded random weights)
+LEGACY_QUANT_METHOD = "tinylm"
+REFUSAL_METHOD = "fp8"  # a method transformers and vLLM know, so that they validate the config and refuse it
 _RUNTIME_OPTIONS = ("head_chunk", "mlp_chunk", "kernel_dtype")  # may change at load; the rest is in the bytes
 
 
@@ -53,7 +68,7 @@ def save_quantized(model: nn.Module, folder: str | Path, policy: QuantPolicy, to
     state = {name_maps.to_checkpoint_name(config.model_type, name): t for name, t in model.state_dict().items()}
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": 1, "spec": policy.spec,
+    hf_config["quantization_config"] = {**refusal(policy), "tinylm_format": FORMAT_VERSION, "spec": policy.spec,
                                         "policy": policy.to_dict()}
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
@@ -63,38 +78,62 @@ def save_quantized(model: nn.Module, folder: str | Path, policy: QuantPolicy, to
     return folder
 
 
+def refusal(policy: QuantPolicy) -> dict:
+    """The quantization_config keys that make transformers and vLLM refuse the folder with a readable error (see
+    the module docstring); the sentence reads on after their "Activation scheme " and before " not supported"."""
+    return {"quant_method": REFUSAL_METHOD,
+            "activation_scheme": f"of this folder (tinylm's own quantized layout, policy {policy.spec}: load it with "
+                                 "tinylm.load; `tinylm quantize --format compressed-tensors` writes int8 and int4 "
+                                 "policies in a form transformers and vLLM read)"}
+
+
 def quantization_config(folder: Path) -> dict | None:
-    """The folder's `quantization_config` when it is a tinylm quantized checkpoint, else None."""
+    """The folder's `quantization_config` when it is a tinylm quantized checkpoint or a compressed-tensors one,
+    else None."""
     try:
         data = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
     qc = data.get("quantization_config") if isinstance(data, dict) else None
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+    if not isinstance(qc, dict):
+        return None
+    ours = "tinylm_format" in qc or qc.get("quant_method") in (LEGACY_QUANT_METHOD, ct_layout.QUANT_METHOD)
+    return qc if ours else None
 
 
 def load_quantized_folder(folder: Path, dtype: torch.dtype, device: str, given: QuantPolicy | None = None
                           ) -> LoadedModel:
-    """Load a tinylm quantized checkpoint; a `given` policy may only change the recorded one's load-time options."""
+    """Load a tinylm quantized checkpoint or a compressed-tensors one, straight into quantized layers; a `given`
+    policy may only change the recorded one's load-time options."""
     config = ModelConfig.from_file(folder / "config.json")
-    policy = _policy(folder, quantization_config(folder), given)
+    qc = quantization_config(folder)
     model = build_model(config)
-    source = CheckpointSource(folder, model, layer_schemes(model, policy),
-                              lambda stored: module_name(config.model_type, stored))
+    rename = lambda stored: module_name(config.model_type, stored)  # noqa: E731
+    compressed = qc.get("quant_method") == ct_layout.QUANT_METHOD
+    if compressed:
+        recorded, source = compressed_tensors.open_folder(folder, model, qc, rename)
+    else:
+        recorded = _recorded_policy(folder, qc)
+        source = CheckpointSource(folder, model, layer_schemes(model, recorded), rename)
     try:
+        policy = _with_load_options(folder, recorded, given)
         build_quantized(model, policy, source, dtype, device)
     finally:
         source.close()
+    layout = ct_layout.QUANT_METHOD if compressed else "tinylm"
     return LoadedModel(model=model, tokenizer=folder_tokenizer(folder), source=folder, format="safetensors",
-                       metadata={"quantization": policy.spec})
+                       metadata={"quantization": policy.spec, "quantization_layout": layout})
 
 
-def _policy(folder: Path, qc: dict, given: QuantPolicy | None) -> QuantPolicy:
-    """The recorded policy, with the load-time options `given` names explicitly (all of them for a policy built
-    in code, the ones its spec wrote for a parsed one)."""
+def _recorded_policy(folder: Path, qc: dict) -> QuantPolicy:
     if not isinstance(qc.get("policy"), dict):
         raise ConfigError(f"{folder}/config.json: quantization_config has no policy")
-    policy = QuantPolicy.from_dict(qc["policy"])
+    return QuantPolicy.from_dict(qc["policy"])
+
+
+def _with_load_options(folder: Path, policy: QuantPolicy, given: QuantPolicy | None) -> QuantPolicy:
+    """The recorded policy, with the load-time options `given` names explicitly (all of them for a policy built
+    in code, the ones its spec wrote for a parsed one)."""
     if given is None:
         return policy
     named = _RUNTIME_OPTIONS if given.explicit is None else sorted(given.explicit)
