@@ -2,6 +2,7 @@
 (`tinylm tiny`), one torch thread, and the small tokenizers the tests/test_tokenizer_*.py files train
 (tests/tokenizer_helpers.py). Plain helper functions (run the engine or the CLI) are in tests/helpers.py."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from tests.tokenizer_helpers import FAMILIES, _backend, _byte_level_backend, _se
 from tinylm import hub
 from tinylm.tiny import make_tiny
 from tinylm.tokenizer import Tokenizer
+
+# Engines decode eagerly in tests (the user's switch, tinylm/engine/compile_cache.py), also in the commands tests
+# run as subprocesses: compiling costs a minute per graph on 2 cores. Tests of compiling pass compile=True;
+# tests/engine/test_compile_cache.py runs the default-on path in processes of its own.
+os.environ["TINYLM_COMPILE"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quantize", default=None, metavar="Q",
                         help="weight-only quantization applied at load: int8, int4, or a policy name (see `tinylm quantize`)")
-    parser.add_argument("--compile", action="store_true",
-                        help="decode through torch.compile: faster tokens after a one-time compile (about a minute "
-                             "per graph on 2 cores, cached on disk); falls back to eager if compiling fails")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode through torch.compile (the default where a C++ compiler is present, unless "
+                             "TINYLM_COMPILE=0): the first start compiles for about a minute on 2 cores, later ones "
+                             "load the graphs from tinylm's cache; --no-compile decodes eagerly")
     parser.add_argument("--draft-model", default=None, metavar="D",
                         help="speculative decoding: a smaller model with the same tokenizer (or this one, with "
                              "--draft-quantize) proposes tokens that the model checks several at a time")
@@ -90,7 +91,7 @@ def cpu_has_native_bf16() -> bool:
 def load_from_args(args) -> tinylm.LLM:
     """tinylm.load with add_model_args' flags; flags a command lacks take tinylm.load's defaults."""
     return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
-                       quantize=args.quantize, compile=getattr(args, "compile", False),
+                       quantize=args.quantize, compile=getattr(args, "compile", None),
                        draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),
                        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),

@@ -127,15 +127,17 @@ _DEFAULT_ONLY = {
 class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel | None = None, tokenizer: str | os.PathLike | None = None,
                  *, dtype: str | torch.dtype = "auto", quantization: str | None = None, seed: int | None = None,
-                 max_model_len: int | None = None, device: str = "auto", compile: bool = False,
+                 max_model_len: int | None = None, device: str = "auto", compile: bool | None = None,
                  skip_tokenizer_init: bool = False, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool | None = None,
                  block_size: int | None = None, kv_cache_dtype: str = "auto", kv_cache_memory_bytes: int | None = None,
                  speculative_config: dict | None = None, engine_config: EngineConfig | None = None,
                  draft: LoadedModel | str | None = None, check_finite: bool = True, **kwargs) -> None:
         """vLLM's constructor: `model` is a built-in name, a Hugging Face folder or a .gguf file; dtype "auto"
-        (the checkpoint's, bfloat16 for float16 ones on CPU, float32 for GGUF), "float32", "bfloat16", "float16"
-        or a torch.dtype; quantization None or a tinylm policy ("int8", "int4", "w8a8", ...); seed seeds torch's
+        (the checkpoint's, bfloat16 for float16 ones on CPU; for GGUF files bfloat16 where the device computes it
+        natively, else float32: see _resolve_dtype), "float32", "bfloat16", "float16" or a torch.dtype; compile
+        None (on unless TINYLM_COMPILE=0, tinylm/engine/compile_cache.py), True or False; quantization None or a
+        tinylm policy ("int8", "int4", "w8a8", ...); seed seeds torch's
         global generator (requests without their own seed draw from it), as vLLM seeds its workers; device "auto"
         (cuda when available), "cpu" or "cuda". Other vLLM arguments: _IGNORED_ARGS are accepted, _DEFAULT_ONLY
         only at their defaults, anything else is refused with a ValueError naming it.
@@ -476,9 +478,16 @@ def _resolve_device(device: str) -> str:
 
 def _resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | torch.dtype:
     """vLLM's "auto": the checkpoint's dtype (config.json torch_dtype), bfloat16 for float16 checkpoints on CPU
-    (as vLLM's CPU backend); float32 where none is recorded (GGUF files)."""
+    (as vLLM's CPU backend); float32 where a folder records none.
+
+    A GGUF file records no float dtype (its weights are quantized blocks): it computes in bfloat16 where the device
+    does so natively (AVX512-BF16 or AMX, a GPU), else float32. bfloat16 halves the weight bytes every decode step
+    reads, and compiled bfloat16 products run at memory speed on such CPUs (DESIGN.md, kernel facts); elsewhere
+    bfloat16 products are emulated, and float32 is the faster of the two."""
     if dtype != "auto":
         return dtype
+    if path.is_file():
+        return "bfloat16" if native_bf16(device) else "float32"
     try:
         config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
     except (OSError, ValueError):
@@ -487,6 +496,17 @@ def _resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | t
     if stored == "float16" and not device.startswith("cuda"):
         return "bfloat16"
     return stored if stored in ("float32", "bfloat16", "float16") else "float32"
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bfloat16 natively: a GPU, or a CPU with AVX512-BF16 or AMX (its /proc/cpuinfo)."""
+    if str(device).startswith("cuda"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _with_tokenizer(loaded: LoadedModel, tokenizer, model, skip: bool) -> LoadedModel:
@@ -539,13 +559,15 @@ def _as_batch(value, device) -> torch.Tensor | None:
     return tensor.to(device)
 
 
-def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-         quantize: str | None = None, compile: bool = False, draft: str | os.PathLike | None = None,
+def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
+         quantize: str | None = None, compile: bool | None = None, draft: str | os.PathLike | None = None,
          draft_quantize: str | None = None, num_speculative_tokens: int = 3, kv_cache_dtype: str = "auto",
          check_finite: bool = True) -> LLM:
-    """Load a built-in model name, a Hugging Face folder, or a .gguf file; quantize: None | "int8" | "int4" | a
+    """Load a built-in model name, a Hugging Face folder, or a .gguf file; dtype "auto" as LLM's (the built-in
+    model: bfloat16 where the CPU computes it natively, else float32); quantize: None | "int8" | "int4" | a
     policy name. compile: decode through torch.compile with fused projections (inference only, see
-    tinylm/engine/compiled.py). draft: a smaller model with the same tokenizer (or this one with draft_quantize),
+    tinylm/engine/compiled.py); None: on unless TINYLM_COMPILE=0, where a C++ compiler is present. draft: a
+    smaller model with the same tokenizer (or this one with draft_quantize),
     or "[ngram]" (prompt lookup, tinylm/engine/ngram.py), that proposes num_speculative_tokens tokens per step
     for the loaded model to verify (speculative decoding: the same outputs, fewer target passes;
     tinylm/engine/speculative.py). kv_cache_dtype: "auto" (the model's dtype) or "int8" (half the cache memory
@@ -556,11 +578,13 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "flo
         check_num_tokens(num_speculative_tokens)  # before any weights are read
     if draft_quantize is not None and (draft is None or draft == NGRAM):
         raise ValueError("draft_quantize quantizes a draft model: give one with draft")
-    loaded = load_model(hub.resolve(model), dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
+    path = hub.resolve(model)
+    dtype = _resolve_dtype(dtype, path, device)
+    loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
     draft_loaded = draft if draft in (None, NGRAM) else _load_draft(loaded, draft, dtype, device, draft_quantize,
                                                                     check_finite)
-    config = EngineConfig(compile=compile, num_speculative_tokens=num_speculative_tokens,
-                          kv_cache_dtype=kv_cache_dtype)
+    config = _engine_config(compile=compile, num_speculative_tokens=num_speculative_tokens,
+                            kv_cache_dtype=kv_cache_dtype)
     llm = LLM(loaded, engine_config=config, draft=draft_loaded)
     llm.model_name = hub.DEFAULT_MODEL if model is None else str(model)
     return llm

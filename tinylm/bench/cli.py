@@ -150,9 +150,11 @@ def _subject(llm, args, load_args, name: str = "tinylm"):
 def tinylm_label(args) -> str:
     """What tinylm ran, in words: "bfloat16 + w8a8, compiled, int8 K/V cache"."""
     from tinylm.cli_args import resolve_dtype
+    from tinylm.engine.compile_cache import compile_by_default
 
     parts = [resolve_dtype(args.dtype, args.device) + (f" + {args.quantize}" if args.quantize else "")]
-    parts.append("compiled" if args.compile else "eager")
+    compiled = compile_by_default() if args.compile is None else args.compile
+    parts.append("compiled" if compiled else "eager")
     if args.device != "cpu":
         parts.append(f"on {args.device}")
     if args.kv_cache_dtype != "auto":

@@ -16,6 +16,9 @@ graph (PyTorch specializes sizes 0 and 1) and larger batches another, which alwa
 Prefill stays eager: it is matmul-bound, where compiling buys little and costs a graph per prompt shape.
 
 If compiling fails (no C++ compiler, an op Inductor cannot lower), the engine warns once and decodes eagerly.
+Compiled graphs are cached on disk and reused by the next process (tinylm/engine/compile_cache.py: what is reused,
+where, and how a corrupt entry is rebuilt); a graph is compiled when first needed (batch 1 by the first decode
+step, the batched one by the first step of two rows), or by warmup() before a server answers.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_f
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from tinylm import kernels
+from tinylm.engine import compile_cache
 from tinylm.engine.kv_pool import KVPool, PagedBatch
 from tinylm.model.deltanet import GatedDeltaNet
 from tinylm.model.moe import SparseMoE, plain_linear
@@ -38,6 +42,9 @@ log = logging.getLogger(__name__)
 
 def can_compile(model) -> tuple[bool, str]:
     """Whether this model's decode step is compiled; the reason when it is not."""
+    missing = compile_cache.missing_compiler()
+    if missing:
+        return False, missing
     for module in model.modules():
         if isinstance(module, SparseMoE) and not all(
                 plain_linear(layer) for expert in module.experts for layer in expert.children()):
@@ -72,6 +79,8 @@ class CompiledDecode:
         # the options above reach only Inductor. Set around the calls that trace: the first of each graph.
         self._freeze = options.get("freezing", False)
         self._traced: set[bool] = set()  # batched? for each graph traced so far
+        self.rebuilt = 0  # compiles retried from an emptied cache (an entry there no longer loaded)
+        compile_cache.use_cache_dir()
         self.hybrid = _reserve_states(model, pool)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
@@ -87,19 +96,45 @@ class CompiledDecode:
                 if tensor is not None:
                     torch._dynamo.mark_dynamic(tensor, 0)
             torch._dynamo.mark_dynamic(valid, 1)
+        inputs = (ids, positions, valid, write_slots, gather_slots, state_rows)
+        batched = ids.shape[0] > 1
         try:
-            batched = ids.shape[0] > 1
             if batched in self._traced:
-                return self._compiled(ids, positions, valid, write_slots, gather_slots, state_rows)
-            with torch._inductor.config.patch(freezing=self._freeze):
-                logits = self._compiled(ids, positions, valid, write_slots, gather_slots, state_rows)
-            self._traced.add(batched)
-            return logits
+                return self._compiled(*inputs)
+            return self._first_call(batched, inputs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             self.failed = True
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                           "decoding eagerly", RuntimeWarning, stacklevel=2)
             return None
+
+    def _first_call(self, batched: bool, inputs: tuple) -> torch.Tensor:
+        """Compile a graph (or load it from the on-disk cache) and run it. A cache entry that fails to load (a
+        truncated .so, a corrupt pickle) fails the compile: the cache is emptied and the graph built once more."""
+        graph = self._graph_name(batched)
+        with compile_cache.progress(graph, f"tinylm: compiling the {'batched' if batched else 'batch-1'} "
+                                           "decode step (cached on disk for the next start)"):
+            try:
+                logits = self._compile_and_run(inputs)
+            except Exception as exc:  # noqa: BLE001 - retried once from an empty cache, then run eagerly
+                if not compile_cache.discard_cache():
+                    raise
+                log.warning("compiled decode failed to load from the cache (%s); rebuilding it", exc)
+                self.rebuilt += 1
+                logits = self._compile_and_run(inputs)
+        self._traced.add(batched)
+        return logits
+
+    def _compile_and_run(self, inputs: tuple) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=self._freeze):
+            return self._compiled(*inputs)
+
+    def _graph_name(self, batched: bool) -> str:
+        """What the compile-time estimate is kept under: the graph's architecture, dtype and batch kind."""
+        config = self.model.config
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        return (f"{config.model_type}-{config.hidden_size}x{config.num_hidden_layers}-"
+                f"{str(dtype).removeprefix('torch.')}-{'batched' if batched else 'batch1'}")
 
     @torch.inference_mode()
     def warmup(self) -> None:

@@ -15,12 +15,13 @@ thread.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tinylm.engine import sampler
 from tinylm.engine.block_manager import BlockManager
+from tinylm.engine.compile_cache import compile_by_default
 from tinylm.engine.compiled import can_compile
 from tinylm.engine.kv_pool import KVPool, pool_dtype
 from tinylm.engine.logit_shaping import shape_logits
@@ -53,7 +54,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step: bounds a prefill chunk's stall of running streams
     enable_prefix_caching: bool = True
     max_queue: int | None = None  # requests beyond max_num_seqs + this many in flight get QueueFullError
-    compile: bool = False  # decode steps through torch.compile (tinylm/engine/compiled.py); eager fallback
+    # decode steps through torch.compile (compiled.py): on unless TINYLM_COMPILE=0 (compile_cache.py); eager fallback
+    compile: bool = field(default_factory=compile_by_default)
     num_speculative_tokens: int = 3  # drafts per step when the engine has a draft model (engine/speculative.py)
     # Speculate only while a step's verification (k + 1 rows per sequence) has at most this many rows: a larger
     # decode batch already gets its tokens at the cost of one weight read, and its rows would leave the few-row

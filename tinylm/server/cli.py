@@ -57,6 +57,7 @@ def register(commands) -> None:
 
 def server_config(args):
     from tinylm import hub
+    from tinylm.engine.compile_cache import compile_by_default
     from tinylm.engine.engine import EngineConfig
     from tinylm.server.app import ServerConfig
     from tinylm.server.protocol import MAX_MESSAGES
@@ -74,7 +75,8 @@ def server_config(args):
     engine = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_memory * 2**30),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,
-                          compile=args.compile, num_speculative_tokens=args.num_speculative_tokens,
+                          compile=compile_by_default() if args.compile is None else args.compile,
+                          num_speculative_tokens=args.num_speculative_tokens,
                           kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
     return ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes, engine=engine, api_key=args.api_key,
@@ -127,9 +129,9 @@ def cmd_serve(args) -> int:
     from tinylm.server.http import make_server, uvicorn_config
 
     config = server_config(args)
-    if args.compile:
-        print("tinylm: compiling the decode step (about a minute per graph the first time; cached on disk)",
-              file=sys.stderr, flush=True)
+    if config.engine.compile:
+        print("tinylm: compiling the decode steps (about a minute per graph the first time, seconds once cached "
+              "on disk; --no-compile skips it)", file=sys.stderr, flush=True)
     app = on_a_passing_thread(lambda: create_app(load_from_args(args), config))
     uv_config = uvicorn_config(app, args.host, args.port, header_timeout=args.header_timeout,
                                graceful_timeout=args.graceful_timeout, access_log=not args.no_access_log)

@@ -1,0 +1,136 @@
+"""Whether decode steps are compiled, and where their compiled artifacts live between processes.
+
+Compiling is on by default wherever a C++ compiler is present (Inductor writes C++): `TINYLM_COMPILE=0` (or
+compile=False, --no-compile) turns the default off; without a compiler the engine warns once and decodes eagerly.
+
+What a second process reuses, measured with torch 2.13 on SmolLM2-135M-Instruct in bfloat16: Inductor's FX graph
+cache (the generated C++ and its compiled .so files, about 30 s of a graph's 40-60 s first compile on 2 cores).
+The AOTAutograd cache and dynamo's caching precompile, which would also skip tracing, refuse graphs compiled with
+freezing ("Cannot cache a graph with freezing enabled"), and freezing gives batch-1 bfloat16 decode +5%
+(compiled.py, _inductor_options): a warm start still traces each graph with dynamo and AOTAutograd and folds its
+constants (about 8-12 s per graph on this 2-core machine). Frozen weights are not part of the cache entries: they
+are bound from the live model at load, so a graph compiled for one checkpoint serves every checkpoint of the same
+architecture, dtype and quantization policy (Inductor's key is the graph: shapes, dtypes, ops).
+
+Inductor's cache goes in tinylm's cache folder (hub.cache_dir(), beside the built-in model), one sub-folder per
+torch version, CPU capability and tinylm kernel sources; TORCHINDUCTOR_CACHE_DIR, when the user sets it, wins.
+A cache entry that no longer loads (a truncated .so, a corrupt pickle) makes the first compile fail: the folder is
+then emptied and the graph compiled once more from scratch (compiled.py, CompiledDecode.__call__); entries of
+another torch, CPU or kernel version are never looked up (their key differs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from tinylm import hub, kernels
+
+SWITCH = "TINYLM_COMPILE"  # "0", "false", "no" or "off": eager unless compile=True is asked for explicitly
+_INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR"
+FIRST_COMPILE_S = 60.0  # the estimate shown before this machine has compiled a graph (2 cores, SmolLM2's shapes)
+_MANAGED: dict[str, Path] = {}  # "dir": the folder tinylm pointed Inductor at (None of it when the user chose one)
+
+
+def compile_by_default() -> bool:
+    """EngineConfig.compile's default: on, unless TINYLM_COMPILE says otherwise."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def missing_compiler() -> str:
+    """Why Inductor cannot build C++ here ("" when it can): the compiler it would run (its config holds $CXX as it
+    was when torch was imported, else g++)."""
+    configured = next((c for c in torch._inductor.config.cpp.cxx if c), "g++")
+    if shutil.which(configured) is None:
+        return f"no C++ compiler ({configured!r} not found; install g++ or set CXX)"
+    return ""
+
+
+def cache_key() -> str:
+    """The sub-folder of this torch, CPU and kernel sources: artifacts of any other combination are never read."""
+    cpu = torch.backends.cpu.get_cpu_capability()
+    return f"torch-{torch.__version__}-{cpu}-kernels-{kernels.version()[:12]}".replace("+", "_")
+
+
+def use_cache_dir() -> Path:
+    """Point Inductor's on-disk caches at tinylm's cache folder (unless the user set TORCHINDUCTOR_CACHE_DIR);
+    the folder Inductor caches in."""
+    given = os.environ.get(_INDUCTOR_DIR)
+    # Inductor writes its default (/tmp/torchinductor_$USER) into the variable on its first cache access
+    defaults = {_MANAGED.get("dir"), Path(default_cache_dir()).absolute()}
+    if given and Path(given).absolute() not in defaults:
+        return Path(given)  # the user's choice
+    folder = hub.cache_dir() / "compiled" / cache_key()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[_INDUCTOR_DIR] = str(folder)  # read by Inductor on every cache access
+    _MANAGED["dir"] = folder
+    return folder
+
+
+def discard_cache() -> bool:
+    """Empty the folder tinylm manages (not a folder the user chose); True when there was one to empty."""
+    folder = _MANAGED.get("dir")
+    if folder is None or os.environ.get(_INDUCTOR_DIR) != str(folder):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def estimate(graph: str) -> float:
+    """Seconds the last compile of `graph` took here (warm or cold), else FIRST_COMPILE_S."""
+    try:
+        return float(json.loads(_timings_path().read_text())[graph])
+    except (OSError, ValueError, KeyError, TypeError):
+        return FIRST_COMPILE_S
+
+
+def record(graph: str, seconds: float) -> None:
+    """Remember how long compiling `graph` took, for the next estimate (best effort: a read-only cache is fine)."""
+    path = _timings_path()
+    try:
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        timings[graph] = round(seconds, 1)
+        path.write_text(json.dumps(timings, indent=1, sort_keys=True))
+    except (OSError, ValueError):
+        pass
+
+
+def _timings_path() -> Path:
+    return Path(os.environ.get(_INDUCTOR_DIR) or use_cache_dir()) / "tinylm-compile-times.json"
+
+
+@contextlib.contextmanager
+def progress(graph: str, description: str):
+    """A tqdm bar, in seconds against the estimate, while the block compiles `graph` (shown on a terminal only).
+    The bar ticks on its own thread, which runs no torch code: no second OpenMP team (server/cli.py)."""
+    from tqdm import tqdm
+
+    expected = estimate(graph)
+    bar = tqdm(total=round(expected), desc=description, unit="s", disable=None, leave=False,
+               bar_format="{desc}: {bar} {n:.0f}/{total:.0f} s (estimate)")
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            bar.n = min(time.perf_counter() - start, max(expected, 1) * 0.99)  # never "done" before it is
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, name="tinylm-compile-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+        record(graph, time.perf_counter() - start)
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
