@@ -25,7 +25,8 @@ from tinylm.quant.policy import parse_policy
 
 needs_ct = pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
                               reason="the compressed-tensors package (a test dependency: pip install "
-                                     "compressed-tensors) is not installed; transformers needs it to load these folders")
+                                     "compressed-tensors) is not installed; transformers needs it to load such "
+                                     "folders")
 IDS = torch.tensor([[5, 17, 99, 300, 2, 64, 128, 7], [9, 8, 7, 6, 5, 4, 3, 2]])
 # tied head + q/k/v biases (Qwen2), untied head (Llama); policies with float32 kernels, so the comparison with
 # transformers' dequantized float32 weights is one of arithmetic order only, and one with tinylm's default kernels

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from tinylm.errors import ConfigError, WeightsError
-from tinylm.quant import ct_layout
+from tinylm.quant import ct_layout, int4pack
 from tinylm.quant.apply import EMBEDDING, HEAD, build_quantized, layer_schemes
+from tinylm.quant.chunked import ChunkedMLP
 from tinylm.quant.ct_layout import WeightScheme
 from tinylm.quant.formats import FLOAT, QuantFormat
 from tinylm.quant.linear import Int4Linear, Int8Linear
@@ -78,7 +79,7 @@ class _SymmetricInt4:
         if self.schemes.get(layer) != "int4":
             return None
         q, scales = ct_layout.symmetric_int4(self.inner.rows(f"{layer}.weight"), self.group_size, self.scale_dtype)
-        return {"qweight": ct_layout.int4pack.pack_portable(q), "scales": scales, "zeros": torch.zeros_like(scales)}
+        return {"qweight": int4pack.pack_portable(q), "scales": scales, "zeros": torch.zeros_like(scales)}
 
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(name)
@@ -99,6 +100,8 @@ class _SymmetricInt4:
 def save_compressed_tensors(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     """Write a model quantized by `quantize_compressed` (or any model whose quantized layers fit the format, each
     checked) as a compressed-tensors folder: config.json, model.safetensors, tokenizer, SHA256SUMS."""
+    if any(isinstance(m, ChunkedMLP) for m in model.modules()):
+        raise ConfigError("save the model before mlp_chunk splits it: chunking is a load-time option")
     folder = Path(folder)
     config = model.config
     layers = _quantized_layers(model)
