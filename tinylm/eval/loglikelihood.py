@@ -25,6 +25,7 @@ import torch
 
 from tinylm.eval.data import EvalDataError
 from tinylm.eval.shared_context import Group, SharedContextScorer, split_request
+from tinylm.eval.shared_head import cluster_groups
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # input_ids (B, T) -> logits (B, T, V)
 Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
@@ -76,15 +77,23 @@ class Scorer:
             yield self._run(chunk, [by_input[toks] for toks in chunk], pairs)
 
     def _score_shared(self, pairs: Sequence[Pair], batch_size: int) -> Iterator[list[tuple[int, float, bool]]]:
-        """batch_size distinct prefixes (contexts) per batch, longest first, every choice of each in the same batch."""
+        """batch_size distinct prefixes (contexts) per batch, every choice of each in the same batch."""
         groups: dict[tuple[int, ...], Group] = {}
         for index, (context, continuation) in enumerate(pairs):
             self._check(context, continuation)
             prefix = split_request(context + continuation, continuation, self.max_length)
             groups.setdefault(prefix, Group(prefix)).members.append((index, continuation))
-        order = sorted(groups.values(), key=lambda g: (-len(g.prefix), g.prefix))
-        for start in range(0, len(order), batch_size):
-            yield self.shared.score(order[start:start + batch_size])
+        for run in self._runs(list(groups.values())):
+            for start in range(0, len(run), batch_size):
+                yield self.shared.score(run[start:start + batch_size])
+
+    def _runs(self, groups: list[Group]) -> list[list[Group]]:
+        """The groups in the runs batches are cut from: examples starting with the same few-shot block together
+        (their start then runs once, shared_head.py), each run longest first (tight left padding)."""
+        if self.shared.heads is None:
+            return [sorted(groups, key=lambda g: (-len(g.prefix), g.prefix))]
+        clusters, loose = cluster_groups(groups)
+        return clusters + [loose]
 
     def _check(self, context: list[int], continuation: list[int]) -> None:
         if not context or not continuation:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinylm.eval.shared_head import HeadCache, shares_heads
 from tinylm.model.cache import make_cache
 
 LOGIT_ROWS = 256  # hidden states per lm_head chunk: (256, V) float32 logits, 50 MB for a 49,152-token vocabulary
@@ -60,6 +61,8 @@ class SharedContextScorer:
         # Compiled graphs specialize sizes 0 and 1 and a cache exactly as long as its input: batches, lengths and
         # the tails' room are padded to at least 2, so about three graphs serve a whole run (prefill, tails)
         self.least = 2 if compile else 0
+        # text several examples start with (few-shot blocks), run once per cluster of examples (shared_head.py)
+        self.heads = HeadCache(model, self.hidden_states) if shares_heads(model.config) else None
 
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         """The final-normed states (B, T, C) of `CausalLM.hidden_states`, compiled when asked for."""
@@ -89,7 +92,9 @@ class SharedContextScorer:
         """(pair index, log-likelihood, is_greedy) of every member of the groups, scored in one batch."""
         tails, tail_rows = _distinct_tails(groups)
         room = max([len(tokens) for _, tokens in tails] + [self.least])  # the tails' width
-        last, cache, prefix_mask = self._prefill([g.prefix for g in groups], room)
+        prefixes = [g.prefix for g in groups]
+        head = self.heads.head_for(prefixes) if self.heads is not None else ()
+        last, cache, prefix_mask = self._prefill(prefixes, room, head)
         states = [last[:len(groups)]]  # (G, C)
         if tails:
             states.append(self._extend(cache, prefix_mask, tails, room))  # (N_tail, C)
@@ -98,20 +103,26 @@ class SharedContextScorer:
         lls, greedy = self._continuation_scores(hidden, rows, targets, owner, len(order))
         return list(zip(order, lls.tolist(), greedy.tolist()))
 
-    def _prefill(self, prefixes: list[tuple[int, ...]], room: int):
+    def _prefill(self, prefixes: list[tuple[int, ...]], room: int, head: tuple[int, ...] = ()):
         """Prefixes left-padded (G, P) -> the final-normed state at each one's last token (G, C), the KV cache
-        holding their K/V (with room for `room` more tokens per row), the (G, P) real-token mask."""
-        width = max([len(p) for p in prefixes] + [self.least])
-        if len(prefixes) < self.least:
-            prefixes = prefixes * self.least  # a copy of the row; its states are never read
+        holding their K/V (with room for `room` more tokens per row), the (G, P) real-token mask. With a head
+        (the start every prefix shares): its K/V written first (H tokens), then only the rest of each prefix
+        run, left-padded after it; the mask is then (G, H + P - H)."""
+        own = [p[len(head):] for p in prefixes]  # each prefix after the head: at least its last token
+        width = max([len(p) for p in own] + [self.least])
+        if len(own) < self.least:
+            own = own * self.least  # a copy of the row; its states are never read
         weight = self.model.lm_head.weight
-        ids = torch.zeros(len(prefixes), width, dtype=torch.long)
-        mask = torch.zeros(len(prefixes), width, dtype=torch.bool)
-        for row, prefix in enumerate(prefixes):
-            ids[row, width - len(prefix):] = torch.tensor(prefix)
-            mask[row, width - len(prefix):] = True
+        ids = torch.zeros(len(own), width, dtype=torch.long)
+        mask = torch.zeros(len(own), len(head) + width, dtype=torch.bool)
+        mask[:, :len(head)] = True
+        for row, tokens in enumerate(own):
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, len(head) + width - len(tokens):] = True
         ids, mask = ids.to(weight.device), mask.to(weight.device)
-        cache = make_cache(self.model.config, len(prefixes), width + room, weight.dtype, weight.device)
+        cache = make_cache(self.model.config, len(own), len(head) + width + room, weight.dtype, weight.device)
+        if head:
+            self.heads.write(cache, head, max(self.least, 1))
         # always the mask: a compiled forward then has one graph for every batch, padded or not
         hidden = self.hidden_states(ids, mask, cache)
         return hidden[:, -1], cache, mask
