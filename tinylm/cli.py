@@ -99,6 +99,7 @@ def cmd_generate(args) -> int:
     params = sampling_params(args)
     prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
     llm = load_from_args(args)
+    _compile_batch_one(llm)
     _print_stream(llm, prompt, params)
     return 0
 
@@ -108,9 +109,19 @@ def _read_stdin_prompt() -> str:
     return text[:-1] if text.endswith("\n") else text  # `echo text |` adds a newline the prompt did not have
 
 
+def _compile_batch_one(llm: tinylm.LLM) -> None:
+    """Compile (or load from the cache) the batch-1 decode graph before anything prints: generate and chat decode
+    one sequence, so the batched graph is never compiled, and the compile's progress bar gets a line of its own
+    instead of overwriting a streaming answer."""
+    compiled = llm.engine.runner.compiled
+    if compiled is not None:
+        compiled.warmup(batches=(1,))
+
+
 def cmd_chat(args) -> int:
     params = sampling_params(args)
     llm = load_from_args(args)
+    _compile_batch_one(llm)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:
         history.append({"role": "user", "content": args.message})

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -83,6 +84,18 @@ def discard_cache() -> bool:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     return True
+
+
+def damaged(exc: BaseException) -> bool:
+    """Whether a failed compile failed on reading the cache (a file that does not load or unpickle), not on
+    compiling: only then is emptying the cache and compiling again worth its time."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OSError, ImportError, EOFError, pickle.UnpicklingError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def estimate(graph: str) -> float:

@@ -117,7 +117,7 @@ class CompiledDecode:
             try:
                 logits = self._compile_and_run(inputs)
             except Exception as exc:  # noqa: BLE001 - retried once from an empty cache, then run eagerly
-                if not compile_cache.discard_cache():
+                if not compile_cache.damaged(exc) or not compile_cache.discard_cache():
                     raise
                 log.warning("compiled decode failed to load from the cache (%s); rebuilding it", exc)
                 self.rebuilt += 1
@@ -137,10 +137,10 @@ class CompiledDecode:
                 f"{str(dtype).removeprefix('torch.')}-{'batched' if batched else 'batch1'}")
 
     @torch.inference_mode()
-    def warmup(self) -> None:
-        """Compile the batch-1 graph and the batched one now, so no request waits for the compiler. The dummy
-        steps write to slot 0, the padding block, which only ever needs finite values."""
-        for batch in (1, 2):
+    def warmup(self, batches: tuple[int, ...] = (1, 2)) -> None:
+        """Compile the batch-1 graph and the batched one now (or those of `batches`), so no request waits for the
+        compiler. The dummy steps write to slot 0, the padding block, which only ever needs finite values."""
+        for batch in batches:
             context = 17  # unlike the batch size: PyTorch would otherwise assume the two equal (duck sizing)
             valid = None if batch == 1 else torch.ones(batch, context, dtype=torch.bool)
             ids, positions = torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long)

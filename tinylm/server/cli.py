@@ -57,7 +57,6 @@ def register(commands) -> None:
 
 def server_config(args):
     from tinylm import hub
-    from tinylm.engine.compile_cache import compile_by_default
     from tinylm.engine.engine import EngineConfig
     from tinylm.server.app import ServerConfig
     from tinylm.server.protocol import MAX_MESSAGES
@@ -75,7 +74,7 @@ def server_config(args):
     engine = EngineConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_memory * 2**30),
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,
-                          compile=compile_by_default() if args.compile is None else args.compile,
+                          compile=_compile(args),
                           num_speculative_tokens=args.num_speculative_tokens,
                           kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
@@ -85,6 +84,16 @@ def server_config(args):
                         trust_request_chat_template=args.trust_request_chat_template,
                         sampling_defaults=hub.recommended_sampling(args.model),
                         lora_modules=lora_modules(args.lora_modules), allow_runtime_lora=args.allow_runtime_lora)
+
+
+def _compile(args) -> bool:
+    """--compile / --no-compile, else the default (compile_cache.compile_by_default), which LoRA adapters turn
+    off: the engine serves them unmerged on the eager path only (engine.py, add_lora)."""
+    from tinylm.engine.compile_cache import compile_by_default
+
+    if args.compile is not None:
+        return args.compile
+    return compile_by_default() and not (args.lora_modules or args.allow_runtime_lora)
 
 
 def lora_modules(values: list[str]) -> dict[str, str]:
