@@ -14,7 +14,10 @@ The same examples, the same weights (tinylm and transformers both load the GGUF 
 Shapes, generated from a fixed seed through the tasks' own row parsers (tinylm/eval/tasks.py), or the first
 --examples of a real task with --data-dir/--task:
 - hellaswag: a HellaSwag row (activity label, a context of about 60-90 tokens, four endings of about 8-25 tokens);
-- mmlu: an MMLU row (subject line, a question of 60-130 words, four lettered options; choices " A".." D").
+- mmlu: an MMLU row (subject line, a question of 60-130 words, four lettered options; choices " A".." D");
+- mmlu-5shot: the same rows after the same 5 solved rows (lm-eval's MMLU few-shot: the first 5 of the subject's
+  dev split, so every question of a subject starts with the same ~800 tokens): tinylm runs that block once per
+  run of examples (tinylm/eval/shared_head.py), lm-eval and transformers read it in every row.
 examples/s = examples / scoring seconds (tokenization excluded, done once per system); best of --repeats, after a
 warm-up on --warmup examples. Printed per shape and dtype: each system's examples/s, tinylm's ratios, each system's
 acc / acc_norm (4 digits, as lm-eval prints them), the largest log-likelihood difference from tinylm and the share
@@ -66,7 +69,13 @@ def mmlu_docs(n: int, seed: int = 0) -> list[Doc]:
     return [TASKS["mmlu"].make_doc(row) for row in rows]
 
 
-SHAPES = {"hellaswag": hellaswag_docs, "mmlu": mmlu_docs}
+def mmlu_5shot_shots(seed: int = 0) -> list[Doc]:
+    """The 5 dev rows every question of the subject reads first (lm-eval's MMLU: first_n from dev)."""
+    return mmlu_docs(5, seed=seed + 1000)
+
+
+SHAPES = {"hellaswag": hellaswag_docs, "mmlu": mmlu_docs, "mmlu-5shot": mmlu_docs}
+FEWSHOT = {"mmlu-5shot": mmlu_5shot_shots}  # shape -> its few-shot examples (the others: 0-shot)
 
 
 def timed(score, repeats: int) -> tuple[float, list[float]]:
@@ -120,7 +129,8 @@ def scores(lls: list[float], docs: list[Doc]) -> tuple[float, float, list[int]]:
 
 def run_shape(name: str, docs: list[Doc], ours: dict[str, Scorer], model, lm, args) -> list[str]:
     """Time every system on the docs, print their rows; return notes to print after the table."""
-    requests = [r for doc in docs for r in requests_for(doc)]
+    shots = FEWSHOT[name]() if name in FEWSHOT else []
+    requests = [r for doc in docs for r in requests_for(doc, shots)]
     first = next(iter(ours.values()))
     theirs = Scorer(lambda ids: model(ids.to(model.device)).logits, first.tokenizer, first.max_length, first.prefix_token_id)
     pairs = [first.encode_pair(r.context, r.continuation) for r in requests]

@@ -117,3 +117,20 @@ def test_compiled_forward_gives_the_same_loglikelihoods(tiny_llm):
     got = {i: ll for batch in compiled.score(pairs, batch_size=3) for i, ll, _ in batch}
     assert compiled.shared.compiled is not None  # it compiled, rather than falling back to eager
     assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def test_token_logprobs_and_greedy_match_log_softmax_and_argmax_ties_included():
+    """lm_head as the identity (hidden states are the logits), chunks of 2 rows: values as log_softmax + gather,
+    greedy as argmax == target, where a tie goes to the first index (argmax's rule, lm-eval's is_greedy)."""
+    from tinylm.eval.shared_context import token_logprobs
+
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    logits[1, 2] = logits[1, 5] = logits[1].max() + 1.0  # tie: argmax is 2, so target 5 is not greedy
+    logits[3, 0] = logits[3, 4] = logits[3].max() + 1.0  # tie at index 0: target 0 is greedy
+    rows = torch.tensor([0, 1, 1, 2, 3, 3, 4, 4])
+    targets = torch.tensor([int(logits[0].argmax()), 5, 2, 1, 0, 4, int(logits[4].argmax()), 3])
+    values, greedy = token_logprobs(lambda h: h, logits, rows, targets, chunk=2)
+    want = logits.log_softmax(-1)[rows, targets]
+    assert torch.allclose(values, want, atol=1e-6)
+    assert greedy.tolist() == (logits.argmax(-1)[rows] == targets).tolist()
+    assert greedy.tolist()[1:3] == [False, True] and greedy.tolist()[4:6] == [True, False]

@@ -92,6 +92,7 @@ class Scorer:
         (their start then runs once, shared_head.py), each run longest first (tight left padding)."""
         if self.shared.heads is None:
             return [sorted(groups, key=lambda g: (-len(g.prefix), g.prefix))]
+        self.shared.heads.clear()
         clusters, loose = cluster_groups(groups)
         return clusters + [loose]
 

@@ -81,6 +81,10 @@ class HeadCache:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
 
+    def clear(self) -> None:
+        """Forget the last head (a new scoring run: each run pays for its own heads)."""
+        self.tokens, self.keys, self.values = (), [], []
+
     def head_for(self, prefixes: list[tuple[int, ...]]) -> tuple[int, ...]:
         """The head a batch runs after: the last head run if every prefix continues it (the rest of a cluster,
         even a batch of one), else the batch's common start if it has two prefixes or more, else none."""
