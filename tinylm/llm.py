@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tinylm import hub
-from tinylm.engine.engine import EngineBusyError, EngineConfig, LLMEngine, model_context
+from tinylm.engine.engine import EngineBusyError, EngineConfig, LLMEngine, make_invariant, model_context
 from tinylm.engine.lora import LoRARequest
 from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.ngram import NGRAM
@@ -174,6 +174,8 @@ class LLM:
         self.config = loaded.model.config
         self.tokenizer = loaded.tokenizer
         self.engine_config = engine_config or EngineConfig()
+        if self.engine_config.batch_invariant:  # now, so llm.forward computes what the engine will sample with
+            make_invariant(self.model)
         self.model_name = str(loaded.source)  # what get_default_sampling_params reads the recommendation of
         self._engine: LLMEngine | None = None
         self._request_ids = 0

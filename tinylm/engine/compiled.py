@@ -61,6 +61,7 @@ class CompiledDecode:
         self.pool = pool
         self.failed = False
         self.attention_kernel = kernels.available()  # paged one-query attention in C++ (else Inductor's loops)
+        self.batch_invariant = getattr(model, "batch_invariant", False)  # use_batch_invariant ran on it
         # Only the batch and context sizes are marked dynamic (in __call__): dynamic=True would also make every
         # weight and pool dimension symbolic, and equal sizes would be unified with them (duck sizing).
         # No guards on the model's modules and parameters: checking them cost ~1 ms per step (a quantized model
@@ -151,7 +152,8 @@ class CompiledDecode:
     def _step(self, ids, positions, valid, write_slots, gather_slots, state_rows) -> torch.Tensor:
         # length: the context before the new token (the query offset)
         cache = PagedBatch(self.pool, write_slots, None, gather_slots, state_rows,
-                           length=gather_slots.shape[1] - 1, attention_kernel=self.attention_kernel)
+                           length=gather_slots.shape[1] - 1, attention_kernel=self.attention_kernel,
+                           batch_invariant=self.batch_invariant)
         out = self.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
         return out.logits[:, -1].float()
 
@@ -183,6 +185,10 @@ def _inductor_options(model) -> dict:
     the reduction's loop, recomputing them for every output row, which makes int8 rows compute-bound (9 GB/s
     instead of 36). A low realize threshold stores such inputs once instead (it would cost float rows their wide
     vector loop). The layers say so themselves: `compiled_int_rows` (per-channel Int8Linear, tinylm/quant/linear.py)."""
+    if getattr(model, "batch_invariant", False):
+        # the ops between tinylm's invariant kernels (rotary, residual adds) rounded to the model's dtype after
+        # each op, as eager PyTorch does: a decoded token's bits then equal the eager prefill's (issue 21)
+        return {"freezing": True, "cpp.weight_prepack": False, "emulate_precision_casts": True}
     if any(getattr(m, "compiled_int_rows", False) for m in model.modules()):
         return {"realize_opcount_threshold": 2}
     return {"freezing": True, "cpp.weight_prepack": False}

@@ -35,6 +35,7 @@ from tinylm.engine.structured import GrammarCompiler, prefetch_masks
 from tinylm.errors import ConfigError, ContextLengthError, TinyLMError
 from tinylm.model.fuse import fuse_projections
 from tinylm.model.gemv import use_gemv
+from tinylm.model.invariant import invariant_supported, use_batch_invariant
 from tinylm.sampling_params import SamplingParams
 
 
@@ -66,6 +67,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # vLLM's max_model_len: the context requests may use, at most the model's max_position_embeddings (None: all)
     max_model_len: int | None = None
+    # A request's tokens and logprobs the same bits whatever shares its batch, however its prompt is chunked, and
+    # whether a position is decoded or scored (tinylm/model/invariant.py); off gives the library products' last
+    # few percent. Falls back with one warning where the kernels cannot run (no C++ compiler, GPU, float16).
+    batch_invariant: bool = True
 
 
 class LLMEngine:
@@ -92,6 +97,9 @@ class LLMEngine:
             warnings.warn(f"not compiling: {why_not}", RuntimeWarning, stacklevel=2)
         if compile_decode:
             fuse_projections(model)  # fewer, larger matmuls in the compiled step (inference only: see fuse.py)
+        if config.batch_invariant:
+            make_invariant(model)
+        if compile_decode and not getattr(model, "batch_invariant", False):
             use_gemv(model)  # batch-1 products as reductions Inductor streams at memory speed (see gemv.py)
         self.loras = LoRAAdapters(model)
         self.runner = ModelRunner(model, self.pool, self.blocks, compile_decode, self.loras)
@@ -296,6 +304,16 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         if self.drafter is not None:
             self.drafter.release(seq.request_id)
+
+
+def make_invariant(model) -> None:
+    """use_batch_invariant where this model can run it, else one warning (the engine runs, not invariant). Again
+    after fuse_projections: the fused layers are new nn.Linear."""
+    supported, why_not = invariant_supported(model)
+    if supported:
+        use_batch_invariant(model)
+    else:
+        warnings.warn(f"batch-invariant inference is off: {why_not}", RuntimeWarning, stacklevel=3)
 
 
 def model_context(positions: int, max_model_len: int | None) -> int:

@@ -175,7 +175,9 @@ class PagedBatch:
         keys, values = pool.keys[layer_idx], pool.values[layer_idx]
         self._store(layer_idx, self._real_rows(k), self._real_rows(v))
         # row b's context occupies slots [starts[b], S): the keys its newest query (the last column) may see
-        starts = q.new_zeros(batch, dtype=torch.long) if mask is None else self.context - mask[:, 0, -1].sum(dim=-1)
+        # (a mask of one row stands for every row: build_attention_mask's plain causal mask over a shared length)
+        starts = q.new_zeros(batch, dtype=torch.long) if mask is None else \
+            (self.context - mask[:, 0, -1].sum(dim=-1)).expand(batch)
         ends = torch.arange(self.context - steps + 1, self.context + 1, device=q.device).expand(batch, steps)
         if self.write_mask is not None:  # padding queries attend nothing
             ends = torch.where(self.write_mask, ends, starts[:, None])

@@ -24,6 +24,7 @@ class ModelRunner:
         self.pool = pool
         self.blocks = blocks
         self.device = model.lm_head.weight.device
+        self.batch_invariant = getattr(model, "batch_invariant", False)  # use_batch_invariant ran on it
         self.compiled = CompiledDecode(model, pool) if compile_decode else None
 
     @torch.inference_mode()
@@ -51,7 +52,8 @@ class ModelRunner:
         # No padding anywhere (batch 1, or rows of equal context): SDPA's unmasked path, and one graph fewer
         key_mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
         new_tokens = None if write_mask.all() else torch.from_numpy(write_mask).to(self.device)
-        cache = PagedBatch(self.pool, write_slots, new_tokens, gather, state_rows, length=width - steps)
+        cache = PagedBatch(self.pool, write_slots, new_tokens, gather, state_rows, length=width - steps,
+                           batch_invariant=self.batch_invariant)
         if self.loras is not None:
             self.loras.set_rows(self._token_adapters(rows, steps))
         out = self.model(ids, attention_mask=key_mask, position_ids=positions, cache=cache,

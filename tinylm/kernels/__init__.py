@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
-                         "invariant_attention.cpp", "int4_gemm.cpp")]
+                         "invariant_attention.cpp", "invariant_rows.cpp", "int4_gemm.cpp")]
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
            for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h")]
@@ -152,6 +152,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::invariant_linear")
     def _(x, weight, bias=None):
         return x.new_empty((x.shape[0], weight.shape[0]))  # (M, N) in x's dtype
+
+    @torch.library.register_fake("tinylm::invariant_rms_norm")
+    def _(x, weight, eps, zero_centered):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)  # (M, C)
+
+    @torch.library.register_fake("tinylm::invariant_silu_mul")
+    def _(gate, up):
+        return gate.new_empty(gate.shape)  # (M, I), contiguous
 
     from tinylm.kernels.invariant import register_autograd
 

@@ -35,6 +35,27 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    """RMSNorm of x (..., C) with weight (C,) (tinylm/model/layers.py's formula), each row's bits fixed
+    (tinylm/kernels/invariant_rows.cpp). Callers check `kernel_takes(x)` first."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.ops.tinylm.invariant_rms_norm(rows, weight, eps, zero_centered).view(x.shape)
+
+
+def invariant_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate, up (..., I) (SwiGLU's product), each row's bits fixed. Callers check
+    `kernel_takes(gate)` first."""
+    out = torch.ops.tinylm.invariant_silu_mul(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+    return out.view(gate.shape)
+
+
+def kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the invariant row kernels take x (CPU, float32 / bfloat16, unit last stride) without autograd: a
+    training forward keeps PyTorch's differentiable formulation."""
+    return (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.stride(-1) == 1
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def register_autograd() -> None:
     """Gradients of tinylm::invariant_linear (called once the kernels are registered): the usual linear backward
     through PyTorch's products, so training can run the same forward the engine samples with. Only the forward

@@ -8,11 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import ModelConfig
+from tinylm.model.invariant import eager_island
 from tinylm.model.layers import RMSNorm
 from tinylm.model.rotary import apply_rotary
 
 
 class Attention(nn.Module):
+    # attend through tinylm::invariant_attention, prefill and decode alike (set by use_batch_invariant)
+    batch_invariant = False
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -59,7 +63,8 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, mask, cache)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         if gate is not None:
-            out = out * torch.sigmoid(gate)
+            out = _gated(out, gate) if not (self.batch_invariant and torch.compiler.is_compiling()) else \
+                eager_island(_gated, out, gate)  # Inductor's sigmoid is not eager's
         return self.o_proj(out)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -70,8 +75,14 @@ class Attention(nn.Module):
             out = cache.decode_attention(self.layer_idx, q, k, v, mask)  # the paged pool's own kernel, if built
             if out is not None:
                 return out
+        if seq > 1 and getattr(cache, "batch_invariant", False):
+            out = cache.prefill_attention(self.layer_idx, q, k, v, mask)  # what decode_attention gives per token
+            if out is not None:
+                return out
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D)
+        if self.batch_invariant and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256:  # the kernel's head sizes
+            return invariant_attend(q, k, v, mask)
         if seq == 1 and torch.compiler.is_compiling():
             return _decode_attention(q, k, v, mask)  # Inductor fuses it; SDPA's CPU kernel is slow on one query
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
@@ -84,6 +95,45 @@ class Attention(nn.Module):
             return projected.view(batch, seq, self.num_heads, self.head_dim), None
         q, gate = projected.view(batch, seq, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         return q, gate.reshape(batch, seq, self.num_heads * self.head_dim)
+
+
+def _gated(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return out * torch.sigmoid(gate)
+
+
+def invariant_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (B, H, T, D) at the last T of S positions, k/v (B, H_kv, S, D), mask (B, 1, T, S) bool or None (causal)
+    -> (B, H, T, D) through tinylm::invariant_attention, the operations the engine's paged prefill and decode use:
+    `llm.forward` then scores a token with the bits the engine decoded it with. K/V are laid out as a pool of
+    B * S rows; each query attends the contiguous keys [start, end) its mask row allows (causal over left or right
+    padding, or one packed segment); a mask with holes is not such a range and goes to SDPA."""
+    batch, heads, steps, dim = q.shape
+    context = k.shape[2]
+    starts, ends = _key_ranges(mask, batch, steps, context, q.device)  # (B, T) each
+    if starts is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != heads)
+    keys = k.transpose(1, 2).reshape(batch * context, *k.shape[1:2], dim).contiguous()  # (B*S, H_kv, D) "pool"
+    values = v.transpose(1, 2).reshape(batch * context, *v.shape[1:2], dim).contiguous()
+    slots = torch.arange(batch * context, device=q.device).view(batch, context)
+    rows = torch.arange(batch, device=q.device).repeat_interleave(steps)
+    q_rows = q.transpose(1, 2).reshape(batch * steps, heads, dim).float().contiguous()  # (B*T, H, D)
+    out = torch.ops.tinylm.invariant_attention(q_rows, keys, values, slots, rows, starts.reshape(-1),
+                                               ends.reshape(-1), dim ** -0.5, None, None)
+    return out.to(v.dtype).view(batch, steps, heads, dim).transpose(1, 2)
+
+
+def _key_ranges(mask: torch.Tensor | None, batch: int, steps: int, context: int, device
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Each query's keys as a range: (B, T) starts and ends, or (None, None) when a mask row is not one range."""
+    if mask is None:  # plain causal: query t sits at position S - T + t and sees keys 0..itself
+        ends = torch.arange(context - steps + 1, context + 1, device=device).expand(batch, steps)
+        return torch.zeros(batch, steps, dtype=torch.long, device=device), ends.contiguous()
+    allowed = mask.expand(batch, 1, steps, context)[:, 0]  # (B, T, S)
+    starts = allowed.int().argmax(dim=-1)  # first allowed key (every query sees at least itself)
+    ends = context - allowed.flip(-1).int().argmax(dim=-1)
+    if not bool((allowed.sum(dim=-1) == ends - starts).all()):
+        return None, None
+    return starts, ends
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -23,18 +23,22 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None,
-                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  lengths: torch.Tensor | None = None, tap_by_tap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv + SiLU over time, continuing from `state`.
 
     x (B, C, T); weight (C, 1, K); state (B, C, K-1), the last K-1 inputs before x (zeros when None);
     lengths (B,) or None: real inputs per row when x is right-padded, so the new state ends at the last real one.
     Returns (silu(conv) (B, C, T) in x's dtype, new state (B, C, K-1): the last K-1 inputs of [state, x]).
+    tap_by_tap: the sum over the K taps as K element-wise float32 multiply-adds in tap order, for prompts and
+    decode steps alike (batch-invariant inference: F.conv1d and the one-step dot product sum in other orders).
     """
     kernel = weight.shape[-1]
     if state is None:
         state = x.new_zeros(x.shape[0], x.shape[1], kernel - 1)
     full = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, C, K-1+T)
-    if x.shape[-1] == 1:
+    if tap_by_tap:
+        out = _conv_taps(full, weight, x.shape[-1])
+    elif x.shape[-1] == 1:
         # A decode step is one dot product per channel; depthwise F.conv1d costs ~5x more on CPU for this shape.
         out = (full.to(weight.dtype) * weight[:, 0]).sum(dim=-1, keepdim=True)  # (B, C, 1)
     else:
@@ -45,6 +49,16 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | N
         index = (lengths[:, None] + torch.arange(kernel - 1, device=x.device))[:, None, :]  # (B, 1, K-1)
         new_state = full.gather(2, index.expand(-1, full.shape[1], -1))
     return F.silu(out).to(x.dtype), new_state
+
+
+def _conv_taps(full: torch.Tensor, weight: torch.Tensor, steps: int) -> torch.Tensor:
+    """full (B, C, K-1+T), weight (C, 1, K) -> (B, C, T) in weight's dtype: output t is sum_j full[t + j] * w[j],
+    added in tap order in float32, each element by the same operations whatever T."""
+    taps = weight[:, 0].float()  # (C, K)
+    out = full[:, :, 0:steps].float() * taps[:, 0:1]
+    for j in range(1, taps.shape[-1]):
+        out = out + full[:, :, j:j + steps].float() * taps[:, j:j + 1]
+    return out.to(weight.dtype)
 
 
 def _heads_first(q, k, v, g, beta):

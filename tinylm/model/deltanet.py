@@ -19,10 +19,15 @@ from torch import nn
 
 from tinylm.config import ModelConfig
 from tinylm.model.delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from tinylm.model.invariant import eager_island
 from tinylm.model.layers import GatedRMSNorm
 
 
 class GatedDeltaNet(nn.Module):
+    # use_batch_invariant: prompts run the recurrent form token by token, as decode steps do (the chunked form sums
+    # in another order), and a compiled decode step runs the layer eagerly (Inductor's exp / softplus differ)
+    batch_invariant = False
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -49,6 +54,11 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x (B, T, C); pad_mask (B, T), 0 at padding, or None; cache with linear_state / set_linear_state."""
+        if self.batch_invariant and torch.compiler.is_compiling():
+            return eager_island(self._forward, x, pad_mask, cache)
+        return self._forward(x, pad_mask, cache)
+
+    def _forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache) -> torch.Tensor:
         batch, seq, _ = x.shape
         order = None
         if pad_mask is not None:
@@ -58,7 +68,8 @@ class GatedDeltaNet(nn.Module):
         conv_state, recurrent_state = state if state is not None else (None, None)
         qkv, z, b, a = self._project(x)
         lengths = None if pad_mask is None else pad_mask.sum(dim=1).long()  # (B,) real tokens per row
-        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, conv_state, lengths)
+        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, conv_state, lengths,
+                                        tap_by_tap=self.batch_invariant)
         q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
         k = k.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
@@ -68,7 +79,8 @@ class GatedDeltaNet(nn.Module):
         if pad_mask is not None:  # padding neither decays nor writes the state
             beta, g = beta * pad_mask[:, :, None], g * pad_mask[:, :, None]
         # As the reference: the recurrent form only for a 1-token step that continues a state.
-        rule = recurrent_gated_delta_rule if recurrent_state is not None and seq == 1 else chunk_gated_delta_rule
+        recurrent = (recurrent_state is not None and seq == 1) or self.batch_invariant
+        rule = recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
         out, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state)  # (B, T, H_v, D_v)
         if cache is not None:
             cache.set_linear_state(self.layer_idx, conv_state, recurrent_state)

@@ -6,13 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylm.kernels.invariant import invariant_rms_norm, invariant_silu_mul, kernel_takes
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back before the weight (as transformers' LlamaRMSNorm).
 
     zero_centered (Qwen3-Next): the stored weight w is applied as (1 + w), in float32 before the cast back, as
     Qwen3NextRMSNorm does (transformers/models/qwen3_next/modeling_qwen3_next.py, PR #29402 for the order).
+    batch_invariant (use_batch_invariant): the same formula in tinylm's row kernel, one call eagerly and compiled.
     """
+
+    batch_invariant = False
 
     def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
         super().__init__()
@@ -21,6 +26,8 @@ class RMSNorm(nn.Module):
         self.zero_centered = zero_centered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and kernel_takes(x) and self.weight.dtype == x.dtype:
+            return invariant_rms_norm(x, self.weight, self.eps, self.zero_centered)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -46,7 +53,10 @@ class GatedRMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). (B, T, C) -> (B, T, C)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). (B, T, C) -> (B, T, C). batch_invariant (use_batch_invariant): the
+    product silu(gate) * up in tinylm's row kernel, the same code eagerly and compiled."""
+
+    batch_invariant = False
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -63,5 +73,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self._act(gate, up))
+
+    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and kernel_takes(gate) and up.stride(-1) == 1:
+            return invariant_silu_mul(gate, up)
+        return F.silu(gate) * up

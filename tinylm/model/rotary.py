@@ -94,9 +94,28 @@ class RotaryEmbedding:
         # Built on the CPU even inside a `torch.device("meta")` block: these are computed, never loaded.
         with torch.device("cpu"):
             self.inv_freq, self.attention_scaling = inverse_frequencies(config)
+        self.table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (P, R) for every position (use_table)
+
+    def use_table(self, dtype: torch.dtype, device) -> None:
+        """Compute cos and sin once for every position the model takes, in blocks of fixed size, and read them by
+        position from then on (batch-invariant inference): a position's values are then the same bits in an eager
+        prefill and in a compiled decode step, whose fused cos / sin are not eager's. Dynamic NTK scaling depends
+        on the sequence's length: no table (and not invariant)."""
+        if self.dynamic:
+            return
+        block = 1024
+        blocks = [self._compute(torch.arange(start, start + block, device=device)[None], dtype)
+                  for start in range(0, self.config.max_position_embeddings, block)]
+        self.table = tuple(torch.cat([b[i][0] for b in blocks])[:self.config.max_position_embeddings]
+                           for i in range(2))
 
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> cos, sin (B, T, rotary_dim) in `dtype`."""
+        if self.table is not None and self.table[0].dtype == dtype and self.table[0].device == position_ids.device:
+            return self.table[0][position_ids], self.table[1][position_ids]
+        return self._compute(position_ids, dtype)
+
+    def _compute(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         if self.dynamic:
             with torch.device("cpu"):

@@ -1,0 +1,149 @@
+// Batch-invariant row operations (issue 21): RMSNorm and SwiGLU's silu(gate) * up, each row computed by one fixed
+// sequence of float32 operations whatever the number of rows, the thread count or where a row starts.
+//
+// Why not PyTorch's own: eagerly they are invariant already (each row is reduced alone), but the compiled decode
+// step is not eager: Inductor fuses these ops with their neighbours and writes its own reduction and exp, so a
+// token decoded by the compiled graph and the same token scored by an eager prefill got different bits. As custom
+// ops they are one opaque call in both, the same code. Every element goes through the vector path: the last
+// partial vector of a row is loaded zero-filled and stored partially, never through a scalar formula that could
+// round differently.
+//
+// Roundings follow tinylm/model/layers.py (as transformers computes): RMSNorm in float32, rounded to the input's
+// dtype before the weight multiplies it (zero-centred norms: times (1 + w) in float32, one rounding); silu(gate)
+// rounded to the dtype before it multiplies up.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+// n <= kLanes values of p as float32, the rest zero
+inline Vec load(const float* p, int64_t n) { return n == kLanes ? Vec::loadu(p) : Vec::loadu(p, n); }
+
+inline Vec load(const c10::BFloat16* p, int64_t n) {
+  alignas(64) float buffer[kLanes] = {0};
+  for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(p[i]);
+  return Vec::loadu(buffer);
+}
+
+inline void store(const Vec& v, float* p, int64_t n) { n == kLanes ? v.store(p) : v.store(p, n); }
+
+inline void store(const Vec& v, c10::BFloat16* p, int64_t n) {
+  alignas(64) float buffer[kLanes];
+  v.store(buffer);
+  for (int64_t i = 0; i < n; ++i) p[i] = c10::BFloat16(buffer[i]);  // round to nearest even, as .to(bfloat16)
+}
+
+// v rounded to T and back (the identity for float32)
+inline Vec round_to(const Vec& v, float*) { return v; }
+
+inline Vec round_to(const Vec& v, c10::BFloat16*) {
+  alignas(64) c10::BFloat16 rounded[kLanes];
+  store(v, rounded, kLanes);
+  return load(rounded, kLanes);
+}
+
+template <typename T>
+void rms_norm_row(const T* x, const T* weight, T* out, int64_t dim, float eps, bool zero_centered) {
+  Vec squares(0.f);
+  for (int64_t i = 0; i < dim; i += kLanes) {
+    const Vec v = load(x + i, std::min(kLanes, dim - i));
+    squares = squares + v * v;
+  }
+  const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
+  const Vec scale(1.f / std::sqrt(sum / static_cast<float>(dim) + eps));
+  for (int64_t i = 0; i < dim; i += kLanes) {
+    const int64_t n = std::min(kLanes, dim - i);
+    const Vec normed = load(x + i, n) * scale;
+    if (zero_centered) {
+      store(normed * (Vec(1.f) + load(weight + i, n)), out + i, n);
+    } else {
+      store(round_to(normed, static_cast<T*>(nullptr)) * load(weight + i, n), out + i, n);
+    }
+  }
+}
+
+template <typename T>
+void silu_mul_row(const T* gate, const T* up, T* out, int64_t dim) {
+  for (int64_t i = 0; i < dim; i += kLanes) {
+    const int64_t n = std::min(kLanes, dim - i);
+    const Vec g = load(gate + i, n);
+    const Vec silu = round_to(g / (Vec(1.f) + g.neg().exp()), static_cast<T*>(nullptr));
+    store(silu * load(up + i, n), out + i, n);
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be (rows, dim) with contiguous rows");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+template <typename T>
+at::Tensor rms_norm_as(const at::Tensor& x, const at::Tensor& weight, float eps, bool zero_centered) {
+  const int64_t rows = x.size(0), dim = x.size(1), stride = x.stride(0);
+  at::Tensor out = at::empty({rows, dim}, x.options());
+  const T* in = x.data_ptr<T>();
+  const T* w = weight.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_norm_row<T>(in + r * stride, w, o + r * dim, dim, eps, zero_centered);
+  });
+  return out;
+}
+
+template <typename T>
+at::Tensor silu_mul_as(const at::Tensor& gate, const at::Tensor& up) {
+  const int64_t rows = gate.size(0), dim = gate.size(1), g_stride = gate.stride(0), u_stride = up.stride(0);
+  at::Tensor out = at::empty({rows, dim}, gate.options());
+  const T* g = gate.data_ptr<T>();
+  const T* u = up.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row<T>(g + r * g_stride, u + r * u_stride, o + r * dim, dim);
+  });
+  return out;
+}
+
+// x (M, C), weight (C,) of x's dtype -> (M, C)
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool zero_centered) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "weight must be (C,) of x's dtype");
+  const at::Tensor w = weight.contiguous();
+  const float e = static_cast<float>(eps);
+  return x.scalar_type() == at::kFloat ? rms_norm_as<float>(x, w, e, zero_centered)
+                                       : rms_norm_as<c10::BFloat16>(x, w, e, zero_centered);
+}
+
+// gate, up (M, I) of one dtype (row strides free: the halves of a fused gate_up product) -> (M, I)
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  check_rows(gate, "gate");
+  check_rows(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), "gate and up must match");
+  return gate.scalar_type() == at::kFloat ? silu_mul_as<float>(gate, up) : silu_mul_as<c10::BFloat16>(gate, up);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinylm, m) {
+  m.def("invariant_rms_norm(Tensor x, Tensor weight, float eps, bool zero_centered) -> Tensor");
+  m.def("invariant_silu_mul(Tensor gate, Tensor up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinylm, CPU, m) {
+  m.impl("invariant_rms_norm", &rms_norm);
+  m.impl("invariant_silu_mul", &silu_mul);
+}

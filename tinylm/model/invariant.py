@@ -1,0 +1,74 @@
+"""Batch-invariant inference (issue 21): a token's logits the same bits whatever else is in the batch, however its
+prompt was split into chunks, and whether it was decoded or scored in a prefill.
+
+PyTorch's CPU products and attention choose their algorithm by shape: oneDNN / MKL block the K axis differently
+for 1, 2 or 16+ rows (bf16 moves to AMX tiles from 64 rows), SDPA splits keys by the number of queries, so the
+same token's float32 sums are added in a different order in another batch. `use_batch_invariant(model)` swaps
+each float nn.Linear for an InvariantLinear (tinylm::invariant_linear, tinylm/kernels/invariant_gemm.cpp: every
+output element one fixed sequence of float32 operations over K) and tells the attention layers to attend through
+tinylm::invariant_attention (keys in fixed blocks from each row's first key, the same for a prefill's queries and
+a decode's one; tinylm/kernels/invariant_attention.cpp). Everything else the model computes is per row already:
+norms reduce each row alone, elementwise ops do not mix rows.
+
+In place and for good, like fused projections: the engine applies it when EngineConfig.batch_invariant is on, and
+`llm.forward` then runs the same operations, so a pipeline can recompute bitwise what the engine sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinylm import kernels
+from tinylm.kernels.invariant import invariant_linear
+
+
+class InvariantLinear(nn.Linear):
+    """nn.Linear whose every output row is the same bits whatever other rows share the call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant_linear(x, self.weight, self.bias)
+
+
+def invariant_supported(model: nn.Module) -> tuple[bool, str]:
+    """Whether `model` can run batch invariant here; the reason when not."""
+    if not kernels.available():
+        return False, "tinylm's C++ kernels cannot be built here (no C++ compiler)"
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return False, f"the batch-invariant kernels run on CPU (the model is on {weight.device.type})"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return False, f"the batch-invariant kernels take float32 or bfloat16 (the model is {weight.dtype})"
+    return True, ""
+
+
+def use_batch_invariant(model: nn.Module) -> int:
+    """Make `model` batch invariant in place: float linear layers (nn.Linear and its subclasses GemvLinear) become
+    InvariantLinear (same parameters, tied ones stay tied), attention layers attend through the invariant kernel,
+    RMSNorm and SwiGLU's product run tinylm's row kernels (tinylm/kernels/invariant_rows.cpp), and rotary reads
+    cos / sin from a table computed once. Returns the number of linear layers swapped."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and _plain_float(module):
+            module.__class__ = InvariantLinear
+            count += 1
+        elif hasattr(type(module), "batch_invariant"):  # the modules with an invariant form say so
+            module.batch_invariant = True
+    model.rotary.use_table(model.lm_head.weight.dtype, model.lm_head.weight.device)
+    model.batch_invariant = True
+    return count
+
+
+@torch.compiler.disable
+def eager_island(function, *args):
+    """function(*args) run eagerly even inside a compiled decode step (torch.compile breaks the graph around it).
+    For the batch-invariant form of blocks whose compiled code would differ from their eager prefill: Inductor
+    writes its own softmax, sigmoid and exp (mixture-of-experts routing, Gated DeltaNet, attention's output gate)."""
+    return function(*args)
+
+
+def _plain_float(layer: nn.Linear) -> bool:
+    """An nn.Linear (or tinylm's GemvLinear) holding a float weight: quantized layers keep their own products."""
+    from tinylm.model.gemv import GemvLinear  # noqa: PLC0415
+
+    return type(layer) in (nn.Linear, GemvLinear, InvariantLinear) and layer.weight.dtype.is_floating_point
