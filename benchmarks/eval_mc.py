@@ -37,6 +37,7 @@ import tinylm
 from tinylm import hub
 from tinylm.bench.systems import load_transformers
 from tinylm.bench.timing import machine_line
+from tinylm.engine.engine import EngineConfig
 from tinylm.eval.loglikelihood import Scorer
 from tinylm.eval.metrics import doc_scores
 from tinylm.eval.prompts import requests_for
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=4, help="examples scored once, untimed, before timing")
     parser.add_argument("--no-lm-eval", action="store_true", help="skip lm-evaluation-harness")
+    parser.add_argument("--no-batch-invariant", action="store_true",
+                        help="tinylm's model without the batch-invariant kernels (aten's products, RMSNorm, SwiGLU)")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="both",
                         help="tinylm's scoring forward eager, through torch.compile, or both side by side")
     parser.add_argument("--data-dir", type=Path, default=None, help="real task files instead of synthetic examples")
@@ -195,14 +198,17 @@ def main() -> None:
         shapes = {name: SHAPES[name](args.examples) for name in args.shapes}
     print(f"machine: {machine_line()}")
     print(f"model: {source.name}; {args.examples} examples per shape, batch {args.batch_size}, {args.device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, tinylm batch invariant: {not args.no_batch_invariant}")
     print("| shape | dtype | system | examples/s | tinylm is (faster variant) | acc / acc_norm | max abs ll diff "
           "vs tinylm | same choice |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     notes = []
     for dtype in args.dtypes:
         args.dtype_now = dtype
-        llm = tinylm.load(source, dtype=dtype, device=args.device)
+        # tinylm.load's engine is batch invariant by default (tinylm/model/invariant.py: its own linear, RMSNorm
+        # and SwiGLU kernels, also under llm.forward and this scorer); --no-batch-invariant: the library products
+        llm = tinylm.LLM(source, dtype=dtype, device=args.device,
+                         engine_config=EngineConfig(batch_invariant=not args.no_batch_invariant))
         ours = {label: Scorer.from_llm(llm, compile=label.endswith("compiled"))
                 for label in {"no": ["tinylm"], "yes": ["tinylm compiled"],
                               "both": ["tinylm", "tinylm compiled"]}[args.compile]}
