@@ -23,10 +23,12 @@ LAYERS = {  # name -> builder(weight, bias, dtype, kernel_dtype)
 }
 
 
-def _as_kernel_sees(kind: str, x: torch.Tensor) -> torch.Tensor:
-    """Inputs as the layer's arithmetic sees them, float32: int4 layers quantize each row in blocks of 32 features
-    as llama.cpp's Q8_0 (tinylm/kernels/int4_gemm.cpp; the exact arithmetic: tests/kernels/test_int4_gemm.py)."""
-    if not kind.startswith("int4"):
+def _as_kernel_sees(kind: str, x: torch.Tensor, kernel: torch.dtype) -> torch.Tensor:
+    """Inputs as the layer's arithmetic sees them, float32: int4 layers on 16-bit kernel dtypes quantize each row
+    in blocks of 32 features as llama.cpp's Q8_0 (tinylm/kernels/int4_gemm.cpp; the exact arithmetic:
+    tests/kernels/test_int4_gemm.py); float32 kernels multiply the dequantized weight in float."""
+    x = x.to(kernel)
+    if not kind.startswith("int4") or kernel == F32:
         return x.float()
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
     dx = blocks.abs().amax(-1, keepdim=True) / 127.0
@@ -53,7 +55,7 @@ def test_layer_matches_dequantized_reference(kind, dtypes, shape):
     y = layer(x)
     assert y.dtype == dtype and y.shape == (*shape[:-1], 72)
     w = layer.dequantize()  # float32 (N, K) as the kernel sees it
-    expected = _as_kernel_sees(kind, x.to(kernel)) @ w.T + bias.to(dtype).float()
+    expected = _as_kernel_sees(kind, x, kernel) @ w.T + bias.to(dtype).float()
     _close(y, expected, kernel)
     # int8 activations (int4 layers) stay within 1.5% of the float product
     torch.testing.assert_close(y.float(), x.to(kernel).float() @ w.T + bias.to(dtype).float(), rtol=0,
@@ -88,22 +90,29 @@ def test_int4_blocks_as_stored_survive_fusing_and_splitting():
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_lookup_and_tied_head_share_one_table(kind):
+@pytest.mark.parametrize("kernel", [F32, BF16])
+def test_lookup_and_tied_head_share_one_table(kind, kernel):
+    if kernel == BF16 and not kind.startswith("int4"):
+        pytest.skip("the bf16-kernel case is int4's integer kernel; int8 layers are checked on float32 kernels")
     g = torch.Generator().manual_seed(2)
-    table = as_embedding(LAYERS[kind](torch.randn(96, 128, generator=g), None, F32, F32))
+    table = as_embedding(LAYERS[kind](torch.randn(96, 128, generator=g), None, F32, kernel))
     ids = torch.tensor([[0, 95, 17], [3, 3, 64]])
     torch.testing.assert_close(table(ids), table.dequantize()[ids])  # embedding rows, dequantized
     head = TiedHead(table)
     x = torch.randn(2, 3, 128, generator=g)
-    torch.testing.assert_close(head(x), _as_kernel_sees(kind, x) @ table.dequantize().T, rtol=2e-5, atol=2e-4)
+    expected = _as_kernel_sees(kind, x, kernel) @ table.dequantize().T
+    _close(head(x), expected, kernel)
     assert head.weight.dtype == F32 and head.weight.numel() == 0  # the stand-in engine code reads for dtype
     assert list(head.state_dict()) == []  # the table is stored once, by the embedding
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_row_chunks_split_and_fuse_give_the_same_outputs(kind):
+@pytest.mark.parametrize("kernel", [F32, BF16])
+def test_row_chunks_split_and_fuse_give_the_same_outputs(kind, kernel):
+    if kernel == BF16 and not kind.startswith("int4"):
+        pytest.skip("the bf16-kernel case is int4's integer kernel; int8 layers are checked on float32 kernels")
     g = torch.Generator().manual_seed(3)
-    layer = LAYERS[kind](torch.randn(192, 256, generator=g), torch.randn(192, generator=g), F32, F32)
+    layer = LAYERS[kind](torch.randn(192, 256, generator=g), torch.randn(192, generator=g), F32, kernel)
     x = torch.randn(3, 256, generator=g)
     whole = layer(x)
     layer.row_chunk = 64

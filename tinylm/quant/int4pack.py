@@ -1,34 +1,20 @@
-"""4-bit weights for PyTorch's CPU kernel `_weight_int4pack_mm_for_cpu`: quantize, pack, and read back.
+"""4-bit weights: quantize from float, the checkpoint's portable packing, and tinylm's kernel tiles.
 
-Convention (tinygemm's, kept by the CPU kernel): a weight is `(q - 8) * scale + zero`, q in [0, 15], one scale and
-one zero per group of `group_size` consecutive input features; `scales_and_zeros` is (K / group, N, 2).
-
-The kernel's packed layout depends on the CPU: `_convert_weight_to_int4pack_for_cpu` writes blocks of BLOCK_N
-output rows (64 on AVX512, 32 on AVX2) as {N / BLOCK_N, K, BLOCK_N / 2} bytes, each byte holding row d and row
-d + BLOCK_N / 2; a last partial block (and every block on other CPUs) pairs rows n, n + 1 instead
-(aten/src/ATen/native/cpu/int4mm_kernel.cpp, weight_to_int4pack_kernel). Checkpoints therefore store a portable
-layout (two consecutive input features per byte, low nibble first) and we repack at load. Reading rows back out of
-the kernel layout (embedding lookups, dequantize, export) uses the layout detected once by packing a probe.
+Convention of checkpoints (tinygemm's, as gpt-fast writes them): a weight is `(q - 8) * scale + zero`, q in
+[0, 15], one scale and one zero per group of `group_size` consecutive input features, stored two input features per
+byte, low nibble first (`pack_portable`). The layer itself keeps w = scale * q + min (min = zero - 8 * scale; GGUF
+Q4_1's own form, Q4_0's with min = -8 d) in the tiles tinylm::int4_gemm reads (tinylm/kernels/int4_gemm.cpp):
+`to_tiles` / `tile_scales`, the same layout on every CPU.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from tinylm.errors import ConfigError
 
-GROUP_SIZES = (32, 64, 128, 256)  # what the CPU kernel accepts
-ROW_MULTIPLE = 16  # the kernel needs N % 16 == 0; other N are padded with zero rows
+GROUP_SIZES = (32, 64, 128, 256)  # multiples of the kernel's activation blocks (32)
 _CHUNK_ROWS = 4096  # rows quantized / packed at a time: bounds temporaries for 150k-row embeddings
-
-
-@dataclass(frozen=True)
-class Layout:
-    block: int  # BLOCK_N of the kernel
-    blocked: bool  # full blocks pair row d with d + block/2 (AVX2/AVX512); else rows n, n+1
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,14 +35,6 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q, scales, zeros
 
 
-def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """q (N, K) in [0, 15], scales/zeros (N, G) -> (N, K) float32, computed as the kernel does: (q - 8) * s + z."""
-    rows, cols = q.shape
-    groups = scales.shape[1]
-    w = (q.float() - 8).reshape(rows, groups, cols // groups) * scales.float()[..., None] + zeros.float()[..., None]
-    return w.reshape(rows, cols)
-
-
 def pack_portable(q: torch.Tensor) -> torch.Tensor:
     """(N, K) values in [0, 15] -> (N, K/2) uint8: feature 2i in the low nibble, 2i+1 in the high one."""
     q = q.to(torch.uint8)
@@ -66,79 +44,6 @@ def pack_portable(q: torch.Tensor) -> torch.Tensor:
 def unpack_portable(packed: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 values in [0, 15]."""
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
-def to_kernel(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values in [0, 15], N % 16 == 0 -> the CPU kernel's packed (N, K/2) uint8, packed in row chunks.
-
-    Chunks start at multiples of 4096 rows (a multiple of every BLOCK_N), so they pack exactly as the whole would.
-    """
-    out = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8)
-    for start in range(0, q.shape[0], _CHUNK_ROWS):
-        chunk = q[start:start + _CHUNK_ROWS].to(torch.int32)
-        out[start:start + _CHUNK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(chunk, 1)
-    return out
-
-
-def gather_rows(packed: torch.Tensor, rows: torch.Tensor, cols: int, layout: Layout | None = None) -> torch.Tensor:
-    """Values (..., K) in [0, 15] of output rows `rows` (any shape, int64) of a kernel-packed (N, K/2) weight.
-
-    Pure index arithmetic on tensors (no data-dependent Python branches), so it traces under torch.compile.
-    """
-    layout = layout or kernel_layout()
-    total = packed.shape[0]
-    block_start = rows.div(layout.block, rounding_mode="floor") * layout.block
-    j = rows - block_start  # row inside its block
-    size = (total - block_start).clamp(max=layout.block)  # rows in the block (a last block may be partial)
-    full = size == layout.block if layout.blocked else torch.zeros_like(rows, dtype=torch.bool)
-    half = layout.block // 2
-    byte = torch.where(full, j % half, j // 2)
-    shift = torch.where(full, (j >= half).long() * 4, (j % 2) * 4)
-    k = torch.arange(cols, device=packed.device)
-    offset = (block_start * (cols // 2) + byte)[..., None] + k * (size // 2)[..., None]  # (..., K)
-    values = packed.reshape(-1)[offset].long()
-    return ((values >> shift[..., None]) & 15).to(torch.uint8)
-
-
-def from_kernel(packed: torch.Tensor, cols: int, layout: Layout | None = None) -> torch.Tensor:
-    """The whole kernel-packed (N, K/2) weight -> (N, K) uint8 values, by reshapes (uint8 temporaries only)."""
-    layout = layout or kernel_layout()
-    rows, block = packed.shape[0], layout.block
-    full = rows // block * block
-    out = torch.empty(rows, cols, dtype=torch.uint8)
-    for start in range(0, full, _CHUNK_ROWS):  # chunks of whole blocks: 4096 is a multiple of 32 and 64
-        stop = min(start + _CHUNK_ROWS, full)
-        blocks = packed[start:stop].reshape(-1, cols, block // 2)  # (blocks, K, B/2)
-        out[start:stop] = _nibbles(blocks, layout.blocked).transpose(1, 2).reshape(-1, cols)
-    if full < rows:  # a last partial block always pairs rows n, n+1
-        tail = packed[full:].reshape(cols, (rows - full) // 2)  # (K, nb/2)
-        out[full:] = _nibbles(tail, False).T
-    return out
-
-
-def _nibbles(data: torch.Tensor, blocked: bool) -> torch.Tensor:
-    """(..., B/2) bytes -> (..., B) values: [low nibbles, high nibbles] (blocked) or interleaved pairs."""
-    low, high = data & 15, data >> 4
-    if blocked:
-        return torch.cat([low, high], dim=-1)
-    return torch.stack([low, high], dim=-1).flatten(-2)
-
-
-@lru_cache(maxsize=1)
-def kernel_layout() -> Layout:
-    """The packed layout of this build and CPU, found once by packing a probe with full and partial blocks."""
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randint(0, 16, (2 * 64 + 16, 8), dtype=torch.int32, generator=generator)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-    for layout in (Layout(64, True), Layout(32, True), Layout(32, False), Layout(64, False)):
-        if torch.equal(gather_rows(packed, torch.arange(probe.shape[0]), 8, layout), probe.to(torch.uint8)):
-            return layout
-    raise ConfigError("int4 weights: this CPU's packed layout is not one tinylm can read back; use int8")
-
-
-def scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """scales, zeros (N, G) -> the kernel's (G, N, 2) in `dtype`."""
-    return torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
 def check_shape(name: str, rows: int, cols: int, group_size: int) -> None:

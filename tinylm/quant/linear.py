@@ -345,8 +345,10 @@ class Int4Linear(QuantLinearBase):
 
     Products run on tinylm::int4_gemm (tinylm/kernels/int4_gemm.cpp): each input row is quantized to int8 in
     blocks of 32 features (as llama.cpp's Q8_0) and multiplied in exact int32 sums, one fixed float sequence per
-    output element, so a row's result does not depend on the batch. Without the kernels (no C++ toolchain) the
-    weight is dequantized a bounded number of rows at a time and multiplied in `kernel_dtype`."""
+    output element, so a row's result does not depend on the batch. With `kernel_dtype` float32 (a policy's
+    `kernel_dtype=model` on a float32 model: float arithmetic asked for), or without the kernels (no C++
+    toolchain), the weight is dequantized a bounded number of rows at a time and multiplied in `kernel_dtype`:
+    the float product of the dequantized weight, to float rounding."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None = None, *, dtype: torch.dtype, kernel_dtype: torch.dtype | None = None,
@@ -365,7 +367,8 @@ class Int4Linear(QuantLinearBase):
             scales, mins = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, mins))
         self.register_buffer("qweight", int4pack.to_tiles(q))
         self.register_buffer("scales_mins", int4pack.tile_scales(scales.float(), mins.float()))
-        self.use_kernel = kernels.available()  # decided here, outside any traced code
+        # decided here, outside any traced code
+        self.use_kernel = self.kernel_dtype != torch.float32 and kernels.available()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int,
