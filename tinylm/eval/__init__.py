@@ -5,6 +5,7 @@
 
 Modules: tasks (the task definitions), loading (task files under --data-dir), prompts (few-shot contexts and
 requests), loglikelihood (lm-eval's request encoding and batching), shared_context (each example's context run once,
-logits only at the scored tokens), metrics, runner, cache (resume), perplexity,
+logits only at the scored tokens), shared_head (a few-shot block
+several examples start with run once for all of them), metrics, runner, cache (resume), perplexity,
 results (JSON, CSV, tables), checkpoints (training-token convention), plot, cli.
 """
