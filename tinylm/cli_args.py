@@ -27,6 +27,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="decode through torch.compile (the default where a C++ compiler is present, unless "
                              "TINYLM_COMPILE=0): the first start compiles for about a minute on 2 cores, later ones "
                              "load the graphs from tinylm's cache; --no-compile decodes eagerly")
+    parser.add_argument("--batch-invariant", default="on", choices=["on", "off"],
+                        help="on (default): a request's tokens and logprobs are the same bits whatever else shares "
+                             "its batch, however its prompt is chunked, and when scored later; off: the library "
+                             "products' last few percent of speed, results that depend on the batch")
     parser.add_argument("--draft-model", default=None, metavar="D",
                         help="speculative decoding: a smaller model with the same tokenizer (or this one, with "
                              "--draft-quantize) proposes tokens that the model checks several at a time")
@@ -95,4 +99,5 @@ def load_from_args(args) -> tinylm.LLM:
                        draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),
                        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                       batch_invariant=getattr(args, "batch_invariant", "on") == "on",
                        check_finite=not getattr(args, "no_check_finite", False))

@@ -128,6 +128,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel | None = None, tokenizer: str | os.PathLike | None = None,
                  *, dtype: str | torch.dtype = "auto", quantization: str | None = None, seed: int | None = None,
                  max_model_len: int | None = None, device: str = "auto", compile: bool | None = None,
+                 batch_invariant: bool | None = None,
                  skip_tokenizer_init: bool = False, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool | None = None,
                  block_size: int | None = None, kv_cache_dtype: str = "auto", kv_cache_memory_bytes: int | None = None,
@@ -150,7 +151,7 @@ class LLM:
             return
         # Everything checkable without weights is checked before any are read
         config = engine_config or _engine_config(
-            compile=compile, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            compile=compile, batch_invariant=batch_invariant, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_cache_bytes=kv_cache_memory_bytes)
         if seed is not None:
@@ -562,13 +563,16 @@ def _as_batch(value, device) -> torch.Tensor | None:
 
 
 def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
-         quantize: str | None = None, compile: bool | None = None, draft: str | os.PathLike | None = None,
+         quantize: str | None = None, compile: bool | None = None, batch_invariant: bool = True,
+         draft: str | os.PathLike | None = None,
          draft_quantize: str | None = None, num_speculative_tokens: int = 3, kv_cache_dtype: str = "auto",
          check_finite: bool = True) -> LLM:
     """Load a built-in model name, a Hugging Face folder, or a .gguf file; dtype "auto" as LLM's (the built-in
     model: bfloat16 where the CPU computes it natively, else float32); quantize: None | "int8" | "int4" | a
     policy name. compile: decode through torch.compile with fused projections (inference only, see
-    tinylm/engine/compiled.py); None: on unless TINYLM_COMPILE=0, where a C++ compiler is present. draft: a
+    tinylm/engine/compiled.py); None: on unless TINYLM_COMPILE=0, where a C++ compiler is present.
+    batch_invariant: a request's tokens and logprobs the same bits whatever shares its batch, and llm.forward the
+    bits the engine samples with (tinylm/model/invariant.py); False: the library products. draft: a
     smaller model with the same tokenizer (or this one with draft_quantize),
     or "[ngram]" (prompt lookup, tinylm/engine/ngram.py), that proposes num_speculative_tokens tokens per step
     for the loaded model to verify (speculative decoding: the same outputs, fewer target passes;
@@ -585,7 +589,8 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "aut
     loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
     draft_loaded = draft if draft in (None, NGRAM) else _load_draft(loaded, draft, dtype, device, draft_quantize,
                                                                     check_finite)
-    config = _engine_config(compile=compile, num_speculative_tokens=num_speculative_tokens,
+    config = _engine_config(compile=compile, batch_invariant=batch_invariant,
+                            num_speculative_tokens=num_speculative_tokens,
                             kv_cache_dtype=kv_cache_dtype)
     llm = LLM(loaded, engine_config=config, draft=draft_loaded)
     llm.model_name = hub.DEFAULT_MODEL if model is None else str(model)

@@ -40,11 +40,17 @@ from tinylm.model.moe import SparseMoE, plain_linear
 log = logging.getLogger(__name__)
 
 
-def can_compile(model) -> tuple[bool, str]:
+def can_compile(model, batch_invariant: bool = False) -> tuple[bool, str]:
     """Whether this model's decode step is compiled; the reason when it is not."""
     missing = compile_cache.missing_compiler()
     if missing:
         return False, missing
+    if batch_invariant and any(isinstance(m, (SparseMoE, GatedDeltaNet)) or getattr(m, "output_gate", False)
+                               for m in model.modules()):
+        # Inductor writes its own softmax / sigmoid / exp: compiled, these blocks would give other bits than the
+        # eager prefill (graph breaks around them, run eagerly, did not resume under the guard filter: not done)
+        return False, ("batch-invariant inference decodes mixture-of-experts and Gated DeltaNet models eagerly "
+                       "(--batch-invariant off compiles them)")
     for module in model.modules():
         if isinstance(module, SparseMoE) and not all(
                 plain_linear(layer) for expert in module.experts for layer in expert.children()):
@@ -110,15 +116,17 @@ class CompiledDecode:
             return None
 
     def _first_call(self, batched: bool, inputs: tuple) -> torch.Tensor:
-        """Compile a graph (or load it from the on-disk cache) and run it. A cache entry that fails to load (a
-        truncated .so, a corrupt pickle) fails the compile: the cache is emptied and the graph built once more."""
+        """Compile a graph (or load it from the on-disk cache) and run it. When a graph that compiled here before
+        (same torch, CPU and kernels: the cache folder's key) fails, its cache entry is damaged (a truncated .so,
+        a corrupt pickle or header: the failure shows as a load error or as a C++ compile error): the cache is
+        emptied and the graph built once more. A graph that never compiled here fails once, without a retry."""
         graph = self._graph_name(batched)
         with compile_cache.progress(graph, f"tinylm: compiling the {'batched' if batched else 'batch-1'} "
                                            "decode step (cached on disk for the next start)"):
             try:
                 logits = self._compile_and_run(inputs)
             except Exception as exc:  # noqa: BLE001 - retried once from an empty cache, then run eagerly
-                if not compile_cache.damaged(exc) or not compile_cache.discard_cache():
+                if not compile_cache.compiled_before(graph) or not compile_cache.discard_cache():
                     raise
                 log.warning("compiled decode failed to load from the cache (%s); rebuilding it", exc)
                 self.rebuilt += 1

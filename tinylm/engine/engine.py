@@ -92,7 +92,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not self.hybrid)
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.hybrid)
-        compile_decode, why_not = can_compile(model) if config.compile else (False, "")
+        compile_decode, why_not = can_compile(model, config.batch_invariant) if config.compile else (False, "")
         if why_not:
             warnings.warn(f"not compiling: {why_not}", RuntimeWarning, stacklevel=2)
         if compile_decode:

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import ModelConfig
-from tinylm.model.invariant import eager_island
 from tinylm.model.layers import RMSNorm
 from tinylm.model.rotary import apply_rotary
 
@@ -63,8 +62,7 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, mask, cache)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         if gate is not None:
-            out = _gated(out, gate) if not (self.batch_invariant and torch.compiler.is_compiling()) else \
-                eager_island(_gated, out, gate)  # Inductor's sigmoid is not eager's
+            out = out * torch.sigmoid(gate)
         return self.o_proj(out)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -97,10 +95,6 @@ class Attention(nn.Module):
         return q, gate.reshape(batch, seq, self.num_heads * self.head_dim)
 
 
-def _gated(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    return out * torch.sigmoid(gate)
-
-
 def invariant_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """q (B, H, T, D) at the last T of S positions, k/v (B, H_kv, S, D), mask (B, 1, T, S) bool or None (causal)
     -> (B, H, T, D) through tinylm::invariant_attention, the operations the engine's paged prefill and decode use:
@@ -131,7 +125,9 @@ def _key_ranges(mask: torch.Tensor | None, batch: int, steps: int, context: int,
     allowed = mask.expand(batch, 1, steps, context)[:, 0]  # (B, T, S)
     starts = allowed.int().argmax(dim=-1)  # first allowed key (every query sees at least itself)
     ends = context - allowed.flip(-1).int().argmax(dim=-1)
-    if not bool((allowed.sum(dim=-1) == ends - starts).all()):
+    # Inside torch.compile the check would break the graph (a host sync); masks tinylm builds (causal over left or
+    # right padding, packed segments) are always ranges, which this check confirms eagerly
+    if not torch.compiler.is_compiling() and not bool((allowed.sum(dim=-1) == ends - starts).all()):
         return None, None
     return starts, ends
 

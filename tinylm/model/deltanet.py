@@ -19,13 +19,12 @@ from torch import nn
 
 from tinylm.config import ModelConfig
 from tinylm.model.delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from tinylm.model.invariant import eager_island
 from tinylm.model.layers import GatedRMSNorm
 
 
 class GatedDeltaNet(nn.Module):
     # use_batch_invariant: prompts run the recurrent form token by token, as decode steps do (the chunked form sums
-    # in another order), and a compiled decode step runs the layer eagerly (Inductor's exp / softplus differ)
+    # in another order), and the conv tap by tap (engine/compiled.py then leaves the model's decode eager)
     batch_invariant = False
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -54,11 +53,6 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """x (B, T, C); pad_mask (B, T), 0 at padding, or None; cache with linear_state / set_linear_state."""
-        if self.batch_invariant and torch.compiler.is_compiling():
-            return eager_island(self._forward, x, pad_mask, cache)
-        return self._forward(x, pad_mask, cache)
-
-    def _forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache) -> torch.Tensor:
         batch, seq, _ = x.shape
         order = None
         if pad_mask is not None:

@@ -59,14 +59,6 @@ def use_batch_invariant(model: nn.Module) -> int:
     return count
 
 
-@torch.compiler.disable
-def eager_island(function, *args):
-    """function(*args) run eagerly even inside a compiled decode step (torch.compile breaks the graph around it).
-    For the batch-invariant form of blocks whose compiled code would differ from their eager prefill: Inductor
-    writes its own softmax, sigmoid and exp (mixture-of-experts routing, Gated DeltaNet, attention's output gate)."""
-    return function(*args)
-
-
 def _plain_float(layer: nn.Linear) -> bool:
     """An nn.Linear (or tinylm's GemvLinear) holding a float weight: quantized layers keep their own products."""
     from tinylm.model.gemv import GemvLinear  # noqa: PLC0415

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import ModelConfig
-from tinylm.model.invariant import eager_island
 from tinylm.model.layers import MLP
 
 
@@ -33,8 +32,6 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
 
 
 class SparseMoE(nn.Module):
-    batch_invariant = False  # use_batch_invariant: the eager form everywhere, compiled steps included
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -53,18 +50,12 @@ class SparseMoE(nn.Module):
         self.register_buffer("down_stack", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C): each token is the weighted sum of its top-k experts' outputs."""
-        if self.batch_invariant and torch.compiler.is_compiling():
-            # Batch invariant: a compiled decode step runs the block eagerly, as a prefill does (a graph break):
-            # Inductor's softmax and fused picks would give a decoded token other bits than the same token scored
-            return eager_island(self._forward, x)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C): each token is the weighted sum of its top-k experts' outputs. Eagerly a
+        token's sum runs over its experts in index order whatever other tokens chose: batch invariant."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, C)
         weights, experts = route(self.gate(tokens), self.top_k, self.normalize)
-        if self.gate_up_stack is not None and torch.compiler.is_compiling() and not self.batch_invariant:
+        if self.gate_up_stack is not None and torch.compiler.is_compiling():
             out = self._picked_experts(tokens, weights, experts)
         else:
             out = self._grouped_experts(tokens, weights, experts)

@@ -76,7 +76,8 @@ def server_config(args):
                           enable_prefix_caching=not args.no_prefix_caching, max_queue=args.max_queue,
                           compile=_compile(args),
                           num_speculative_tokens=args.num_speculative_tokens,
-                          kv_cache_dtype=args.kv_cache_dtype)
+                          kv_cache_dtype=args.kv_cache_dtype,
+                          batch_invariant=getattr(args, "batch_invariant", "on") == "on")
     name = args.served_model_name or args.model or "smollm2-135m-instruct"
     return ServerConfig(model_name=name, max_body_bytes=args.max_body_bytes, engine=engine, api_key=args.api_key,
                         body_timeout=args.body_timeout, request_timeout=args.request_timeout,
