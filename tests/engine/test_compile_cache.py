@@ -54,7 +54,7 @@ def _process(model_dir: Path, cache: Path, mode: str = "plain") -> dict:
                           text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["compiled"], done.stderr[-3000:]  # the default decoded through the graph, not eagerly
+    assert report["compiled"], done.stderr[-6000:]  # the default decoded through the graph, not eagerly
     assert report["tokens"] == report["eager"] and len(report["tokens"]) == 8
     return report
 
@@ -84,7 +84,7 @@ def test_corrupt_cache_entry_is_rebuilt(model_dir, warm_cache, tmp_path):
     for path in shared_objects:  # a disk that filled up mid-write, a crash: files that no longer load
         path.write_bytes(b"not a shared object")
     report = _process(model_dir, cache)  # still compiled, still the eager tokens (checked in _process)
-    assert report["rebuilt"] == 1 or report["misses"] >= 1  # detected, and compiled again
+    assert report["rebuilt"] == 1 and report["misses"] >= 1  # detected: the cache emptied and the graph compiled
     again = _process(model_dir, cache)
     assert again["misses"] == 0 and again["rebuilt"] == 0  # the rebuilt entry is sound
 

@@ -14,9 +14,9 @@ architecture, dtype and quantization policy (Inductor's key is the graph: shapes
 
 Inductor's cache goes in tinylm's cache folder (hub.cache_dir(), beside the built-in model), one sub-folder per
 torch version, CPU capability and tinylm kernel sources; TORCHINDUCTOR_CACHE_DIR, when the user sets it, wins.
-A cache entry that no longer loads (a truncated .so, a corrupt pickle) makes the first compile fail: the folder is
-then emptied and the graph compiled once more from scratch (compiled.py, CompiledDecode.__call__); entries of
-another torch, CPU or kernel version are never looked up (their key differs).
+A graph that compiled in this folder before and now fails has a damaged entry (a truncated .so, a corrupt pickle or
+header): the folder is then emptied and the graph compiled once more from scratch (compiled.py, _first_call).
+Entries of another torch, CPU or kernel version are never looked up (their key differs).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import shutil
 import threading
 import time
@@ -86,16 +85,12 @@ def discard_cache() -> bool:
     return True
 
 
-def damaged(exc: BaseException) -> bool:
-    """Whether a failed compile failed on reading the cache (a file that does not load or unpickle), not on
-    compiling: only then is emptying the cache and compiling again worth its time."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (OSError, ImportError, EOFError, pickle.UnpicklingError)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def compiled_before(graph: str) -> bool:
+    """Whether `graph` compiled in this cache folder before (record() noted how long it took)."""
+    try:
+        return graph in json.loads(_timings_path().read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def estimate(graph: str) -> float:
