@@ -102,6 +102,10 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t dim) {
   }
 }
 
+// Rows per thread: waking the OpenMP team costs more than a few rows' work (16 rows of 1536: 0.2 ms in threads
+// against 0.02 ms on one), so a thread gets at least ATen's grain of 32768 elements, as its element-wise ops do
+int64_t grain(int64_t dim) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)); }
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be (rows, dim) with contiguous rows");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
@@ -115,7 +119,7 @@ at::Tensor rms_norm_as(const at::Tensor& x, const at::Tensor& weight, float eps,
   const T* in = x.data_ptr<T>();
   const T* w = weight.data_ptr<T>();
   T* o = out.data_ptr<T>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(dim), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) rms_norm_row<T>(in + r * stride, w, o + r * dim, dim, eps, zero_centered);
   });
   return out;
@@ -128,7 +132,7 @@ at::Tensor silu_mul_as(const at::Tensor& gate, const at::Tensor& up) {
   const T* g = gate.data_ptr<T>();
   const T* u = up.data_ptr<T>();
   T* o = out.data_ptr<T>();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(dim), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) silu_mul_row<T>(g + r * g_stride, u + r * u_stride, o + r * dim, dim);
   });
   return out;
