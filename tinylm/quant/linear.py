@@ -377,9 +377,9 @@ class Int4Linear(QuantLinearBase):
         return cls(q, scales, zeros, bias, dtype=dtype, kernel_dtype=kernel_dtype)
 
     def _mm(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
-        """flat (M, K) -> (M, rows) float32 (the kernel) or kernel_dtype (the fallback)."""
+        """flat (M, K) -> (M, rows) float32 (the kernel, CPU) or kernel_dtype (the fallback)."""
         start, stop = rows.start, rows.stop
-        if not self.use_kernel or start % int4pack.TILE:
+        if not self.use_kernel or start % int4pack.TILE or flat.device.type != "cpu":
             return self._mm_dequantized(flat, rows)
         tiles = slice(start // int4pack.TILE, -(-stop // int4pack.TILE))  # a last partial tile: cut below
         y = torch.ops.tinylm.int4_gemm(flat.float(), self.qweight[tiles.start * int4pack.TILE:
@@ -390,7 +390,7 @@ class Int4Linear(QuantLinearBase):
     def _mm_dequantized(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
         chunks = []  # a bounded number of rows dequantized at a time
         for start in range(rows.start, rows.stop, _DEQUANT_ROWS):
-            part = torch.arange(start, min(start + _DEQUANT_ROWS, rows.stop))
+            part = torch.arange(start, min(start + _DEQUANT_ROWS, rows.stop), device=flat.device)
             chunks.append(F.linear(flat, self._rows(part).to(flat.dtype)))
         return torch.cat(chunks, dim=-1)
 
@@ -406,7 +406,7 @@ class Int4Linear(QuantLinearBase):
         return self._rows(ids).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return self._rows(torch.arange(self.out_features))
+        return self._rows(torch.arange(self.out_features, device=self.qweight.device))
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q (N, K) uint8 in [0, 15], scales (N, G), mins (N, G)) float32, without the padding rows."""
