@@ -32,13 +32,13 @@ class InvariantLinear(nn.Linear):
 
 def invariant_supported(model: nn.Module) -> tuple[bool, str]:
     """Whether `model` can run batch invariant here; the reason when not."""
-    if not kernels.available():
-        return False, "tinylm's C++ kernels cannot be built here (no C++ compiler)"
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         return False, f"the batch-invariant kernels run on CPU (the model is on {weight.device.type})"
     if weight.dtype not in (torch.float32, torch.bfloat16):
         return False, f"the batch-invariant kernels take float32 or bfloat16 (the model is {weight.dtype})"
+    if not kernels.available():  # checked last: the first call builds the kernels
+        return False, "tinylm's C++ kernels cannot be built here (no C++ compiler)"
     return True, ""
 
 
