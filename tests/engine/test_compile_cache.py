@@ -96,18 +96,20 @@ def test_entry_of_other_kernel_sources_is_not_reused(model_dir, warm_cache, tmp_
     assert report["hits"] == 0 and report["misses"] >= 1
 
 
-def test_no_compiler_warns_once_and_decodes_eagerly(model_dir, monkeypatch):
-    # Inductor's compiler ($CXX when torch was imported); tinylm's own kernels are built already, or use PyTorch's ops
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
-    llm = tinylm.load(model_dir, compile=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
-    assert engine.runner.compiled is None
-    assert [str(w.message) for w in caught if "compil" in str(w.message)] == [
-        "not compiling: no C++ compiler ('/nonexistent/g++' not found; install g++ or set CXX)"]
-    params = tinylm.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    assert len(llm.generate(["Hi"], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+def test_no_compiler_warns_once_and_decodes_eagerly(model_dir):
+    # Inductor's compiler ($CXX when torch was imported; config.patch restores it, monkeypatch.setattr deleted it);
+    # tinylm's own kernels are built already, or use PyTorch's ops
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        llm = tinylm.load(model_dir, compile=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
+        assert engine.runner.compiled is None
+        assert [str(w.message) for w in caught if "compil" in str(w.message)] == [
+            "not compiling: no C++ compiler ('/nonexistent/g++' not found; install g++ or set CXX)"]
+        params = tinylm.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        assert len(llm.generate(["Hi"], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    assert torch._inductor.config.cpp.cxx[1] != "/nonexistent/g++"  # restored for the tests that follow
 
 
 def test_switch_turns_the_default_off(monkeypatch):
