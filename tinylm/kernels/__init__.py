@@ -150,8 +150,9 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("tinylm::invariant_linear")
-    def _(x, weight, bias=None):
-        return x.new_empty((x.shape[0], weight.shape[0]))  # (M, N) in x's dtype
+    def _(x, weight, bias=None, float_out=False):
+        dtype = torch.float32 if float_out else x.dtype
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)  # (M, N) in x's dtype or float32
 
     @torch.library.register_fake("tinylm::invariant_rms_norm")
     def _(x, weight, eps, zero_centered):

@@ -24,14 +24,16 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _WARNED: set[str] = set()
 
 
-def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K), weight (N, K), bias (N,) or None -> (..., N) in x's dtype, each row independent of the others."""
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     float_out: bool = False) -> torch.Tensor:
+    """x (..., K), weight (N, K), bias (N,) or None -> (..., N) in x's dtype (float32 with float_out), each row
+    independent of the others."""
     reason = _fallback_reason(x, weight)
     if reason is not None:
         _warn_once(reason)
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])  # (M, K): a view when the leading dims merge; the op copies strided rows
-    out = torch.ops.tinylm.invariant_linear(rows, weight, bias)  # (M, N)
+    out = torch.ops.tinylm.invariant_linear(rows, weight, bias, float_out)  # (M, N)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -64,7 +66,7 @@ def register_autograd() -> None:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
+    x, weight, bias, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -72,10 +74,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors  # (M, K), (N, K); grad (M, N)
+    grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    grad = grad.to(x.dtype)  # float_out's float32 gradient, back in the inputs' dtype
     grad_x = grad @ weight if ctx.needs_input_grad[0] else None
     grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
-    grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return grad_x, grad_weight, grad_bias
+    return grad_x, grad_weight, grad_bias, None
 
 
 def _fallback_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:

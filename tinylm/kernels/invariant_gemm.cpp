@@ -217,8 +217,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
 #ifdef TINYLM_INV_AMX
 // out rows [i0, i0 + rows) x columns [n0, n0 + cols) from C (16 weight rows x 16 x rows, float32): a column of C
 // is an output row; bias added once, rounded as c10 does (to_bf16_bits)
+template <typename Out>
 void store_amx_tile(const float* c, const float* bias, int64_t i0, int64_t rows, int64_t n0, int64_t cols,
-                    c10::BFloat16* out, int64_t n) {
+                    Out* out, int64_t n) {
   const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
   const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + n0);
   __m512 r[16];
@@ -226,12 +227,17 @@ void store_amx_tile(const float* c, const float* bias, int64_t i0, int64_t rows,
   transpose16(r);
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 v = bias == nullptr ? r[i] : _mm512_add_ps(r[i], b);
-    _mm256_mask_storeu_epi16(out + (i0 + i) * n + n0, mask, to_bf16_bits(v));
+    if constexpr (std::is_same_v<Out, float>) {
+      _mm512_mask_storeu_ps(out + (i0 + i) * n + n0, mask, v);  // float32 logits: the sums as they are
+    } else {
+      _mm256_mask_storeu_epi16(out + (i0 + i) * n + n0, mask, to_bf16_bits(v));
+    }
   }
 }
 
 // One pair of weight tiles (rows n0 .. n0 + 31) against x tiles [xt_begin, xt_end), two at a time
-void amx_pair(const Problem<BF16Dot, c10::BFloat16>& p, const uint32_t* packed, int64_t chunks, int64_t n0,
+template <typename Out>
+void amx_pair(const Problem<BF16Dot, Out>& p, const uint32_t* packed, int64_t chunks, int64_t n0,
               int64_t xt_begin, int64_t xt_end, std::vector<uint16_t>* copies) {
   using namespace tinylm_amx;
   WeightTile a[2];
@@ -257,7 +263,8 @@ void amx_pair(const Problem<BF16Dot, c10::BFloat16>& p, const uint32_t* packed, 
   }
 }
 
-void run_amx(const Problem<BF16Dot, c10::BFloat16>& p) {
+template <typename Out>
+void run_amx(const Problem<BF16Dot, Out>& p) {
   using namespace tinylm_amx;
   const int64_t chunks = (p.k + kK - 1) / kK, x_tiles = (p.m + kT - 1) / kT, pairs = (p.n + 2 * kT - 1) / (2 * kT);
   at::Tensor packed_tensor = at::empty({x_tiles * chunks * 256}, at::TensorOptions().dtype(at::kInt));
@@ -300,18 +307,18 @@ std::vector<std::string> invariant_linear_paths() {
   return paths;
 }
 
-template <class Ops, typename Elem>
+template <class Ops, typename Elem, typename Out = Elem>
 at::Tensor linear_on(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      bool amx) {
   check_inputs(x, weight, bias);
   // strided inputs are copied: the kernel reads rows of K contiguous elements (same values, same results)
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options().dtype(c10::CppTypeToScalarType<Out>::value));
   if (out.numel() == 0) return out;
-  Problem<Ops, Elem> p{reinterpret_cast<const typename Ops::T*>(xc.data_ptr<Elem>()),
-                       reinterpret_cast<const typename Ops::T*>(wc.data_ptr<Elem>()),
-                       bc.defined() ? bc.data_ptr<float>() : nullptr, out.data_ptr<Elem>(),
+  Problem<Ops, Out> p{reinterpret_cast<const typename Ops::T*>(xc.data_ptr<Elem>()),
+                      reinterpret_cast<const typename Ops::T*>(wc.data_ptr<Elem>()),
+                      bc.defined() ? bc.data_ptr<float>() : nullptr, out.data_ptr<Out>(),
                        x.size(0), x.size(1), weight.size(0)};
 #ifdef TINYLM_INV_AMX
   if constexpr (std::is_same_v<Ops, BF16Dot>) {
@@ -326,35 +333,46 @@ at::Tensor linear_on(const at::Tensor& x, const at::Tensor& weight, const std::o
 }
 
 at::Tensor invariant_linear_on(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               c10::string_view path) {
+                               c10::string_view path, bool float_out = false) {
   const std::vector<std::string> paths = invariant_linear_paths();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const std::string chosen = path != "auto" ? std::string(path) : (bf16 || paths[0] != "amx") ? paths[0] : paths[1];
   TORCH_CHECK(std::find(paths.begin(), paths.end(), chosen) != paths.end() && (bf16 || chosen != "amx"),
               "tinylm::invariant_linear: no path '", chosen, "' here for ", x.scalar_type());
   if (chosen == "portable") {
+    if (bf16 && float_out) return linear_on<Portable<c10::BFloat16>, c10::BFloat16, float>(x, weight, bias, false);
     if (bf16) return linear_on<Portable<c10::BFloat16>, c10::BFloat16>(x, weight, bias, false);
     return linear_on<Portable<float>, float>(x, weight, bias, false);
   }
 #ifdef TINYLM_INV_AVX512
   if (!bf16) return linear_on<F32Fma, float>(x, weight, bias, false);
 #if defined(__AVX512BF16__)
+  if (float_out) return linear_on<BF16Dot, c10::BFloat16, float>(x, weight, bias, chosen == "amx");
   return linear_on<BF16Dot, c10::BFloat16>(x, weight, bias, chosen == "amx");
 #else
+  if (float_out) return linear_on<BF16Fma, c10::BFloat16, float>(x, weight, bias, false);
   return linear_on<BF16Fma, c10::BFloat16>(x, weight, bias, false);
 #endif
 #endif
   TORCH_CHECK(false, "unreachable");
 }
 
-at::Tensor invariant_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return invariant_linear_on(x, weight, bias, "auto");
+// float_out: float32 results for bfloat16 inputs (the sums unrounded: an output head's logits, where bfloat16's
+// 8-bit mantissa turns near ties into flips)
+at::Tensor invariant_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            bool float_out) {
+  return invariant_linear_on(x, weight, bias, "auto", float_out);
+}
+
+at::Tensor invariant_linear_path(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 c10::string_view path) {
+  return invariant_linear_on(x, weight, bias, path, false);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tinylm, m) {
-  m.def("invariant_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("invariant_linear(Tensor x, Tensor weight, Tensor? bias=None, bool float_out=False) -> Tensor");
   // the same product on a named path ("auto", "amx", "avx512", "portable"): for tests of each path's invariance
   m.def("invariant_linear_on(Tensor x, Tensor weight, Tensor? bias, str path) -> Tensor");
   m.def("invariant_linear_paths() -> str[]");
@@ -362,7 +380,7 @@ TORCH_LIBRARY_FRAGMENT(tinylm, m) {
 
 TORCH_LIBRARY_IMPL(tinylm, CPU, m) {
   m.impl("invariant_linear", &invariant_linear);
-  m.impl("invariant_linear_on", &invariant_linear_on);
+  m.impl("invariant_linear_on", &invariant_linear_path);
 }
 
 TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("invariant_linear_paths", &invariant_linear_paths); }

@@ -24,10 +24,15 @@ from tinylm.kernels.invariant import invariant_linear
 
 
 class InvariantLinear(nn.Linear):
-    """nn.Linear whose every output row is the same bits whatever other rows share the call."""
+    """nn.Linear whose every output row is the same bits whatever other rows share the call. float_out (the output
+    head): float32 results from bfloat16 inputs, the kernel's sums unrounded. bfloat16 logits keep 8 bits of
+    mantissa (steps of 0.125 near 20): the built-in model's first answer token to "What is the capital of France?"
+    and a runner-up were one such step apart, and either rounding could flip them."""
+
+    float_out = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return invariant_linear(x, self.weight, self.bias)
+        return invariant_linear(x, self.weight, self.bias, self.float_out)
 
 
 def invariant_supported(model: nn.Module) -> tuple[bool, str]:
@@ -54,6 +59,8 @@ def use_batch_invariant(model: nn.Module) -> int:
             count += 1
         elif hasattr(type(module), "batch_invariant"):  # the modules with an invariant form say so
             module.batch_invariant = True
+    if isinstance(model.lm_head, InvariantLinear):
+        model.lm_head.float_out = True
     model.rotary.use_table(model.lm_head.weight.dtype, model.lm_head.weight.device)
     model.batch_invariant = True
     return count
