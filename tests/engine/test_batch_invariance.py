@@ -2,8 +2,8 @@
 logprob are the same bits alone, beside 15 others, arriving staggered, with its prompt cut into small prefill
 chunks, after a prefix-cache hit, with a draft proposing tokens, and scored afterwards as a prompt (echo /
 prompt_logprobs) or by `llm.forward`. Compared with `==`, never a tolerance: the built-in model (SmolLM2-135M) in
-bfloat16 and float32, eager and compiled, and w8a8; a tiny Qwen3-Next hybrid (Gated DeltaNet + MoE) and a tiny
-Qwen3-MoE."""
+bfloat16 and float32, w8a8 and int4; compiled decode on a tiny Llama (float and w8a8: compiling the built-in model's
+30 layers costs minutes on 2 cores); a tiny Qwen3-Next hybrid (Gated DeltaNet + MoE) and a tiny Qwen3-MoE."""
 
 from __future__ import annotations
 
@@ -191,8 +191,11 @@ def test_compiled_decode_equals_eager_prefill(load_tiny, arch, quantize):
         assert _forward_logprobs(llm, prompts, alone) == _decoded_logprobs(alone)
 
 
-def test_builtin_w8a8_alone_equals_together():
-    llm = tinylm.load(hub.resolve(hub.DEFAULT_MODEL), dtype="bfloat16", quantize="w8a8")
+@pytest.mark.parametrize("quantize", ["w8a8", "int4"])
+def test_builtin_quantized_alone_equals_together(quantize):
+    """w8a8 (int8 activations per token, exact int32 sums) and int4 (tinylm's int4 x int8 kernel for every row
+    count): integer products whose float steps run in one order per row."""
+    llm = tinylm.load(hub.resolve(hub.DEFAULT_MODEL), dtype="bfloat16", quantize=quantize)
     prompts = _chat_prompts(llm, 8)
     alone = _alone(llm.engine, prompts)
     assert _together(llm.engine, prompts) == alone

@@ -34,7 +34,7 @@ def test_compiled_int8_row_matches_kernel():
 
 
 def test_use_gemv_keeps_tied_head(load_tiny):
-    llm = load_tiny("qwen3", seed=0)
+    llm = load_tiny("qwen3", seed=0, batch_invariant=False)  # the library products use_gemv swaps
     assert llm.config.tie_word_embeddings
     ids = torch.tensor([llm.encode("Once upon a time")])
     before = llm.forward(ids).logits

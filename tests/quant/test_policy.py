@@ -71,7 +71,7 @@ def test_cli_quantize_writes_a_checkpoint_and_checks_it(tiny, tmp_path, capsys):
     code = main(["quantize", str(tiny), str(out), "--policy", "qkv-fp16", "--group-size", "32", "--dtype",
                  "float32", "--check"])
     printed = capsys.readouterr().out
-    assert f"wrote {out} (policy qkv-fp16:group_size=32" in printed
+    assert f"wrote {out} (tinylm, policy qkv-fp16:group_size=32" in printed
     report = evaluate(tinylm.load(tiny), tinylm.load(out), "qkv-fp16:group_size=32")
     assert report.line() in printed and code == (0 if report.passed else 1)
     assert tinylm.load(out).config.model_type == "qwen2"

@@ -31,7 +31,7 @@ def tiny(request, tmp_path_factory):
 
 def test_blocks_dequantize_exactly_as_gguf_does(tiny):
     qtype, path, reference = tiny
-    model = tinylm.load(path, quantize=EXACT[qtype]).model
+    model = tinylm.load(path, dtype="float32", quantize=EXACT[qtype]).model
     layer_type = Int8Linear if qtype == Q.Q8_0 else Int4Linear
     for name in LINEARS:
         layer = model.get_submodule(f"model.layers.0.{name}")
@@ -45,10 +45,10 @@ def test_quantized_model_matches_the_float_model(tiny):
     """Same weights, float32 both: logits equal to float rounding; the bf16-kernel default stays close."""
     qtype, path, _ = tiny
     ids = torch.tensor([[1, 7, 42, 99, 3, 250]])
-    expected = tinylm.load(path).forward(ids).logits
-    exact = tinylm.load(path, quantize=EXACT[qtype]).forward(ids).logits
+    expected = tinylm.load(path, dtype="float32").forward(ids).logits
+    exact = tinylm.load(path, dtype="float32", quantize=EXACT[qtype]).forward(ids).logits
     torch.testing.assert_close(exact, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-    default = tinylm.load(path, quantize="int8" if qtype == Q.Q8_0 else "int4").forward(ids).logits
+    default = tinylm.load(path, dtype="float32", quantize="int8" if qtype == Q.Q8_0 else "int4").forward(ids).logits
     if qtype != Q.Q8_0:
         # int4 multiplies int8-quantized activations (Q4 x Q8_0, tinylm/kernels/int4_gemm.cpp): ~0.7% per product
         # here, which this random one-layer model's near-hard attention (hidden values to 3e4) turns into large
@@ -64,7 +64,7 @@ def test_q8_0_to_int8_per_channel_is_within_half_a_step(tiny):
     qtype, path, reference = tiny
     if qtype != Q.Q8_0:
         pytest.skip("Q8_0 only")
-    layer = tinylm.load(path, quantize="int8:kernel_dtype=model").model.model.layers[0].mlp.up_proj
+    layer = tinylm.load(path, dtype="float32", quantize="int8:kernel_dtype=model").model.model.layers[0].mlp.up_proj
     exact = reference["model.layers.0.mlp.up_proj.weight"]
     step = exact.abs().amax(dim=1, keepdim=True) / 127
     assert layer.group_size is None
