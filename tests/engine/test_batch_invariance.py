@@ -2,8 +2,8 @@
 logprob are the same bits alone, beside 15 others, arriving staggered, with its prompt cut into small prefill
 chunks, after a prefix-cache hit, with a draft proposing tokens, and scored afterwards as a prompt (echo /
 prompt_logprobs) or by `llm.forward`. Compared with `==`, never a tolerance: the built-in model (SmolLM2-135M) in
-bfloat16 and float32, w8a8 and int4; compiled decode on a tiny Llama (float and w8a8: compiling the built-in model's
-30 layers costs minutes on 2 cores); a tiny Qwen3-Next hybrid (Gated DeltaNet + MoE) and a tiny Qwen3-MoE."""
+bfloat16 and float32, int8, w8a8 and int4; compiled decode on a tiny Llama (float, int8, w8a8, int4: compiling the
+built-in model's 30 layers costs minutes on 2 cores); a tiny Qwen3-Next hybrid (Gated DeltaNet + MoE) and a tiny Qwen3-MoE."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def test_hybrid_and_moe_every_schedule_gives_the_same_bits(load_tiny, arch):
     assert _scored(llm, prompts[:6], alone[:6]) == _decoded_logprobs(alone[:6])
 
 
-@pytest.mark.parametrize("arch,quantize", [("llama", None), ("llama", "w8a8")])
+@pytest.mark.parametrize("arch,quantize", [("llama", None), ("llama", "w8a8"), ("llama", "int8"), ("llama", "int4")])
 def test_compiled_decode_equals_eager_prefill(load_tiny, arch, quantize):
     """The compiled step (batch-1 graph alone, batched graph together) gives the bits an eager prefill scores and
     llm.forward computes."""
@@ -191,10 +191,10 @@ def test_compiled_decode_equals_eager_prefill(load_tiny, arch, quantize):
         assert _forward_logprobs(llm, prompts, alone) == _decoded_logprobs(alone)
 
 
-@pytest.mark.parametrize("quantize", ["w8a8", "int4"])
+@pytest.mark.parametrize("quantize", ["int8", "w8a8", "int4"])
 def test_builtin_quantized_alone_equals_together(quantize):
-    """w8a8 (int8 activations per token, exact int32 sums) and int4 (tinylm's int4 x int8 kernel for every row
-    count): integer products whose float steps run in one order per row."""
+    """int8 weight-only, w8a8 (int8 activations per token, exact int32 sums) and int4 (tinylm's int4 x int8
+    kernel for every row count): products whose float steps run in one order per row."""
     llm = tinylm.load(hub.resolve(hub.DEFAULT_MODEL), dtype="bfloat16", quantize=quantize)
     prompts = _chat_prompts(llm, 8)
     alone = _alone(llm.engine, prompts)
