@@ -177,7 +177,7 @@ class LLMEngine:
         """Serve the PEFT adapter at `path` as `name` (its id for add_request). The engine must be idle or driven
         by this thread: adapters change the model's layers. Compiled engines fuse the projections adapters touch."""
         if self.runner.compiled is not None:
-            raise ConfigError("LoRA adapters are served by the eager engine: load the model without --compile")
+            raise ConfigError("LoRA adapters are served by the eager engine: load it with --no-compile (compile=False)")
         return self.loras.load(name, path)
 
     def unload_lora(self, name: str) -> int:
