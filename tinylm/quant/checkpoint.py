@@ -45,8 +45,8 @@ from tinylm.quant.apply import build_quantized, layer_schemes
 from tinylm.quant.chunked import ChunkedMLP
 from tinylm.quant.formats import format_class
 from tinylm.quant.policy import QuantPolicy
-from tinylm.weights import name_maps, safetensors_io
-from tinylm.weights.export import generation_config
+from tinylm.weights import name_maps
+from tinylm.weights.export import write_folder
 from tinylm.weights.loader import LoadedModel, build_model, folder_tokenizer, module_name
 from tinylm.weights.sources import SafetensorsSource
 
@@ -62,7 +62,6 @@ def save_quantized(model: nn.Module, folder: str | Path, policy: QuantPolicy, to
     if any(isinstance(m, ChunkedMLP) for m in model.modules()):
         raise ConfigError("save the model before mlp_chunk splits it: chunking is a load-time option of the policy")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     dtype = model.model.norm.weight.dtype
     state = {name_maps.to_checkpoint_name(config.model_type, name): t for name, t in model.state_dict().items()}
@@ -70,12 +69,7 @@ def save_quantized(model: nn.Module, folder: str | Path, policy: QuantPolicy, to
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     hf_config["quantization_config"] = {**refusal(policy), "tinylm_format": FORMAT_VERSION, "spec": policy.spec,
                                         "policy": policy.to_dict()}
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(folder)
-    safetensors_io.save_checkpoint(folder, state)  # the manifest comes last, over every file above
-    return folder
+    return write_folder(folder, config, hf_config, state, tokenizer)
 
 
 def refusal(policy: QuantPolicy) -> dict:

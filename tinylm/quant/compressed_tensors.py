@@ -12,7 +12,6 @@ stay in tinylm's own layout (tinylm/quant/checkpoint.py). tinylm's int4 has floa
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from tinylm.quant.formats import FLOAT, QuantFormat
 from tinylm.quant.linear import Int4Linear, Int8Linear
 from tinylm.quant.policy import QuantPolicy
 from tinylm.weights import name_maps, safetensors_io
-from tinylm.weights.export import generation_config
+from tinylm.weights.export import write_folder
 from tinylm.weights.sources import ModuleSource, SafetensorsSource, TensorSource
 
 INTEGER_SCHEMES = ("int8", "int4")
@@ -120,13 +119,7 @@ def save_compressed_tensors(model: nn.Module, folder: str | Path, tokenizer=None
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(model.model.norm.weight.dtype).removeprefix("torch.")
     hf_config["quantization_config"] = ct_layout.config_for(scheme, ignore if HEAD in ignore else [HEAD, *ignore])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(folder)
-    safetensors_io.save_checkpoint(folder, state)  # the manifest comes last, over every file above
-    return folder
+    return write_folder(folder, config, hf_config, state, tokenizer)
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, QuantFormat]:

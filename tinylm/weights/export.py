@@ -23,6 +23,14 @@ def export_hf_folder(model, folder: str | Path, tokenizer=None, dtype: torch.dty
     state = {name_maps.to_checkpoint_name(config.model_type, name): t for name, t in state.items()}
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
+    return write_folder(folder, config, hf_config, state, tokenizer)
+
+
+def write_folder(folder: Path, config, hf_config: dict, state: dict, tokenizer=None) -> Path:
+    """Write a Hugging Face folder: config.json (`hf_config`), generation_config.json (from `config`), the
+    tokenizer's files when there is one, then `state` as safetensors and the manifest over every file. Float
+    export and both quantized layouts (tinylm's and compressed-tensors) write through it."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
     if tokenizer is not None:
