@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from tinylm.config import ModelConfig
+from tinylm.kernels.invariant import attend_key_ranges
 
 
 KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's own dtype
@@ -181,13 +182,9 @@ class PagedBatch:
         ends = torch.arange(self.context - steps + 1, self.context + 1, device=q.device).expand(batch, steps)
         if self.write_mask is not None:  # padding queries attend nothing
             ends = torch.where(self.write_mask, ends, starts[:, None])
-        rows = torch.arange(batch, device=q.device).repeat_interleave(steps)
-        q_rows = q.transpose(1, 2).reshape(batch * steps, heads, dim).float().contiguous()  # (B*T, H, D)
-        out = torch.ops.tinylm.invariant_attention(
-            q_rows, keys, values, self.gather_slots.view(batch, self.context), rows,
-            starts.repeat_interleave(steps), ends.reshape(-1).contiguous(), dim ** -0.5,
-            pool.key_scales.get(layer_idx), pool.value_scales.get(layer_idx))
-        return out.to(v.dtype).view(batch, steps, heads, dim).transpose(1, 2)
+        return attend_key_ranges(q, keys, values, self.gather_slots.view(batch, self.context),
+                                 starts[:, None].expand(batch, steps), ends,
+                                 pool.key_scales.get(layer_idx), pool.value_scales.get(layer_idx))
 
     def _real_rows(self, new: torch.Tensor) -> torch.Tensor:
         """new (B, H_kv, T, D) -> its real tokens' rows (N, H_kv, D), row-major (write_slots' order)."""

@@ -51,6 +51,20 @@ def invariant_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(gate.shape)
 
 
+def attend_key_ranges(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                      starts: torch.Tensor, ends: torch.Tensor, k_scales: torch.Tensor | None = None,
+                      v_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """tinylm::invariant_attention for T queries per row: q (B, H, T, D); keys / values a pool (slots, H_kv, D)
+    (int8 codes with their row scales, or floats); slots (B, S) each row's context; starts, ends (B, T) the key
+    range [start, end) of each query -> (B, H, T, D) in q's dtype."""
+    batch, heads, steps, dim = q.shape
+    rows = torch.arange(batch, device=q.device).repeat_interleave(steps)
+    q_rows = q.transpose(1, 2).reshape(batch * steps, heads, dim).float().contiguous()  # (B*T, H, D)
+    out = torch.ops.tinylm.invariant_attention(q_rows, keys, values, slots, rows, starts.reshape(-1).contiguous(),
+                                               ends.reshape(-1).contiguous(), dim ** -0.5, k_scales, v_scales)
+    return out.to(q.dtype).view(batch, steps, heads, dim).transpose(1, 2)
+
+
 def kernel_takes(x: torch.Tensor) -> bool:
     """Whether the invariant row kernels take x (CPU, float32 / bfloat16, unit last stride) without autograd: a
     training forward keeps PyTorch's differentiable formulation."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import ModelConfig
+from tinylm.kernels.invariant import attend_key_ranges
 from tinylm.model.layers import RMSNorm
 from tinylm.model.rotary import apply_rotary
 
@@ -109,11 +110,7 @@ def invariant_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     keys = k.transpose(1, 2).reshape(batch * context, *k.shape[1:2], dim).contiguous()  # (B*S, H_kv, D) "pool"
     values = v.transpose(1, 2).reshape(batch * context, *v.shape[1:2], dim).contiguous()
     slots = torch.arange(batch * context, device=q.device).view(batch, context)
-    rows = torch.arange(batch, device=q.device).repeat_interleave(steps)
-    q_rows = q.transpose(1, 2).reshape(batch * steps, heads, dim).float().contiguous()  # (B*T, H, D)
-    out = torch.ops.tinylm.invariant_attention(q_rows, keys, values, slots, rows, starts.reshape(-1),
-                                               ends.reshape(-1), dim ** -0.5, None, None)
-    return out.to(v.dtype).view(batch, steps, heads, dim).transpose(1, 2)
+    return attend_key_ranges(q, keys, values, slots, starts, ends)
 
 
 def _key_ranges(mask: torch.Tensor | None, batch: int, steps: int, context: int, device
