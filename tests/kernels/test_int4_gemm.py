@@ -84,6 +84,29 @@ def test_a_row_does_not_depend_on_the_batch_or_threads():
     assert torch.equal(torch.ops.tinylm.int4_gemm(x[3:9], tiles, tiled), alone[3:9])
 
 
+@pytest.mark.parametrize("m", [2, 5, 8, 9, 12, 15, 16, 17, 24, 70])
+def test_row_counts_across_the_passes_of_8_rows_are_exact(m):
+    """The VNNI path takes rows 8 at a time (16 rows: two passes; 12: 4 then 8): every split gives each row the
+    reference bits, on every instruction set."""
+    q, scales, mins = weights(32, 576, 32, seed=m)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)) * 2
+    x[m // 2, 100] = 3e-30  # a tiny value in an otherwise normal block
+    expected = reference(x, q, scales, mins)
+    tiles, tiled = int4pack.to_tiles(q), int4pack.tile_scales(scales, mins)
+    for isa in isas():
+        assert torch.equal(torch.ops.tinylm.int4_gemm(x, tiles, tiled, isa), expected), f"isa {isa}"
+
+
+def test_nan_and_inf_inputs_give_the_same_bits_on_every_isa():
+    """The AVX-512 activation quantizer (VNNI path) and the scalar one (other paths) agree on NaN and inf too."""
+    q, scales, mins = weights(32, 128, 32, seed=3)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    x[0, 5], x[1, 7], x[2, 40] = float("nan"), float("inf"), -float("inf")
+    tiles, tiled = int4pack.to_tiles(q), int4pack.tile_scales(scales, mins)
+    outs = [torch.ops.tinylm.int4_gemm(x, tiles, tiled, isa).view(torch.int32) for isa in isas()]
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
 def test_it_stands_for_the_dequantized_product_of_quantized_activations():
     """The arithmetic is x's Q8_0 blocks times w = scale * q + min, to float rounding (what the gate sees)."""
     q, scales, mins = weights(64, 256, 64, seed=7)

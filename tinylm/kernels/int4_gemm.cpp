@@ -17,7 +17,9 @@
 // input features k0..k0+7 one 64-byte line, byte 4r + t holding q[r, k0 + t] (low nibble) and q[r, k0 + 4 + t]
 // (high nibble). One 512-bit load therefore gives, after a mask and a shift, two VPDPBUSD operands whose 16 int32
 // lanes are the tile's 16 output rows (4 features each), against 4 activation bytes broadcast: no horizontal sums,
-// and each weight byte is read once per call. scales (N/16, G, 2, 16) float16: the tile's 16 s, then its 16 m.
+// and each weight byte is read once per pass of up to 8 activation rows (16 rows: twice, the second time from
+// L1). scales (N/16, G, 2, 16) float16: the tile's 16 s, then its 16 m. Activations are quantized with AVX-512 on
+// the VNNI path, by the scalar loop on the others (the same bits).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -49,7 +51,6 @@ namespace {
 
 constexpr int64_t kTile = 16;   // output rows per tile (int32 lanes of a 512-bit vector)
 constexpr int64_t kBlock = 32;  // activation features per quantization block
-constexpr int64_t kRowChunk = 4;  // activation rows sharing one unpacked weight line
 // Software prefetch of the weight this many bytes ahead, into L1 (T0): SmolLM2's 3072 x 576 product, 30 distinct
 // copies, one thread: 113 -> 83 us; none, 8 and 16 KiB ahead, or non-temporal hints, were no better (noisy host)
 #ifndef TINYLM_INT4_AHEAD
@@ -78,30 +79,76 @@ struct Quantized {
   std::vector<float> xsum;
 };
 
-Quantized quantize_rows(const float* x, int64_t m, int64_t k, int64_t group) {
+// One block of 32 features: xq, and the block's scale d and integer sum. Scalar and AVX-512 give the same bits:
+// max|x| is exact, d = amax / 127 and id = 1 / d are single roundings, x * id one rounding, then round half to even
+// (nearbyint, and cvtps2dq in the default rounding mode) and a clamp; the sum is an exact integer.
+inline float quantize_block(const float* src, int8_t* dst, int32_t* sum_out) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(src[j]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < kBlock; ++j) {
+    const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(src[j] * id)));
+    dst[j] = static_cast<int8_t>(v);
+    sum += static_cast<int32_t>(v);
+  }
+  *sum_out = sum;
+  return d;
+}
+
+#if defined(TINYLM_INT4_VNNI)
+inline float quantize_block_avx512(const float* src, int8_t* dst, int32_t* sum_out) {
+  const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+  // max(v, m) gives m when v is NaN: NaNs are skipped, as std::max(amax, NaN) does
+  const __m512 m = _mm512_max_ps(_mm512_abs_ps(b), _mm512_max_ps(_mm512_abs_ps(a), _mm512_setzero_ps()));
+  const float amax = _mm512_reduce_max_ps(m);
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const __m512 vid = _mm512_set1_ps(id), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  // round to nearest even first, then clamp (integers: clamping before or after the conversion is the same)
+  // max(v, lo) gives lo for a NaN, as std::max(-127.0f, NaN) does in the scalar loop
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(
+      _mm512_mul_ps(a, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+  const __m512i qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(
+      _mm512_mul_ps(b, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(qb));
+  *sum_out = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  return d;
+}
+#endif
+
+// Rows [begin, end) of x (M, K) into `out` (sized for all M rows).
+// `vector`: the AVX-512 block quantizer (the VNNI path's), else the scalar one (AVX2 and scalar paths: the tests
+// compare every path's bits, the quantizers' included)
+void quantize_range(const float* x, int64_t begin, int64_t end, int64_t k, int64_t group, bool vector,
+                    Quantized& out) {
   const int64_t blocks = k / kBlock, groups = k / group, per_group = group / kBlock;
-  Quantized out{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * groups)};
-  for (int64_t i = 0; i < m; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     for (int64_t g = 0; g < groups; ++g) {
       float acc = 0.0f;
       for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+        int32_t sum;
         const float* src = x + i * k + b * kBlock;
-        float amax = 0.0f;
-        for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(src[j]));
-        const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        int32_t sum = 0;
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(src[j] * id)));
-          out.xq[i * k + b * kBlock + j] = static_cast<int8_t>(v);
-          sum += static_cast<int32_t>(v);
-        }
+        int8_t* dst = out.xq.data() + i * k + b * kBlock;
+#if defined(TINYLM_INT4_VNNI)
+        const float d = vector ? quantize_block_avx512(src, dst, &sum) : quantize_block(src, dst, &sum);
+#else
+        const float d = quantize_block(src, dst, &sum);
+#endif
         out.dx[i * blocks + b] = d;
         acc = acc + d * static_cast<float>(sum);
       }
       out.xsum[i * groups + g] = acc;
     }
   }
+}
+
+Quantized quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, bool vector) {
+  Quantized out{std::vector<int8_t>(m * k), std::vector<float>(m * (k / kBlock)), std::vector<float>(m * (k / group))};
+  // a row is ~0.1-0.3 us: threads only for many rows (prefill), where waking them pays
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) { quantize_range(x, begin, end, k, group, vector, out); });
   return out;
 }
 
@@ -192,13 +239,40 @@ void run_avx2(const Problem& p, int64_t tile) {
 }
 #endif
 
-// ---- AVX-512 VNNI: R (<= 4) activation rows against one tile; each 64-byte line is unpacked once for the R rows
+// ---- AVX-512 VNNI: R (<= 8) activation rows against one tile; each 64-byte line is unpacked once for the R rows
 
 #if defined(TINYLM_INT4_VNNI)
 inline __m512i bcast4x(const int8_t* p) {
   int32_t quad;
   std::memcpy(&quad, p, 4);
   return _mm512_set1_epi32(quad);
+}
+
+// The integer dots of block b for R rows: dot[r] (16 int32 lanes, the tile's rows). Up to 4 rows, low and high
+// nibbles go to two accumulators (shorter VPDPBUSD dependency chains); more rows give chains enough to overlap and
+// need the registers. Integer sums: the grouping changes nothing.
+template <int R>
+inline void block_dots(const uint8_t* line, const int8_t* const* xq, int64_t offset, __m512i* dot) {
+  constexpr bool kSplit = R <= 4;
+  const __m512i mask = _mm512_set1_epi8(15);
+  __m512i hi[kSplit ? R : 1];
+  for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+  if constexpr (kSplit) for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int o = 0; o < 4; ++o) {  // the block's 4 lines of 8 features
+    _mm_prefetch(reinterpret_cast<const char*>(line + o * 64 + TINYLM_INT4_AHEAD), TINYLM_INT4_HINT);
+    const __m512i v = _mm512_loadu_si512(line + o * 64);
+    const __m512i ql = _mm512_and_si512(v, mask), qh = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    for (int r = 0; r < R; ++r) {
+      dot[r] = _mm512_dpbusd_epi32(dot[r], ql, bcast4x(xq[r] + offset + 8 * o));
+      if constexpr (kSplit) {
+        hi[r] = _mm512_dpbusd_epi32(hi[r], qh, bcast4x(xq[r] + offset + 8 * o + 4));
+      } else {
+        dot[r] = _mm512_dpbusd_epi32(dot[r], qh, bcast4x(xq[r] + offset + 8 * o + 4));
+      }
+    }
+  }
+  if constexpr (kSplit) for (int r = 0; r < R; ++r) dot[r] = _mm512_add_epi32(dot[r], hi[r]);
 }
 
 template <int R>
@@ -216,29 +290,15 @@ void tile_vnni(const Problem& p, int64_t tile, int64_t row0) {
     xsum[r] = p.act->xsum.data() + (row0 + r) * groups;
     acc[r] = _mm512_setzero_ps();
   }
-  const __m512i mask = _mm512_set1_epi8(15);
   for (int64_t g = 0; g < groups; ++g) {
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + g * 2 * kTile)));
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + (g * 2 + 1) * kTile)));
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      // two accumulators per row (low / high nibbles): shorter VPDPBUSD dependency chains; integer sums, so
-      // adding them at the end changes nothing. The block's 4 lines of 8 features, unrolled.
-      __m512i lo[R], hi[R];
-      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
-      const uint8_t* line = w + b * 4 * 64;
-#pragma GCC unroll 4
-      for (int o = 0; o < 4; ++o) {
-        _mm_prefetch(reinterpret_cast<const char*>(line + o * 64 + TINYLM_INT4_AHEAD), TINYLM_INT4_HINT);
-        const __m512i v = _mm512_loadu_si512(line + o * 64);
-        const __m512i ql = _mm512_and_si512(v, mask), qh = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        for (int r = 0; r < R; ++r) {
-          lo[r] = _mm512_dpbusd_epi32(lo[r], ql, bcast4x(xq[r] + b * kBlock + 8 * o));
-          hi[r] = _mm512_dpbusd_epi32(hi[r], qh, bcast4x(xq[r] + b * kBlock + 8 * o + 4));
-        }
-      }
+      __m512i dot[R];
+      block_dots<R>(w + b * 4 * 64, xq, b * kBlock, dot);
       for (int r = 0; r < R; ++r) {
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r], hi[r]));
-        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(dx[r][b])), s));
+        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(dx[r][b]));
+        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(scaled, s));
       }
     }
     for (int r = 0; r < R; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mn, _mm512_set1_ps(xsum[r][g])));
@@ -246,14 +306,22 @@ void tile_vnni(const Problem& p, int64_t tile, int64_t row0) {
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.out + (row0 + r) * p.n + tile * kTile, acc[r]);
 }
 
+// Rows in passes of up to 8 over each tile (16 rows: two passes, each weight line unpacked twice, not four times);
+// every row's arithmetic is the same whatever pass it falls in.
 void run_vnni(const Problem& p, int64_t tile) {
-  int64_t row = 0;
-  for (; row + kRowChunk <= p.m; row += kRowChunk) tile_vnni<4>(p, tile, row);
-  switch (p.m - row) {
-    case 3: tile_vnni<3>(p, tile, row); break;
-    case 2: tile_vnni<2>(p, tile, row); break;
-    case 1: tile_vnni<1>(p, tile, row); break;
-    default: break;
+  for (int64_t row = 0; row < p.m;) {
+    const int64_t left = p.m - row, r = left >= 16 || left == 8 ? 8 : (left > 8 ? left - 8 : left);
+    switch (r) {
+      case 8: tile_vnni<8>(p, tile, row); break;
+      case 7: tile_vnni<7>(p, tile, row); break;
+      case 6: tile_vnni<6>(p, tile, row); break;
+      case 5: tile_vnni<5>(p, tile, row); break;
+      case 4: tile_vnni<4>(p, tile, row); break;
+      case 3: tile_vnni<3>(p, tile, row); break;
+      case 2: tile_vnni<2>(p, tile, row); break;
+      default: tile_vnni<1>(p, tile, row); break;
+    }
+    row += r;
   }
 }
 #endif
@@ -289,10 +357,10 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0), group = k / scales.size(1);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
-  const Quantized act = quantize_rows(x.data_ptr<float>(), m, k, group);
+  const int64_t chosen = isa == kAuto ? best_isa() : isa;
+  const Quantized act = quantize_rows(x.data_ptr<float>(), m, k, group, chosen == kAvx512Vnni);
   const Problem p{&act, qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), out.data_ptr<float>(), m, n, k,
                   group};
-  const int64_t chosen = isa == kAuto ? best_isa() : isa;
   at::parallel_for(0, n / kTile, 4, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) run_tile(p, chosen, tile);
   });
