@@ -183,25 +183,35 @@ def test_llama_cpp_on_the_gguf_and_a_bf16_copy(capsys, monkeypatch, tmp_path):
 
 
 def test_serve_mode_times_streaming_clients(capsys, tiny):
-    pytest.importorskip("httpx")
-    code, out, _ = _bench(capsys, "--model", tiny, "--serve", "--batch", "1", "3", "--prompt-tokens", "6",
+    """--clients: `tinylm serve` in a process of its own, clients in another, beside llm.stream in the bench."""
+    code, out, _ = _bench(capsys, "--model", tiny, "--clients", "1", "3", "--prompt-tokens", "6",
                           "--new-tokens", "5", "--repeats", "1", "--json")
     document = json.loads(out)
-    assert code == 0 and [(r["system"], r["batch"]) for r in document["results"]] == [("tinylm", 1), ("tinylm", 3)]
+    assert code == 0 and [(r["system"], r["batch"]) for r in document["results"]] == [
+        ("tinylm", 1), ("tinylm", 3), ("tinylm-stream", 1), ("tinylm-stream", 3)]
     for r in document["results"]:
         _check_figures(r, new_tokens=5)
     assert "tinylm serve" in document["systems"]["tinylm"]["label"]
+    assert [(e["batch"], e["reference"]) for e in document["ratios"]] == [(1, "tinylm-stream"), (3, "tinylm-stream")]
+    assert any("share this host's CPU" in note for note in document["notes"])
 
 
 def test_serve_mode_against_a_served_variant(capsys, tiny):
-    pytest.importorskip("httpx")
     code, out, _ = _bench(capsys, "--model", tiny, "--serve", "--prompt-tokens", "6", "--new-tokens", "3",
                           "--repeats", "1", "--pairs", "2", "--variant=--kv-cache-dtype=int8", "--json")
     document = json.loads(out)
-    assert code == 0 and [r["system"] for r in document["results"]] == ["tinylm", "tinylm-variant"]
+    assert code == 0 and [r["system"] for r in document["results"]] == ["tinylm", "tinylm-stream", "tinylm-variant"]
     label = document["systems"]["tinylm-variant"]["label"]
     assert "int8 K/V cache" in label and "tinylm serve" in label
     assert len(document["ratios"][0]["rounds"]["end_to_end"]) == 2
+
+
+def test_llama_server_on_a_folder_is_one_skipped_line(capsys, tiny):
+    code, out, err = _bench(capsys, "--model", tiny, "--clients", "2", "--prompt-tokens", "4", "--new-tokens", "2",
+                            "--repeats", "1", "--compare", "llama-server", "--json")
+    document = json.loads(out)
+    assert code == 0 and {r["system"] for r in document["results"]} == {"tinylm", "tinylm-stream"}
+    assert [n for n in document["notes"] if n.startswith("llama-server: skipped")]
 
 
 def test_smallest_shape_runs_against_transformers(capsys, tmp_path):

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from tinylm.bench.shapes import SHAPES
 
-REFERENCES = ["transformers", "llama.cpp", "llama.cpp:bf16", "llama.cpp:f16"]
+CPU_NOTE = ("servers and their clients share this host's CPU: the clients are one asyncio process on the standard "
+            "library (tinylm/bench/load.py); the bench process idles meanwhile")
+
+REFERENCES = ["transformers", "llama.cpp", "llama.cpp:bf16", "llama.cpp:f16", "llama-server"]
 
 
 def register(commands) -> None:
@@ -54,8 +57,11 @@ def _add_bench_args(bench: argparse.ArgumentParser) -> None:
                             "'tinylm-variant' (e.g. --variant '--quantize w8a8 --kv-cache-dtype int8'; one flag "
                             "alone as --variant=--compile)")
     bench.add_argument("--serve", action="store_true",
-                       help="time tinylm through its HTTP server: each prompt one streaming client, all at once "
-                            "(needs httpx)")
+                       help="time tinylm through `tinylm serve` (its own process, this run's model flags): each "
+                            "prompt one streaming client, all at once, the clients in another process; tinylm's "
+                            "own llm.stream is then the reference 'tinylm-stream'")
+    bench.add_argument("--clients", type=int, nargs="+", default=None, metavar="N",
+                       help="--serve with these numbers of clients (the batch sizes: --serve --batch N ...)")
     bench.add_argument("--json-schema", default=None, metavar="NAME|FILE",
                        help="also time tinylm and each llama.cpp system with every reply constrained to this JSON "
                             "schema (the built-in 'records', or a file), as 'tinylm+json' and 'llama.cpp+json'")
@@ -94,6 +100,8 @@ def cmd_bench(args) -> int:
 
 def _check_args(args) -> list[str]:
     """The references asked for; bad values fail here, in one line, before any model is loaded."""
+    if args.clients:
+        args.serve, args.batch = True, args.clients
     for name in ("prompt_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -136,7 +144,7 @@ def _plan(args, llm):
 
 
 def _subject(llm, args, load_args, name: str = "tinylm"):
-    """tinylm as timed: through the Python API, or with --serve through its HTTP server."""
+    """tinylm as timed: through the Python API, or with --serve through `tinylm serve` in a process of its own."""
     from tinylm.bench.systems import TinyLMSystem
 
     label = tinylm_label(load_args)
@@ -144,7 +152,33 @@ def _subject(llm, args, load_args, name: str = "tinylm"):
         return TinyLMSystem(llm, name, label)
     from tinylm.bench.serve import ServedTinyLMSystem
 
-    return ServedTinyLMSystem(llm, max(args.batch), name, label)
+    return ServedTinyLMSystem(model_flags(load_args), max(args.batch), name, label, args.threads)
+
+
+def model_flags(load_args) -> list[str]:
+    """The model flags of this run (those that differ from their defaults), for `tinylm serve`."""
+    from tinylm.cli_args import add_model_args
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    flags = []
+    for key, default in vars(parser.parse_args([])).items():
+        value = getattr(load_args, key, default)
+        if value == default:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+def _stream_reference(llm, load_args):
+    """--serve's reference: the same model through llm.stream in this process (what the server should match)."""
+    from tinylm.bench.serve import StreamedTinyLMSystem
+
+    return StreamedTinyLMSystem(llm, "tinylm-stream", tinylm_label(load_args) + ", llm.stream in the bench process")
 
 
 def tinylm_label(args) -> str:
@@ -171,10 +205,14 @@ def _reference_openers(references: list[str], args, load_args, llm, work_dir: Pa
 
     source, dtype = Path(llm.loaded.source), resolve_dtype(args.dtype, args.device)
     context = max(512, args.prompt_tokens + args.new_tokens)
-    openers = []
+    openers = [lambda: _stream_reference(llm, load_args)] if args.serve else []
+    if args.serve or "llama-server" in references:
+        measured.note(CPU_NOTE)
     for name in references:
         if name == "transformers":
             openers.append(lambda: systems.TransformersSystem(source, dtype, args.device))
+        elif name == "llama-server":
+            openers += _llama_server_opener(source, args, measured)
         elif (reason := _llama_cpp_missing(source)) is not None:
             measured.note(f"{name}: skipped, {reason}")
         else:
@@ -185,6 +223,19 @@ def _reference_openers(references: list[str], args, load_args, llm, work_dir: Pa
     if args.json_schema:
         openers += _constrained_openers(references, args, load_args, llm, work_dir, context, measured)
     return openers
+
+
+def _llama_server_opener(source: Path, args, measured) -> list:
+    from tinylm.bench.llama_server import LlamaServerSystem, llama_server_binary
+
+    binary = llama_server_binary()
+    if source.suffix != ".gguf" or binary is None:
+        why = "it runs GGUF files (give --model FILE.gguf)" if binary else \
+            "no llama-server binary (build it: tinylm/bench/llama_server.py; or set $TINYLM_LLAMA_SERVER)"
+        measured.note(f"llama-server: skipped, {why}")
+        return []
+    slot_context = args.prompt_tokens + args.new_tokens + 16
+    return [lambda: LlamaServerSystem(binary, source, max(args.batch), slot_context)]
 
 
 def _constrained_openers(references, args, load_args, llm, work_dir: Path, context: int, measured) -> list:
@@ -267,9 +318,10 @@ def command_line(args) -> str:
     _add_bench_args(parser)
     defaults = vars(parser.parse_args([]))
     parts = ["tinylm", "bench"]
-    for key, value in _settings(args).items():
-        if value == defaults.get(key):
-            continue
+    settings = _settings(args)
+    for key, value in settings.items():
+        if value == defaults.get(key) or (key in ("batch", "serve") and settings.get("clients")):
+            continue  # --clients stands for --serve --batch
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)

@@ -1,9 +1,14 @@
 """AsyncEngine: an LLMEngine stepped by one background thread, with an asyncio stream per request.
 
 The server's event loop never runs the model: it validates a request, hands it to the engine thread, and awaits
-StepOutputs on the request's own asyncio.Queue. torch releases the GIL inside its kernels, so HTTP stays
-responsive while a step runs. A stream that is closed early (client disconnect, cancellation) aborts its request,
-which frees its KV blocks at the start of the engine's next step.
+StepOutputs on an asyncio.Queue (the request's own with `generate`, or one a caller shares between several
+requests with `open`). torch releases the GIL inside its kernels, so HTTP stays responsive while a step runs. A
+stream that is closed early (client disconnect, cancellation) aborts its request, which frees its KV blocks at the
+start of the engine's next step.
+
+Hand-off is per step, not per token: the engine thread wakes each event loop once per step, with every output of
+that step for that loop (64 streams decoding are one wake-up, not 64), and the loop fills the queues. The engine
+thread's own work per token is a tuple append: whatever it does is on the critical path of the next step.
 
 The LLMEngine is usually an LLM's own (LLM.engine_for): while this wrapper holds it (from construction to
 shutdown) it is the engine's `driver`, so the LLM neither steps it nor hands it to another server; at shutdown
@@ -30,7 +35,9 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     arrival: float
+    tag: object = None  # open(): outputs arrive as (tag, output); generate(): as output
     last_token: float | None = None
+    finished: bool = False
 
 
 class AsyncEngine:
@@ -80,23 +87,37 @@ class AsyncEngine:
                        ) -> AsyncIterator[StepOutput]:
         """Stream a request's outputs. Bad input raises here, before the first output (call `validate` first to
         answer it before a response starts)."""
-        request_id = request_id or self.new_request_id()
-        self.validate([prompt_token_ids], params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
-        self._streams[request_id] = stream
-        self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs, constraint_gate, lora_id))
+        queue: asyncio.Queue = asyncio.Queue()
+        request_id = self.open(prompt_token_ids, params, queue, None, request_id, prompt_logprobs, constraint_gate,
+                               lora_id)
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None
                 yield item
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._submit(("abort", request_id))
+            self.close(request_id)
+
+    def open(self, prompt_token_ids: list[int], params: SamplingParams, queue: asyncio.Queue, tag,
+             request_id: str | None = None, prompt_logprobs: int | None = None, constraint_gate: int | None = None,
+             lora_id: int = 0) -> str:
+        """Start a request whose outputs (or its exception) arrive on `queue` as (tag, item): several requests may
+        share one queue, with no task per request between the engine and the reader. Call close(request_id) when
+        done reading (after its finished output, or early to abort it). Bad input raises here."""
+        request_id = request_id or self.new_request_id()
+        self.validate([prompt_token_ids], params)
+        self._streams[request_id] = _Stream(asyncio.get_running_loop(), queue, time.monotonic(), tag)
+        self._submit(("add", request_id, prompt_token_ids, params, prompt_logprobs, constraint_gate, lora_id))
+        return request_id
+
+    def close(self, request_id: str) -> None:
+        """The reader is done with a request: abort it if it has not finished (its KV blocks go at the next step)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and not stream.finished:
+            self._submit(("abort", request_id))
 
     async def call(self, function: Callable, *args):
         """function(*args) on the engine thread, between two steps (what changes the model, such as loading a LoRA
@@ -160,21 +181,34 @@ class AsyncEngine:
                 self._deliver(request_id, exc)
 
     def _publish(self, outputs: list[StepOutput]) -> None:
+        """One wake-up per event loop for all of a step's outputs (metrics included: they run on the loop too)."""
         now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
+            stream.finished = output.finish_reason is not None
+            batches.setdefault(stream.loop, []).append((stream, output, now))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(self._hand_over, batch)
+
+    def _hand_over(self, batch: list) -> None:
+        """On the event loop: a step's outputs into their queues, and their timings into the metrics."""
+        for stream, output, now in batch:
             if self.on_output is not None:
                 since_last = None if stream.last_token is None else now - stream.last_token
                 self.on_output(output, now - stream.arrival, since_last)
             stream.last_token = now
-            self._deliver(output.request_id, output)
+            stream.queue.put_nowait(output if stream.tag is None else (stream.tag, output))
 
     def _deliver(self, request_id: str, item) -> None:
+        """An exception for one request (its add failed, or the engine failed)."""
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.finished = True
+            put = stream.queue.put_nowait
+            stream.loop.call_soon_threadsafe(put, item if stream.tag is None else (stream.tag, item))
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id in list(self.engine.requests):

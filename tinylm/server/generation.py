@@ -124,30 +124,26 @@ async def merged_stream(state, prompts: list[list[int]], params: SamplingParams,
     limit = state.config.request_timeout
     timer = asyncio.get_running_loop().call_later(limit, queue.put_nowait, (None, RequestTimeout(limit)))
     state.live_queues.add(queue)
-
-    async def pump(prompt: list[int], index: int, choice: int) -> None:
-        try:
-            async for output in state.engine.generate(prompt, choice_params(params, index),
-                                                      prompt_logprobs=prompt_logprobs, constraint_gate=constraint_gate,
-                                                      lora_id=lora_id):
-                await queue.put((choice, output))
-        except Exception as exc:
-            await queue.put((choice, exc))
-
-    tasks = [asyncio.ensure_future(pump(p, i, k * n + i)) for k, p in enumerate(prompts) for i in range(n)]
-    remaining = len(tasks)
+    engine, request_ids = state.engine, []
     try:
+        # every choice's outputs straight into this queue, tagged with its index: no task or queue per choice
+        for k, prompt in enumerate(prompts):
+            for i in range(n):
+                request_ids.append(engine.open(prompt, choice_params(params, i), queue, k * n + i,
+                                               prompt_logprobs=prompt_logprobs, constraint_gate=constraint_gate,
+                                               lora_id=lora_id))
+        remaining = len(request_ids)
         while remaining:
             choice, item = await queue.get()
-            if isinstance(item, Exception):
+            if isinstance(item, BaseException):
                 raise item
             remaining -= item.finish_reason is not None
             yield choice, item
     finally:
         timer.cancel()
         state.live_queues.discard(queue)
-        for task in tasks:
-            task.cancel()
+        for request_id in request_ids:
+            engine.close(request_id)
 
 
 def stop_live_requests(state) -> int:

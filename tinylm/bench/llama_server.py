@@ -1,0 +1,69 @@
+"""`--compare llama-server`: llama.cpp's own HTTP server (continuous batching over N slots) on the same GGUF,
+driven by the same load generator as `tinylm serve` (tinylm/bench/load.py, its OpenAI /v1/completions route).
+
+The binary is built from the llama.cpp sources the llama-cpp-python sdist vendors (the version the
+llama.cpp reference runs), only its `llama-server` target, into ~/.cache/tinylm/llama-server:
+
+    pip download llama-cpp-python --no-binary :all: --no-deps -d /tmp/sdist && tar xzf /tmp/sdist/*.tar.gz -C /tmp/sdist
+    cmake -S /tmp/sdist/llama_cpp_python-*/vendor/llama.cpp -B ~/.cache/tinylm/llama-server/build -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
+    cmake --build ~/.cache/tinylm/llama-server/build --target llama-server -j2
+
+or any llama-server named by $TINYLM_LLAMA_SERVER.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tinylm.bench.serve import ServerProcess, client_stamps, fresh_prompts
+from tinylm.bench.systems import WARM_TOKENS
+from tinylm.bench.timing import Stamps
+
+BUILT = Path.home() / ".cache" / "tinylm" / "llama-server" / "build" / "bin" / "llama-server"
+
+
+def llama_server_binary() -> Path | None:
+    """$TINYLM_LLAMA_SERVER, the build above, or a llama-server on PATH."""
+    named = os.environ.get("TINYLM_LLAMA_SERVER")
+    if named:
+        return Path(named)
+    if BUILT.exists():
+        return BUILT
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+class LlamaServerSystem:
+    name = "llama-server"
+
+    def __init__(self, binary: Path, gguf: Path, max_clients: int, slot_context: int) -> None:
+        threads = str(torch.get_num_threads())
+        # one slot per client, each with the context a request needs; the prompt cache off (each run's prompts
+        # are new anyway: fresh_prompts)
+        command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "-np", str(max_clients), "-cb",
+                   "-c", str(max_clients * slot_context), "-t", threads, "-tb", threads, "--no-webui",
+                   "--cache-ram", "0"]
+        self.label = (f"{gguf.name} as stored, llama.cpp's server ({binary}), --parallel {max_clients} "
+                      "--cont-batching, one streaming client per prompt (another process)")
+        self.server = ServerProcess(command, "llama-server")
+        self.runs = 0
+
+    def skip_reason(self, batch: int) -> str | None:
+        return None
+
+    def warm(self, prompts: list[list[int]]) -> None:
+        self.run(prompts, WARM_TOKENS)
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> Stamps:
+        self.runs += 1
+        return client_stamps(self.server.url, fresh_prompts(prompts, self.runs), new_tokens,
+                             {"cache_prompt": False})
+
+    def close(self) -> None:
+        self.server.stop()
