@@ -40,17 +40,11 @@ from tinylm.model.moe import SparseMoE, plain_linear
 log = logging.getLogger(__name__)
 
 
-def can_compile(model, batch_invariant: bool = False) -> tuple[bool, str]:
+def can_compile(model) -> tuple[bool, str]:
     """Whether this model's decode step is compiled; the reason when it is not."""
     missing = compile_cache.missing_compiler()
     if missing:
         return False, missing
-    if batch_invariant and any(isinstance(m, (SparseMoE, GatedDeltaNet)) or getattr(m, "output_gate", False)
-                               for m in model.modules()):
-        # Inductor writes its own softmax / sigmoid / exp: compiled, these blocks would give other bits than the
-        # eager prefill (graph breaks around them, run eagerly, did not resume under the guard filter: not done)
-        return False, ("batch-invariant inference decodes mixture-of-experts and Gated DeltaNet models eagerly "
-                       "(--batch-invariant off compiles them)")
     for module in model.modules():
         if isinstance(module, SparseMoE) and not all(
                 plain_linear(layer) for expert in module.experts for layer in expert.children()):

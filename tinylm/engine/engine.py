@@ -92,7 +92,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching and not self.hybrid)
         self.scheduler = Scheduler(self.blocks, self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.hybrid)
-        compile_decode, why_not = can_compile(model, config.batch_invariant) if config.compile else (False, "")
+        compile_decode, why_not = can_compile(model) if config.compile else (False, "")
         if why_not:
             warnings.warn(f"not compiling: {why_not}", RuntimeWarning, stacklevel=2)
         if compile_decode:
@@ -112,11 +112,12 @@ class LLMEngine:
         # thread-safe, so it has one at most, and nobody else steps it meanwhile
         self.driver = None
 
-    def warmup(self) -> None:
-        """Compile the decode graphs now (a no-op unless EngineConfig.compile): a server does it before it is ready."""
+    def warmup(self, background: bool = False) -> None:
+        """Compile the decode graphs now (a no-op unless EngineConfig.compile): a server does it before it is ready.
+        background: the batched graphs are built on another thread once the batch-1 ones are (compiled.py)."""
         for runner in (self.runner, self.drafter and self.drafter.runner):
             if runner and runner.compiled is not None:
-                runner.compiled.warmup()
+                runner.compiled.warmup(background=background)
 
     @property
     def capacity_tokens(self) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 from tinylm.config import ModelConfig
 from tinylm.kernels.invariant import attend_key_ranges
 from tinylm.model.layers import RMSNorm
+from tinylm.model.opaque_ops import gate_by_sigmoid
 from tinylm.model.rotary import apply_rotary
 
 
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, mask, cache)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         if gate is not None:
-            out = out * torch.sigmoid(gate)
+            out = gate_by_sigmoid(gate, out, self.batch_invariant)
         return self.o_proj(out)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

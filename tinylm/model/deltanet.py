@@ -19,7 +19,7 @@ from torch import nn
 
 from tinylm.config import ModelConfig
 from tinylm.model.delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from tinylm.model.layers import GatedRMSNorm
+from tinylm.model.layers import GatedRMSNorm, gated_rms_norm
 
 
 class GatedDeltaNet(nn.Module):
@@ -62,23 +62,14 @@ class GatedDeltaNet(nn.Module):
         conv_state, recurrent_state = state if state is not None else (None, None)
         qkv, z, b, a = self._project(x)
         lengths = None if pad_mask is None else pad_mask.sum(dim=1).long()  # (B,) real tokens per row
-        qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), self.conv1d.weight, conv_state, lengths,
-                                        tap_by_tap=self.batch_invariant)
-        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(batch, seq, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(batch, seq, self.num_v_heads, self.head_v_dim)
-        beta = b.sigmoid()  # (B, T, H_v)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (B, T, H_v) log decay, float32
-        if pad_mask is not None:  # padding neither decays nor writes the state
-            beta, g = beta * pad_mask[:, :, None], g * pad_mask[:, :, None]
-        # As the reference: the recurrent form only for a 1-token step that continues a state.
-        recurrent = (recurrent_state is not None and seq == 1) or self.batch_invariant
-        rule = recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
-        out, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state)  # (B, T, H_v, D_v)
+        mix = mix_tokens
+        if self.batch_invariant and torch.compiler.is_compiling():
+            mix = torch.ops.tinylm.deltanet_mix  # the same body, opaque to Inductor (tinylm/model/opaque_ops.py)
+        out, conv_state, recurrent_state = mix(
+            qkv, z, b, a, conv_state, recurrent_state, lengths, pad_mask, self.conv1d.weight, self.A_log,
+            self.dt_bias, self.norm.weight, self.norm.eps, self.num_k_heads, self.head_k_dim, self.batch_invariant)
         if cache is not None:
             cache.set_linear_state(self.layer_idx, conv_state, recurrent_state)
-        out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         out = self.out_proj(out.reshape(batch, seq, self.value_dim))
         return out if order is None else _take(out, torch.argsort(order, dim=1))
 
@@ -111,3 +102,57 @@ def _real_tokens_first(pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """x (B, T, C) reordered along T by order (B, T)."""
     return x.gather(1, order[:, :, None].expand_as(x))
+
+
+def mix_tokens(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+               conv_state: torch.Tensor | None, recurrent_state: torch.Tensor | None, lengths: torch.Tensor | None,
+               pad_mask: torch.Tensor | None, conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+               norm_weight: torch.Tensor, eps: float, num_k_heads: int, head_k_dim: int,
+               invariant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet between its projections: conv + SiLU, the gated delta rule and the gated norm.
+
+    qkv (B, T, conv_dim) as [q | k | v]; z (B, T, H_v, D_v); b, a (B, T, H_v); the states (B, conv_dim, K-1) and
+    (B, H_v, D_k, D_v) or None; lengths (B,) and pad_mask (B, T) for padded rows (real tokens first) or None.
+    Returns (out (B, T, H_v * D_v) in qkv's dtype, new conv state, new recurrent state float32). invariant: the
+    recurrent form and the tap-by-tap conv for prompts too, as a decode step computes them.
+    """
+    batch, seq, _ = qkv.shape
+    num_v_heads, head_v_dim = z.shape[2], z.shape[3]
+    key_dim = num_k_heads * head_k_dim
+    qkv, conv_state = causal_conv1d(qkv.transpose(1, 2), conv_weight, conv_state, lengths, tap_by_tap=invariant)
+    q, k, v = qkv.transpose(1, 2).split([key_dim, key_dim, num_v_heads * head_v_dim], dim=-1)
+    q = q.reshape(batch, seq, num_k_heads, head_k_dim)
+    k = k.reshape(batch, seq, num_k_heads, head_k_dim)
+    v = v.reshape(batch, seq, num_v_heads, head_v_dim)
+    beta = b.sigmoid()  # (B, T, H_v)
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)  # (B, T, H_v) log decay, float32
+    if pad_mask is not None:  # padding neither decays nor writes the state
+        beta, g = beta * pad_mask[:, :, None], g * pad_mask[:, :, None]
+    # As the reference: the recurrent form only for a 1-token step that continues a state.
+    recurrent = (recurrent_state is not None and seq == 1) or invariant
+    rule = recurrent_gated_delta_rule if recurrent else chunk_gated_delta_rule
+    out, recurrent_state = rule(q, k, v, g, beta, initial_state=recurrent_state)  # (B, T, H_v, D_v)
+    out = gated_rms_norm(out.reshape(-1, head_v_dim), z.reshape(-1, head_v_dim), norm_weight, eps)
+    return out.reshape(batch, seq, num_v_heads * head_v_dim), conv_state, recurrent_state
+
+
+@torch.library.custom_op("tinylm::deltanet_mix", mutates_args=())
+def _deltanet_mix_op(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                     conv_state: torch.Tensor | None, recurrent_state: torch.Tensor | None,
+                     lengths: torch.Tensor | None, pad_mask: torch.Tensor | None, conv_weight: torch.Tensor,
+                     A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     num_k_heads: int, head_k_dim: int,
+                     invariant: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mix_tokens(qkv, z, b, a, conv_state, recurrent_state, lengths, pad_mask, conv_weight, A_log, dt_bias,
+                      norm_weight, eps, num_k_heads, head_k_dim, invariant)
+
+
+@_deltanet_mix_op.register_fake
+def _(qkv, z, b, a, conv_state, recurrent_state, lengths, pad_mask, conv_weight, A_log, dt_bias, norm_weight, eps,
+      num_k_heads, head_k_dim, invariant):
+    batch, seq, channels = qkv.shape
+    num_v_heads, head_v_dim = z.shape[2], z.shape[3]
+    out = qkv.new_empty(batch, seq, num_v_heads * head_v_dim)
+    new_conv = qkv.new_empty(batch, channels, conv_weight.shape[-1] - 1)
+    new_recurrent = qkv.new_empty(batch, num_v_heads, head_k_dim, head_v_dim, dtype=torch.float32)
+    return out, new_conv, new_recurrent

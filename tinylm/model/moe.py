@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm.config import ModelConfig
+from tinylm.kernels.invariant import invariant_linear, invariant_silu_mul
 from tinylm.model.layers import MLP
+from tinylm.model.opaque_ops import gate_by_sigmoid
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +34,9 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
 
 
 class SparseMoE(nn.Module):
+    # use_batch_invariant: route and sum the experts through `invariant_experts`, one body eagerly and compiled
+    batch_invariant = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -54,15 +59,26 @@ class SparseMoE(nn.Module):
         token's sum runs over its experts in index order whatever other tokens chose: batch invariant."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, C)
-        weights, experts = route(self.gate(tokens), self.top_k, self.normalize)
-        if self.gate_up_stack is not None and torch.compiler.is_compiling():
-            out = self._picked_experts(tokens, weights, experts)
+        if self.batch_invariant and self.gate_up_stack is not None:
+            out = self._invariant_experts(tokens)
         else:
-            out = self._grouped_experts(tokens, weights, experts)
+            weights, experts = route(self.gate(tokens), self.top_k, self.normalize)
+            if self.gate_up_stack is not None and torch.compiler.is_compiling():
+                out = self._picked_experts(tokens, weights, experts)
+            else:
+                out = self._grouped_experts(tokens, weights, experts)
         if self.has_shared:
             # Every token also goes through the shared expert, scaled by its own sigmoid gate (N, 1).
-            out = out + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+            gated = gate_by_sigmoid(self.shared_expert_gate(tokens), self.shared_expert(tokens), self.batch_invariant)
+            out = out + gated
         return out.reshape(shape)
+
+    def _invariant_experts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, C) -> (N, C) by `invariant_experts`: called as it is eagerly, as an opaque op compiled."""
+        experts = invariant_experts
+        if torch.compiler.is_compiling():
+            experts = torch.ops.tinylm.invariant_experts
+        return experts(tokens, self.gate(tokens), self.gate_up_stack, self.down_stack, self.top_k, self.normalize)
 
     def _grouped_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """tokens (N, C), weights and experts (N, k) -> (N, C): one product per expert in use, over its tokens."""
@@ -102,3 +118,30 @@ class SparseMoE(nn.Module):
 def plain_linear(layer) -> bool:
     """A float nn.Linear (or a subclass with the same parameters) without bias: what the stacks can hold."""
     return (isinstance(layer, nn.Linear) and layer.bias is None and layer.weight.is_floating_point())
+
+
+def invariant_experts(tokens: torch.Tensor, router_logits: torch.Tensor, gate_up_stack: torch.Tensor,
+                      down_stack: torch.Tensor, top_k: int, normalize: bool) -> torch.Tensor:
+    """The grouped sum with tinylm's invariant products, for batch-invariant inference: tokens (N, C), router
+    logits (N, E), stacks (E, 2I, C) and (E, C, I) -> (N, C). Each token's expert outputs are each its own rows'
+    products (the kernels' rows do not depend on the other tokens an expert got) added in expert index order."""
+    weights, experts = route(router_logits, top_k, normalize)
+    out = torch.zeros_like(tokens)
+    for expert_idx in torch.unique(experts).tolist():
+        token_idx, slot = torch.where(experts == expert_idx)
+        gate, up = invariant_linear(tokens[token_idx], gate_up_stack[expert_idx]).chunk(2, dim=-1)
+        hidden = invariant_silu_mul(gate, up)  # (n, I)
+        expert_out = invariant_linear(hidden, down_stack[expert_idx]) * weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, expert_out.to(out.dtype))
+    return out
+
+
+@torch.library.custom_op("tinylm::invariant_experts", mutates_args=())
+def _invariant_experts_op(tokens: torch.Tensor, router_logits: torch.Tensor, gate_up_stack: torch.Tensor,
+                          down_stack: torch.Tensor, top_k: int, normalize: bool) -> torch.Tensor:
+    return invariant_experts(tokens, router_logits, gate_up_stack, down_stack, top_k, normalize)
+
+
+@_invariant_experts_op.register_fake
+def _(tokens, router_logits, gate_up_stack, down_stack, top_k, normalize):
+    return torch.empty_like(tokens)
