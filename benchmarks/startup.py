@@ -1,12 +1,17 @@
 """Start-up time of `tinylm chat` and `tinylm serve` with the built-in model (SmolLM2-135M-Instruct), cold and warm.
 
     python benchmarks/startup.py [--runs 2] [--extra-flags "--no-compile"]
+    python benchmarks/startup.py --freezing-ab 8
 
 cold: a fresh tinylm cache folder (the built-in GGUF linked in, so nothing is downloaded): every decode graph is
 compiled. warm: the same folder again, as the next start finds it. tinylm's C++ kernels (torch's extension folder)
 are built already in both: a machine's very first start adds their build (~20 s on 2 cores).
 chat: seconds from the command's start to its first printed byte (`tinylm chat -m ...`, greedy, 16 tokens) and to
-its exit. serve: seconds until /health answers 200 (the server warms its graphs before it answers).
+its exit. serve: seconds until /health answers 200 (the server answers once its batch-1 graph is ready; the batched
+one is built meanwhile, in the background).
+--freezing-ab N: what the warm start costs in decode speed. Frozen weights (compiled.FREEZE_WEIGHTS) decode faster
+but cannot be loaded from AOTAutograd's cache, so every start traces the graph again: N pairs of 128-token greedy
+batch-1 generations of the built-in model, one compiled engine each way, alternating in one process.
 """
 
 from __future__ import annotations
@@ -68,11 +73,39 @@ def serve(env: dict, flags: list[str]) -> float:
         process.wait()
 
 
+def freezing_ab(pairs: int) -> None:
+    import tinylm
+    from tinylm.cli_args import resolve_dtype
+    from tinylm.engine import compiled
+
+    engines = {}
+    for frozen in (True, False):
+        compiled.FREEZE_WEIGHTS = frozen  # read when the engine (and its compiled step) is made
+        llm = tinylm.load(None, dtype=resolve_dtype("auto", "cpu"), compile=True)
+        llm.engine.runner.compiled.warmup(batches=(1,))
+        engines["frozen" if frozen else "not frozen"] = llm
+    params = tinylm.SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(pairs):
+        for name, llm in engines.items():
+            start = time.perf_counter()
+            llm.generate(["The capital of France is"], params, use_tqdm=False)
+            rates[name].append(128 / (time.perf_counter() - start))
+    wins = sum(f > n for f, n in zip(rates["frozen"], rates["not frozen"]))
+    for name, values in rates.items():
+        print(f"{name}: {sorted(values)[len(values) // 2]:.1f} tok/s median of {pairs} (batch 1, 128 tokens)")
+    print(f"frozen faster in {wins} of {pairs} pairs")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2, help="warm starts after the cold one")
     parser.add_argument("--extra-flags", default="", help="flags for both commands, e.g. '--no-compile'")
+    parser.add_argument("--freezing-ab", type=int, default=0, metavar="PAIRS",
+                        help="instead: decode speed with frozen weights vs without, PAIRS alternating pairs")
     args = parser.parse_args()
+    if args.freezing_ab:
+        return freezing_ab(args.freezing_ab)
     flags = shlex.split(args.extra_flags)
     for command in ("chat", "serve"):
         with tempfile.TemporaryDirectory() as root:

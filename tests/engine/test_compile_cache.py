@@ -1,52 +1,89 @@
 """Compiled decode graphs are cached on disk (tinylm/engine/compile_cache.py): a second process loads them instead of
-compiling (counted by Inductor's cache counters, not timed), a corrupt entry is rebuilt, an entry compiled against
-other kernel sources is not reused, and without a C++ compiler the engine warns once and decodes eagerly.
+compiling (counted by Inductor's and AOTAutograd's cache counters, not timed), a corrupt entry is rebuilt, an entry
+compiled against other kernel sources is not reused, and without a C++ compiler the engine warns once and decodes
+eagerly.
 
-Each process here runs the default path (tinylm.load with no compile argument, TINYLM_COMPILE unset) on a tiny
-Qwen3 checkpoint, one prompt (the batch-1 graph only), with its own tinylm cache folder."""
+Three processes in all (the fewest that show it: a graph loaded once stays loaded in its process, so a second
+process is the only honest reader of the cache, and a corrupt file is noticed only by a process that has not loaded
+it yet): one compiles into a fresh cache and then compiles against other kernel sources, one reads that cache, one
+reads a copy with every shared object damaged. Each runs the default path (tinylm.load with no compile argument,
+TINYLM_COMPILE unset) on a 1-layer tiny Qwen3 checkpoint. The first also warms up as a server does: the batched
+graph built on a thread while batched steps decode eagerly (compiled.py, warmup(background=True))."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 import tinylm
+from tinylm import tiny
 from tinylm.engine.engine import EngineConfig, LLMEngine
 
-# Runs in a fresh process: the default-on path, then the same prompt eagerly; prints what happened as JSON.
+# Runs in a fresh process: the default-on path, one prompt alone (the batch-1 graph) and two together (the batched
+# graph), then the same eagerly; prints what happened as JSON. "cold" first warms up as a server does (batch 1 now,
+# the batched graph on a thread while batched steps run eagerly), and at the end compiles once more as if tinylm's
+# kernel sources had changed since the cache was written. "corrupt": the prompt alone only.
 SCRIPT = r"""
 import json, sys
 import tinylm
 from tinylm.engine import compiled
 from torch._dynamo.utils import counters
 
-if sys.argv[2] == "stale":  # as if tinylm's kernel sources had changed since the cache was written
-    compiled._KernelSources.uuid = lambda self: "other kernel sources"
-params = tinylm.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+PARAMS = tinylm.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+PROMPTS = ["Once upon a time", "The little dog"]
+mode = sys.argv[2]
+
+def decode(llm, prompts):
+    return [list(out.outputs[0].token_ids) for out in llm.generate(prompts, PARAMS, use_tqdm=False)]
+
+def both(llm):
+    return decode(llm, PROMPTS[:1]) + ([] if mode == "corrupt" else decode(llm, PROMPTS))
+
+def lookups():  # graphs compiled (misses) and loaded (hits) by Inductor and by AOTAutograd so far
+    return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],
+            "aot_hits": counters["aot_autograd"]["autograd_cache_hit"],
+            "aot_misses": counters["aot_autograd"]["autograd_cache_miss"]}
+
 llm = tinylm.load(sys.argv[1])
-tokens = llm.generate(["Once upon a time"], params, use_tqdm=False)[0].outputs[0].token_ids
-decode = llm.engine.runner.compiled
-eager = tinylm.load(sys.argv[1], compile=False).generate(["Once upon a time"], params, use_tqdm=False)
-print(json.dumps({"compiled": decode is not None and not decode.failed, "rebuilt": decode and decode.rebuilt,
-                  "tokens": list(tokens), "eager": list(eager[0].outputs[0].token_ids),
-                  "hits": counters["inductor"]["fxgraph_cache_hit"],
-                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+step = llm.engine.runner.compiled
+report = {"eager": both(tinylm.load(sys.argv[1], compile=False))}
+if mode == "cold":
+    step.warmup(background=True)
+    tokens = decode(llm, PROMPTS)
+    report["while_building"] = {"tokens": tokens, "building": step._building.is_alive(),
+                                "batched_graph": True in step._traced}
+    step._building.join()
+report.update(tokens=both(llm), compiled=not step.failed, rebuilt=step.rebuilt, graphs=sorted(step._traced),
+              **lookups())
+if mode == "cold":
+    compiled._KernelSources.uuid = lambda self: "other kernel sources"
+    stale = tinylm.load(sys.argv[1])
+    stale_tokens = decode(stale, PROMPTS[:1])
+    after = lookups()
+    report["stale"] = {"compiled": not stale.engine.runner.compiled.failed, "tokens": stale_tokens,
+                       **{k: after[k] - report[k] for k in after}}
+print(json.dumps(report))
 """
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_folder):
-    return tiny_folder("qwen3", 5)
+def model_dir(tmp_path_factory) -> Path:
+    """A 1-layer tiny Qwen3 checkpoint: the smallest graph that still holds every kind of op a decode step has."""
+    one_layer = dict(tiny.FAMILIES["qwen3"], num_hidden_layers=1)
+    with mock.patch.dict(tiny.FAMILIES, {"qwen3": one_layer}):
+        return tiny.make_tiny("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3", seed=5)
 
 
-def _process(model_dir: Path, cache: Path, mode: str = "plain") -> dict:
+def _process(model_dir: Path, cache: Path, mode: str) -> dict:
     """One process with the default settings and `cache` as tinylm's cache folder; its report."""
     env = {k: v for k, v in os.environ.items() if k not in ("TINYLM_COMPILE", "TORCHINDUCTOR_CACHE_DIR")}
     env["TINYLM_CACHE"] = str(cache)
@@ -55,7 +92,7 @@ def _process(model_dir: Path, cache: Path, mode: str = "plain") -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["compiled"], done.stderr[-6000:]  # the default decoded through the graph, not eagerly
-    assert report["tokens"] == report["eager"] and len(report["tokens"]) == 8
+    assert report["tokens"] == report["eager"] and all(len(tokens) == 8 for tokens in report["tokens"])
     return report
 
 
@@ -63,37 +100,45 @@ def _process(model_dir: Path, cache: Path, mode: str = "plain") -> dict:
 def warm_cache(model_dir, tmp_path_factory) -> tuple[Path, dict]:
     """A cache folder one process has compiled into, and that process's report."""
     cache = tmp_path_factory.mktemp("tinylm-cache")
-    first = _process(model_dir, cache)
-    assert first["misses"] >= 1 and first["hits"] == 0  # compiled from scratch
+    first = _process(model_dir, cache, "cold")
+    assert first["misses"] >= 2 and first["hits"] == 0 and first["aot_misses"] >= 2  # compiled from scratch
+    assert first["graphs"] == [False, True]  # batch 1 and batched, both through their graphs
     assert list(cache.glob("compiled/*/fxgraph"))  # in tinylm's cache folder, not /tmp/torchinductor_$USER
     return cache, first
 
 
-def test_second_process_reuses_the_compiled_graph(model_dir, warm_cache):
+def test_second_process_reuses_the_compiled_graphs(model_dir, warm_cache):
     cache, first = warm_cache
-    second = _process(model_dir, cache)
-    assert second["misses"] == 0 and second["hits"] == first["misses"]  # nothing recompiled
+    second = _process(model_dir, cache, "warm")
+    # nothing recompiled, nothing traced by AOTAutograd again: every graph the first process compiled is loaded
+    assert second["misses"] == 0 and second["hits"] == first["misses"]
+    assert second["aot_misses"] == 0 and second["aot_hits"] == first["aot_misses"]
     assert second["tokens"] == first["tokens"]
+
+
+def test_server_warmup_builds_the_batched_graph_while_decoding_eagerly(warm_cache):
+    report = warm_cache[1]
+    while_building = report["while_building"]  # two prompts decoded right after warmup(background=True) returned
+    assert while_building["building"] and not while_building["batched_graph"]  # no batched graph yet: eager steps
+    assert while_building["tokens"] == report["eager"][1:]
 
 
 def test_corrupt_cache_entry_is_rebuilt(model_dir, warm_cache, tmp_path):
     cache = tmp_path / "cache"
-    _copy_tree(warm_cache[0], cache)
+    shutil.copytree(warm_cache[0], cache)
     shared_objects = list(cache.rglob("*.so"))
     assert shared_objects
     for path in shared_objects:  # a disk that filled up mid-write, a crash: files that no longer load
         path.write_bytes(b"not a shared object")
-    report = _process(model_dir, cache)  # still compiled, still the eager tokens (checked in _process)
+    report = _process(model_dir, cache, "warm")  # still compiled, still the eager tokens (checked in _process)
     assert report["rebuilt"] == 1 and report["misses"] >= 1  # detected: the cache emptied and the graph compiled
-    again = _process(model_dir, cache)
-    assert again["misses"] == 0 and again["rebuilt"] == 0  # the rebuilt entry is sound
+    assert not any(path.read_bytes() == b"not a shared object" for path in cache.rglob("*.so"))  # none left
 
 
-def test_entry_of_other_kernel_sources_is_not_reused(model_dir, warm_cache, tmp_path):
-    cache = tmp_path / "cache"
-    _copy_tree(warm_cache[0], cache)
-    report = _process(model_dir, cache, "stale")
-    assert report["hits"] == 0 and report["misses"] >= 1
+def test_entry_of_other_kernel_sources_is_not_reused(warm_cache):
+    stale = warm_cache[1]["stale"]  # the first process again, its kernels' version changed after it compiled
+    assert stale["compiled"] and stale["hits"] == 0 and stale["misses"] >= 1 and stale["aot_hits"] == 0
+    assert stale["tokens"] == warm_cache[1]["eager"][:1]
 
 
 def test_no_compiler_warns_once_and_decodes_eagerly(model_dir):
@@ -118,9 +163,3 @@ def test_switch_turns_the_default_off(monkeypatch):
     monkeypatch.setenv("TINYLM_COMPILE", "1")
     assert EngineConfig().compile is True
     assert EngineConfig(compile=False).compile is False
-
-
-def _copy_tree(source: Path, dest: Path) -> None:
-    import shutil
-
-    shutil.copytree(source, dest)

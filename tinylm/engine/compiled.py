@@ -18,12 +18,16 @@ Prefill stays eager: it is matmul-bound, where compiling buys little and costs a
 If compiling fails (no C++ compiler, an op Inductor cannot lower), the engine warns once and decodes eagerly.
 Compiled graphs are cached on disk and reused by the next process (tinylm/engine/compile_cache.py: what is reused,
 where, and how a corrupt entry is rebuilt); a graph is compiled when first needed (batch 1 by the first decode
-step, the batched one by the first step of two rows), or by warmup() before a server answers.
+step, the batched one by the first step of two rows), or by warmup(). A server answers once the batch-1 graph is
+ready: warmup(background=True) builds the batched one on a passing thread while batched steps decode eagerly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import types
 import warnings
 
@@ -80,6 +84,7 @@ class CompiledDecode:
         # the options above reach only Inductor. Set around the calls that trace: the first of each graph.
         self._freeze = options.get("freezing", False)
         self._traced: set[bool] = set()  # batched? for each graph traced so far
+        self._building: threading.Thread | None = None  # builds the batched graph while batched steps run eagerly
         self.rebuilt = 0  # compiles retried from an emptied cache (an entry there no longer loaded)
         compile_cache.use_cache_dir()
         self.hybrid = _reserve_states(model, pool)
@@ -89,7 +94,7 @@ class CompiledDecode:
                  state_rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits, or None when compiling failed (the caller runs the eager path, now and from then on).
         state_rows (B,): each row's DeltaNet state slot, for hybrid models (None otherwise)."""
-        if self.failed:
+        if self.failed or (ids.shape[0] > 1 and self._building_batched()):
             return None
         torch._dynamo.mark_dynamic(gather_slots, 1)
         if ids.shape[0] > 1:  # size 1 is always its own graph
@@ -139,10 +144,39 @@ class CompiledDecode:
         return (f"{config.model_type}-{config.hidden_size}x{config.num_hidden_layers}-"
                 f"{str(dtype).removeprefix('torch.')}-{'batched' if batched else 'batch1'}")
 
-    @torch.inference_mode()
-    def warmup(self, batches: tuple[int, ...] = (1, 2)) -> None:
+    def warmup(self, batches: tuple[int, ...] = (1, 2), background: bool = False) -> None:
         """Compile the batch-1 graph and the batched one now (or those of `batches`), so no request waits for the
-        compiler. The dummy steps write to slot 0, the padding block, which only ever needs finite values."""
+        compiler. background: return once batch 1 is ready and build the batched graph on a passing thread (a server
+        answers sooner; its batched steps decode eagerly until the graph is there)."""
+        later = tuple(b for b in batches if b > 1) if background else ()
+        self._dummy_steps(tuple(b for b in batches if b not in later))
+        if later:
+            self._building = threading.Thread(target=self._build_in_background, args=(later,), daemon=True,
+                                              name="tinylm-compile-batched")
+            self._building.start()
+
+    def _building_batched(self) -> bool:
+        """Whether the batched graph is still being built on another thread (this thread's steps run eagerly)."""
+        building = self._building
+        if building is None or building is threading.current_thread():
+            return False
+        if building.is_alive():
+            return True
+        self._building = None  # built (or failed: self.failed says so)
+        return False
+
+    def _build_in_background(self, batches: tuple[int, ...]) -> None:
+        """The batched graph's warm-up on its own thread, at a lower CPU priority (a thread's nice value on Linux,
+        inherited by its OpenMP workers and its g++ processes) so the engine thread keeps the cores while it decodes.
+        The thread ends when the graph is built, and its OpenMP team with it (server/cli.py, on_a_passing_thread)."""
+        with contextlib.suppress(AttributeError, OSError):  # best effort (not on every OS)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        self._dummy_steps(batches)
+
+    @torch.inference_mode()
+    def _dummy_steps(self, batches: tuple[int, ...]) -> None:
+        """One decode step of each batch size (compiling its graph, or loading it from the disk cache). The dummy
+        steps write to slot 0, the padding block, which only ever needs finite values."""
         for batch in batches:
             context = 17  # unlike the batch size: PyTorch would otherwise assume the two equal (duck sizing)
             valid = None if batch == 1 else torch.ones(batch, context, dtype=torch.bool)
@@ -172,14 +206,21 @@ class _KernelSources(CustomGraphPass):
         return kernels.version()
 
 
+# Freezing makes float weights constants of the compiled code instead of ~250 graph inputs that dynamo's prologue and
+# the wrapper pass on every call (one engine each way, alternating generate calls, 2-core EPYC: bf16 batch 1 +5.1%,
+# 7 of 8 pairs; the Qwen3-Gated-MoE hybrid +6.7%, 8 of 8; oneDNN weight prepacking, which freezing would also do,
+# stays off then: it keeps a second copy of each weight). But AOTAutograd's cache refuses frozen graphs ("Cannot
+# cache a graph with freezing enabled"): every start then traces each graph again and folds its constants. Without
+# freezing a second process loads a graph from the AOTAutograd and FX caches: the built-in model's warm batch-1
+# graph took 9.8-13 s instead of 38.6 s (2 cores under load; quiet figures in BENCHMARKS.md, Start-up). Off: the
+# issue's 10 s warm start. `python benchmarks/startup.py --freezing-ab` measures the decode cost both ways.
+FREEZE_WEIGHTS = False
+
+
 def _inductor_options(model) -> dict:
     """Inductor settings for this model's decode graph.
 
-    Float weights are frozen: Inductor takes them as constants of the compiled code instead of ~250 graph inputs
-    that dynamo's prologue and the wrapper pass on every call (one engine each way, alternating generate calls,
-    2-core EPYC: bf16 batch 1 +5.1%, 7 of 8 pairs; the Qwen3-Gated-MoE hybrid +6.7%, 8 of 8). The compiled engine's model
-    is inference-only already (fuse_projections copies q/k/v and gate/up).
-    oneDNN weight prepacking, which freezing would also do, stays off: it keeps a second copy of each weight.
+    Float weights are frozen only with FREEZE_WEIGHTS (off): see there for what it gains and costs.
 
     int8 layers are not frozen (constant folding keeps float copies of some int8 tensors: +0.18 GiB for w8a8, and
     batch-1 int8 decode was slower). Their batch-1 products are reductions over a weight row (Int8Linear); by
@@ -187,13 +228,14 @@ def _inductor_options(model) -> dict:
     the reduction's loop, recomputing them for every output row, which makes int8 rows compute-bound (9 GB/s
     instead of 36). A low realize threshold stores such inputs once instead (it would cost float rows their wide
     vector loop). The layers say so themselves: `compiled_int_rows` (per-channel Int8Linear, tinylm/quant/linear.py)."""
+    frozen = {"freezing": True, "cpp.weight_prepack": False} if FREEZE_WEIGHTS else {}
     if getattr(model, "batch_invariant", False):
         # the ops between tinylm's invariant kernels (rotary, residual adds) rounded to the model's dtype after
         # each op, as eager PyTorch does: a decoded token's bits then equal the eager prefill's (issue 21)
-        return {"freezing": True, "cpp.weight_prepack": False, "emulate_precision_casts": True}
+        return {**frozen, "emulate_precision_casts": True}
     if any(getattr(m, "compiled_int_rows", False) for m in model.modules()):
         return {"realize_opcount_threshold": 2}
-    return {"freezing": True, "cpp.weight_prepack": False}
+    return frozen
 
 
 def _reserve_states(model, pool: KVPool) -> bool:

@@ -65,7 +65,8 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     # The LLM's own engine, (re)configured for serving: one engine per LLM, which llm.generate() uses again once
     # the server stops (LLM.engine_for; an engine another running server steps is not shared)
     engine = llm.engine_for(config.engine or EngineConfig())
-    engine.warmup()  # compiles the decode graphs before the server answers (with --compile only)
+    # compiles the batch-1 decode graph before the server answers, the batched one meanwhile (with --compile only)
+    engine.warmup(background=True)
     for name, path in config.lora_modules.items():
         if name not in engine.loras.ids:  # the LLM's engine may hold them from an earlier server
             engine.load_lora(name, path)

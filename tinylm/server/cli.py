@@ -140,8 +140,8 @@ def cmd_serve(args) -> int:
 
     config = server_config(args)
     if config.engine.compile:
-        print("tinylm: compiling the decode steps (about a minute per graph the first time, seconds once cached "
-              "on disk; --no-compile skips it)", file=sys.stderr, flush=True)
+        print("tinylm: compiling the decode step (about a minute the first time, seconds once cached on disk; "
+              "the batched step compiles while serving; --no-compile skips it)", file=sys.stderr, flush=True)
     app = on_a_passing_thread(lambda: create_app(load_from_args(args), config))
     uv_config = uvicorn_config(app, args.host, args.port, header_timeout=args.header_timeout,
                                graceful_timeout=args.graceful_timeout, access_log=not args.no_access_log)
