@@ -3,14 +3,13 @@
 Compiling is on by default wherever a C++ compiler is present (Inductor writes C++): `TINYLM_COMPILE=0` (or
 compile=False, --no-compile) turns the default off; without a compiler the engine warns once and decodes eagerly.
 
-What a second process reuses, measured with torch 2.13 on SmolLM2-135M-Instruct in bfloat16: Inductor's FX graph
-cache (the generated C++ and its compiled .so files, about 30 s of a graph's 40-60 s first compile on 2 cores).
-The AOTAutograd cache and dynamo's caching precompile, which would also skip tracing, refuse graphs compiled with
-freezing ("Cannot cache a graph with freezing enabled"), and freezing gives batch-1 bfloat16 decode +5%
-(compiled.py, _inductor_options): a warm start still traces each graph with dynamo and AOTAutograd and folds its
-constants (about 8-12 s per graph on this 2-core machine). Frozen weights are not part of the cache entries: they
-are bound from the live model at load, so a graph compiled for one checkpoint serves every checkpoint of the same
-architecture, dtype and quantization policy (Inductor's key is the graph: shapes, dtypes, ops).
+What a second process reuses, measured with torch 2.13 on SmolLM2-135M-Instruct in bfloat16: AOTAutograd's cache
+(the traced forward graph, which skips AOTAutograd's tracing) and Inductor's FX graph cache (the generated C++ and
+its compiled .so files, most of a graph's 40-60 s first compile on 2 cores, more for the batched graph). Dynamo still
+traces each graph in every process (a few seconds per graph; its caching precompile missed for tinylm's step in a
+trial). Weights are graph inputs, not frozen constants (compiled.FREEZE_WEIGHTS says why), so a graph compiled for
+one checkpoint serves every checkpoint of the same architecture, dtype and quantization policy (the caches' key is
+the graph: shapes, dtypes, ops, Inductor's options).
 
 Inductor's cache goes in tinylm's cache folder (hub.cache_dir(), beside the built-in model), one sub-folder per
 torch version, CPU capability and tinylm kernel sources; TORCHINDUCTOR_CACHE_DIR, when the user sets it, wins.
