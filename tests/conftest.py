@@ -79,3 +79,13 @@ def pairs(folders) -> dict:
     transformers = pytest.importorskip("transformers")
     return {f: (Tokenizer.from_folder(d), transformers.AutoTokenizer.from_pretrained(str(d)))
             for f, d in folders.items()}
+
+
+def pytest_sessionstart(session):
+    """Where a C++ compiler exists, tinylm's kernels must build: a build error would otherwise only show as the
+    kernel tests skipping ("no C++ toolchain") and every model running PyTorch's formulations instead."""
+    from tinylm import kernels
+    from tinylm.engine.compile_cache import missing_compiler
+
+    if not missing_compiler() and not kernels.available():
+        raise pytest.UsageError("tinylm's C++ kernels failed to build with a compiler present (see the warning)")

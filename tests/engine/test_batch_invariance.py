@@ -14,6 +14,7 @@ import tinylm
 from tests.helpers import run_engine
 from tinylm import hub, kernels
 from tinylm.engine.engine import EngineConfig
+from tinylm.engine.kv_pool import KVPool
 from tinylm.loading import load_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ toolchain to build tinylm's kernels")
@@ -96,6 +97,16 @@ def _engine(llm, **config):
     return llm.engine_for(EngineConfig(**{**vars(llm.engine_config), **config}))
 
 
+def _preempted(llm, prompts, blocks: int) -> list[tuple]:
+    """The prompts together in a K/V pool of `blocks` 16-token blocks: too small for all of them, so rows are
+    preempted (their blocks freed) and later recomputed from their prompt and the tokens they had."""
+    per_block = KVPool.bytes_per_block(llm.config, 16, llm.dtype)
+    engine = _engine(llm, block_size=16, kv_cache_bytes=per_block * (blocks + 1))
+    traces = _together(engine, prompts)
+    assert engine.scheduler.num_preemptions > 0
+    return traces
+
+
 @pytest.fixture(scope="module")
 def builtin_bf16():
     return tinylm.load(hub.resolve(hub.DEFAULT_MODEL), dtype="bfloat16")
@@ -110,6 +121,7 @@ def test_builtin_bf16_every_schedule_gives_the_same_bits(builtin_bf16):
     assert _staggered(llm.engine, prompts) == alone
     assert _together(_engine(llm, max_num_batched_tokens=16), prompts) == alone  # prompts cut into 16-token chunks
     assert _together(_engine(llm, max_num_seqs=3), prompts) == alone  # 3 at a time: the others wait
+    assert _preempted(llm, prompts, blocks=12) == alone  # room for ~3 rows: the rest preempted and recomputed
 
 
 def test_builtin_bf16_scoring_reproduces_decoding(builtin_bf16):
@@ -174,6 +186,7 @@ def test_hybrid_and_moe_every_schedule_gives_the_same_bits(load_tiny, arch):
     assert _together(llm.engine, prompts) == alone
     assert _staggered(llm.engine, prompts) == alone
     assert _together(_engine(llm, max_num_batched_tokens=8), prompts) == alone
+    assert _preempted(llm, prompts, blocks=12) == alone
     assert _scored(llm, prompts[:6], alone[:6]) == _decoded_logprobs(alone[:6])
 
 
