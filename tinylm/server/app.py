@@ -10,6 +10,7 @@ request with 500, never the server. CPU work of a request (templates, tokenizing
 from __future__ import annotations
 
 import asyncio
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -41,6 +42,9 @@ class ServerConfig:
     cpu_workers: int = 4  # threads that tokenize and render templates for requests
     lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> PEFT folder, served unmerged
     allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (they read server paths)
+
+
+GIL_SWITCH_INTERVAL_S = 0.0005  # how long the engine thread may wait for the event loop's GIL (see lifespan)
 
 
 @dataclass
@@ -79,9 +83,15 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.cpu_limiter = anyio.CapacityLimiter(config.cpu_workers)
+        # The engine thread hands a step's outputs to this loop, which then holds the GIL while it writes every
+        # stream's event; the engine thread, back from the hand-off, waits for the GIL up to the switch interval
+        # (5 ms by default) before its next step. A tiny model's engine spent a quarter of its samples there.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL_S))
         state.engine.start()
         yield
         state.engine.shutdown()
+        sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="tinylm", version=_version(), lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.tinylm = state
