@@ -25,6 +25,9 @@ from tinylm.bench.serve import ServerProcess, client_stamps, fresh_prompts
 from tinylm.bench.systems import WARM_TOKENS
 from tinylm.bench.timing import Stamps
 
+# Weight repacking off: with it, a -march=native build on an AMX host (Sapphire Rapids) runs Q4_1 products through
+# ggml's AMX buffer type, which crashed (SIGSEGV in ggml_backend_amx_mul_mat, llama.cpp of llama-cpp-python 0.3.36)
+NO_AMX = ["--no-repack"]
 BUILT = Path.home() / ".cache" / "tinylm" / "llama-server" / "build" / "bin" / "llama-server"
 
 
@@ -48,7 +51,7 @@ class LlamaServerSystem:
         # are new anyway: fresh_prompts)
         command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "-np", str(max_clients), "-cb",
                    "-c", str(max_clients * slot_context), "-t", threads, "-tb", threads, "--no-webui",
-                   "--cache-ram", "0"]
+                   "--cache-ram", "0", *NO_AMX]
         self.label = (f"{gguf.name} as stored, llama.cpp's server ({binary}), --parallel {max_clients} "
                       "--cont-batching, one streaming client per prompt (another process)")
         self.server = ServerProcess(command, "llama-server")
