@@ -43,7 +43,7 @@ class Metrics:
             accepted.set_function(lambda: engine.drafter.num_accepted)
 
     def on_output(self, output: StepOutput, since_arrival: float, since_last: float | None) -> None:
-        """Called by the engine thread for every token it delivers."""
+        """Called on the event loop for every token the engine thread hands over (AsyncEngine._hand_over)."""
         if output.token_id is not None:
             self.generation_tokens.inc()
             if since_last is None:
