@@ -98,10 +98,11 @@ def _engine(llm, **config):
 
 
 def _preempted(llm, prompts, blocks: int) -> list[tuple]:
-    """The prompts together in a K/V pool of `blocks` 16-token blocks: too small for all of them, so rows are
-    preempted (their blocks freed) and later recomputed from their prompt and the tokens they had."""
-    per_block = KVPool.bytes_per_block(llm.config, 16, llm.dtype)
-    engine = _engine(llm, block_size=16, kv_cache_bytes=per_block * (blocks + 1))
+    """The prompts together in a K/V pool of `blocks` 4-token blocks: too small for all of them, so rows are
+    preempted (their blocks freed) and later recomputed from their prompt and the tokens they had. No prefix
+    cache: the shared chat template would let every prompt fit."""
+    per_block = KVPool.bytes_per_block(llm.config, 4, llm.dtype)
+    engine = _engine(llm, block_size=4, kv_cache_bytes=per_block * (blocks + 1), enable_prefix_caching=False)
     traces = _together(engine, prompts)
     assert engine.scheduler.num_preemptions > 0
     return traces
@@ -121,7 +122,7 @@ def test_builtin_bf16_every_schedule_gives_the_same_bits(builtin_bf16):
     assert _staggered(llm.engine, prompts) == alone
     assert _together(_engine(llm, max_num_batched_tokens=16), prompts) == alone  # prompts cut into 16-token chunks
     assert _together(_engine(llm, max_num_seqs=3), prompts) == alone  # 3 at a time: the others wait
-    assert _preempted(llm, prompts, blocks=12) == alone  # room for ~3 rows: the rest preempted and recomputed
+    assert _preempted(llm, prompts, blocks=30) == alone  # room for ~3 rows: the rest preempted and recomputed
 
 
 def test_builtin_bf16_scoring_reproduces_decoding(builtin_bf16):
@@ -186,7 +187,7 @@ def test_hybrid_and_moe_every_schedule_gives_the_same_bits(load_tiny, arch):
     assert _together(llm.engine, prompts) == alone
     assert _staggered(llm.engine, prompts) == alone
     assert _together(_engine(llm, max_num_batched_tokens=8), prompts) == alone
-    assert _preempted(llm, prompts, blocks=12) == alone
+    assert _preempted(llm, prompts, blocks=12) == alone  # prompts of 3-33 tokens
     assert _scored(llm, prompts[:6], alone[:6]) == _decoded_logprobs(alone[:6])
 
 
