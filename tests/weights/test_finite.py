@@ -86,11 +86,15 @@ def test_quantized_checkpoint_with_nan(tmp_path):
     assert load_model(saved, check_finite=False).model is not None
 
 
-def test_the_check_reads_in_chunks(monkeypatch):
-    monkeypatch.setattr(finite, "_CHUNK", 7)
-    values = torch.zeros(100)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_bad_value_anywhere_is_found(dtype, bad):
+    values = torch.zeros(3, 100, dtype=dtype)
     finite.check_finite("t", values)
-    values[-1] = float("-inf")  # in the last, partial chunk
-    with pytest.raises(WeightsError, match="^t holds NaN or Inf"):
-        finite.check_finite("t", values)
+    for index in ((0, 0), (1, 57), (2, 99)):
+        spoiled = values.clone()
+        spoiled[index] = bad
+        with pytest.raises(WeightsError, match="^t holds NaN or Inf"):
+            finite.check_finite("t", spoiled)
+    finite.check_finite("empty", torch.zeros(0, dtype=dtype))
     finite.check_finite("ints", torch.zeros(4, dtype=torch.int8))  # integers cannot hold NaN
