@@ -11,14 +11,6 @@
 // chunks' partials are combined in order (combine_chunks). Work items, threads and the batch's padding only
 // decide who computes a chunk, never how. So a prompt token scored here equals the same token decoded alone,
 // bit for bit, given the same q and the same pool contents.
-//
-// Two chunk kernels, chosen per call by the pool alone (so decode and prefill always take the same one):
-//   bfloat16 pools, head size a multiple of 32, AMX tiles lent (Sapphire Rapids and later): attend_amx
-//     (invariant_amx.h): QK^T and PV on tiles, float32 operands split in three bf16 parts (float32's 24 bits),
-//     up to kAmxLanes query heads per block sharing the chunk's gathered K and packed V (prefill 2x faster than
-//     the float32 kernel at 512-2048 tokens; decode rows ~1.7x slower: a tile is 16 lanes, a decode row fills G);
-//   every other pool (float32, float16, int8; bfloat16 elsewhere): attend_chunk (float32 FMAs).
-// The two give different bits (both within float32 rounding of exact attention): invariance holds within one.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,22 +20,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
-#include <type_traits>
 #include <numeric>
 #include <vector>
 
 #include "attend_chunk.h"
-#include "invariant_ops.h"
-
-#if defined(TINYLM_INV_AVX512) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include "invariant_amx.h"
-#define TINYLM_ATTN_AMX 1
-#endif
-
-namespace {
-constexpr int64_t kAmxLanes = 64;  // query heads per block on AMX tiles: 4 tiles of 16 lanes
-}
 
 namespace {
 
@@ -87,7 +67,6 @@ struct Inputs {
   const int64_t *slots, *rows, *starts, *ends;
   int64_t context, heads, kv_heads, dim;
   float scale;
-  bool amx;  // bfloat16 pool, head size a multiple of 32, AMX tiles lent: chunks on tiles (attend_amx)
 
   // chunk c of `block` for K/V heads [h0, h1), partials at `partial` (where the block's slot 0 is at block.first)
   void attend(const Block& block, int64_t c, int64_t h0, int64_t h1, int64_t fetch_all, float* partial) const {
@@ -116,71 +95,6 @@ struct Inputs {
                       part, QueryRows{together, heads * dim, record});
     }
   }
-
-#ifdef TINYLM_ATTN_AMX
-  // Chunks [c0, c1) of `block` for one K/V head on AMX tiles (invariant_amx.h): the block's query heads are
-  // packed once, then each chunk's keys gathered, scored, weighed and written as attend_chunk's partials.
-  void attend_amx(const Block& block, int64_t kv_head, int64_t c0, int64_t c1, float* partial) const {
-    using namespace tinylm_amx;
-    static_assert(kAttnKeys == kChunk && kAttnMaxDim == kMaxDim, "one chunk size for both paths");
-    const int64_t groups = heads / kv_heads, lanes = block.count * groups, r0 = block.row;
-    const int64_t tile_groups = (lanes + 15) / 16;  // lanes 16g .. 16g + 15 share a tile (at most kAmxLanes)
-    alignas(64) uint32_t qt[kAmxLanes / 16][kSplits * (kAttnMaxDim / 32) * 256];
-    for (int64_t g = 0; g < tile_groups; ++g) {
-      const auto q_lane = [&](int64_t L) {
-        const int64_t lane = 16 * g + L;
-        return q + ((r0 + lane / groups) * heads + kv_head * groups + lane % groups) * dim;
-      };
-      pack_queries(q_lane, std::min<int64_t>(16, lanes - 16 * g), dim, scale, qt[g]);
-    }
-    thread_local AttnScratch w;
-    const int64_t* row_slots = slots + rows[r0] * context;
-    const auto row = [&](const T* pool, int64_t s) {
-      return reinterpret_cast<const uint16_t*>(pool + (row_slots[s] * kv_heads + kv_head) * dim);
-    };
-    configure();
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t s0 = starts[r0] + c * kChunk;
-      alignas(64) int32_t lens[kAmxLanes] = {};
-      int64_t n = 0;
-      for (int64_t L = 0; L < lanes; ++L) {
-        lens[L] = static_cast<int32_t>(std::max<int64_t>(0, std::min(ends[r0 + L / groups], s0 + kChunk) - s0));
-        n = std::max<int64_t>(n, lens[L]);
-      }
-      if (n == 0) continue;
-      // the chunk's K and V rows, gathered once for all the block's lanes
-      gather_rows([&](int64_t j) { return row(keys, s0 + j); }, n, dim, w.keys);
-      attn_pack_v(w, [&](int64_t j) { return row(values, s0 + j); }, n, dim);
-      for (int64_t g = 0; g < tile_groups; ++g) {
-        const int64_t group_lanes = std::min<int64_t>(16, lanes - 16 * g);
-        int64_t group_n = 0;
-        for (int64_t L = 0; L < group_lanes; ++L) group_n = std::max<int64_t>(group_n, lens[16 * g + L]);
-        if (group_n == 0) continue;
-        attn_scores(w, qt[g], dim, (group_n + 15) / 16, w.scores);
-        attn_softmax(w, lens + 16 * g, (group_n + 15) / 16);
-        attn_pack_p(w, group_lanes);
-        attn_values(w, dim);
-        write_partials(block, c, kv_head, 16 * g, group_lanes, lens + 16 * g, w, partial);
-      }
-    }
-    _tile_release();
-  }
-
-  // lanes [lane0, lane0 + count) of the tile's results as attend_chunk's partials (m, l, D sums)
-  void write_partials(const Block& block, int64_t c, int64_t kv_head, int64_t lane0, int64_t count,
-                      const int32_t* lens, const tinylm_amx::AttnScratch& w, float* partial) const {
-    const int64_t groups = heads / kv_heads, record = heads * (dim + 2);
-    for (int64_t L = 0; L < count; ++L) {
-      if (lens[L] == 0) continue;  // the row ends before this chunk
-      const int64_t lane = lane0 + L;
-      float* part = partial + (block.first + c * block.count + lane / groups) * record +
-                    (kv_head * groups + lane % groups) * (dim + 2);
-      part[0] = w.top[L];
-      part[1] = w.total[L];
-      std::memcpy(part + 2, w.out + L * dim, dim * sizeof(float));
-    }
-  }
-#endif
 
   // every output row of `block` from its partials, combined in chunk order
   void combine(const Block& block, const float* partial, float* out) const {
@@ -214,13 +128,6 @@ void run_per_block(const Inputs<T>& in, const std::vector<Block>& blocks, float*
       Block block = blocks[order[k]];
       block.first = 0;
       partial.resize(block.chunks * block.count * record);
-#ifdef TINYLM_ATTN_AMX
-      if (in.amx) {
-        for (int64_t h = 0; h < in.kv_heads; ++h) in.attend_amx(block, h, 0, block.chunks, partial.data());
-        in.combine(block, partial.data(), out);
-        continue;
-      }
-#endif
       for (int64_t c = 0; c < block.chunks; ++c) {
         in.attend(block, c, 0, in.kv_heads, in.kv_heads * in.dim, partial.data());
       }
@@ -244,29 +151,12 @@ void run_per_chunk(const Inputs<T>& in, const std::vector<Block>& blocks, const 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, c] = work[item / in.kv_heads];
-#ifdef TINYLM_ATTN_AMX
-      if (in.amx) {
-        in.attend_amx(blocks[b], item % in.kv_heads, c, c + 1, pp);
-        continue;
-      }
-#endif
       in.attend(blocks[b], c, item % in.kv_heads, item % in.kv_heads + 1, 0, pp);
     }
   });
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) in.combine(blocks[b], pp, out);
   });
-}
-
-// Whether chunks run on AMX tiles: bfloat16 pools with a head size of 32, 64, ... when Linux lends the tiles. A
-// property of the pool and the process, the same for every call, decode and prefill alike.
-template <typename T>
-bool use_amx(int64_t dim) {
-#ifdef TINYLM_ATTN_AMX
-  return std::is_same_v<T, c10::BFloat16> && dim % 32 == 0 && tinylm_amx::enabled();
-#else
-  return false;
-#endif
 }
 
 // Which of the two splits runs changes who computes a chunk, never its numbers (attend_chunk on the same keys,
@@ -277,9 +167,8 @@ void run(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool
          const int64_t* ends, float scale, at::Tensor& out) {
   const Inputs<T> in{q.data_ptr<float>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(), k_scales, v_scales,
                      slots.data_ptr<int64_t>(), rows, starts, ends, slots.size(1), q.size(1), k_pool.size(1),
-                     q.size(2), scale, use_amx<T>(q.size(2))};
-  // query rows per block: at most kMaxGroup heads (kAmxLanes on AMX tiles, which share the chunk's K and V)
-  const int64_t most = (in.amx ? kAmxLanes : kMaxGroup) / (in.heads / in.kv_heads);
+                     q.size(2), scale};
+  const int64_t most = kMaxGroup / (in.heads / in.kv_heads);  // query rows per block: at most kMaxGroup heads
   const std::vector<Block> blocks = query_blocks(rows, starts, ends, q.size(0), most);
   if (blocks.empty()) return;
   if (static_cast<int64_t>(blocks.size()) >= 4 * at::get_num_threads()) {
