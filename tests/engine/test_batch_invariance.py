@@ -215,5 +215,4 @@ def test_builtin_quantized_alone_equals_together(quantize):
     prompts = _chat_prompts(llm, 8)
     alone = _alone(llm.engine, prompts)
     assert _together(llm.engine, prompts) == alone
-    assert _together(_engine(llm, max_num_batched_tokens=16), prompts) == alone
-    assert _scored(llm, prompts, alone) == _decoded_logprobs(alone)
+    assert _scored(llm, prompts, alone) == _decoded_logprobs(alone)  # prompts scored whole: chunking is the bf16 test's

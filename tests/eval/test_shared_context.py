@@ -111,7 +111,7 @@ def test_padded_rows_path_shares_identical_inputs(tiny_llm):
 def test_compiled_forward_gives_the_same_loglikelihoods(tiny_llm):
     eager = Scorer.from_llm(tiny_llm)
     compiled = Scorer.from_llm(tiny_llm, compile=True)
-    items = build_items(TASKS["hellaswag"], DATA, Settings()) + build_items(TASKS["arc_easy"], DATA, Settings())
+    items = build_items(TASKS["hellaswag"], DATA, Settings())  # each graph shape costs a compile: one task's
     pairs = [eager.encode_pair(r.context, r.continuation) for item in items for r in item.requests]
     want = {i: ll for batch in eager.score(pairs, batch_size=3) for i, ll, _ in batch}
     got = {i: ll for batch in compiled.score(pairs, batch_size=3) for i, ll, _ in batch}
