@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tinylm.bench.serve import ServerProcess, client_stamps, fresh_prompts
-from tinylm.bench.systems import WARM_TOKENS
-from tinylm.bench.timing import Stamps
+from tinylm.bench.serve import ServedSystem, ServerProcess
 
 # Weight repacking off: with it, a -march=native build on an AMX host (Sapphire Rapids) runs Q4_1 products through
 # ggml's AMX buffer type, which crashed (SIGSEGV in ggml_backend_amx_mul_mat, llama.cpp of llama-cpp-python 0.3.36)
@@ -42,31 +40,16 @@ def llama_server_binary() -> Path | None:
     return Path(found) if found else None
 
 
-class LlamaServerSystem:
+class LlamaServerSystem(ServedSystem):
     name = "llama-server"
+    request_extra = {"cache_prompt": False}  # each run's prompts are new anyway (fresh_prompts)
 
     def __init__(self, binary: Path, gguf: Path, max_clients: int, slot_context: int) -> None:
         threads = str(torch.get_num_threads())
-        # one slot per client, each with the context a request needs; the prompt cache off (each run's prompts
-        # are new anyway: fresh_prompts)
+        # one slot per client, each with the context a request needs; the prompt cache off
         command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "-np", str(max_clients), "-cb",
                    "-c", str(max_clients * slot_context), "-t", threads, "-tb", threads, "--no-webui",
                    "--cache-ram", "0", *NO_AMX]
         self.label = (f"{gguf.name} as stored, llama.cpp's server ({binary}), --parallel {max_clients} "
                       "--cont-batching, one streaming client per prompt (another process)")
         self.server = ServerProcess(command, "llama-server")
-        self.runs = 0
-
-    def skip_reason(self, batch: int) -> str | None:
-        return None
-
-    def warm(self, prompts: list[list[int]]) -> None:
-        self.run(prompts, WARM_TOKENS)
-
-    def run(self, prompts: list[list[int]], new_tokens: int) -> Stamps:
-        self.runs += 1
-        return client_stamps(self.server.url, fresh_prompts(prompts, self.runs), new_tokens,
-                             {"cache_prompt": False})
-
-    def close(self) -> None:
-        self.server.stop()

@@ -28,16 +28,12 @@ START_TIMEOUT_S = 900  # a cold start compiles the decode graphs (minutes); a ca
 LOAD_SCRIPT = Path(__file__).with_name("load.py")
 
 
-class ServedTinyLMSystem:
-    def __init__(self, model_flags: list[str], max_clients: int, name: str, label: str,
-                 threads: int | None = None) -> None:
-        self.name, self.label = name, f"{label}, through `tinylm serve` (its own process), one streaming client " \
-                                      "per prompt (another process)"
-        flags = ["--max-num-seqs", str(max_clients)] if max_clients > 64 else []  # serve's default is 64
-        env = {"OMP_NUM_THREADS": str(threads)} if threads else None
-        self.server = ServerProcess([sys.executable, "-c", "from tinylm.cli import main; main()", "serve",
-                                     *model_flags, *flags], "tinylm serve", env=env)
-        self.runs = 0
+class ServedSystem:
+    """A system behind an HTTP server process (self.server, set by the subclass), timed by the load generator on
+    prompts made fresh for every run; `request_extra` is added to every request body."""
+
+    request_extra: dict | None = None
+    runs = 0
 
     def skip_reason(self, batch: int) -> str | None:
         return None
@@ -47,10 +43,21 @@ class ServedTinyLMSystem:
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> Stamps:
         self.runs += 1
-        return client_stamps(self.server.url, fresh_prompts(prompts, self.runs), new_tokens)
+        return client_stamps(self.server.url, fresh_prompts(prompts, self.runs), new_tokens, self.request_extra)
 
     def close(self) -> None:
         self.server.stop()
+
+
+class ServedTinyLMSystem(ServedSystem):
+    def __init__(self, model_flags: list[str], max_clients: int, name: str, label: str,
+                 threads: int | None = None) -> None:
+        self.name, self.label = name, f"{label}, through `tinylm serve` (its own process), one streaming client " \
+                                      "per prompt (another process)"
+        flags = ["--max-num-seqs", str(max_clients)] if max_clients > 64 else []  # serve's default is 64
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+        self.server = ServerProcess([sys.executable, "-c", "from tinylm.cli import main; main()", "serve",
+                                     *model_flags, *flags], "tinylm serve", env=env)
 
 
 class StreamedTinyLMSystem(TinyLMSystem):
