@@ -82,12 +82,7 @@ class SparseMoE(nn.Module):
 
     def _grouped_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """tokens (N, C), weights and experts (N, k) -> (N, C): one product per expert in use, over its tokens."""
-        out = torch.zeros_like(tokens)
-        for expert_idx in torch.unique(experts).tolist():
-            token_idx, slot = torch.where(experts == expert_idx)
-            expert_out = self.experts[expert_idx](tokens[token_idx]) * weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, expert_out.to(out.dtype))
-        return out
+        return grouped_sum(tokens, weights, experts, lambda expert_idx, rows: self.experts[expert_idx](rows))
 
     def _picked_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The same sum with static shapes (for torch.compile): every (token, slot) pair's expert rows picked from
@@ -125,13 +120,21 @@ def invariant_experts(tokens: torch.Tensor, router_logits: torch.Tensor, gate_up
     """The grouped sum with tinylm's invariant products, for batch-invariant inference: tokens (N, C), router
     logits (N, E), stacks (E, 2I, C) and (E, C, I) -> (N, C). Each token's expert outputs are each its own rows'
     products (the kernels' rows do not depend on the other tokens an expert got) added in expert index order."""
+    def expert(expert_idx: int, rows: torch.Tensor) -> torch.Tensor:  # rows (n, C) -> (n, C)
+        gate, up = invariant_linear(rows, gate_up_stack[expert_idx]).chunk(2, dim=-1)
+        return invariant_linear(invariant_silu_mul(gate, up), down_stack[expert_idx])
+
     weights, experts = route(router_logits, top_k, normalize)
+    return grouped_sum(tokens, weights, experts, expert)
+
+
+def grouped_sum(tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, run_expert) -> torch.Tensor:
+    """tokens (N, C), weights and experts (N, k), run_expert(expert index, rows (n, C)) -> (n, C): each token's
+    weighted sum of its experts' outputs (N, C), one call per expert in use over its tokens, added in expert order."""
     out = torch.zeros_like(tokens)
     for expert_idx in torch.unique(experts).tolist():
         token_idx, slot = torch.where(experts == expert_idx)
-        gate, up = invariant_linear(tokens[token_idx], gate_up_stack[expert_idx]).chunk(2, dim=-1)
-        hidden = invariant_silu_mul(gate, up)  # (n, I)
-        expert_out = invariant_linear(hidden, down_stack[expert_idx]) * weights[token_idx, slot, None]
+        expert_out = run_expert(expert_idx, tokens[token_idx]) * weights[token_idx, slot, None]
         out.index_add_(0, token_idx, expert_out.to(out.dtype))
     return out
 
