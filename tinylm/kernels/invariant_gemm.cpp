@@ -273,11 +273,15 @@ void run_amx(const Problem<BF16Dot, Out>& p) {
     for (int64_t b = begin; b < end; ++b) pack_rows(p.x, p.m, p.k, b, chunks, packed);
   });
   // x tiles per block and weight pairs per chunk, ~kBlockBytes each (both stay in L2); results do not depend on it
-  const int64_t block_tiles = std::max<int64_t>(2, kBlockBytes / (chunks * kTileBytes) / 2 * 2);
-  const int64_t blocks = (x_tiles + block_tiles - 1) / block_tiles;
-  int64_t chunk_pairs = std::max<int64_t>(1, kBlockBytes / (2 * kT * p.k * 2));
-  if (blocks == 1) chunk_pairs = std::min(chunk_pairs, std::max<int64_t>(1, pairs / (4 * at::get_num_threads())));
-  const int64_t n_chunks = (pairs + chunk_pairs - 1) / chunk_pairs;
+  // ... then evened out, so that the units (weight chunk x activation block) are of one size and there are >= 4 per
+  // thread: 512 rows in blocks of 14, 14 and 4 tiles left one thread idle for a quarter of a 576-column product
+  const int64_t most_tiles = std::max<int64_t>(2, kBlockBytes / (chunks * kTileBytes) / 2 * 2);
+  const int64_t blocks = (x_tiles + most_tiles - 1) / most_tiles;
+  const int64_t block_tiles = ((x_tiles + blocks - 1) / blocks + 1) / 2 * 2;
+  const int64_t most_pairs = std::max<int64_t>(1, kBlockBytes / (2 * kT * p.k * 2));
+  const int64_t wanted_chunks = (4 * at::get_num_threads() + blocks - 1) / blocks;
+  const int64_t n_chunks = std::min(pairs, std::max(wanted_chunks, (pairs + most_pairs - 1) / most_pairs));
+  const int64_t chunk_pairs = (pairs + n_chunks - 1) / n_chunks;
   const int64_t unit_grain = grain(chunk_pairs * 2 * kT, std::min(p.m, block_tiles * kT), p.k);
   at::parallel_for(0, n_chunks * blocks, unit_grain, [&](int64_t begin, int64_t end) {
     configure();
