@@ -286,3 +286,19 @@ def test_bad_arguments_are_one_line(capsys, tiny, argv, words):
     code = main(["bench", "--model", tiny, *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("tinylm: error:") and words in err[0]
+
+
+def test_every_timed_run_computes_its_prompts(tiny):
+    """Warm-up and earlier runs used the same prompts: a timed run must not be served from the prefix cache, or it
+    would time a lookup and call it prefill (the references compute every prompt)."""
+    import tinylm
+    from tinylm.bench.systems import TinyLMSystem
+
+    system = TinyLMSystem(tinylm.load(tiny, dtype="float32", compile=False))
+    prompts = [[5 + i] * 40 for i in range(2)]  # 2 full 16-token blocks each: cacheable
+    system.warm(prompts)
+    blocks = system.llm.engine.blocks
+    hits = blocks.hits
+    system.run(prompts, 3)
+    system.run(prompts, 3)
+    assert blocks.hits == hits
