@@ -59,9 +59,10 @@ report = {"eager": both(tinylm.load(sys.argv[1], compile=False))}
 if mode == "cold":
     step.warmup(background=True)
     tokens = both(llm)  # the batch-1 graph runs beside the batched graph's compile
-    report["while_building"] = {"tokens": tokens, "building": step._building.is_alive(),
+    report["while_building"] = {"tokens": tokens, "building": llm.engine.compiling,
                                 "batched_graph": True in step._traced}
     step._building.join()
+    report["while_building"]["after_join"] = llm.engine.compiling  # what /metrics' compile_in_progress reads
 report.update(tokens=both(llm), compiled=not step.failed, rebuilt=step.rebuilt, graphs=sorted(step._traced),
               **lookups())
 if mode == "cold":
@@ -120,6 +121,7 @@ def test_server_warmup_builds_the_batched_graph_while_decoding_eagerly(warm_cach
     report = warm_cache[1]
     while_building = report["while_building"]  # decoded right after warmup(background=True) returned
     assert while_building["building"] and not while_building["batched_graph"]  # no batched graph yet: eager steps
+    assert not while_building["after_join"]
     assert while_building["tokens"] == report["eager"]
 
 

@@ -80,3 +80,4 @@ def test_metrics_count_requests_and_tokens(server):
     assert values["tinylm:inter_token_latency_seconds_count"] >= 2
     for gauge in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"):
         assert f"tinylm:{gauge}" in values
+    assert values["tinylm:compile_in_progress"] == 0  # nothing builds in the background here

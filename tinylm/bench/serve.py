@@ -58,6 +58,20 @@ class ServedTinyLMSystem(ServedSystem):
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None
         self.server = ServerProcess([sys.executable, "-c", "from tinylm.cli import main; main()", "serve",
                                      *model_flags, *flags], "tinylm serve", env=env)
+        wait_for_graphs(self.server.url)
+
+
+def wait_for_graphs(url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until the server's background compile ends (/metrics' tinylm:compile_in_progress 0): the server answers
+    once its batch-1 graph is ready, and a run timed meanwhile would share the cores with the compiler."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        if "tinylm:compile_in_progress 0.0" in text or "tinylm:compile_in_progress" not in text:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the server was still compiling after {timeout_s:.0f} s")
 
 
 class StreamedTinyLMSystem(TinyLMSystem):

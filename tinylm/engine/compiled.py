@@ -155,6 +155,12 @@ class CompiledDecode:
                                               name="tinylm-compile-batched")
             self._building.start()
 
+    @property
+    def building(self) -> bool:
+        """Whether warmup(background=True)'s thread is still building the batched graph."""
+        building = self._building
+        return building is not None and building.is_alive()
+
     def _building_batched(self) -> bool:
         """Whether the batched graph is still being built on another thread (this thread's steps run eagerly)."""
         building = self._building

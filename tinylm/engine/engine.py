@@ -120,6 +120,12 @@ class LLMEngine:
                 runner.compiled.warmup(background=background)
 
     @property
+    def compiling(self) -> bool:
+        """Whether a decode graph is still being built in the background (batched steps run eagerly meanwhile)."""
+        runners = (self.runner, self.drafter and self.drafter.runner)
+        return any(runner and runner.compiled is not None and runner.compiled.building for runner in runners)
+
+    @property
     def capacity_tokens(self) -> int:
         return (self.blocks.num_blocks - 1) * self.blocks.block_size
 

@@ -36,6 +36,9 @@ class Metrics:
         usage.set_function(lambda: engine.blocks.usage)
         preemptions.set_function(lambda: engine.scheduler.num_preemptions)
         hits.set_function(lambda: engine.blocks.hits)
+        compiling = Gauge("tinylm:compile_in_progress", "1 while a decode graph is built in the background (batched "
+                          "steps decode eagerly until it is ready), else 0", registry=r)
+        compiling.set_function(lambda: float(engine.compiling))
         if engine.drafter is not None:  # speculative decoding (vLLM's counters)
             drafts = Gauge("tinylm:spec_decode_num_draft_tokens", "Draft tokens checked so far", registry=r)
             accepted = Gauge("tinylm:spec_decode_num_accepted_tokens", "Draft tokens accepted so far", registry=r)
