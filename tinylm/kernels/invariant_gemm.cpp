@@ -215,22 +215,37 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
 }
 
 #ifdef TINYLM_INV_AMX
-// out rows [i0, i0 + rows) x columns [n0, n0 + cols) from C (16 weight rows x 16 x rows, float32): a column of C
-// is an output row; bias added once, rounded as c10 does (to_bf16_bits)
+// out rows [i0, i0 + rows) x columns [n0, n0 + cols), cols <= 32, from one x tile's C of the weight pair: c[0]
+// (weight rows n0 .. n0 + 15) and c[1] (the next 16, or null), each 16 weight rows x 16 x rows in float32 (a column
+// of C is an output row). Bias added once, rounded as c10 does (to_bf16_bits); a row's 32 outputs are one 64-byte
+// store (two half-line stores per row cost ~40% of a 512 x 3072 x 576 product).
 template <typename Out>
-void store_amx_tile(const float* c, const float* bias, int64_t i0, int64_t rows, int64_t n0, int64_t cols,
+void store_amx_rows(const float* const* c, const float* bias, int64_t i0, int64_t rows, int64_t n0, int64_t cols,
                     Out* out, int64_t n) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-  const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, bias + n0);
-  __m512 r[16];
-  for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(c + 16 * j);
-  transpose16(r);
+  const int64_t cols0 = std::min<int64_t>(16, cols), cols1 = c[1] == nullptr ? 0 : cols - cols0;
+  const __mmask16 mask0 = static_cast<__mmask16>((1u << cols0) - 1);
+  const __mmask16 mask1 = static_cast<__mmask16>((1u << cols1) - 1);
+  __m512 r0[16], r1[16], b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  for (int j = 0; j < 16; ++j) r0[j] = _mm512_load_ps(c[0] + 16 * j);
+  transpose16(r0);
+  if (cols1 > 0) {
+    for (int j = 0; j < 16; ++j) r1[j] = _mm512_load_ps(c[1] + 16 * j);
+    transpose16(r1);
+  }
+  if (bias != nullptr) {
+    b0 = _mm512_maskz_loadu_ps(mask0, bias + n0);
+    if (cols1 > 0) b1 = _mm512_maskz_loadu_ps(mask1, bias + n0 + 16);
+  }
   for (int64_t i = 0; i < rows; ++i) {
-    const __m512 v = bias == nullptr ? r[i] : _mm512_add_ps(r[i], b);
-    if constexpr (std::is_same_v<Out, float>) {
-      _mm512_mask_storeu_ps(out + (i0 + i) * n + n0, mask, v);  // float32 logits: the sums as they are
+    Out* row = out + (i0 + i) * n + n0;
+    const __m512 v0 = bias == nullptr ? r0[i] : _mm512_add_ps(r0[i], b0);
+    const __m512 v1 = cols1 == 0 ? _mm512_setzero_ps() : bias == nullptr ? r1[i] : _mm512_add_ps(r1[i], b1);
+    if constexpr (std::is_same_v<Out, float>) {  // float32 logits: the sums as they are
+      _mm512_mask_storeu_ps(row, mask0, v0);
+      if (cols1 > 0) _mm512_mask_storeu_ps(row + 16, mask1, v1);
     } else {
-      _mm256_mask_storeu_epi16(out + (i0 + i) * n + n0, mask, to_bf16_bits(v));
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_bits(v0)), to_bf16_bits(v1), 1);
+      _mm512_mask_storeu_epi16(row, static_cast<__mmask32>(mask0) | (static_cast<__mmask32>(mask1) << 16), both);
     }
   }
 }
@@ -244,6 +259,7 @@ void amx_pair(const Problem<BF16Dot, Out>& p, const uint32_t* packed, int64_t ch
   a[0].point(p.w, p.n, p.k, n0, chunks, copies[0]);
   const bool two = n0 + kT < p.n;
   if (two) a[1].point(p.w, p.n, p.k, n0 + kT, chunks, copies[1]);
+  const int64_t cols = std::min<int64_t>(2 * kT, p.n - n0);
   alignas(64) float c[4 * 256];
   for (int64_t xt = xt_begin; xt < xt_end; xt += 2) {
     const bool pair = xt + 1 < xt_end;
@@ -253,12 +269,10 @@ void amx_pair(const Problem<BF16Dot, Out>& p, const uint32_t* packed, int64_t ch
     else if (two) block<2, 1>(a, b0, b1, chunks, c);
     else if (pair) block<1, 2>(a, b0, b1, chunks, c);
     else block<1, 1>(a, b0, b1, chunks, c);
-    for (int t = 0; t < (two ? 2 : 1); ++t) {
-      const int64_t w0 = n0 + t * kT, cols = std::min<int64_t>(kT, p.n - w0);
-      for (int u = 0; u < (pair ? 2 : 1); ++u) {
-        const int64_t i0 = (xt + u) * kT;
-        store_amx_tile(c + (t * 2 + u) * 256, p.bias, i0, std::min<int64_t>(kT, p.m - i0), w0, cols, p.out, p.n);
-      }
+    for (int u = 0; u < (pair ? 2 : 1); ++u) {  // C of (weight tile t, x tile u) at c + (t * 2 + u) * 256
+      const int64_t i0 = (xt + u) * kT;
+      const float* tiles[2] = {c + u * 256, two ? c + (2 + u) * 256 : nullptr};
+      store_amx_rows(tiles, p.bias, i0, std::min<int64_t>(kT, p.m - i0), n0, cols, p.out, p.n);
     }
   }
 }
