@@ -151,3 +151,54 @@ def test_sentencepiece_tokenizer(tmp_path):
     # tokenizer.json does; transformers' GGUF tokenizer (Metaspace, prepend_scheme="first") does not.
     assert ours.encode("<s>hello") == [1, 1, hello]
     assert (ours.bos_token, ours.eos_token, ours.unk_token) == ("<s>", "</s>", "<unk>")
+
+
+# --- metadata
+
+
+def test_metadata_arrays_read_as_the_gguf_package_reads_them(tmp_path):
+    """tinylm parses string and number arrays in one pass (gguf.py, _CheckedReader): every key's value, types and
+    item count equal the stock GGUFReader's, empty arrays, multi-byte UTF-8 and every scalar type included."""
+    import gguf
+
+    from tinylm.weights.gguf import _open
+
+    path = tmp_path / "arrays.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("t.strings", ["", "a", "héllo ☃", "x" * 300])
+    writer.add_key_value("t.floats", [0.5, -1.25, 3e38], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.FLOAT32)
+    writer.add_key_value("t.ints", [1, -2, 3], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+    writer.add_key_value("t.u64", [2**63], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT64)
+    writer.add_key_value("t.bools", [True, False], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.BOOL)
+    writer.add_string("t.after", "still aligned")  # a key after the arrays: their sizes were counted right
+    writer.add_tensor("w", np.ones((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    stock, ours = gguf.GGUFReader(path), _open(path)
+    assert list(ours.fields) == list(stock.fields)
+    for key, field in stock.fields.items():
+        mine = ours.fields[key]
+        assert mine.contents() == field.contents() and mine.types == field.types, key
+        assert len(mine.data) == len(field.data), key
+    assert ours.fields["t.strings"].contents() == ["", "a", "héllo ☃", "x" * 300]
+    assert np.array_equal(ours.tensors[0].data, stock.tensors[0].data)
+
+
+def test_empty_metadata_arrays_read_as_the_gguf_package_reads_them(tmp_path):
+    import struct
+
+    import gguf
+
+    from tinylm.weights.gguf import _open
+
+    def key(name: str, item_type: int) -> bytes:  # an empty array: value type 9, item type, length 0
+        return struct.pack("<Q", len(name)) + name.encode() + struct.pack("<IIQ", 9, item_type, 0)
+
+    path = tmp_path / "empty.gguf"  # GGUF v3 with no tensors and two keys (GGUFWriter refuses empty arrays)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + key("t.strings", 8) + key("t.floats", 6))
+    stock, ours = gguf.GGUFReader(path), _open(path)
+    for name in ("t.strings", "t.floats"):
+        assert ours.fields[name].types == stock.fields[name].types == [gguf.GGUFValueType.ARRAY]
+        assert ours.fields[name].contents() == stock.fields[name].contents() == []

@@ -184,10 +184,7 @@ class _CheckedReader(GGUFReader):
         end = start + view.itemsize * int(count)
         if end > self.data.size:  # self.data: the whole file as a uint8 memory map
             raise _PastEnd(f"bytes {start}..{end} are past its end ({self.data.size} bytes)")
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        return plain[start:end].view(view)
+        return self._plain_map()[start:end].view(view)
 
     def _build_fields(self, offs, count):
         _check_count(int(count), "key/value", _MIN_KV_BYTES, self.data.size - offs)
@@ -213,7 +210,46 @@ class _CheckedReader(GGUFReader):
             item_bytes = np.dtype(scalar).itemsize if scalar is not None else _MIN_ITEM_BYTES.get(item_type, 1)
             if length * item_bytes > self.data.size - orig_offs - 12:
                 raise _PastEnd(f"an array at byte {orig_offs} claims {length} items, more than the file holds")
+            if item_type == GGUFValueType.STRING:
+                return self._string_array_parts(orig_offs, length)
+            if scalar is not None:
+                return self._scalar_array_parts(orig_offs, item_type, scalar, length)
         return super()._get_field_parts(orig_offs, raw_type)
+
+    # Arrays as the stock reader lays them out (parts: item type, length, then each item's parts; data: the index of
+    # each item's value part) without its recursion and a numpy view per part: ~12 us an item, 1.8 s of a warm start
+    # for the default model's 49152-token vocabulary, merges, scores and token types; these take ~0.1 s.
+    def _string_array_parts(self, orig_offs: int, length: int):
+        view = memoryview(self._plain_map())
+        order = "little" if self.byte_order == "I" else "big"  # "S": swapped (refused after parsing)
+        parts: list = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        values: list[int] = []
+        offs, size = orig_offs + 12, self.data.size
+        for _ in range(length):
+            if offs + 8 > size:
+                raise _PastEnd(f"a string at byte {offs} is past its end ({size} bytes)")
+            count = int.from_bytes(view[offs:offs + 8], order)
+            if count > size - offs - 8:
+                raise _PastEnd(f"a string at byte {offs} claims {count} bytes, past its end ({size} bytes)")
+            parts += (view[offs:offs + 8], view[offs + 8:offs + 8 + count])  # memoryviews: .tobytes(), .nbytes
+            values.append(len(parts) - 1)
+            offs += 8 + count
+        types = [GGUFValueType.ARRAY] + ([GGUFValueType.STRING] if length else [])
+        return offs - orig_offs, parts, values, types
+
+    def _scalar_array_parts(self, orig_offs: int, item_type: int, scalar, length: int):
+        items = self._get(orig_offs + 12, scalar, length)
+        parts: list = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        parts += (items[i:i + 1] for i in range(length))
+        types = [GGUFValueType.ARRAY] + ([GGUFValueType(item_type)] if length else [])
+        return 12 + int(items.nbytes), parts, list(range(2, 2 + length)), types
+
+    def _plain_map(self) -> np.ndarray:
+        """The whole file as a plain uint8 ndarray over the memory map (slicing np.memmap runs Python per slice)."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        return plain
 
     def _get_tensor_info_field(self, orig_offs):
         field = super()._get_tensor_info_field(orig_offs)
