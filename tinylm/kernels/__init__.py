@@ -6,7 +6,7 @@ layer at batch 16 on the 2-core EPYC, BENCHMARKS.md issue 5). `decode_attention.
 style; `int8_gemm.cpp` runs W8A8 decode batches on AVX-512 VNNI from the stored weight, `bf16_gemm.cpp` bf16
 products of 1-16 rows on AVX-512 BF16 (compiled bf16 decode, its batches, speculative verification),
 `invariant_gemm.cpp` batch-invariant products (each output element one fixed float32 sequence whatever the
-batch; wrapper `invariant.py`). The sources are compiled
+batch; wrapper `invariant.py`), `delta_rule.cpp` Gated DeltaNet's recurrence token by token. The sources are compiled
 with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
 ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded in about a second); if that
 is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
-                         "invariant_attention.cpp", "invariant_rows.cpp", "int4_gemm.cpp")]
+                         "invariant_attention.cpp", "invariant_rows.cpp", "int4_gemm.cpp", "delta_rule.cpp")]
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
            for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h")]
@@ -161,6 +161,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::invariant_silu_mul")
     def _(gate, up):
         return gate.new_empty(gate.shape)  # (M, I), contiguous
+
+    @torch.library.register_fake("tinylm::gated_delta_rule")
+    def _(q, k, v, g, beta, state):
+        return v.new_empty(v.shape), state.new_empty(state.shape)  # (B, H, T, D_v), (B, H, D_k, D_v)
 
     from tinylm.kernels.invariant import register_autograd
 

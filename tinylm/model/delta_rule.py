@@ -3,7 +3,8 @@
 Two forms of the same recurrence, per value head h, with S the (D_k, D_v) state, q and k L2-normalized:
     S_t = exp(g_t) * S_{t-1};  S_t += k_t (beta_t * (v_t - S_t^T k_t))^T;  o_t = S_t^T q_t / sqrt(D_k)
 - `chunk_gated_delta_rule`: the parallel (chunked, UT-transform) form for prompts; no Python loop over tokens.
-- `recurrent_gated_delta_rule`: token by token, for 1-token decode steps.
+- `recurrent_gated_delta_rule`: token by token, for 1-token decode steps (and prompts, batch invariant); on CPU
+  without gradients the loop is tinylm's C++ kernel (tinylm/kernels/delta_rule.cpp).
 Both accept an initial state, so a prompt fed in pieces equals one pass. They follow transformers'
 torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule operation by operation (fp32 parity):
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen3_next/modeling_qwen3_next.py
@@ -125,6 +126,9 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q, k, v, g, beta = _heads_first(q, k, v, g, beta)
     q = q / (q.shape[-1] ** 0.5)
     state = _initial_state(initial_state, v, k.shape[-1])  # (B, H, D_k, D_v)
+    if _kernel_takes(q, k, v, g, beta, state):  # the same recurrence in C++, a head's state kept in cache
+        out, state = torch.ops.tinylm.gated_delta_rule(q, k, v, g, beta, state)
+        return out.transpose(1, 2).contiguous().to(dtype), state
     out = torch.zeros_like(v)
     for t in range(v.shape[2]):
         state = state * g[:, :, t].exp()[..., None, None]
@@ -133,3 +137,13 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         state = state + k[:, :, t].unsqueeze(-1) * delta.unsqueeze(-2)
         out[:, :, t] = (state * q[:, :, t].unsqueeze(-1)).sum(dim=-2)
     return out.transpose(1, 2).contiguous().to(dtype), state
+
+
+def _kernel_takes(*tensors: torch.Tensor) -> bool:
+    """tinylm::gated_delta_rule (tinylm/kernels/delta_rule.cpp) runs CPU tensors that need no gradient (it has no
+    backward: training runs the PyTorch loop)."""
+    from tinylm import kernels
+
+    if tensors[0].device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False
+    return kernels.available()
