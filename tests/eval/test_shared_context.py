@@ -117,6 +117,15 @@ def test_compiled_forward_gives_the_same_loglikelihoods(tiny_llm):
     got = {i: ll for batch in compiled.score(pairs, batch_size=3) for i, ll, _ in batch}
     assert compiled.shared.compiled is not None  # it compiled, rather than falling back to eager
     assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+    # MMLU rows after a shared 2-shot block: the block's K/V then each row's left-padded rest, a key mask with a
+    # hole, which the batch-invariant attention cannot take as one range inside a graph (it gave nats off)
+    from tests.eval.test_shared_head import mmlu_pairs
+
+    assert getattr(tiny_llm.model, "batch_invariant", False) and compiled.shared.heads is not None
+    head_pairs = mmlu_pairs(eager, questions=6, shots=2)
+    want = {i: ll for batch in eager.score(head_pairs, batch_size=6) for i, ll, _ in batch}
+    got = {i: ll for batch in compiled.score(head_pairs, batch_size=6) for i, ll, _ in batch}
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 
 def test_token_logprobs_and_greedy_match_log_softmax_and_argmax_ties_included():
