@@ -123,8 +123,9 @@ def _key_ranges(mask: torch.Tensor | None, batch: int, steps: int, context: int,
     allowed = mask.expand(batch, 1, steps, context)[:, 0]  # (B, T, S)
     starts = allowed.int().argmax(dim=-1)  # first allowed key (every query sees at least itself)
     ends = context - allowed.flip(-1).int().argmax(dim=-1)
-    # Inside torch.compile the check would break the graph (a host sync); masks tinylm builds (causal over left or
-    # right padding, packed segments) are always ranges, which this check confirms eagerly
+    # Inside torch.compile the check would break the graph (a host sync): a compiled caller must pass only masks
+    # that are ranges (causal over left or right padding, packed segments); the scorer's shared few-shot heads are
+    # not, and run eagerly (eval/shared_context.py, one_run_per_row). Eagerly this check sends holes to SDPA.
     if not torch.compiler.is_compiling() and not bool((allowed.sum(dim=-1) == ends - starts).all()):
         return None, None
     return starts, ends
