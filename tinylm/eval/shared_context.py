@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinylm.eval.shared_head import HeadCache, shares_heads
+from tinylm.model.attention import one_range_per_row
 from tinylm.model.cache import make_cache
 
 LOGIT_ROWS = 256  # hidden states per lm_head chunk: (256, V) float32 logits, 50 MB for a 49,152-token vocabulary
@@ -49,19 +50,6 @@ def split_request(tokens: list[int], continuation: list[int], max_length: int) -
     return tuple(model_input[:len(model_input) - (len(continuation) - 1)])
 
 
-def one_run_per_row(mask: torch.Tensor | None) -> bool:
-    """Whether each row's real keys (B, S) are one contiguous run (left or right padding only). The batch-invariant
-    attention reads a query's keys as one range, and inside a compiled graph it cannot check the mask without a host
-    sync (model/attention.py, _key_ranges): a shared head then a left-padded prefix (shared_head.py) has a hole,
-    which the eager forward sends to SDPA and a compiled one would have read as a range (wrong log-likelihoods)."""
-    if mask is None:
-        return True
-    keys = mask.int()
-    first = keys.argmax(dim=-1)
-    last = keys.shape[-1] - 1 - keys.flip(-1).argmax(dim=-1)
-    return bool((keys.sum(dim=-1) == last - first + 1).all())
-
-
 class SharedContextScorer:
     """compile: run the decoder through torch.compile with dynamic shapes (one graph for every batch size and
     length, after a compile of about a minute): a prefill's norms, rotary, casts and SwiGLU products are many
@@ -79,7 +67,10 @@ class SharedContextScorer:
 
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         """The final-normed states (B, T, C) of `CausalLM.hidden_states`, compiled when asked for."""
-        if self.compiled is not None and (not getattr(self.model, "batch_invariant", False) or one_run_per_row(mask)):
+        # Batch invariant: a key mask with a hole (a shared few-shot head, then a left-padded prefix) runs eagerly,
+        # where the invariant attention sends it to SDPA; inside a graph it would be read as one range (attention.py)
+        if self.compiled is not None and (not getattr(self.model, "batch_invariant", False) or mask is None
+                                          or one_range_per_row(mask)):
             try:
                 return self.compiled(ids, attention_mask=mask, cache=cache)
             except Exception as e:  # noqa: BLE001 - any compile failure: the eager decoder gives the same numbers

@@ -121,14 +121,28 @@ def _key_ranges(mask: torch.Tensor | None, batch: int, steps: int, context: int,
         ends = torch.arange(context - steps + 1, context + 1, device=device).expand(batch, steps)
         return torch.zeros(batch, steps, dtype=torch.long, device=device), ends.contiguous()
     allowed = mask.expand(batch, 1, steps, context)[:, 0]  # (B, T, S)
-    starts = allowed.int().argmax(dim=-1)  # first allowed key (every query sees at least itself)
-    ends = context - allowed.flip(-1).int().argmax(dim=-1)
+    starts, ends = _bounds(allowed)
     # Inside torch.compile the check would break the graph (a host sync): a compiled caller must pass only masks
     # that are ranges (causal over left or right padding, packed segments); the scorer's shared few-shot heads are
-    # not, and run eagerly (eval/shared_context.py, one_run_per_row). Eagerly this check sends holes to SDPA.
-    if not torch.compiler.is_compiling() and not bool((allowed.sum(dim=-1) == ends - starts).all()):
+    # not, and run eagerly (eval/shared_context.py checks with one_range_per_row). Eagerly this sends holes to SDPA.
+    if not torch.compiler.is_compiling() and not _is_range(allowed, starts, ends):
         return None, None
     return starts, ends
+
+
+def one_range_per_row(allowed: torch.Tensor) -> bool:
+    """Whether every row of `allowed` (..., S) bool is one contiguous run of allowed keys, as the batch-invariant
+    attention reads them (a host sync: callers check before a compiled forward, which cannot)."""
+    return _is_range(allowed, *_bounds(allowed))
+
+
+def _bounds(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """allowed (..., S) bool -> the first allowed key and one past the last (...,) each (every query sees itself)."""
+    return allowed.int().argmax(dim=-1), allowed.shape[-1] - allowed.flip(-1).int().argmax(dim=-1)
+
+
+def _is_range(allowed: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> bool:
+    return bool((allowed.sum(dim=-1) == ends - starts).all())
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
