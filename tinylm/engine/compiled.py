@@ -163,10 +163,9 @@ class CompiledDecode:
 
     def _building_batched(self) -> bool:
         """Whether the batched graph is still being built on another thread (this thread's steps run eagerly)."""
-        building = self._building
-        if building is None or building is threading.current_thread():
+        if self._building is threading.current_thread():
             return False
-        if building.is_alive():
+        if self.building:
             return True
         self._building = None  # built (or failed: self.failed says so)
         return False

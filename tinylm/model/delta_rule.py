@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tinylm import kernels
+from tinylm.kernels.invariant import kernel_takes
+
 CHUNK_SIZE = 64  # the reference's (and FLA's) chunk length
 
 
@@ -141,9 +144,5 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def _kernel_takes(*tensors: torch.Tensor) -> bool:
     """tinylm::gated_delta_rule (tinylm/kernels/delta_rule.cpp) runs CPU tensors that need no gradient (it has no
-    backward: training runs the PyTorch loop)."""
-    from tinylm import kernels
-
-    if tensors[0].device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return False
-    return kernels.available()
+    backward: training runs the PyTorch loop): the invariant row kernels' condition, once the kernels are built."""
+    return all(kernel_takes(t) for t in tensors) and kernels.available()

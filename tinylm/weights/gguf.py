@@ -203,7 +203,8 @@ class _CheckedReader(GGUFReader):
         """Arrays: refuse nested ones (no tinylm key holds one, and each level would recurse) and lengths that
         the rest of the file cannot hold, before the reader loops over the claimed length."""
         if raw_type == GGUFValueType.ARRAY:
-            item_type, length = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            header = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]  # item type, length
+            item_type, length = int(header[0][0]), int(header[1][0])
             if item_type == GGUFValueType.ARRAY:
                 raise _Malformed(f"a nested array at byte {orig_offs}")
             scalar = self.gguf_scalar_to_np.get(item_type)
@@ -211,18 +212,18 @@ class _CheckedReader(GGUFReader):
             if length * item_bytes > self.data.size - orig_offs - 12:
                 raise _PastEnd(f"an array at byte {orig_offs} claims {length} items, more than the file holds")
             if item_type == GGUFValueType.STRING:
-                return self._string_array_parts(orig_offs, length)
+                return self._string_array_parts(orig_offs, header, length)
             if scalar is not None:
-                return self._scalar_array_parts(orig_offs, item_type, scalar, length)
+                return self._scalar_array_parts(orig_offs, header, item_type, scalar, length)
         return super()._get_field_parts(orig_offs, raw_type)
 
     # Arrays as the stock reader lays them out (parts: item type, length, then each item's parts; data: the index of
     # each item's value part) without its recursion and a numpy view per part: ~12 us an item, 1.8 s of a warm start
     # for the default model's 49152-token vocabulary, merges, scores and token types; these take ~0.1 s.
-    def _string_array_parts(self, orig_offs: int, length: int):
+    def _string_array_parts(self, orig_offs: int, header: list, length: int):
         view = memoryview(self._plain_map())
         order = "little" if self.byte_order == "I" else "big"  # "S": swapped (refused after parsing)
-        parts: list = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        parts: list = list(header)
         values: list[int] = []
         offs, size = orig_offs + 12, self.data.size
         for _ in range(length):
@@ -237,10 +238,9 @@ class _CheckedReader(GGUFReader):
         types = [GGUFValueType.ARRAY] + ([GGUFValueType.STRING] if length else [])
         return offs - orig_offs, parts, values, types
 
-    def _scalar_array_parts(self, orig_offs: int, item_type: int, scalar, length: int):
+    def _scalar_array_parts(self, orig_offs: int, header: list, item_type: int, scalar, length: int):
         items = self._get(orig_offs + 12, scalar, length)
-        parts: list = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
-        parts += (items[i:i + 1] for i in range(length))
+        parts: list = header + [items[i:i + 1] for i in range(length)]
         types = [GGUFValueType.ARRAY] + ([GGUFValueType(item_type)] if length else [])
         return 12 + int(items.nbytes), parts, list(range(2, 2 + length)), types
 
