@@ -157,11 +157,11 @@ def test_sentencepiece_tokenizer(tmp_path):
 
 
 def test_metadata_arrays_read_as_the_gguf_package_reads_them(tmp_path):
-    """tinylm parses string and number arrays in one pass (gguf.py, _CheckedReader): every key's value, types and
+    """tinylm parses string and number arrays in one pass (gguf_reader.py, _CheckedReader): every key's value, types and
     item count equal the stock GGUFReader's, empty arrays, multi-byte UTF-8 and every scalar type included."""
     import gguf
 
-    from tinylm.weights.gguf import _open
+    from tinylm.weights.gguf_reader import open_reader as _open
 
     path = tmp_path / "arrays.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -191,7 +191,7 @@ def test_empty_metadata_arrays_read_as_the_gguf_package_reads_them(tmp_path):
 
     import gguf
 
-    from tinylm.weights.gguf import _open
+    from tinylm.weights.gguf_reader import open_reader as _open
 
     def key(name: str, item_type: int) -> bytes:  # an empty array: value type 9, item type, length 0
         return struct.pack("<Q", len(name)) + name.encode() + struct.pack("<IIQ", 9, item_type, 0)

@@ -1,8 +1,9 @@
 """GGUF files (llama.cpp's format) -> a ModelConfig, a state dict in Hugging Face names, and a Tokenizer.
 
-Parsing and dequantization are the `gguf` package's: GGUFReader memory-maps the file and `gguf.quants.dequantize`
-decodes the blocks. This module adds the metadata -> ModelConfig map, the tensor-name map, the undoing of llama.cpp's
-q/k row permutation, and checks that turn every malformed file into a one-line WeightsError.
+Parsing and dequantization are the `gguf` package's: GGUFReader memory-maps the file (through the bounds-checked
+reader of tinylm/weights/gguf_reader.py) and `gguf.quants.dequantize` decodes the blocks. This module adds the
+metadata -> ModelConfig map, the tensor-name map, the undoing of llama.cpp's q/k row permutation, and checks that turn
+every malformed file into a one-line WeightsError.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
+from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tqdm import tqdm
 
@@ -25,12 +26,13 @@ from tinylm.errors import ConfigError, WeightsError
 from tinylm.model.transformer import CausalLM
 from tinylm.weights import gguf_layout as layout
 from tinylm.weights.fit import Stored, check_config_fits
+from tinylm.weights.gguf_reader import one_line as _one_line
+from tinylm.weights.gguf_reader import open_reader as _open
 from tinylm.weights.gguf_tokenizer import build_tokenizer
 
 # Tensor types tinylm dequantizes; each is checked bit-exact against gguf.quants in tests/weights/test_gguf_read.py.
 SUPPORTED_TYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0,
                              QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
-_TYPE_IDS = frozenset(int(t) for t in GGML_QUANT_SIZES)  # every type the gguf package knows the block size of
 _BIG_ARRAY = 64  # metadata arrays longer than this (tokens, merges, scores) are left out of GGUFModel.metadata
 # llama.cpp architectures tinylm reads (names, stacked experts, Qwen3-Next's tensors: tinylm/weights/gguf_layout.py)
 ARCHITECTURES = tuple(layout.FAMILY_OF_ARCH)
@@ -142,181 +144,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
-
-
-# --- reading the file
-
-
-class _PastEnd(Exception):
-    pass
-
-
-class _Malformed(Exception):
-    pass
-
-
-GGML_MAX_DIMS = 4  # ggml.h: a tensor has at most 4 dims (llama.cpp's gguf.cpp refuses more)
-# Fewest bytes one key/value and one tensor info can take (gguf.cpp layout): a count that claims more than the rest of
-# the file can hold is refused before the reader loops over it.
-_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
-_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dim count, type, offset (an empty name, no dims)
-_MIN_ITEM_BYTES = {GGUFValueType.STRING: 8}  # an array item: a string's length field, else the scalar itself
-
-
-class _CheckedReader(GGUFReader):
-    """GGUFReader that fails at the first read past the end of the file, and reads its header 5x faster.
-
-    The stock reader slices its memory map, so reading past the end yields a short array: a truncated string comes
-    back shorter, and an array whose length field is garbage loops over empty reads. Checking every read's bounds
-    turns all of these into one clear error. Its reads also slice the np.memmap itself, whose every slice runs
-    memmap's Python-level bookkeeping: the default model's 49152-token vocabulary and its merges (~250 000 reads)
-    took 3.5 s of a 4.8 s load. Slicing a plain ndarray view of the same mapped bytes (still no copy) does not.
-    """
-
-    _dtypes: dict = {}  # (dtype, byte order) -> the numpy dtype a read is viewed as
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        order = self.byte_order if override_order is None else override_order
-        view = self._dtypes.get((dtype, order))
-        if view is None:
-            view = self._dtypes[dtype, order] = np.dtype(dtype).newbyteorder(order)
-        start = int(offset)
-        end = start + view.itemsize * int(count)
-        if end > self.data.size:  # self.data: the whole file as a uint8 memory map
-            raise _PastEnd(f"bytes {start}..{end} are past its end ({self.data.size} bytes)")
-        return self._plain_map()[start:end].view(view)
-
-    def _build_fields(self, offs, count):
-        _check_count(int(count), "key/value", _MIN_KV_BYTES, self.data.size - offs)
-        return super()._build_fields(offs, count)
-
-    def _build_tensor_info(self, offs, count):
-        _check_count(int(count), "tensor", _MIN_TENSOR_INFO_BYTES, self.data.size - offs)
-        return super()._build_tensor_info(offs, count)
-
-    def _push_field(self, field, skip_sum=False):
-        if not field.name:  # llama.cpp refuses these too; an empty key names nothing
-            raise _Malformed(f"an empty metadata key at byte {field.offset}")
-        return super()._push_field(field, skip_sum)
-
-    def _get_field_parts(self, orig_offs, raw_type):
-        """Arrays: refuse nested ones (no tinylm key holds one, and each level would recurse) and lengths that
-        the rest of the file cannot hold, before the reader loops over the claimed length."""
-        if raw_type == GGUFValueType.ARRAY:
-            header = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]  # item type, length
-            item_type, length = int(header[0][0]), int(header[1][0])
-            if item_type == GGUFValueType.ARRAY:
-                raise _Malformed(f"a nested array at byte {orig_offs}")
-            scalar = self.gguf_scalar_to_np.get(item_type)
-            item_bytes = np.dtype(scalar).itemsize if scalar is not None else _MIN_ITEM_BYTES.get(item_type, 1)
-            if length * item_bytes > self.data.size - orig_offs - 12:
-                raise _PastEnd(f"an array at byte {orig_offs} claims {length} items, more than the file holds")
-            if item_type == GGUFValueType.STRING:
-                return self._string_array_parts(orig_offs, header, length)
-            if scalar is not None:
-                return self._scalar_array_parts(orig_offs, header, item_type, scalar, length)
-        return super()._get_field_parts(orig_offs, raw_type)
-
-    # Arrays as the stock reader lays them out (parts: item type, length, then each item's parts; data: the index of
-    # each item's value part) without its recursion and a numpy view per part: ~12 us an item, 1.8 s of a warm start
-    # for the default model's 49152-token vocabulary, merges, scores and token types; these take ~0.1 s.
-    def _string_array_parts(self, orig_offs: int, header: list, length: int):
-        view = memoryview(self._plain_map())
-        order = "little" if self.byte_order == "I" else "big"  # "S": swapped (refused after parsing)
-        parts: list = list(header)
-        values: list[int] = []
-        offs, size = orig_offs + 12, self.data.size
-        for _ in range(length):
-            if offs + 8 > size:
-                raise _PastEnd(f"a string at byte {offs} is past its end ({size} bytes)")
-            count = int.from_bytes(view[offs:offs + 8], order)
-            if count > size - offs - 8:
-                raise _PastEnd(f"a string at byte {offs} claims {count} bytes, past its end ({size} bytes)")
-            parts += (view[offs:offs + 8], view[offs + 8:offs + 8 + count])  # memoryviews: .tobytes(), .nbytes
-            values.append(len(parts) - 1)
-            offs += 8 + count
-        types = [GGUFValueType.ARRAY] + ([GGUFValueType.STRING] if length else [])
-        return offs - orig_offs, parts, values, types
-
-    def _scalar_array_parts(self, orig_offs: int, header: list, item_type: int, scalar, length: int):
-        items = self._get(orig_offs + 12, scalar, length)
-        parts: list = header + [items[i:i + 1] for i in range(length)]
-        types = [GGUFValueType.ARRAY] + ([GGUFValueType(item_type)] if length else [])
-        return 12 + int(items.nbytes), parts, list(range(2, 2 + length)), types
-
-    def _plain_map(self) -> np.ndarray:
-        """The whole file as a plain uint8 ndarray over the memory map (slicing np.memmap runs Python per slice)."""
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        return plain
-
-    def _get_tensor_info_field(self, orig_offs):
-        field = super()._get_tensor_info_field(orig_offs)
-        _check_tensor_info(field, self.data.size)
-        return field
-
-
-def _check_count(count: int, what: str, min_bytes: int, left: int) -> None:
-    if count * min_bytes > left:
-        raise _PastEnd(f"its {what} count {count} is more than the {left} bytes left can hold")
-
-
-def _check_tensor_info(field, file_size: int) -> None:
-    """Dims and type of one tensor info, checked before the reader multiplies the dims (in wrapping uint64) and
-    views the data: at most 4 dims, none 0, a known type, and a byte size no larger than the file."""
-    _, _, n_dims, dims, raw_type, _ = field.parts
-    name, dims, type_id = field.name, [int(d) for d in dims], int(raw_type[0])
-    if int(n_dims[0]) > GGML_MAX_DIMS:
-        raise _Malformed(f"tensor {name!r} has {int(n_dims[0])} dims, at most {GGML_MAX_DIMS} are allowed")
-    if 0 in dims:
-        raise _Malformed(f"tensor {name!r} has dims {dims}: a dim of 0")
-    if type_id not in _TYPE_IDS:
-        raise _Malformed(f"tensor {name!r} has unknown type id {type_id}")
-    block, block_bytes = GGML_QUANT_SIZES[QType(type_id)]
-    if dims and dims[0] % block:
-        raise _Malformed(f"tensor {name!r} has {dims[0]} values per row, not a multiple of its {block}-value blocks")
-    if math.prod(dims) // block * block_bytes > file_size:
-        raise _PastEnd(f"tensor {name!r} of dims {dims} needs more bytes than the file has")
-
-
-def _check_tensor_spans(reader: GGUFReader) -> None:
-    """Tensor data must lie in the data section, aligned, each tensor's bytes its own: an overlap would let one
-    tensor read (or decode as another type) another's bytes."""
-    spans = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in reader.tensors)
-    position, previous = reader.data_offset, None
-    for start, end, name in spans:
-        if start % reader.alignment:
-            raise _Malformed(f"tensor {name!r} starts at byte {start}, not a multiple of the alignment "
-                             f"{reader.alignment}")
-        if start < position:
-            raise _Malformed(f"tensors {previous!r} and {name!r} overlap in the file")
-        if end > reader.data.size:
-            raise _PastEnd(f"tensor {name!r} ends at byte {end}, past the end ({reader.data.size} bytes)")
-        position, previous = end, name
-
-
-def _open(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such GGUF file")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head != b"GGUF":
-        if b"GGUF".startswith(head):
-            raise WeightsError(f"{path.name}: truncated GGUF file ({len(head)} bytes)")
-        raise WeightsError(f"{path.name}: not a GGUF file (starts with {head!r}, not b'GGUF')")
-    try:
-        reader = _CheckedReader(path)
-        _check_tensor_spans(reader)
-    except _PastEnd as exc:
-        raise WeightsError(f"{path.name}: truncated or corrupt GGUF file: {exc}") from None
-    except _Malformed as exc:
-        raise WeightsError(f"{path.name}: corrupt GGUF file: {exc}") from None
-    except Exception as exc:  # the gguf package raises ValueError, KeyError, IndexError, UnicodeDecodeError, ...
-        raise WeightsError(f"{path.name}: corrupt GGUF header ({_one_line(exc)})") from None
-    if reader.byte_order != "I":
-        raise WeightsError(f"{path.name}: big-endian GGUF files are not supported")
-    return reader
 
 
 def _fields(reader: GGUFReader, path: Path, long_arrays: bool = False) -> dict[str, Any]:
@@ -544,10 +371,6 @@ def _wrap(path: Path, what: str, fn, *args):
         raise
     except Exception as exc:
         raise WeightsError(f"{path.name}: cannot read {what} ({_one_line(exc)})") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
 
 
 def _decimal(value: Any) -> float:
