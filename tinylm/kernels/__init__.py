@@ -6,8 +6,9 @@ layer at batch 16 on the 2-core EPYC, BENCHMARKS.md issue 5). `decode_attention.
 style; `int8_gemm.cpp` runs W8A8 decode batches on AVX-512 VNNI from the stored weight, `bf16_gemm.cpp` bf16
 products of 1-16 rows on AVX-512 BF16 (compiled bf16 decode, its batches, speculative verification),
 `invariant_gemm.cpp` batch-invariant products (each output element one fixed float32 sequence whatever the
-batch; wrapper `invariant.py`), `delta_rule.cpp` Gated DeltaNet's recurrence token by token. The sources are compiled
-with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
+batch; wrapper `invariant.py`), `delta_rule.cpp` Gated DeltaNet's recurrence token by token, `deltanet_mix.cpp`
+its whole token mixing and `invariant_experts.cpp` a mixture-of-experts block's routed experts (batch-invariant
+inference). The sources are compiled with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
 ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded in about a second); if that
 is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
 
@@ -30,10 +31,11 @@ import torch
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
-                         "invariant_attention.cpp", "invariant_rows.cpp", "int4_gemm.cpp", "delta_rule.cpp")]
+                         "invariant_attention.cpp", "invariant_rows.cpp", "int4_gemm.cpp", "delta_rule.cpp",
+                         "deltanet_mix.cpp", "invariant_experts.cpp")]
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
-           for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h")]
+           for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h", "delta_rule.h")]
 _STATE: dict[str, bool] = {}
 
 
@@ -165,6 +167,19 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::gated_delta_rule")
     def _(q, k, v, g, beta, state):
         return v.new_empty(v.shape), state.new_empty(state.shape)  # (B, H, T, D_v), (B, H, D_k, D_v)
+
+    @torch.library.register_fake("tinylm::invariant_deltanet_mix")
+    def _(qkv, z, b, a, conv_state, recurrent_state, lengths, conv_weight, A_log, dt_bias, norm_weight, eps,
+          num_k_heads, head_k_dim):
+        batch, steps, channels = qkv.shape
+        heads, head_v_dim = z.shape[2], z.shape[3]
+        return (qkv.new_empty(batch, steps, heads * head_v_dim),  # (B, T, H_v D_v)
+                qkv.new_empty(batch, channels, conv_weight.shape[-1] - 1),  # (B, C, K-1)
+                qkv.new_empty(batch, heads, head_k_dim, head_v_dim, dtype=torch.float32))  # (B, H_v, D_k, D_v)
+
+    @torch.library.register_fake("tinylm::invariant_moe_experts")
+    def _(tokens, router_logits, gate_up_stack, down_stack, top_k, normalize):
+        return torch.empty_like(tokens, memory_format=torch.contiguous_format)  # (N, C)
 
     from tinylm.kernels.invariant import register_autograd
 

@@ -15,44 +15,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "delta_rule.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
 
 namespace {
-
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-
-inline Vec load(const float* p, int64_t n) { return n == kLanes ? Vec::loadu(p) : Vec::loadu(p, n); }
-inline void store(const Vec& v, float* p, int64_t n) { n == kLanes ? v.store(p) : v.store(p, n); }
-
-// One head's T tokens: s (D_k, D_v) updated in place; out (T, D_v)
-void head_tokens(const float* q, const float* k, const float* v, const float* g, const float* beta, float* s,
-                 float* out, int64_t steps, int64_t dk, int64_t dv) {
-  for (int64_t t = 0; t < steps; ++t) {
-    const float* kt = k + t * dk;
-    const float* qt = q + t * dk;
-    const Vec decay(std::exp(g[t])), b(beta[t]);
-    for (int64_t j = 0; j < dv; j += kLanes) {  // a strip of D_v columns: every step of the token for them
-      const int64_t n = std::min(kLanes, dv - j);
-      Vec memory(0.f);
-      for (int64_t i = 0; i < dk; ++i) {  // decay the strip, then what it predicts for k_t
-        const Vec row = load(s + i * dv + j, n) * decay;
-        store(row, s + i * dv + j, n);
-        memory = at::vec::fmadd(row, Vec(kt[i]), memory);
-      }
-      const Vec delta = (load(v + t * dv + j, n) - memory) * b;
-      Vec o(0.f);
-      for (int64_t i = 0; i < dk; ++i) {  // write k_t delta^T into the strip, read it with q_t
-        const Vec row = at::vec::fmadd(Vec(kt[i]), delta, load(s + i * dv + j, n));
-        store(row, s + i * dv + j, n);
-        o = at::vec::fmadd(row, Vec(qt[i]), o);
-      }
-      store(o, out + t * dv + j, n);
-    }
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const at::Tensor& g, const at::Tensor& beta,
@@ -76,8 +45,9 @@ std::tuple<at::Tensor, at::Tensor> gated_delta_rule(const at::Tensor& q, const a
   float *sp = s.data_ptr<float>(), *op = out.data_ptr<float>();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      head_tokens(qp + bh * steps * dk, kp + bh * steps * dk, vp + bh * steps * dv, gp + bh * steps,
-                  bp + bh * steps, sp + bh * dk * dv, op + bh * steps * dv, steps, dk, dv);
+      const tinylm_delta::HeadTokens h{qp + bh * steps * dk, kp + bh * steps * dk, vp + bh * steps * dv,
+                                       gp + bh * steps, bp + bh * steps, op + bh * steps * dv, dk, dv, 1, dv};
+      tinylm_delta::head_tokens(h, sp + bh * dk * dv, steps, dk, dv);
     }
   });
   return {out, s};

@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylm import kernels
 from tinylm.config import ModelConfig
+from tinylm.kernels.invariant import kernel_takes
 from tinylm.model.delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from tinylm.model.layers import GatedRMSNorm, gated_rms_norm
 
 
 class GatedDeltaNet(nn.Module):
     # use_batch_invariant: prompts run the recurrent form token by token, as decode steps do (the chunked form sums
-    # in another order), and the conv tap by tap (engine/compiled.py then leaves the model's decode eager)
+    # in another order): without gradients tinylm::invariant_deltanet_mix, else mix_tokens' PyTorch form
     batch_invariant = False
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -62,12 +64,19 @@ class GatedDeltaNet(nn.Module):
         conv_state, recurrent_state = state if state is not None else (None, None)
         qkv, z, b, a = self._project(x)
         lengths = None if pad_mask is None else pad_mask.sum(dim=1).long()  # (B,) real tokens per row
-        mix = mix_tokens
-        if self.batch_invariant and torch.compiler.is_compiling():
-            mix = torch.ops.tinylm.deltanet_mix  # the same body, opaque to Inductor (tinylm/model/opaque_ops.py)
-        out, conv_state, recurrent_state = mix(
-            qkv, z, b, a, conv_state, recurrent_state, lengths, pad_mask, self.conv1d.weight, self.A_log,
-            self.dt_bias, self.norm.weight, self.norm.eps, self.num_k_heads, self.head_k_dim, self.batch_invariant)
+        if self.batch_invariant and kernel_takes(qkv) and kernels.available():
+            # the whole mixing as one C++ call (tinylm/kernels/deltanet_mix.cpp), eagerly and compiled alike
+            out, conv_state, recurrent_state = torch.ops.tinylm.invariant_deltanet_mix(
+                qkv, z, b, a, conv_state, recurrent_state, lengths, self.conv1d.weight, self.A_log, self.dt_bias,
+                self.norm.weight, self.norm.eps, self.num_k_heads, self.head_k_dim)
+        else:
+            mix = mix_tokens
+            if self.batch_invariant and torch.compiler.is_compiling():
+                mix = torch.ops.tinylm.deltanet_mix  # the same body, opaque to Inductor (model/opaque_ops.py)
+            out, conv_state, recurrent_state = mix(
+                qkv, z, b, a, conv_state, recurrent_state, lengths, pad_mask, self.conv1d.weight, self.A_log,
+                self.dt_bias, self.norm.weight, self.norm.eps, self.num_k_heads, self.head_k_dim,
+                self.batch_invariant)
         if cache is not None:
             cache.set_linear_state(self.layer_idx, conv_state, recurrent_state)
         out = self.out_proj(out.reshape(batch, seq, self.value_dim))

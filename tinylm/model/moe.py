@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinylm import kernels
 from tinylm.config import ModelConfig
-from tinylm.kernels.invariant import invariant_linear, invariant_silu_mul
+from tinylm.kernels.invariant import invariant_linear, invariant_silu_mul, kernel_takes
 from tinylm.model.layers import MLP
 from tinylm.model.opaque_ops import gate_by_sigmoid
 
@@ -74,7 +75,11 @@ class SparseMoE(nn.Module):
         return out.reshape(shape)
 
     def _invariant_experts(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (N, C) -> (N, C) by `invariant_experts`: called as it is eagerly, as an opaque op compiled."""
+        """tokens (N, C) -> (N, C): without gradients tinylm::invariant_moe_experts (the same steps in C++,
+        tinylm/kernels/invariant_experts.cpp), else `invariant_experts`, eagerly as it is, compiled as an opaque op."""
+        if kernel_takes(tokens) and kernels.available():
+            return torch.ops.tinylm.invariant_moe_experts(tokens, self.gate(tokens), self.gate_up_stack,
+                                                          self.down_stack, self.top_k, self.normalize)
         experts = invariant_experts
         if torch.compiler.is_compiling():
             experts = torch.ops.tinylm.invariant_experts

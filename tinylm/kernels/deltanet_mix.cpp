@@ -1,0 +1,210 @@
+// Gated DeltaNet's token mixing between its projections in one call, for batch-invariant inference (issue 21):
+// causal depthwise conv + SiLU, q / k L2 norms, decay and write strength, the gated delta rule token by token, and
+// the gated RMSNorm. tinylm/model/deltanet.py's `mix_tokens` runs the same steps as ~25 PyTorch ops (~0.5 ms a
+// layer at batch 1, where a Qwen3-Next decode step's products take ~0.1 ms); here they are loops over one row's
+// channels and heads.
+//
+// Batch invariance: every value depends on its own row's inputs only, through one fixed sequence of float32
+// operations (taps in order, sums over a head in index order, the recurrence as delta_rule.h), whatever the
+// number of rows, the row's padding, the thread count, or whether a token is decoded or part of a prompt.
+// Roundings where the PyTorch form rounds (tinylm/model/deltanet.py, delta_rule.py, layers.py gated_rms_norm):
+// the conv output and its SiLU, sigmoid(b), the rule's output, the normed value, the weight's product, the result.
+//
+// qkv (B, T, C) as [q | k | v] with C = 2 H_k D_k + H_v D_v; z (B, T, H_v, D_v); b, a (B, T, H_v); conv_state
+// (B, C, K-1) and recurrent_state (B, H_v, D_k, D_v) float32, or absent (zeros); lengths (B,) real tokens per row
+// (real tokens first, padding after: it neither reads nor writes the state, its output is 0) or absent (all T).
+// -> (out (B, T, H_v D_v), new conv state (B, C, K-1): the last K-1 real inputs, new recurrent state).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "delta_rule.h"
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }  // as .to(dtype) then .float()
+
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // F.softplus, threshold 20
+
+struct Shape {
+  int64_t batch, steps, channels, taps, k_heads, dk, v_heads, dv;
+  int64_t key_dim() const { return k_heads * dk; }
+};
+
+// full[p] of row b, channel c: the conv state for p < K-1, then the inputs
+template <typename T>
+inline float conv_input(const T* qkv, const T* state, const Shape& s, int64_t b, int64_t c, int64_t p) {
+  const int64_t past = s.taps - 1;
+  if (p < past) return state == nullptr ? 0.f : static_cast<float>(state[(b * s.channels + c) * past + p]);
+  return static_cast<float>(qkv[(b * s.steps + p - past) * s.channels + c]);
+}
+
+// One token's conv + SiLU over every channel into mixed (C floats), then q and k L2-normalized (q / sqrt(D_k))
+template <typename T>
+void conv_token(const T* qkv, const T* state, const T* weight, const Shape& s, int64_t b, int64_t t, float* mixed) {
+  for (int64_t c = 0; c < s.channels; ++c) {
+    float acc = conv_input(qkv, state, s, b, c, t) * static_cast<float>(weight[c * s.taps]);
+    for (int64_t j = 1; j < s.taps; ++j) {
+      acc = acc + conv_input(qkv, state, s, b, c, t + j) * static_cast<float>(weight[c * s.taps + j]);
+    }
+    mixed[c] = rounded<T>(silu(rounded<T>(acc)));
+  }
+  const float q_scale = std::sqrt(static_cast<float>(s.dk));
+  for (int64_t h = 0; h < 2 * s.k_heads; ++h) {  // q heads, then k heads
+    float* x = mixed + h * s.dk;
+    float squares = 0.f;
+    for (int64_t i = 0; i < s.dk; ++i) squares = squares + x[i] * x[i];
+    const float inv = 1.f / std::sqrt(squares + 1e-6f);
+    for (int64_t i = 0; i < s.dk; ++i) x[i] = h < s.k_heads ? (x[i] * inv) / q_scale : x[i] * inv;
+  }
+}
+
+// out (D_v) = gated RMSNorm of the rule's output o with gate z (layers.py gated_rms_norm)
+template <typename T>
+void gated_norm(const float* o, const T* z, const T* weight, float eps, int64_t dv, T* out) {
+  float squares = 0.f;
+  for (int64_t i = 0; i < dv; ++i) {
+    const float x = rounded<T>(o[i]);
+    squares = squares + x * x;
+  }
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(dv) + eps);
+  for (int64_t i = 0; i < dv; ++i) {
+    const float normed = rounded<T>(rounded<T>(o[i]) * inv);
+    const float weighted = rounded<T>(static_cast<float>(weight[i]) * normed);
+    out[i] = static_cast<T>(weighted * silu(static_cast<float>(z[i])));
+  }
+}
+
+int64_t row_length(const std::optional<at::Tensor>& lengths, const Shape& s, int64_t b) {
+  return lengths.has_value() ? std::clamp<int64_t>(lengths->data_ptr<int64_t>()[b], 0, s.steps) : s.steps;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const at::Tensor& z, const at::Tensor& b_in,
+                                                   const at::Tensor& a_in, const std::optional<at::Tensor>& conv_state,
+                                                   at::Tensor recurrent, const std::optional<at::Tensor>& lengths,
+                                                   const at::Tensor& conv_weight, const at::Tensor& a_log,
+                                                   const at::Tensor& dt_bias, const at::Tensor& norm_weight,
+                                                   float eps, const Shape& s) {
+  const T* x = qkv.data_ptr<T>();
+  const T* state = conv_state.has_value() ? conv_state->data_ptr<T>() : nullptr;
+  const T* cw = conv_weight.data_ptr<T>();
+  const T *zp = z.data_ptr<T>(), *bp = b_in.data_ptr<T>(), *ap = a_in.data_ptr<T>(), *nw = norm_weight.data_ptr<T>();
+  const float *alog = a_log.data_ptr<float>(), *dtb = dt_bias.data_ptr<float>();
+  const int64_t rows = s.batch * s.steps, value_width = s.v_heads * s.dv;
+  std::vector<float> mixed(rows * s.channels), g(rows * s.v_heads), beta(rows * s.v_heads), o(rows * value_width);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / s.channels), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / s.steps, t = r % s.steps;
+      conv_token<T>(x, state, cw, s, b, t, mixed.data() + r * s.channels);
+      for (int64_t h = 0; h < s.v_heads; ++h) {
+        const int64_t i = r * s.v_heads + h;
+        beta[i] = rounded<T>(1.f / (1.f + std::exp(-static_cast<float>(bp[i]))));
+        g[i] = -std::exp(alog[h]) * softplus(static_cast<float>(ap[i]) + dtb[h]);
+      }
+    }
+  });
+  float* rec = recurrent.data_ptr<float>();
+  const int64_t per_key = s.v_heads / s.k_heads, head_work = std::max<int64_t>(1, s.steps * s.dk * s.dv);
+  at::parallel_for(0, s.batch * s.v_heads, std::max<int64_t>(1, 65536 / head_work), [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.v_heads, h = bh % s.v_heads;
+      const float* row = mixed.data() + b * s.steps * s.channels;
+      const tinylm_delta::HeadTokens head{row + (h / per_key) * s.dk, row + s.key_dim() + (h / per_key) * s.dk,
+                                          row + 2 * s.key_dim() + h * s.dv, g.data() + b * s.steps * s.v_heads + h,
+                                          beta.data() + b * s.steps * s.v_heads + h,
+                                          o.data() + b * s.steps * value_width + h * s.dv, s.channels, s.channels,
+                                          s.v_heads, value_width};
+      tinylm_delta::head_tokens(head, rec + bh * s.dk * s.dv, row_length(lengths, s, b), s.dk, s.dv);
+    }
+  });
+  at::Tensor out = at::empty({s.batch, s.steps, value_width}, qkv.options());
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / value_width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bool real = r % s.steps < row_length(lengths, s, r / s.steps);
+      for (int64_t h = 0; h < s.v_heads; ++h) {
+        const int64_t at = r * value_width + h * s.dv;
+        if (real) gated_norm<T>(o.data() + at, zp + at, nw, eps, s.dv, op + at);
+        else std::fill(op + at, op + at + s.dv, static_cast<T>(0.f));
+      }
+    }
+  });
+  const int64_t past = s.taps - 1;
+  at::Tensor new_conv = at::empty({s.batch, s.channels, past}, qkv.options());
+  T* nc = new_conv.data_ptr<T>();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const int64_t length = row_length(lengths, s, b);
+    for (int64_t c = 0; c < s.channels; ++c) {
+      for (int64_t i = 0; i < past; ++i) {
+        nc[(b * s.channels + c) * past + i] = static_cast<T>(conv_input(x, state, s, b, c, length + i));
+      }
+    }
+  }
+  return {out, new_conv, recurrent};
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "invariant_deltanet_mix: ", what); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant_deltanet_mix(
+    const at::Tensor& qkv, const at::Tensor& z, const at::Tensor& b, const at::Tensor& a,
+    const std::optional<at::Tensor>& conv_state, const std::optional<at::Tensor>& recurrent_state,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& conv_weight, const at::Tensor& a_log,
+    const at::Tensor& dt_bias, const at::Tensor& norm_weight, double eps, int64_t num_k_heads, int64_t head_k_dim) {
+  const auto dtype = qkv.scalar_type();
+  check(dtype == at::kFloat || dtype == at::kBFloat16, "qkv must be float32 or bfloat16");
+  check(qkv.dim() == 3 && z.dim() == 4 && conv_weight.dim() == 3, "qkv (B, T, C), z (B, T, H_v, D_v), weight (C, 1, K)");
+  const Shape s{qkv.size(0), qkv.size(1), qkv.size(2), conv_weight.size(2), num_k_heads, head_k_dim, z.size(2),
+                z.size(3)};
+  check(s.k_heads > 0 && s.v_heads % s.k_heads == 0 && s.channels == 2 * s.key_dim() + s.v_heads * s.dv &&
+            conv_weight.size(0) == s.channels && s.taps >= 1,
+        "C must be 2 H_k D_k + H_v D_v with H_v a multiple of H_k, weight (C, 1, K)");
+  check(z.size(0) == s.batch && z.size(1) == s.steps && b.sizes() == a.sizes() &&
+            b.sizes() == at::IntArrayRef({s.batch, s.steps, s.v_heads}) && norm_weight.numel() == s.dv &&
+            a_log.numel() == s.v_heads && dt_bias.numel() == s.v_heads,
+        "z (B, T, H_v, D_v), b and a (B, T, H_v), norm weight (D_v,), A_log and dt_bias (H_v,)");
+  check(!conv_state.has_value() || conv_state->sizes() == at::IntArrayRef({s.batch, s.channels, s.taps - 1}),
+        "conv state (B, C, K-1)");
+  check(!recurrent_state.has_value() ||
+            recurrent_state->sizes() == at::IntArrayRef({s.batch, s.v_heads, s.dk, s.dv}),
+        "recurrent state (B, H_v, D_k, D_v)");
+  check(!lengths.has_value() || lengths->numel() == s.batch, "lengths (B,)");
+  const auto same = [&](const at::Tensor& t) { return t.to(dtype).contiguous(); };
+  const std::optional<at::Tensor> state = conv_state.has_value() ? std::optional(same(*conv_state)) : std::nullopt;
+  at::Tensor recurrent = recurrent_state.has_value()
+                             ? recurrent_state->to(at::kFloat).clone(at::MemoryFormat::Contiguous)
+                             : at::zeros({s.batch, s.v_heads, s.dk, s.dv}, qkv.options().dtype(at::kFloat));
+  const std::optional<at::Tensor> lens =
+      lengths.has_value() ? std::optional(lengths->to(at::kLong).contiguous()) : std::nullopt;
+  const at::Tensor alog = a_log.to(at::kFloat).contiguous(), dtb = dt_bias.to(at::kFloat).contiguous();
+  const float e = static_cast<float>(eps);
+  if (dtype == at::kFloat) {
+    return mix<float>(same(qkv), same(z), same(b), same(a), state, recurrent, lens, same(conv_weight), alog, dtb,
+                      same(norm_weight), e, s);
+  }
+  return mix<c10::BFloat16>(same(qkv), same(z), same(b), same(a), state, recurrent, lens, same(conv_weight), alog,
+                            dtb, same(norm_weight), e, s);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinylm, m) {
+  m.def("invariant_deltanet_mix(Tensor qkv, Tensor z, Tensor b, Tensor a, Tensor? conv_state, "
+        "Tensor? recurrent_state, Tensor? lengths, Tensor conv_weight, Tensor A_log, Tensor dt_bias, "
+        "Tensor norm_weight, float eps, int num_k_heads, int head_k_dim) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("invariant_deltanet_mix", &invariant_deltanet_mix); }
