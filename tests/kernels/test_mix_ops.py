@@ -110,3 +110,18 @@ def test_experts_row_bits_whatever_shares_the_call():
         assert torch.equal(alone, together[i:i + 1])
     with pytest.raises(RuntimeError, match="top_k"):
         torch.ops.tinylm.invariant_moe_experts(x, logits, gate_up, down, 6, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sigmoid_gate_equals_the_pytorch_form(dtype):
+    from tinylm.model.opaque_ops import sigmoid_gate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 40, generator=gen).to(dtype)
+    wide, narrow = torch.randn(7, 3, 40, generator=gen).to(dtype), torch.randn(7, 3, 1, generator=gen).to(dtype)
+    for gate in (wide, narrow):
+        got = torch.ops.tinylm.invariant_sigmoid_gate(gate.reshape(-1, gate.shape[-1]), x.reshape(-1, 40))
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.view(x.shape), sigmoid_gate(gate, x), rtol=tolerance, atol=tolerance)
+        alone = torch.ops.tinylm.invariant_sigmoid_gate(gate.reshape(-1, gate.shape[-1])[5:6], x.reshape(-1, 40)[5:6])
+        assert torch.equal(alone, got[5:6])

@@ -8,9 +8,9 @@ products of 1-16 rows on AVX-512 BF16 (compiled bf16 decode, its batches, specul
 `invariant_gemm.cpp` batch-invariant products (each output element one fixed float32 sequence whatever the
 batch; wrapper `invariant.py`), `delta_rule.cpp` Gated DeltaNet's recurrence token by token, `deltanet_mix.cpp`
 its whole token mixing and `invariant_experts.cpp` a mixture-of-experts block's routed experts (batch-invariant
-inference). The sources are compiled with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
-~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded in about a second); if that
-is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
+inference). The sources are compiled with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and
+the `ninja` package) into ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded
+in about a second); if that is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
 
     tinylm.kernels.available()  -> True once torch.ops.tinylm.paged_attention exists
 """
@@ -163,6 +163,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::invariant_silu_mul")
     def _(gate, up):
         return gate.new_empty(gate.shape)  # (M, I), contiguous
+
+    @torch.library.register_fake("tinylm::invariant_sigmoid_gate")
+    def _(gate, x):
+        return x.new_empty(x.shape)  # (M, D), contiguous
 
     @torch.library.register_fake("tinylm::gated_delta_rule")
     def _(q, k, v, g, beta, state):

@@ -1,5 +1,6 @@
-// Batch-invariant row operations (issue 21): RMSNorm and SwiGLU's silu(gate) * up, each row computed by one fixed
-// sequence of float32 operations whatever the number of rows, the thread count or where a row starts.
+// Batch-invariant row operations (issue 21): RMSNorm, SwiGLU's silu(gate) * up and the sigmoid gate (attention
+// output, MoE shared expert), each row computed by one fixed sequence of float32 operations whatever the number
+// of rows, the thread count or where a row starts.
 //
 // Why not PyTorch's own: eagerly they are invariant already (each row is reduced alone), but the compiled decode
 // step is not eager: Inductor fuses these ops with their neighbours and writes its own reduction and exp, so a
@@ -102,6 +103,23 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t dim) {
   }
 }
 
+template <typename T>
+inline Vec sigmoid_as(const Vec& g) { return round_to(Vec(1.f) / (Vec(1.f) + g.neg().exp()), static_cast<T*>(nullptr)); }
+
+// out = x * sigmoid(gate), sigmoid(gate) rounded to T first (opaque_ops.py's sigmoid_gate in PyTorch); gate is
+// one value per row (broadcast, wide == false) or one per element
+template <typename T>
+void sigmoid_gate_row(const T* gate, const T* x, T* out, int64_t dim, bool wide) {
+  float first[kLanes];  // the row's one gate, broadcast
+  sigmoid_as<T>(load(gate, 1)).store(first);
+  const Vec shared(wide ? 0.f : first[0]);
+  for (int64_t i = 0; i < dim; i += kLanes) {
+    const int64_t n = std::min(kLanes, dim - i);
+    const Vec sig = wide ? sigmoid_as<T>(load(gate + i, n)) : shared;
+    store(sig * load(x + i, n), out + i, n);
+  }
+}
+
 // Rows per thread: waking the OpenMP team costs more than a few rows' work (16 rows of 1536: 0.2 ms in threads
 // against 0.02 ms on one), so a thread gets at least ATen's grain of 32768 elements, as its element-wise ops do
 int64_t grain(int64_t dim) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1)); }
@@ -138,6 +156,20 @@ at::Tensor silu_mul_as(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+template <typename T>
+at::Tensor sigmoid_gate_as(const at::Tensor& gate, const at::Tensor& x) {
+  const int64_t rows = x.size(0), dim = x.size(1), g_stride = gate.stride(0), x_stride = x.stride(0);
+  const bool wide = gate.size(1) == dim;
+  at::Tensor out = at::empty({rows, dim}, x.options());
+  const T* g = gate.data_ptr<T>();
+  const T* in = x.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows, grain(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) sigmoid_gate_row<T>(g + r * g_stride, in + r * x_stride, o + r * dim, dim, wide);
+  });
+  return out;
+}
+
 // x (M, C), weight (C,) of x's dtype -> (M, C)
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, bool zero_centered) {
   check_rows(x, "x");
@@ -157,9 +189,20 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return gate.scalar_type() == at::kFloat ? silu_mul_as<float>(gate, up) : silu_mul_as<c10::BFloat16>(gate, up);
 }
 
+// gate (M, D) or (M, 1), x (M, D) of one dtype (row strides free) -> x * sigmoid(gate) (M, D)
+at::Tensor sigmoid_gate(const at::Tensor& gate, const at::Tensor& x) {
+  check_rows(gate, "gate");
+  check_rows(x, "x");
+  TORCH_CHECK(gate.size(0) == x.size(0) && (gate.size(1) == x.size(1) || gate.size(1) == 1) &&
+                  gate.scalar_type() == x.scalar_type(),
+              "gate must be (M, D) or (M, 1) of x's dtype");
+  return x.scalar_type() == at::kFloat ? sigmoid_gate_as<float>(gate, x) : sigmoid_gate_as<c10::BFloat16>(gate, x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tinylm, m) {
+  m.def("invariant_sigmoid_gate(Tensor gate, Tensor x) -> Tensor");
   m.def("invariant_rms_norm(Tensor x, Tensor weight, float eps, bool zero_centered) -> Tensor");
   m.def("invariant_silu_mul(Tensor gate, Tensor up) -> Tensor");
 }
@@ -167,4 +210,5 @@ TORCH_LIBRARY_FRAGMENT(tinylm, m) {
 TORCH_LIBRARY_IMPL(tinylm, CPU, m) {
   m.impl("invariant_rms_norm", &rms_norm);
   m.impl("invariant_silu_mul", &silu_mul);
+  m.impl("invariant_sigmoid_gate", &sigmoid_gate);
 }
