@@ -18,7 +18,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -95,7 +94,8 @@ int64_t row_length(const std::optional<at::Tensor>& lengths, const Shape& s, int
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const at::Tensor& z, const at::Tensor& b_in,
                                                    const at::Tensor& a_in, const std::optional<at::Tensor>& conv_state,
-                                                   at::Tensor recurrent, const std::optional<at::Tensor>& lengths,
+                                                   const std::optional<at::Tensor>& initial,
+                                                   const std::optional<at::Tensor>& lengths,
                                                    const at::Tensor& conv_weight, const at::Tensor& a_log,
                                                    const at::Tensor& dt_bias, const at::Tensor& norm_weight,
                                                    float eps, const Shape& s) {
@@ -117,7 +117,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const 
       }
     }
   });
+  at::Tensor recurrent = at::empty({s.batch, s.v_heads, s.dk, s.dv}, qkv.options().dtype(at::kFloat));
   float* rec = recurrent.data_ptr<float>();
+  const float* rec_in = initial.has_value() ? initial->data_ptr<float>() : nullptr;
+  const int64_t state_size = s.dk * s.dv;
   const int64_t per_key = s.v_heads / s.k_heads, head_work = std::max<int64_t>(1, s.steps * s.dk * s.dv);
   at::parallel_for(0, s.batch * s.v_heads, std::max<int64_t>(1, 65536 / head_work), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -128,7 +131,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const 
                                           beta.data() + b * s.steps * s.v_heads + h,
                                           o.data() + b * s.steps * value_width + h * s.dv, s.channels, s.channels,
                                           s.v_heads, value_width};
-      tinylm_delta::head_tokens(head, rec + bh * s.dk * s.dv, row_length(lengths, s, b), s.dk, s.dv);
+      float* state_out = rec + bh * state_size;
+      if (rec_in == nullptr) std::fill(state_out, state_out + state_size, 0.f);
+      else std::copy_n(rec_in + bh * state_size, state_size, state_out);
+      tinylm_delta::head_tokens(head, state_out, row_length(lengths, s, b), s.dk, s.dv);
     }
   });
   at::Tensor out = at::empty({s.batch, s.steps, value_width}, qkv.options());
@@ -184,18 +190,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant_deltanet_mix(
   check(!lengths.has_value() || lengths->numel() == s.batch, "lengths (B,)");
   const auto same = [&](const at::Tensor& t) { return t.to(dtype).contiguous(); };
   const std::optional<at::Tensor> state = conv_state.has_value() ? std::optional(same(*conv_state)) : std::nullopt;
-  at::Tensor recurrent = recurrent_state.has_value()
-                             ? recurrent_state->to(at::kFloat).clone(at::MemoryFormat::Contiguous)
-                             : at::zeros({s.batch, s.v_heads, s.dk, s.dv}, qkv.options().dtype(at::kFloat));
+  // the new state starts as a copy of the old, made head by head in the threads that update it
+  const std::optional<at::Tensor> initial = recurrent_state.has_value()
+                                                ? std::optional(recurrent_state->to(at::kFloat).contiguous())
+                                                : std::nullopt;
   const std::optional<at::Tensor> lens =
       lengths.has_value() ? std::optional(lengths->to(at::kLong).contiguous()) : std::nullopt;
   const at::Tensor alog = a_log.to(at::kFloat).contiguous(), dtb = dt_bias.to(at::kFloat).contiguous();
   const float e = static_cast<float>(eps);
   if (dtype == at::kFloat) {
-    return mix<float>(same(qkv), same(z), same(b), same(a), state, recurrent, lens, same(conv_weight), alog, dtb,
+    return mix<float>(same(qkv), same(z), same(b), same(a), state, initial, lens, same(conv_weight), alog, dtb,
                       same(norm_weight), e, s);
   }
-  return mix<c10::BFloat16>(same(qkv), same(z), same(b), same(a), state, recurrent, lens, same(conv_weight), alog,
+  return mix<c10::BFloat16>(same(qkv), same(z), same(b), same(a), state, initial, lens, same(conv_weight), alog,
                             dtb, same(norm_weight), e, s);
 }
 

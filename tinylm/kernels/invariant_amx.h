@@ -20,7 +20,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -53,6 +56,24 @@ inline void configure() {  // every tile 16 rows x 64 bytes (per thread: the til
   }
   memory_barrier();  // GCC otherwise moved the stores above after LDTILECFG (an invalid config: SIGSEGV)
   _tile_loadconfig(&config);
+}
+
+// The calling thread's buffer for packed activations, 64-byte aligned, grown as needed and kept: a decode step's
+// ~50 small products each paid ~0.5 us for a fresh tensor. Valid until the thread's next call.
+inline uint32_t* packing_buffer(int64_t words) {
+  struct Buffer {
+    uint32_t* data = nullptr;
+    int64_t words = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.words < words) {
+    std::free(buffer.data);
+    buffer.words = (words + 15) / 16 * 16;
+    buffer.data = static_cast<uint32_t*>(std::aligned_alloc(64, buffer.words * sizeof(uint32_t)));
+    TORCH_CHECK(buffer.data != nullptr, "tinylm::invariant_linear: out of memory packing activations");
+  }
+  return buffer.data;
 }
 
 // packed[(b * chunks + c) * 256 + p * 16 + i] = the bf16 pair x[16b + i][32c + 2p .. +1]; zeros past M and K.

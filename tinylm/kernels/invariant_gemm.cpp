@@ -281,8 +281,7 @@ template <typename Out>
 void run_amx(const Problem<BF16Dot, Out>& p) {
   using namespace tinylm_amx;
   const int64_t chunks = (p.k + kK - 1) / kK, x_tiles = (p.m + kT - 1) / kT, pairs = (p.n + 2 * kT - 1) / (2 * kT);
-  at::Tensor packed_tensor = at::empty({x_tiles * chunks * 256}, at::TensorOptions().dtype(at::kInt));
-  uint32_t* packed = reinterpret_cast<uint32_t*>(packed_tensor.data_ptr<int32_t>());
+  uint32_t* packed = tinylm_amx::packing_buffer(x_tiles * chunks * 256);
   at::parallel_for(0, x_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) pack_rows(p.x, p.m, p.k, b, chunks, packed);
   });
