@@ -11,7 +11,6 @@ from tests.helpers import run_engine
 import tinylm
 from tinylm.engine.engine import EngineConfig, LLMEngine
 from tinylm.model.fuse import fuse_projections
-from tinylm.model.invariant import use_batch_invariant
 from tinylm.quant.apply import quantize_model
 from tinylm.quant.policy import QuantPolicy
 
@@ -80,21 +79,6 @@ def test_layers_of_different_schemes_stay_unfused(tiny_dir):
     layer = llm.model.model.layers[0]
     assert layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is not None
     torch.testing.assert_close(llm.forward(ids).logits, before, rtol=1e-4, atol=1e-4)
-
-
-def test_hybrid_and_moe_inputs_fuse_to_the_same_bits(tiny_folder):
-    """Gated DeltaNet's two input products as one, and an MoE block's router, shared gate and shared gate/up as
-    one: each output element of the invariant product is its own sum over K, so the logits keep their bits."""
-    llm = tinylm.load(tiny_folder("qwen3_next", 3), dtype="bfloat16", batch_invariant=True)
-    ids = torch.tensor([llm.encode(TEXTS[1])])
-    before = llm.forward(ids).logits
-    fuse_projections(llm.model)
-    use_batch_invariant(llm.model)  # as the engine does after fusing (make_invariant)
-    layers = llm.model.model.layers
-    deltanet, moe = layers[0].linear_attn, layers[0].mlp
-    assert deltanet.in_proj is not None and not hasattr(deltanet, "in_proj_qkvz")
-    assert moe.input_proj is not None and len(moe.input_sizes) == 3 and not hasattr(moe, "gate")
-    assert torch.equal(llm.forward(ids).logits, before)
 
 
 def test_compile_failure_falls_back_to_eager(tiny_dir, monkeypatch):

@@ -47,12 +47,6 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))  # decay rate log(A); loaded or set by the init
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
-        self.in_proj: nn.Module | None = None  # [qkvz; ba] as one layer, set by fuse_in_proj (inference only)
-
-    def fuse_in_proj(self, fused: nn.Module) -> None:
-        """Replace in_proj_qkvz and in_proj_ba by one layer computing both (tinylm.model.fuse)."""
-        self.in_proj = fused
-        del self.in_proj_qkvz, self.in_proj_ba
 
     def state_shapes(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
         """One sequence's (conv state (conv_dim, kernel-1), recurrent state (H_v, D_k, D_v)) shapes."""
@@ -96,12 +90,8 @@ class GatedDeltaNet(nn.Module):
         """
         batch, seq, _ = x.shape
         per_k = self.num_v_heads // self.num_k_heads
-        if self.in_proj is not None:
-            qkvz, ba = self.in_proj(x).split([2 * self.key_dim + 2 * self.value_dim, 2 * self.num_v_heads], dim=-1)
-        else:
-            qkvz, ba = self.in_proj_qkvz(x), self.in_proj_ba(x)
-        qkvz = qkvz.reshape(batch, seq, self.num_k_heads, -1)
-        ba = ba.reshape(batch, seq, self.num_k_heads, 2 * per_k)
+        qkvz = self.in_proj_qkvz(x).view(batch, seq, self.num_k_heads, -1)
+        ba = self.in_proj_ba(x).view(batch, seq, self.num_k_heads, 2 * per_k)
         q, k, v, z = qkvz.split([self.head_k_dim, self.head_k_dim, per_k * self.head_v_dim,
                                  per_k * self.head_v_dim], dim=3)
         b, a = ba.split([per_k, per_k], dim=3)

@@ -18,14 +18,12 @@ from torch import nn
 
 from tinylm.errors import ConfigError
 from tinylm.model.attention import Attention
-from tinylm.model.deltanet import GatedDeltaNet
 from tinylm.model.layers import MLP
 from tinylm.model.moe import SparseMoE
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse every attention's q/k/v and every MLP's gate/up (experts included) in place, then every Gated
-    DeltaNet's two input products and each MoE block's router, shared gate and shared gate/up, and stack each MoE
+    """Fuse every attention's q/k/v and every MLP's gate/up (experts included) in place, then stack each MoE
     block's experts; returns the number of fusions. Layers a mixed-precision policy stores in different schemes
     are left unfused."""
     fused = 0
@@ -34,29 +32,10 @@ def fuse_projections(model: nn.Module) -> int:
             fused += _try(module.fuse_qkv, [module.q_proj, module.k_proj, module.v_proj])
         elif type(module) is MLP and module.gate_up_proj is None:
             fused += _try(module.fuse_gate_up, [module.gate_proj, module.up_proj])
-    for module in list(model.modules()):
-        if isinstance(module, GatedDeltaNet) and module.in_proj is None:
-            fused += _try(module.fuse_in_proj, [module.in_proj_qkvz, module.in_proj_ba])
-        elif isinstance(module, SparseMoE):
-            fused += _fuse_moe_inputs(module)
-            if module.gate_up_stack is None:
-                module.stack_experts()
+    for module in model.modules():
+        if isinstance(module, SparseMoE) and module.gate_up_stack is None:
+            module.stack_experts()
     return fused
-
-
-def _fuse_moe_inputs(moe: SparseMoE) -> int:
-    """The router, the shared expert's gate and, when they join, its fused gate/up as one layer (after the MLPs
-    were fused). Quantized shared experts keep their own product: the router and its gate stay float."""
-    if not moe.has_shared or moe.input_proj is not None:
-        return 0
-    gate_up = moe.shared_expert.gate_up_proj
-    if gate_up is not None:
-        try:
-            moe.fuse_inputs(concat_rows([moe.gate, moe.shared_expert_gate, gate_up]), with_shared_gate_up=True)
-            return 1
-        except ConfigError:
-            pass
-    return _try(lambda fused: moe.fuse_inputs(fused, with_shared_gate_up=False), [moe.gate, moe.shared_expert_gate])
 
 
 def _try(install, layers: list[nn.Module]) -> int:
@@ -71,25 +50,14 @@ def concat_rows(layers: list[nn.Module]) -> nn.Module:
     """One layer computing the concatenated outputs of `layers` (N1 + N2 + ... output features), of one class and
     the same in_features; ConfigError when they cannot be joined."""
     first = layers[0]
-    if all(_float_linear(m) and m.weight.dtype == first.weight.dtype for m in layers):
-        # float nn.Linear, GemvLinear or InvariantLinear (a router made invariant at load beside a gate/up fused
-        # after): one layer over the stacked weights, of their class when they share one
-        fused = linear_from(torch.cat([m.weight for m in layers]), concat_biases(layers))
-        if all(type(m) is type(first) for m in layers):
-            fused.__class__ = type(first)
-        return fused
     if any(type(m) is not type(first) for m in layers):
         raise ConfigError("concat_rows: the layers differ in scheme")
+    if isinstance(first, nn.Linear):  # float (GemvLinear too): a plain nn.Linear over the stacked weights
+        return linear_from(torch.cat([m.weight for m in layers]), concat_biases(layers))
     concat = getattr(type(first), "concat_rows", None)
     if concat is None:
         raise ConfigError(f"concat_rows: {type(first).__name__} layers cannot be joined")
     return concat(layers)
-
-
-def _float_linear(layer: nn.Module) -> bool:
-    """An nn.Linear (or a subclass without its own way to join rows) holding a float weight."""
-    return (isinstance(layer, nn.Linear) and layer.weight.is_floating_point()
-            and getattr(type(layer), "concat_rows", None) is None)
 
 
 def concat_biases(layers: list[nn.Module]) -> torch.Tensor | None:

@@ -77,13 +77,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            return self.from_gate_up(self.gate_up_proj(x))
-        return self.down_proj(self._act(self.gate_proj(x), self.up_proj(x)))
-
-    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The rest of forward from [gate; up] (..., 2I) computed elsewhere (fused gate/up, or a mixture-of-experts
-        block's joint input product)."""
-        gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self._act(gate, up))
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

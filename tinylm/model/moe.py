@@ -54,61 +54,36 @@ class SparseMoE(nn.Module):
         # set by stack_experts (inference only), not saved: (E, 2I, C) and (E, C, I)
         self.register_buffer("gate_up_stack", None, persistent=False)
         self.register_buffer("down_stack", None, persistent=False)
-        # set by fuse_inputs (inference only): one layer for the products of the block's input, the sizes it splits to
-        self.input_proj: nn.Module | None = None
-        self.input_sizes: list[int] = []
-
-    def fuse_inputs(self, fused: nn.Module, with_shared_gate_up: bool) -> None:
-        """Replace the router and the shared expert's gate (and its fused gate/up, with_shared_gate_up) by one
-        layer computing [router (E); shared gate (1); shared gate/up (2I)] (tinylm.model.fuse): at batch 1 each
-        product is a call with a fixed cost. Every output element of a product is its own sum over K, so the values
-        are those of the separate layers."""
-        self.input_sizes = [self.gate.out_features, 1]
-        if with_shared_gate_up:
-            self.input_sizes.append(self.shared_expert.gate_up_proj.out_features)
-            self.shared_expert.gate_up_proj = None
-        self.input_proj = fused
-        del self.gate, self.shared_expert_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C): each token is the weighted sum of its top-k experts' outputs. Eagerly a
         token's sum runs over its experts in index order whatever other tokens chose: batch invariant."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, C)
-        router_logits, shared_gate, shared_gate_up = self._inputs(tokens)
         if self.batch_invariant and self.gate_up_stack is not None:
-            out = self._invariant_experts(tokens, router_logits)
+            out = self._invariant_experts(tokens)
         else:
-            weights, experts = route(router_logits, self.top_k, self.normalize)
+            weights, experts = route(self.gate(tokens), self.top_k, self.normalize)
             if self.gate_up_stack is not None and torch.compiler.is_compiling():
                 out = self._picked_experts(tokens, weights, experts)
             else:
                 out = self._grouped_experts(tokens, weights, experts)
         if self.has_shared:
             # Every token also goes through the shared expert, scaled by its own sigmoid gate (N, 1).
-            shared = (self.shared_expert(tokens) if shared_gate_up is None
-                      else self.shared_expert.from_gate_up(shared_gate_up))
-            out = out + gate_by_sigmoid(shared_gate, shared, self.batch_invariant)
+            gated = gate_by_sigmoid(self.shared_expert_gate(tokens), self.shared_expert(tokens), self.batch_invariant)
+            out = out + gated
         return out.reshape(shape)
 
-    def _inputs(self, tokens: torch.Tensor):
-        """tokens (N, C) -> (router logits (N, E), the shared expert's gate (N, 1) or None, its [gate; up] (N, 2I)
-        when fused into input_proj, else None)."""
-        if self.input_proj is None:
-            return self.gate(tokens), self.shared_expert_gate(tokens) if self.has_shared else None, None
-        parts = self.input_proj(tokens).split(self.input_sizes, dim=-1)
-        return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-
-    def _invariant_experts(self, tokens: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    def _invariant_experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, C) -> (N, C): without gradients tinylm::invariant_moe_experts (the same steps in C++,
         tinylm/kernels/invariant_experts.cpp), else `invariant_experts`, eagerly as it is, compiled as an opaque op."""
         if kernel_takes(tokens) and kernels.available():
-            return torch.ops.tinylm.invariant_moe_experts(tokens, router_logits, self.gate_up_stack,
+            return torch.ops.tinylm.invariant_moe_experts(tokens, self.gate(tokens), self.gate_up_stack,
                                                           self.down_stack, self.top_k, self.normalize)
         experts = invariant_experts
         if torch.compiler.is_compiling():
             experts = torch.ops.tinylm.invariant_experts
-        return experts(tokens, router_logits, self.gate_up_stack, self.down_stack, self.top_k, self.normalize)
+        return experts(tokens, self.gate(tokens), self.gate_up_stack, self.down_stack, self.top_k, self.normalize)
 
     def _grouped_experts(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """tokens (N, C), weights and experts (N, k) -> (N, C): one product per expert in use, over its tokens."""
