@@ -218,7 +218,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
 // out rows [i0, i0 + rows) x columns [n0, n0 + cols), cols <= 32, from one x tile's C of the weight pair: c[0]
 // (weight rows n0 .. n0 + 15) and c[1] (the next 16, or null), each 16 weight rows x 16 x rows in float32 (a column
 // of C is an output row). Bias added once, rounded as c10 does (to_bf16_bits); a row's 32 outputs are one 64-byte
-// store (two half-line stores per row cost ~40% of a 512 x 3072 x 576 product).
+// store (two half-line stores per row cost ~40% of a 512 x 3072 x 576 product). Rows reach the store by a transpose
+// of C, or for a few rows by gathers: the same floats either way, so the bits do not depend on the row count.
+constexpr int64_t kGatherRows = 4;  // up to this many rows, gathers beat a 16 x 16 transpose per C tile
+
 template <typename Out>
 void store_amx_rows(const float* const* c, const float* bias, int64_t i0, int64_t rows, int64_t n0, int64_t cols,
                     Out* out, int64_t n) {
@@ -226,11 +229,20 @@ void store_amx_rows(const float* const* c, const float* bias, int64_t i0, int64_
   const __mmask16 mask0 = static_cast<__mmask16>((1u << cols0) - 1);
   const __mmask16 mask1 = static_cast<__mmask16>((1u << cols1) - 1);
   __m512 r0[16], r1[16], b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-  for (int j = 0; j < 16; ++j) r0[j] = _mm512_load_ps(c[0] + 16 * j);
-  transpose16(r0);
-  if (cols1 > 0) {
-    for (int j = 0; j < 16; ++j) r1[j] = _mm512_load_ps(c[1] + 16 * j);
-    transpose16(r1);
+  if (rows <= kGatherRows) {  // a decode step's few rows: gather each one's column of C (the same floats)
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
+    for (int64_t i = 0; i < rows; ++i) {
+      r0[i] = _mm512_i32gather_ps(column, c[0] + i, 4);
+      if (cols1 > 0) r1[i] = _mm512_i32gather_ps(column, c[1] + i, 4);
+    }
+  } else {
+    for (int j = 0; j < 16; ++j) r0[j] = _mm512_load_ps(c[0] + 16 * j);
+    transpose16(r0);
+    if (cols1 > 0) {
+      for (int j = 0; j < 16; ++j) r1[j] = _mm512_load_ps(c[1] + 16 * j);
+      transpose16(r1);
+    }
   }
   if (bias != nullptr) {
     b0 = _mm512_maskz_loadu_ps(mask0, bias + n0);
