@@ -195,8 +195,8 @@ def test_hybrid_and_moe_every_schedule_gives_the_same_bits(load_tiny, arch):
                                            ("qwen3_next", None), ("qwen3_moe", None)])
 def test_compiled_decode_equals_eager_prefill(load_tiny, arch, quantize):
     """The compiled step (batch-1 graph alone, batched graph together) gives the bits an eager prefill scores and
-    llm.forward computes. The hybrid's DeltaNet mixing, its gated attention and the experts' routing run as opaque
-    ops (tinylm/model/opaque_ops.py) inside the compiled step."""
+    llm.forward computes. The hybrid's DeltaNet mixing, its gated attention and the experts' routing run as C++
+    kernels (deltanet_mix.cpp, invariant_rows.cpp, invariant_experts.cpp), the same call eagerly and compiled."""
     llm = load_tiny(arch, 5, dtype="bfloat16", quantize=quantize, compile=True)
     prompts = _token_prompts(6)
     alone = _alone(llm.engine, prompts)
