@@ -302,3 +302,15 @@ def test_every_timed_run_computes_its_prompts(tiny):
     system.run(prompts, 3)
     system.run(prompts, 3)
     assert blocks.hits == hits
+
+
+def test_the_compile_gauge_is_read_from_the_prometheus_text():
+    from tinylm.bench.serve import gauge_value
+
+    text = ("# HELP tinylm:compile_in_progress 1 while a decode graph builds\n# TYPE tinylm:compile_in_progress gauge\n"
+            "tinylm:compile_in_progress 1.0\n"
+            '# TYPE tinylm:num_requests_running gauge\ntinylm:num_requests_running{model_name="m"} 3.0\n')
+    assert gauge_value(text, "tinylm:compile_in_progress") == 1.0
+    assert gauge_value(text.replace("progress 1.0", "progress 0.0"), "tinylm:compile_in_progress") == 0.0
+    assert gauge_value(text, "tinylm:num_requests_running") is None  # labelled: not this question
+    assert gauge_value("", "tinylm:compile_in_progress") is None

@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tinylm.bench.systems import WARM_TOKENS, TinyLMSystem, _greedy
 from tinylm.bench.timing import stream_stamps
 from tinylm.bench.timing import Stamps
@@ -67,11 +69,20 @@ def wait_for_graphs(url: str, timeout_s: float = START_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
-            text = response.read().decode()
-        if "tinylm:compile_in_progress 0.0" in text or "tinylm:compile_in_progress" not in text:
+            compiling = gauge_value(response.read().decode(), "tinylm:compile_in_progress")
+        if not compiling:  # 0, or a server without the gauge
             return
         time.sleep(0.5)
     raise RuntimeError(f"the server was still compiling after {timeout_s:.0f} s")
+
+
+def gauge_value(text: str, name: str) -> float | None:
+    """The value of the unlabelled metric `name` in a Prometheus text exposition, None when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    return None
 
 
 class StreamedTinyLMSystem(TinyLMSystem):
