@@ -108,6 +108,15 @@ def _preempted(llm, prompts, blocks: int) -> list[tuple]:
     return traces
 
 
+def _drafted(llm, draft="[ngram]"):
+    """llm with a draft (prompt lookup by default), verification rows enough for every request's drafts (the
+    default 16 rows take 4 requests of 3 drafts + 1: past that a step decodes plainly)."""
+    config = EngineConfig(**{**vars(llm.engine_config), "speculative_max_rows": 64})
+    drafted = tinylm.LLM(llm.loaded, engine_config=config, draft=draft)
+    assert drafted.engine.speculation is not None
+    return drafted
+
+
 @pytest.fixture(scope="module")
 def builtin_bf16():
     return tinylm.load(hub.resolve(hub.DEFAULT_MODEL), dtype="bfloat16")
@@ -157,9 +166,9 @@ def test_builtin_bf16_greedy_speculation_changes_nothing(builtin_bf16):
     llm = builtin_bf16
     prompts = _chat_prompts(llm, 6)
     plain = _together(llm.engine, prompts)
-    drafted = tinylm.LLM(llm.loaded, engine_config=llm.engine_config, draft="[ngram]")
-    assert drafted.engine.speculation is not None
+    drafted = _drafted(llm)
     assert _together(drafted.engine, prompts) == plain
+    assert drafted.engine.drafter.num_proposed > 0  # drafts were verified, not only allowed
 
 
 @pytest.mark.parametrize("dtype", ["float32"])
@@ -191,13 +200,32 @@ def test_hybrid_and_moe_every_schedule_gives_the_same_bits(load_tiny, arch):
     assert _scored(llm, prompts[:6], alone[:6]) == _decoded_logprobs(alone[:6])
 
 
-@pytest.mark.parametrize("arch,quantize", [("llama", None), ("llama", "w8a8"), ("llama", "int8"), ("llama", "int4"),
-                                           ("qwen3_next", None), ("qwen3_moe", None)])
-def test_compiled_decode_equals_eager_prefill(load_tiny, arch, quantize):
+def test_moe_prefix_cache_hit_and_greedy_speculation_change_nothing(tiny_folder):
+    """The small MoE's experts after a prefix-cache hit and with drafts checked several tokens per step (the
+    model drafting for itself: random weights never repeat their prompt, so prompt lookup would propose nothing).
+    Hybrids keep neither: their recurrent state cannot be rebuilt from paged K/V or rolled back."""
+    folder = tiny_folder("qwen3_moe", 3)
+    llm = tinylm.load(folder, dtype="bfloat16")
+    shared = list(range(10, 50))  # 40 tokens for the cache to share
+    prompts = [shared + [60 + i, 70 + i] for i in range(8)]
+    cold = _alone(_engine(llm, enable_prefix_caching=False), prompts)
+    cached = _engine(llm, enable_prefix_caching=True)
+    assert _together(cached, prompts[:1]) == cold[:1]  # fills the cache with the shared blocks
+    assert _together(cached, prompts) == cold
+    drafted = _drafted(llm, draft=load_model(folder, dtype="bfloat16"))
+    assert _together(drafted.engine, prompts) == cold
+    assert drafted.engine.drafter.num_proposed > 0
+
+
+@pytest.mark.parametrize("arch,quantize,dtype", [("llama", None, "bfloat16"), ("llama", None, "float32"),
+                                                 ("llama", "w8a8", "bfloat16"), ("llama", "int8", "bfloat16"),
+                                                 ("llama", "int4", "bfloat16"), ("qwen3_next", None, "bfloat16"),
+                                                 ("qwen3_moe", None, "bfloat16")])
+def test_compiled_decode_equals_eager_prefill(load_tiny, arch, quantize, dtype):
     """The compiled step (batch-1 graph alone, batched graph together) gives the bits an eager prefill scores and
     llm.forward computes. The hybrid's DeltaNet mixing, its gated attention and the experts' routing run as C++
     kernels (deltanet_mix.cpp, invariant_rows.cpp, invariant_experts.cpp), the same call eagerly and compiled."""
-    llm = load_tiny(arch, 5, dtype="bfloat16", quantize=quantize, compile=True)
+    llm = load_tiny(arch, 5, dtype=dtype, quantize=quantize, compile=True)
     prompts = _token_prompts(6)
     alone = _alone(llm.engine, prompts)
     assert llm.engine.runner.compiled is not None and not llm.engine.runner.compiled.failed

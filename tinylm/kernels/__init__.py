@@ -35,7 +35,8 @@ SOURCES = [Path(__file__).with_name(name)
                          "deltanet_mix.cpp", "invariant_experts.cpp")]
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
-           for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h", "delta_rule.h")]
+           for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h", "delta_rule.h",
+                         "invariant_vec.h")]
 _STATE: dict[str, bool] = {}
 
 

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "delta_rule.h"
+#include "invariant_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,10 +32,10 @@
 
 namespace {
 
+using namespace tinylm_vec;
+
 template <typename T>
 inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }  // as .to(dtype) then .float()
-
-inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // F.softplus, threshold 20
 
@@ -43,23 +44,35 @@ struct Shape {
   int64_t key_dim() const { return k_heads * dk; }
 };
 
-// full[p] of row b, channel c: the conv state for p < K-1, then the inputs
+// One batch row's conv inputs as float rows of C: window[p] for p < K-1 the conv state (transposed), then the T
+// inputs (widened exactly): full[p] of the PyTorch form
 template <typename T>
-inline float conv_input(const T* qkv, const T* state, const Shape& s, int64_t b, int64_t c, int64_t p) {
+void conv_window(const T* qkv, const T* state, const Shape& s, int64_t b, float* window) {
   const int64_t past = s.taps - 1;
-  if (p < past) return state == nullptr ? 0.f : static_cast<float>(state[(b * s.channels + c) * past + p]);
-  return static_cast<float>(qkv[(b * s.steps + p - past) * s.channels + c]);
+  for (int64_t p = 0; p < past; ++p) {
+    for (int64_t c = 0; c < s.channels; ++c) {
+      window[p * s.channels + c] = state == nullptr ? 0.f : static_cast<float>(state[(b * s.channels + c) * past + p]);
+    }
+  }
+  const T* rows = qkv + b * s.steps * s.channels;
+  float* out = window + past * s.channels;
+  for (int64_t i = 0; i < s.steps * s.channels; i += kLanes) {
+    const int64_t n = std::min(kLanes, s.steps * s.channels - i);
+    store(load(rows + i, n), out + i, n);
+  }
 }
 
-// One token's conv + SiLU over every channel into mixed (C floats), then q and k L2-normalized (q / sqrt(D_k))
+// One token's conv + SiLU over every channel into mixed (C floats): window rows t .. t+K-1 times the taps (K, C),
+// added in tap order (a product, then an add: no fused multiply-add), then q and k L2-normalized (q / sqrt(D_k))
 template <typename T>
-void conv_token(const T* qkv, const T* state, const T* weight, const Shape& s, int64_t b, int64_t t, float* mixed) {
-  for (int64_t c = 0; c < s.channels; ++c) {
-    float acc = conv_input(qkv, state, s, b, c, t) * static_cast<float>(weight[c * s.taps]);
-    for (int64_t j = 1; j < s.taps; ++j) {
-      acc = acc + conv_input(qkv, state, s, b, c, t + j) * static_cast<float>(weight[c * s.taps + j]);
-    }
-    mixed[c] = rounded<T>(silu(rounded<T>(acc)));
+void conv_token(const float* window, const float* taps, const Shape& s, int64_t t, float* mixed) {
+  const int64_t width = s.channels;
+  for (int64_t c = 0; c < width; c += kLanes) {
+    const int64_t n = std::min(kLanes, width - c);
+    Vec acc = load(window + t * width + c, n) * load(taps + c, n);
+    for (int64_t j = 1; j < s.taps; ++j) acc = acc + load(window + (t + j) * width + c, n) * load(taps + j * width + c, n);
+    const Vec conv = round_to(acc, static_cast<T*>(nullptr));
+    store(round_to(conv / (Vec(1.f) + conv.neg().exp()), static_cast<T*>(nullptr)), mixed + c, n);
   }
   const float q_scale = std::sqrt(static_cast<float>(s.dk));
   for (int64_t h = 0; h < 2 * s.k_heads; ++h) {  // q heads, then k heads
@@ -74,18 +87,35 @@ void conv_token(const T* qkv, const T* state, const T* weight, const Shape& s, i
 // out (D_v) = gated RMSNorm of the rule's output o with gate z (layers.py gated_rms_norm)
 template <typename T>
 void gated_norm(const float* o, const T* z, const T* weight, float eps, int64_t dv, T* out) {
-  float squares = 0.f;
-  for (int64_t i = 0; i < dv; ++i) {
-    const float x = rounded<T>(o[i]);
+  constexpr T* kAs = nullptr;
+  Vec squares(0.f);
+  for (int64_t i = 0; i < dv; i += kLanes) {
+    const Vec x = round_to(load(o + i, std::min(kLanes, dv - i)), kAs);
     squares = squares + x * x;
   }
-  const float inv = 1.f / std::sqrt(squares / static_cast<float>(dv) + eps);
-  for (int64_t i = 0; i < dv; ++i) {
-    const float normed = rounded<T>(rounded<T>(o[i]) * inv);
-    const float weighted = rounded<T>(static_cast<float>(weight[i]) * normed);
-    out[i] = static_cast<T>(weighted * silu(static_cast<float>(z[i])));
+  const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, squares);
+  const Vec inv(1.f / std::sqrt(sum / static_cast<float>(dv) + eps));
+  for (int64_t i = 0; i < dv; i += kLanes) {
+    const int64_t n = std::min(kLanes, dv - i);
+    const Vec normed = round_to(round_to(load(o + i, n), kAs) * inv, kAs);
+    const Vec weighted = round_to(load(weight + i, n) * normed, kAs);
+    const Vec gate = load(z + i, n);
+    store(weighted * (gate / (Vec(1.f) + gate.neg().exp())), out + i, n);
   }
 }
+
+// A small float32 or bfloat16 vector read as floats (A_log, dt_bias: whichever dtype the checkpoint kept)
+struct Floats {
+  const float* f32 = nullptr;
+  const c10::BFloat16* bf16 = nullptr;
+  explicit Floats(const at::Tensor& t) {
+    TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
+                "invariant_deltanet_mix: A_log and dt_bias must be contiguous float32 or bfloat16");
+    if (t.scalar_type() == at::kFloat) f32 = t.data_ptr<float>();
+    else bf16 = t.data_ptr<c10::BFloat16>();
+  }
+  float operator[](int64_t i) const { return f32 != nullptr ? f32[i] : static_cast<float>(bf16[i]); }
+};
 
 int64_t row_length(const std::optional<at::Tensor>& lengths, const Shape& s, int64_t b) {
   return lengths.has_value() ? std::clamp<int64_t>(lengths->data_ptr<int64_t>()[b], 0, s.steps) : s.steps;
@@ -103,13 +133,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const 
   const T* state = conv_state.has_value() ? conv_state->data_ptr<T>() : nullptr;
   const T* cw = conv_weight.data_ptr<T>();
   const T *zp = z.data_ptr<T>(), *bp = b_in.data_ptr<T>(), *ap = a_in.data_ptr<T>(), *nw = norm_weight.data_ptr<T>();
-  const float *alog = a_log.data_ptr<float>(), *dtb = dt_bias.data_ptr<float>();
-  const int64_t rows = s.batch * s.steps, value_width = s.v_heads * s.dv;
+  const Floats alog(a_log), dtb(dt_bias);
+  const int64_t rows = s.batch * s.steps, value_width = s.v_heads * s.dv, span = (s.taps - 1 + s.steps) * s.channels;
   std::vector<float> mixed(rows * s.channels), g(rows * s.v_heads), beta(rows * s.v_heads), o(rows * value_width);
+  std::vector<float> taps(s.taps * s.channels), windows(s.batch * span);  // (K, C); per row (K-1+T, C)
+  for (int64_t c = 0; c < s.channels; ++c) {
+    for (int64_t j = 0; j < s.taps; ++j) taps[j * s.channels + c] = static_cast<float>(cw[c * s.taps + j]);
+  }
+  for (int64_t b = 0; b < s.batch; ++b) conv_window<T>(x, state, s, b, windows.data() + b * span);
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / s.channels), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / s.steps, t = r % s.steps;
-      conv_token<T>(x, state, cw, s, b, t, mixed.data() + r * s.channels);
+      conv_token<T>(windows.data() + b * span, taps.data(), s, t, mixed.data() + r * s.channels);
       for (int64_t h = 0; h < s.v_heads; ++h) {
         const int64_t i = r * s.v_heads + h;
         beta[i] = rounded<T>(1.f / (1.f + std::exp(-static_cast<float>(bp[i]))));
@@ -152,12 +187,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const 
   const int64_t past = s.taps - 1;
   at::Tensor new_conv = at::empty({s.batch, s.channels, past}, qkv.options());
   T* nc = new_conv.data_ptr<T>();
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const int64_t length = row_length(lengths, s, b);
+  for (int64_t b = 0; b < s.batch; ++b) {  // the last K-1 real inputs: window rows length .. length + K-2
+    const float* window = windows.data() + b * span + row_length(lengths, s, b) * s.channels;
     for (int64_t c = 0; c < s.channels; ++c) {
-      for (int64_t i = 0; i < past; ++i) {
-        nc[(b * s.channels + c) * past + i] = static_cast<T>(conv_input(x, state, s, b, c, length + i));
-      }
+      for (int64_t i = 0; i < past; ++i) nc[(b * s.channels + c) * past + i] = static_cast<T>(window[i * s.channels + c]);
     }
   }
   return {out, new_conv, recurrent};
@@ -188,15 +221,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant_deltanet_mix(
             recurrent_state->sizes() == at::IntArrayRef({s.batch, s.v_heads, s.dk, s.dv}),
         "recurrent state (B, H_v, D_k, D_v)");
   check(!lengths.has_value() || lengths->numel() == s.batch, "lengths (B,)");
-  const auto same = [&](const at::Tensor& t) { return t.to(dtype).contiguous(); };
+  // (a dtype conversion only where needed: a no-op .to() still costs a dispatcher call, ~0.3 us each)
+  const auto same = [&](const at::Tensor& t) { return (t.scalar_type() == dtype ? t : t.to(dtype)).contiguous(); };
+  const auto floats = [](const at::Tensor& t) {
+    return (t.scalar_type() == at::kFloat ? t : t.to(at::kFloat)).contiguous();
+  };
   const std::optional<at::Tensor> state = conv_state.has_value() ? std::optional(same(*conv_state)) : std::nullopt;
   // the new state starts as a copy of the old, made head by head in the threads that update it
   const std::optional<at::Tensor> initial = recurrent_state.has_value()
-                                                ? std::optional(recurrent_state->to(at::kFloat).contiguous())
+                                                ? std::optional(floats(*recurrent_state))
                                                 : std::nullopt;
   const std::optional<at::Tensor> lens =
-      lengths.has_value() ? std::optional(lengths->to(at::kLong).contiguous()) : std::nullopt;
-  const at::Tensor alog = a_log.to(at::kFloat).contiguous(), dtb = dt_bias.to(at::kFloat).contiguous();
+      lengths.has_value() ? std::optional((lengths->scalar_type() == at::kLong ? *lengths : lengths->to(at::kLong)).contiguous())
+                          : std::nullopt;
+  const at::Tensor alog = a_log.contiguous(), dtb = dt_bias.contiguous();
   const float e = static_cast<float>(eps);
   if (dtype == at::kFloat) {
     return mix<float>(same(qkv), same(z), same(b), same(a), state, initial, lens, same(conv_weight), alog, dtb,
