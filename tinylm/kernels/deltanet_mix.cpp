@@ -70,7 +70,9 @@ void conv_token(const float* window, const float* taps, const Shape& s, int64_t 
   for (int64_t c = 0; c < width; c += kLanes) {
     const int64_t n = std::min(kLanes, width - c);
     Vec acc = load(window + t * width + c, n) * load(taps + c, n);
-    for (int64_t j = 1; j < s.taps; ++j) acc = acc + load(window + (t + j) * width + c, n) * load(taps + j * width + c, n);
+    for (int64_t j = 1; j < s.taps; ++j) {
+      acc = acc + load(window + (t + j) * width + c, n) * load(taps + j * width + c, n);
+    }
     const Vec conv = round_to(acc, static_cast<T*>(nullptr));
     store(round_to(conv / (Vec(1.f) + conv.neg().exp()), static_cast<T*>(nullptr)), mixed + c, n);
   }
@@ -121,6 +123,92 @@ int64_t row_length(const std::optional<at::Tensor>& lengths, const Shape& s, int
   return lengths.has_value() ? std::clamp<int64_t>(lengths->data_ptr<int64_t>()[b], 0, s.steps) : s.steps;
 }
 
+// Where one call's rows live: inputs as T, float32 scratch rows per token (B*T of them)
+template <typename T>
+struct Rows {
+  const Shape& s;
+  const std::optional<at::Tensor>& lengths;  // real tokens per batch row, or all T
+  std::vector<float> mixed, g, beta, o;        // (B*T, C), (B*T, H_v) twice, (B*T, H_v D_v)
+  std::vector<float> taps, windows;            // (K, C); per batch row (K-1+T, C)
+
+  Rows(const Shape& shape, const std::optional<at::Tensor>& lens)
+      : s(shape), lengths(lens), mixed(rows() * s.channels), g(rows() * s.v_heads), beta(rows() * s.v_heads),
+        o(rows() * value_width()), taps(s.taps * s.channels), windows(s.batch * span()) {}
+  int64_t rows() const { return s.batch * s.steps; }
+  int64_t value_width() const { return s.v_heads * s.dv; }
+  int64_t span() const { return (s.taps - 1 + s.steps) * s.channels; }
+  int64_t length(int64_t b) const { return row_length(lengths, s, b); }
+
+  // conv + SiLU + L2 norms into mixed, beta = sigmoid(b) and g = -exp(A_log) softplus(a + dt_bias) per token
+  void conv_and_gates(const T* x, const T* state, const T* cw, const T* bp, const T* ap, const Floats& alog,
+                      const Floats& dtb) {
+    for (int64_t c = 0; c < s.channels; ++c) {
+      for (int64_t j = 0; j < s.taps; ++j) taps[j * s.channels + c] = static_cast<float>(cw[c * s.taps + j]);
+    }
+    for (int64_t b = 0; b < s.batch; ++b) conv_window<T>(x, state, s, b, windows.data() + b * span());
+    at::parallel_for(0, rows(), std::max<int64_t>(1, 32768 / s.channels), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        conv_token<T>(windows.data() + r / s.steps * span(), taps.data(), s, r % s.steps,
+                      mixed.data() + r * s.channels);
+        for (int64_t h = 0; h < s.v_heads; ++h) {
+          const int64_t i = r * s.v_heads + h;
+          beta[i] = rounded<T>(1.f / (1.f + std::exp(-static_cast<float>(bp[i]))));
+          g[i] = -std::exp(alog[h]) * softplus(static_cast<float>(ap[i]) + dtb[h]);
+        }
+      }
+    });
+  }
+
+  // every (batch row, value head) through its real tokens into o; rec (B, H_v, D_k, D_v) starts as rec_in or 0
+  void recurrence(const float* rec_in, float* rec) {
+    const int64_t per_key = s.v_heads / s.k_heads, state_size = s.dk * s.dv, width = value_width();
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.steps * state_size));
+    at::parallel_for(0, s.batch * s.v_heads, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / s.v_heads, h = bh % s.v_heads;
+        const float* row = mixed.data() + b * s.steps * s.channels;
+        const tinylm_delta::HeadTokens head{row + (h / per_key) * s.dk, row + s.key_dim() + (h / per_key) * s.dk,
+                                            row + 2 * s.key_dim() + h * s.dv, g.data() + b * s.steps * s.v_heads + h,
+                                            beta.data() + b * s.steps * s.v_heads + h,
+                                            o.data() + b * s.steps * width + h * s.dv, s.channels, s.channels,
+                                            s.v_heads, width};
+        float* state_out = rec + bh * state_size;
+        if (rec_in == nullptr) std::fill(state_out, state_out + state_size, 0.f);
+        else std::copy_n(rec_in + bh * state_size, state_size, state_out);
+        tinylm_delta::head_tokens(head, state_out, length(b), s.dk, s.dv);
+      }
+    });
+  }
+
+  // out (B*T, H_v D_v): the gated norm of each real token's heads, 0 for padding
+  void outputs(const T* zp, const T* nw, float eps, T* out) const {
+    const int64_t width = value_width();
+    at::parallel_for(0, rows(), std::max<int64_t>(1, 32768 / width), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const bool real = r % s.steps < length(r / s.steps);
+        for (int64_t h = 0; h < s.v_heads; ++h) {
+          const int64_t at = r * width + h * s.dv;
+          if (real) gated_norm<T>(o.data() + at, zp + at, nw, eps, s.dv, out + at);
+          else std::fill(out + at, out + at + s.dv, static_cast<T>(0.f));
+        }
+      }
+    });
+  }
+
+  // nc (B, C, K-1): each batch row's last K-1 real inputs, window rows length .. length + K-2
+  void conv_state(T* nc) const {
+    const int64_t past = s.taps - 1;
+    for (int64_t b = 0; b < s.batch; ++b) {
+      const float* window = windows.data() + b * span() + length(b) * s.channels;
+      for (int64_t c = 0; c < s.channels; ++c) {
+        for (int64_t i = 0; i < past; ++i) {
+          nc[(b * s.channels + c) * past + i] = static_cast<T>(window[i * s.channels + c]);
+        }
+      }
+    }
+  }
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const at::Tensor& z, const at::Tensor& b_in,
                                                    const at::Tensor& a_in, const std::optional<at::Tensor>& conv_state,
@@ -129,70 +217,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mix(const at::Tensor& qkv, const 
                                                    const at::Tensor& conv_weight, const at::Tensor& a_log,
                                                    const at::Tensor& dt_bias, const at::Tensor& norm_weight,
                                                    float eps, const Shape& s) {
-  const T* x = qkv.data_ptr<T>();
-  const T* state = conv_state.has_value() ? conv_state->data_ptr<T>() : nullptr;
-  const T* cw = conv_weight.data_ptr<T>();
-  const T *zp = z.data_ptr<T>(), *bp = b_in.data_ptr<T>(), *ap = a_in.data_ptr<T>(), *nw = norm_weight.data_ptr<T>();
-  const Floats alog(a_log), dtb(dt_bias);
-  const int64_t rows = s.batch * s.steps, value_width = s.v_heads * s.dv, span = (s.taps - 1 + s.steps) * s.channels;
-  std::vector<float> mixed(rows * s.channels), g(rows * s.v_heads), beta(rows * s.v_heads), o(rows * value_width);
-  std::vector<float> taps(s.taps * s.channels), windows(s.batch * span);  // (K, C); per row (K-1+T, C)
-  for (int64_t c = 0; c < s.channels; ++c) {
-    for (int64_t j = 0; j < s.taps; ++j) taps[j * s.channels + c] = static_cast<float>(cw[c * s.taps + j]);
-  }
-  for (int64_t b = 0; b < s.batch; ++b) conv_window<T>(x, state, s, b, windows.data() + b * span);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / s.channels), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / s.steps, t = r % s.steps;
-      conv_token<T>(windows.data() + b * span, taps.data(), s, t, mixed.data() + r * s.channels);
-      for (int64_t h = 0; h < s.v_heads; ++h) {
-        const int64_t i = r * s.v_heads + h;
-        beta[i] = rounded<T>(1.f / (1.f + std::exp(-static_cast<float>(bp[i]))));
-        g[i] = -std::exp(alog[h]) * softplus(static_cast<float>(ap[i]) + dtb[h]);
-      }
-    }
-  });
+  Rows<T> rows(s, lengths);
+  rows.conv_and_gates(qkv.data_ptr<T>(), conv_state.has_value() ? conv_state->data_ptr<T>() : nullptr,
+                      conv_weight.data_ptr<T>(), b_in.data_ptr<T>(), a_in.data_ptr<T>(), Floats(a_log),
+                      Floats(dt_bias));
   at::Tensor recurrent = at::empty({s.batch, s.v_heads, s.dk, s.dv}, qkv.options().dtype(at::kFloat));
-  float* rec = recurrent.data_ptr<float>();
-  const float* rec_in = initial.has_value() ? initial->data_ptr<float>() : nullptr;
-  const int64_t state_size = s.dk * s.dv;
-  const int64_t per_key = s.v_heads / s.k_heads, head_work = std::max<int64_t>(1, s.steps * s.dk * s.dv);
-  at::parallel_for(0, s.batch * s.v_heads, std::max<int64_t>(1, 65536 / head_work), [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.v_heads, h = bh % s.v_heads;
-      const float* row = mixed.data() + b * s.steps * s.channels;
-      const tinylm_delta::HeadTokens head{row + (h / per_key) * s.dk, row + s.key_dim() + (h / per_key) * s.dk,
-                                          row + 2 * s.key_dim() + h * s.dv, g.data() + b * s.steps * s.v_heads + h,
-                                          beta.data() + b * s.steps * s.v_heads + h,
-                                          o.data() + b * s.steps * value_width + h * s.dv, s.channels, s.channels,
-                                          s.v_heads, value_width};
-      float* state_out = rec + bh * state_size;
-      if (rec_in == nullptr) std::fill(state_out, state_out + state_size, 0.f);
-      else std::copy_n(rec_in + bh * state_size, state_size, state_out);
-      tinylm_delta::head_tokens(head, state_out, row_length(lengths, s, b), s.dk, s.dv);
-    }
-  });
-  at::Tensor out = at::empty({s.batch, s.steps, value_width}, qkv.options());
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / value_width), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const bool real = r % s.steps < row_length(lengths, s, r / s.steps);
-      for (int64_t h = 0; h < s.v_heads; ++h) {
-        const int64_t at = r * value_width + h * s.dv;
-        if (real) gated_norm<T>(o.data() + at, zp + at, nw, eps, s.dv, op + at);
-        else std::fill(op + at, op + at + s.dv, static_cast<T>(0.f));
-      }
-    }
-  });
-  const int64_t past = s.taps - 1;
-  at::Tensor new_conv = at::empty({s.batch, s.channels, past}, qkv.options());
-  T* nc = new_conv.data_ptr<T>();
-  for (int64_t b = 0; b < s.batch; ++b) {  // the last K-1 real inputs: window rows length .. length + K-2
-    const float* window = windows.data() + b * span + row_length(lengths, s, b) * s.channels;
-    for (int64_t c = 0; c < s.channels; ++c) {
-      for (int64_t i = 0; i < past; ++i) nc[(b * s.channels + c) * past + i] = static_cast<T>(window[i * s.channels + c]);
-    }
-  }
+  rows.recurrence(initial.has_value() ? initial->data_ptr<float>() : nullptr, recurrent.data_ptr<float>());
+  at::Tensor out = at::empty({s.batch, s.steps, rows.value_width()}, qkv.options());
+  rows.outputs(z.data_ptr<T>(), norm_weight.data_ptr<T>(), eps, out.data_ptr<T>());
+  at::Tensor new_conv = at::empty({s.batch, s.channels, s.taps - 1}, qkv.options());
+  rows.conv_state(new_conv.data_ptr<T>());
   return {out, new_conv, recurrent};
 }
 
@@ -205,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant_deltanet_mix(
     const at::Tensor& dt_bias, const at::Tensor& norm_weight, double eps, int64_t num_k_heads, int64_t head_k_dim) {
   const auto dtype = qkv.scalar_type();
   check(dtype == at::kFloat || dtype == at::kBFloat16, "qkv must be float32 or bfloat16");
-  check(qkv.dim() == 3 && z.dim() == 4 && conv_weight.dim() == 3, "qkv (B, T, C), z (B, T, H_v, D_v), weight (C, 1, K)");
+  check(qkv.dim() == 3 && z.dim() == 4 && conv_weight.dim() == 3,
+        "qkv (B, T, C), z (B, T, H_v, D_v), weight (C, 1, K)");
   const Shape s{qkv.size(0), qkv.size(1), qkv.size(2), conv_weight.size(2), num_k_heads, head_k_dim, z.size(2),
                 z.size(3)};
   check(s.k_heads > 0 && s.v_heads % s.k_heads == 0 && s.channels == 2 * s.key_dim() + s.v_heads * s.dv &&
@@ -231,9 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant_deltanet_mix(
   const std::optional<at::Tensor> initial = recurrent_state.has_value()
                                                 ? std::optional(floats(*recurrent_state))
                                                 : std::nullopt;
-  const std::optional<at::Tensor> lens =
-      lengths.has_value() ? std::optional((lengths->scalar_type() == at::kLong ? *lengths : lengths->to(at::kLong)).contiguous())
-                          : std::nullopt;
+  std::optional<at::Tensor> lens;
+  if (lengths.has_value()) {
+    lens = (lengths->scalar_type() == at::kLong ? *lengths : lengths->to(at::kLong)).contiguous();
+  }
   const at::Tensor alog = a_log.contiguous(), dtb = dt_bias.contiguous();
   const float e = static_cast<float>(eps);
   if (dtype == at::kFloat) {

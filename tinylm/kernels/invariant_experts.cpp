@@ -57,9 +57,9 @@ void route_row(const T* logits, int64_t num_experts, int64_t top_k, bool normali
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tinylm::invariant_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool);
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("tinylm::invariant_linear", "").typed<Signature>();
   return op.call(x, weight, std::nullopt, false);
 }
 
@@ -71,7 +71,8 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
 }
 
 // rows (n, C) -> (n, C) through expert e's SwiGLU
-at::Tensor run_expert(const at::Tensor& rows, const at::Tensor& gate_up_stack, const at::Tensor& down_stack, int64_t e) {
+at::Tensor run_expert(const at::Tensor& rows, const at::Tensor& gate_up_stack, const at::Tensor& down_stack,
+                      int64_t e) {
   const at::Tensor gate_up = linear(rows, gate_up_stack.select(0, e));  // (n, 2I)
   const int64_t inner = gate_up.size(1) / 2;
   return linear(silu_mul(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner)), down_stack.select(0, e));
