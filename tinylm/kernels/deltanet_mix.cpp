@@ -34,9 +34,6 @@ namespace {
 
 using namespace tinylm_vec;
 
-template <typename T>
-inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }  // as .to(dtype) then .float()
-
 inline float softplus(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }  // F.softplus, threshold 20
 
 struct Shape {
@@ -74,7 +71,7 @@ void conv_token(const float* window, const float* taps, const Shape& s, int64_t 
       acc = acc + load(window + (t + j) * width + c, n) * load(taps + j * width + c, n);
     }
     const Vec conv = round_to(acc, static_cast<T*>(nullptr));
-    store(round_to(conv / (Vec(1.f) + conv.neg().exp()), static_cast<T*>(nullptr)), mixed + c, n);
+    store(round_to(silu(conv), static_cast<T*>(nullptr)), mixed + c, n);
   }
   const float q_scale = std::sqrt(static_cast<float>(s.dk));
   for (int64_t h = 0; h < 2 * s.k_heads; ++h) {  // q heads, then k heads
@@ -101,8 +98,7 @@ void gated_norm(const float* o, const T* z, const T* weight, float eps, int64_t 
     const int64_t n = std::min(kLanes, dv - i);
     const Vec normed = round_to(round_to(load(o + i, n), kAs) * inv, kAs);
     const Vec weighted = round_to(load(weight + i, n) * normed, kAs);
-    const Vec gate = load(z + i, n);
-    store(weighted * (gate / (Vec(1.f) + gate.neg().exp())), out + i, n);
+    store(weighted * silu(load(z + i, n)), out + i, n);
   }
 }
 

@@ -18,14 +18,15 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "invariant_vec.h"
+
 #include <cmath>
 #include <optional>
 #include <vector>
 
 namespace {
 
-template <typename T>
-inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }
+using tinylm_vec::rounded;
 
 // One token's routing: softmax over E logits in float32, the top k (ties: the lower index first), optionally
 // renormalized to sum 1; weights rounded to T as moe.py's route()

@@ -230,8 +230,7 @@ void store_amx_rows(const float* const* c, const float* bias, int64_t i0, int64_
   const __mmask16 mask1 = static_cast<__mmask16>((1u << cols1) - 1);
   __m512 r0[16], r1[16], b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
   if (rows <= kGatherRows) {  // a decode step's few rows: gather each one's column of C (the same floats)
-    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(16));
+    const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
     for (int64_t i = 0; i < rows; ++i) {
       r0[i] = _mm512_i32gather_ps(column, c[0] + i, 4);
       if (cols1 > 0) r1[i] = _mm512_i32gather_ps(column, c[1] + i, 4);

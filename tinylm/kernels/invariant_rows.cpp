@@ -57,13 +57,12 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t dim) {
   for (int64_t i = 0; i < dim; i += kLanes) {
     const int64_t n = std::min(kLanes, dim - i);
     const Vec g = load(gate + i, n);
-    const Vec silu = round_to(g / (Vec(1.f) + g.neg().exp()), static_cast<T*>(nullptr));
-    store(silu * load(up + i, n), out + i, n);
+    store(round_to(silu(g), static_cast<T*>(nullptr)) * load(up + i, n), out + i, n);
   }
 }
 
 template <typename T>
-inline Vec sigmoid_as(const Vec& g) { return round_to(Vec(1.f) / (Vec(1.f) + g.neg().exp()), static_cast<T*>(nullptr)); }
+inline Vec sigmoid_as(const Vec& g) { return round_to(sigmoid(g), static_cast<T*>(nullptr)); }
 
 // out = x * sigmoid(gate), sigmoid(gate) rounded to T first (opaque_ops.py's sigmoid_gate in PyTorch); gate is
 // one value per row (broadcast, wide == false) or one per element

@@ -59,4 +59,12 @@ inline void store(const Vec& v, float* p, int64_t n) { n == kLanes ? v.store(p) 
 // v rounded to T and back (the identity for float32)
 inline Vec round_to(const Vec& v, float*) { return v; }
 
+// x rounded to T and back, one value (as .to(dtype).float())
+template <typename T>
+inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }
+
+// sigmoid(x) = 1 / (1 + exp(-x)) and silu(x) = x / (1 + exp(-x)), as every kernel here writes them
+inline Vec sigmoid(const Vec& x) { return Vec(1.f) / (Vec(1.f) + x.neg().exp()); }
+inline Vec silu(const Vec& x) { return x / (Vec(1.f) + x.neg().exp()); }
+
 }  // namespace tinylm_vec
