@@ -31,9 +31,9 @@ def rule(q, k, v, g, beta, state):
 
 def test_equals_the_pytorch_loop(monkeypatch):
     args = inputs()
-    assert delta_rule._kernel_takes(*args)  # the C++ loop, not the fallback
+    assert delta_rule.kernels_take(*args)  # the C++ loop, not the fallback
     out, state = rule(*args)
-    monkeypatch.setattr(delta_rule, "_kernel_takes", lambda *tensors: False)
+    monkeypatch.setattr(delta_rule, "kernels_take", lambda *tensors: False)
     want_out, want_state = rule(*args)
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)

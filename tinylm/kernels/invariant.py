@@ -72,6 +72,13 @@ def kernel_takes(x: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
+def kernels_take(*tensors: torch.Tensor) -> bool:
+    """Whether tinylm's C++ kernels run these tensors: each one as `kernel_takes` says (no autograd: the kernels
+    have no backward), and the kernels are built here. The condition of every op that replaces a PyTorch form
+    (DeltaNet's recurrence and mixing, the MoE experts, the sigmoid gate)."""
+    return all(kernel_takes(t) for t in tensors) and kernels.available()
+
+
 def register_autograd() -> None:
     """Gradients of tinylm::invariant_linear (called once the kernels are registered): the usual linear backward
     through PyTorch's products, so training can run the same forward the engine samples with. Only the forward

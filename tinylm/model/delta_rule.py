@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tinylm import kernels
-from tinylm.kernels.invariant import kernel_takes
+from tinylm.kernels.invariant import kernels_take
 
 CHUNK_SIZE = 64  # the reference's (and FLA's) chunk length
 
@@ -129,7 +128,7 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q, k, v, g, beta = _heads_first(q, k, v, g, beta)
     q = q / (q.shape[-1] ** 0.5)
     state = _initial_state(initial_state, v, k.shape[-1])  # (B, H, D_k, D_v)
-    if _kernel_takes(q, k, v, g, beta, state):  # the same recurrence in C++, a head's state kept in cache
+    if kernels_take(q, k, v, g, beta, state):  # the same recurrence in C++ (no backward: training loops here)
         out, state = torch.ops.tinylm.gated_delta_rule(q, k, v, g, beta, state)
         return out.transpose(1, 2).contiguous().to(dtype), state
     out = torch.zeros_like(v)
@@ -140,9 +139,3 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         state = state + k[:, :, t].unsqueeze(-1) * delta.unsqueeze(-2)
         out[:, :, t] = (state * q[:, :, t].unsqueeze(-1)).sum(dim=-2)
     return out.transpose(1, 2).contiguous().to(dtype), state
-
-
-def _kernel_takes(*tensors: torch.Tensor) -> bool:
-    """tinylm::gated_delta_rule (tinylm/kernels/delta_rule.cpp) runs CPU tensors that need no gradient (it has no
-    backward: training runs the PyTorch loop): the invariant row kernels' condition, once the kernels are built."""
-    return all(kernel_takes(t) for t in tensors) and kernels.available()

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm import kernels
 from tinylm.config import ModelConfig
-from tinylm.kernels.invariant import kernel_takes
+from tinylm.kernels.invariant import kernels_take
 from tinylm.model.delta_rule import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from tinylm.model.layers import GatedRMSNorm, gated_rms_norm
 
@@ -64,7 +63,7 @@ class GatedDeltaNet(nn.Module):
         conv_state, recurrent_state = state if state is not None else (None, None)
         qkv, z, b, a = self._project(x)
         lengths = None if pad_mask is None else pad_mask.sum(dim=1).long()  # (B,) real tokens per row
-        if self.batch_invariant and kernel_takes(qkv) and kernels.available():
+        if self.batch_invariant and kernels_take(qkv):
             # the whole mixing as one C++ call (tinylm/kernels/deltanet_mix.cpp), eagerly and compiled alike
             out, conv_state, recurrent_state = torch.ops.tinylm.invariant_deltanet_mix(
                 qkv, z, b, a, conv_state, recurrent_state, lengths, self.conv1d.weight, self.A_log, self.dt_bias,

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinylm import kernels
 from tinylm.config import ModelConfig
-from tinylm.kernels.invariant import invariant_linear, invariant_silu_mul, kernel_takes
+from tinylm.kernels.invariant import invariant_linear, invariant_silu_mul, kernels_take
 from tinylm.model.layers import MLP
 from tinylm.model.opaque_ops import gate_by_sigmoid
 
@@ -77,7 +76,7 @@ class SparseMoE(nn.Module):
     def _invariant_experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N, C) -> (N, C): without gradients tinylm::invariant_moe_experts (the same steps in C++,
         tinylm/kernels/invariant_experts.cpp), else `invariant_experts`, eagerly as it is, compiled as an opaque op."""
-        if kernel_takes(tokens) and kernels.available():
+        if kernels_take(tokens):
             return torch.ops.tinylm.invariant_moe_experts(tokens, self.gate(tokens), self.gate_up_stack,
                                                           self.down_stack, self.top_k, self.normalize)
         experts = invariant_experts

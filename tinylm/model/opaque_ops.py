@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from tinylm import kernels
-from tinylm.kernels.invariant import kernel_takes
+from tinylm.kernels.invariant import kernels_take
 
 
 def sigmoid_gate(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +45,7 @@ def gate_by_sigmoid(gate: torch.Tensor, x: torch.Tensor, invariant: bool) -> tor
     """x * sigmoid(gate): batch invariant and without gradients tinylm::invariant_sigmoid_gate (the same steps in
     C++, tinylm/kernels/invariant_rows.cpp: one call where the Python op costs ~10 us), else inside a compiled
     batch-invariant forward as the opaque op, else the plain function. gate (..., D) or (..., 1), x (..., D)."""
-    if invariant and kernel_takes(x) and kernel_takes(gate) and kernels.available():
+    if invariant and kernels_take(x, gate):
         rows = torch.ops.tinylm.invariant_sigmoid_gate(gate.reshape(-1, gate.shape[-1]), x.reshape(-1, x.shape[-1]))
         return rows.view(x.shape)
     if invariant and torch.compiler.is_compiling():
