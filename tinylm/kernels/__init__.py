@@ -8,8 +8,8 @@ products of 1-16 rows on AVX-512 BF16 (compiled bf16 decode, its batches, specul
 `invariant_gemm.cpp` batch-invariant products (each output element one fixed float32 sequence whatever the
 batch; wrapper `invariant.py`), `delta_rule.cpp` Gated DeltaNet's recurrence token by token, `deltanet_mix.cpp`
 its whole token mixing and `invariant_experts.cpp` a mixture-of-experts block's routed experts (batch-invariant
-inference). The sources are compiled with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and
-the `ninja` package) into ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded
+inference), `int8_rows.cpp` weight-only int8 products (the int4 policy's output head). The sources are
+compiled with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded
 in about a second); if that is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
 
     tinylm.kernels.available()  -> True once torch.ops.tinylm.paged_attention exists
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
                          "invariant_attention.cpp", "invariant_rows.cpp", "int4_gemm.cpp", "delta_rule.cpp",
-                         "deltanet_mix.cpp", "invariant_experts.cpp")]
+                         "deltanet_mix.cpp", "invariant_experts.cpp", "int8_rows.cpp")]
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
            for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h", "delta_rule.h",
@@ -151,6 +151,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tinylm::int4_gemm")
     def _(x, qweight, scales, isa=0):
         return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("tinylm::int8_rows")
+    def _(x, qweight, scales, isa=0):
+        return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)  # (M, N)
 
     @torch.library.register_fake("tinylm::invariant_linear")
     def _(x, weight, bias=None, float_out=False):

@@ -1,7 +1,8 @@
 """Quantized linear layers on PyTorch's CPU kernels; activations stay floating point unless asked otherwise.
 
-Int8Linear: symmetric int8, one scale per output channel, `torch.ops.aten._weight_int8pack_mm` (as gpt-fast's
-WeightOnlyInt8Linear); or one scale per group of input features (GGUF Q8_0 blocks, exact), run by dequantizing row
+Int8Linear: symmetric int8, one scale per output channel, on tinylm::int8_rows (tinylm/kernels/int8_rows.cpp:
+float32 activations against the stored int8 rows, one fixed float sequence per output, any row count; without a
+C++ toolchain `torch.ops.aten._weight_int8pack_mm`, as gpt-fast's WeightOnlyInt8Linear); or one scale per group of input features (GGUF Q8_0 blocks, exact), run by dequantizing row
 chunks. With `activations="int8"` (per channel only) each input row is also quantized to int8 on the fly, one
 scale per token (W8A8 dynamic, as vLLM's int8 w8a8), and several rows multiply in int8 with exact int32 sums: up to
 16 rows on tinylm's AVX-512 VNNI kernel over the stored weight (tinylm/kernels/int8_gemm.cpp; the default model's
@@ -151,6 +152,8 @@ class Int8Linear(QuantLinearBase):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, *,
                  dtype: torch.dtype, kernel_dtype: torch.dtype | None = None, activations: str = "float",
                  input_scale: torch.Tensor | None = None) -> None:
+        from tinylm import kernels
+
         super().__init__(qweight.shape[1], qweight.shape[0], dtype, kernel_dtype or dtype, bias)
         self.group_size = None if scales.dim() == 1 else qweight.shape[1] // scales.shape[1]
         if activations not in ("float", "int8") or (activations == "int8" and self.group_size is not None):
@@ -169,6 +172,10 @@ class Int8Linear(QuantLinearBase):
         self.register_buffer("weight_sums", vnni_sums(self.qweight) if activations == "int8" else None,
                              persistent=False)
         self._packed = self._prepack()
+        # weight-only, per channel: tinylm::int8_rows for every row count (int8_rows.cpp: one float32 sequence per
+        # output element, so batch invariant; faster than oneDNN's int8-weight product at 1-128 rows here)
+        self.use_rows_kernel = (activations == "float" and self.group_size is None and self.in_features % 16 == 0
+                                and kernels.available())
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, group_size: int | None = None,
@@ -194,7 +201,7 @@ class Int8Linear(QuantLinearBase):
     def compiled_int_rows(self) -> bool:
         """True when a compiled batch-1 product is a reduction over integer weight rows (`_reduced_row`: one scale
         per row); the compiled decode step reads it to pick its Inductor settings (tinylm/engine/compiled.py)."""
-        return self.group_size is None
+        return self.group_size is None and not self.use_rows_kernel
 
     def options(self) -> dict:
         return {**super().options(), "activations": self.activations}
@@ -264,6 +271,10 @@ class Int8Linear(QuantLinearBase):
     def _mm(self, flat: torch.Tensor, rows: slice) -> torch.Tensor:
         if self.activations == "int8":
             return self._mm_int8_activations(flat, rows)
+        if self.use_rows_kernel and flat.device.type == "cpu":  # (M, rows) float32
+            whole = rows == slice(0, self.out_features)  # no slices: eager decode pays ~5 us each
+            q, scales = (self.qweight, self.scales) if whole else (self.qweight[rows], self.scales[rows])
+            return torch.ops.tinylm.int8_rows(flat.float(), q, scales.float())
         if self.group_size is None and torch.compiler.is_compiling() and flat.shape[0] == 1:
             return self._reduced_row(flat.float(), rows).to(flat.dtype)
         if self.group_size is None:
