@@ -95,8 +95,8 @@ inline float reduce_avx512(__m512 acc) {
   const __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(acc),
                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
   const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));      // lanes 0, 1: four[0] + four[2], four[1] + four[3]
-  const __m128 one = _mm_add_ss(two, _mm_shuffle_ps(two, two, 1));     // lane 0: two[0] + two[1]
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));   // lanes 0, 1: four[0] + four[2], four[1] + four[3]
+  const __m128 one = _mm_add_ss(two, _mm_shuffle_ps(two, two, 1));  // lane 0: two[0] + two[1]
   return _mm_cvtss_f32(one);
 }
 
@@ -184,11 +184,6 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& qweight, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tinylm, m) {
-  m.def("int8_rows(Tensor x, Tensor qweight, Tensor scales, int isa=0) -> Tensor");
-  m.def("int8_rows_best_isa() -> int");
-}
+TORCH_LIBRARY_FRAGMENT(tinylm, m) { m.def("int8_rows(Tensor x, Tensor qweight, Tensor scales, int isa=0) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("int8_rows", &int8_rows); }
-
-TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("int8_rows_best_isa", &best_isa); }

@@ -2,10 +2,10 @@
 
 Int8Linear: symmetric int8, one scale per output channel, on tinylm::int8_rows (tinylm/kernels/int8_rows.cpp:
 float32 activations against the stored int8 rows, one fixed float sequence per output, any row count; without a
-C++ toolchain `torch.ops.aten._weight_int8pack_mm`, as gpt-fast's WeightOnlyInt8Linear); or one scale per group of input features (GGUF Q8_0 blocks, exact), run by dequantizing row
-chunks. With `activations="int8"` (per channel only) each input row is also quantized to int8 on the fly, one
-scale per token (W8A8 dynamic, as vLLM's int8 w8a8), and several rows multiply in int8 with exact int32 sums: up to
-16 rows on tinylm's AVX-512 VNNI kernel over the stored weight (tinylm/kernels/int8_gemm.cpp; the default model's
+C++ toolchain `torch.ops.aten._weight_int8pack_mm`, as gpt-fast's WeightOnlyInt8Linear); or one scale per group
+of input features (GGUF Q8_0 blocks, exact), run by dequantizing row chunks. With `activations="int8"` (per
+channel only) each input row is also quantized to int8 on the fly, one scale per token (W8A8 dynamic, as vLLM's int8
+w8a8), and several rows multiply in int8 with exact int32 sums: up to 16 rows on tinylm's AVX-512 VNNI kernel over the stored weight (tinylm/kernels/int8_gemm.cpp; the default model's
 products at 16 rows: 5.7 ms from memory, against 7.9 on oneDNN's prepacked weight), more rows on oneDNN's
 `_int_mm`; without VNNI or a C++ toolchain, on oneDNN over a prepacked copy of the weight (int8_matmul.py). Int4Linear:
 asymmetric 4-bit by groups (GGUF Q4_0 / Q4_1 blocks as stored) on tinylm's int4 x int8 kernel
