@@ -9,7 +9,8 @@ Shapes (random weights, same initial values on both sides):
 Each side runs alone in its own process (so its peak memory is its own: the largest resident set on CPU,
 torch.cuda.max_memory_allocated on CUDA), one warm-up step, then --steps timed steps of the same loop: AdamW (decay
 on matrices), forward, summed next-token cross-entropy over the batch / label count, backward, clip at 1.0, step.
-tinylm's side is what `tinylm train` runs: the chunked output head + loss (train.loss_chunk), optionally compiled
+tinylm's side is what `tinylm train` runs: the chunked output head + loss (train.loss_chunk), host memory kept for
+reuse (tinylm/train/host_memory.py; --same-malloc gives transformers' side the same), optionally compiled
 decoder layers (--compile) and activation checkpointing (--activation-checkpointing, given to both sides:
 transformers' gradient_checkpointing). transformers' side materializes the (B, T, V) logits, as a plain loop does.
 Both use the same autocast (--precision bf16) over float32 master weights.
@@ -40,6 +41,7 @@ from tinylm.config import ModelConfig
 from tinylm.model.transformer import CausalLM
 from tinylm.tiny import init_weights
 from tinylm.train.config import OptimSection
+from tinylm.train.host_memory import keep_freed_memory
 from tinylm.train.losses import lm_loss_sum
 from tinylm.train.metrics import flops_per_token, measured_peak_flops
 from tinylm.train.setup import autocast, build_optimizer
@@ -89,6 +91,8 @@ def make_step(side: str, model: nn.Module, args):
         objective = LMObjective(model, args.loss_chunk, args.compile)
         loss_sum = lambda ids: objective(ids, ids)[0]  # noqa: E731
     else:
+        if args.same_malloc:  # the one host-side setting tinylm's step makes, given to transformers' loop too
+            keep_freed_memory()
         if args.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss_sum = lambda ids: lm_loss_sum(model(input_ids=ids).logits, ids)  # noqa: E731
@@ -139,7 +143,8 @@ def child_command(args, side: str) -> list[str]:
              f"--warmup={args.warmup}", f"--precision={args.precision}", f"--device={args.device}",
              f"--loss-chunk={args.loss_chunk}", f"--side={side}"]
     flags += [f"--layers={args.layers}"] * bool(args.layers) + [f"--threads={args.threads}"] * bool(args.threads)
-    flags += ["--compile"] * args.compile + ["--activation-checkpointing"] * args.activation_checkpointing
+    flags += ["--compile"] * args.compile + ["--same-malloc"] * args.same_malloc
+    flags += ["--activation-checkpointing"] * args.activation_checkpointing
     return [sys.executable, __file__, *flags]
 
 
@@ -153,7 +158,8 @@ def report(args, results: dict[str, dict]) -> None:
     print(f"{args.shape}: {c.num_hidden_layers} layers, {per_token / 6e6:.1f}M FLOP-params/token incl. attention, "
           f"batch {args.batch} x seq {args.seq} = {tokens} tokens/step, {args.precision}, {args.device}, "
           f"{torch.get_num_threads()} threads, measured peak {peak / 1e9:.0f} GFLOP/s, compile={args.compile}, "
-          f"activation checkpointing={args.activation_checkpointing}, loss_chunk={args.loss_chunk}")
+          f"activation checkpointing={args.activation_checkpointing}, loss_chunk={args.loss_chunk}, "
+          f"transformers' malloc={'kept freed memory (as tinylm)' if args.same_malloc else 'glibc defaults'}")
     rates = {}
     for name, r in results.items():
         median = statistics.median(r["times"])
@@ -178,6 +184,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="tinylm: torch.compile each decoder layer")
     parser.add_argument("--activation-checkpointing", action="store_true", help="both sides")
+    parser.add_argument("--same-malloc", action="store_true",
+                        help="transformers' side also keeps freed host memory as tinylm's step does "
+                             "(tinylm/train/host_memory.py): the ratio of the loops alone")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="tinylm's fused loss chunk; 0 = plain logits")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--peak-flops", type=float, default=None)

@@ -1,4 +1,5 @@
-"""How a step runs fast without changing what it computes: compiled decoder layers, activation checkpointing.
+"""How a step runs fast without changing what it computes: compiled decoder layers, activation checkpointing, host
+memory kept for reuse (host_memory.py).
 
 Compilation is regional (torch.compile per decoder layer, the recipe PyTorch recommends for repeated blocks): every
 layer has the same code, so one graph (forward and its backward, through AOTAutograd) serves them all, and compiling
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
+
+from tinylm.train.host_memory import keep_freed_memory
 
 log = logging.getLogger("tinylm.train")
 
@@ -20,6 +22,9 @@ log = logging.getLogger("tinylm.train")
 def apply_speed_options(model: nn.Module, compile_layers: bool, activation_checkpointing: bool) -> list[str]:
     """Set the options on `model` (a tinylm CausalLM) in place; -> notes for the run log."""
     notes = []
+    if keep_freed_memory():
+        notes.append("glibc malloc keeps freed memory for the next step (no mmap per large block; "
+                     "TINYLM_SYSTEM_MALLOC=1 leaves its defaults)")
     model.activation_checkpointing = activation_checkpointing
     if compile_layers:
         import torch._dynamo
