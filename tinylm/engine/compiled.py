@@ -232,7 +232,8 @@ def _inductor_options(model) -> dict:
     default Inductor inlines the pointwise ops that make a reduction's input (the RMSNorm, SwiGLU's silu * up) into
     the reduction's loop, recomputing them for every output row, which makes int8 rows compute-bound (9 GB/s
     instead of 36). A low realize threshold stores such inputs once instead (it would cost float rows their wide
-    vector loop). The layers say so themselves: `compiled_int_rows` (per-channel Int8Linear, tinylm/quant/linear.py)."""
+    vector loop). The layers say so themselves: `compiled_int_rows` (per-channel Int8Linear,
+    tinylm/quant/int8_linear.py)."""
     frozen = {"freezing": True, "cpp.weight_prepack": False} if FREEZE_WEIGHTS else {}
     if getattr(model, "batch_invariant", False):
         # the ops between tinylm's invariant kernels (rotary, residual adds) rounded to the model's dtype after

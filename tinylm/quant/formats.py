@@ -5,7 +5,8 @@ weight, how it takes stored blocks as they are (GGUF), how it splits into row or
 of several layers into one (chunked MLPs; fused q/k/v and gate/up), which tensors it saves and how it is rebuilt
 from them. Policies name formats by scheme (`int8`, `int4`, `fp16`, ...); `FORMATS` maps each scheme to its class.
 Adding a format is one class and one `@register("name")`: the policy, builder, fusion and checkpoints find it
-there (tests/quant/test_toy_format.py adds one inside a test). The built-in formats are in tinylm/quant/linear.py.
+there (tests/quant/test_toy_format.py adds one inside a test). The built-in formats are imported by
+tinylm/quant/linear.py.
 """
 
 from __future__ import annotations

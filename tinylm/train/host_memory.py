@@ -7,8 +7,8 @@ and maps them one 4 KB page fault at a time. On the QED-75M training shape (2 co
 most of the spread in system time, against 1.07 s steady with the pages kept (benchmarks/train.py, BENCHMARKS.md).
 The same advice as PyTorch's CPU performance guide (a caching allocator such as jemalloc or tcmalloc), done here
 with glibc's own switches so that nothing has to be preloaded: no mmap for large blocks (they come from the heap
-and stay there for the next step) and the heap's top trimmed only past 2 GB free. The process keeps its peak: a training run
-holds that much again at the next step anyway.
+and stay there for the next step) and the heap's top trimmed only past 2 GB free. The process keeps its peak: a
+training run holds that much again at the next step anyway.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A GGUF file as a TensorSource (tinylm/weights/sources.py): float tensors dequantized one at a time, and
 llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks as integer values, scales and zeros that tinylm's int8 / int4 layers
-(tinylm/quant/linear.py) take as they are, with no requantization.
+(tinylm/quant/int8_linear.py, int4_linear.py) take as they are, with no requantization.
 
 Block layouts as gguf-py decodes them (gguf/quants.py, `dequantize_blocks`), 32 weights per block:
   Q8_0: f16 d, 32 x int8 q                       w = d * q
