@@ -139,10 +139,22 @@ def _chunk_step(h, y, w, b, grad_h_out, grad_w, grad_b, grad_fn) -> torch.Tensor
     (V, C) and grad_b (V,); -> the chunk's loss sum (float32)."""
     loss, g = grad_fn(F.linear(h, w, b), y)  # g (n, V) in the compute dtype
     grad_h_out.copy_(g @ w)  # (n, C)
-    if g.dtype == torch.float32:
+    if grad_b is not None:
+        # The bias gradient (column sums of g) as one more column of the weight's product: g is read once by one
+        # GEMM (+16 of C columns) instead of again by a matrix-vector product (18 ms of a 1.07 s QED-75M step).
+        cols = h.shape[1]
+        prod = g.t() @ _with_ones_column(h)  # (V, C + 16)
+        grad_w += prod[:, :cols]
+        grad_b += prod[:, cols]
+    elif g.dtype == torch.float32:
         grad_w.addmm_(g.t(), h)  # (V, C), accumulated in place
     else:
         grad_w += g.t() @ h  # the bf16 product, accumulated over chunks in float32
-    if grad_b is not None:  # column sums of g as a matrix-vector product: one read of g, no float32 copy
-        grad_b += torch.mv(g.t(), torch.ones(g.shape[0], dtype=g.dtype, device=g.device))
     return loss
+
+
+def _with_ones_column(h: torch.Tensor) -> torch.Tensor:
+    """(n, C) -> (n, C + 16): h, a column of ones, 15 of zeros (the width kept a multiple of 16 for the GEMM)."""
+    extra = torch.zeros(h.shape[0], 16, dtype=h.dtype, device=h.device)
+    extra[:, 0] = 1
+    return torch.cat([h, extra], dim=1)
