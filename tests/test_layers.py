@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1] / "tinylm"
 # modules; a module belongs to the longest name that contains it (`tinylm` itself is only tinylm/__init__.py).
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["tinylm.errors", "tinylm.config", "tinylm.config_next", "tinylm.config_qed", "tinylm.sampling_params",
-              "tinylm.chat_template", "tinylm.tokenizer", "tinylm.reasoning", "tinylm.tool_calls"]),
+              "tinylm.chat_template", "tinylm.template_budget", "tinylm.template_guard", "tinylm.tokenizer",
+              "tinylm.reasoning", "tinylm.tool_calls"]),
     # (base: no model code; weights and engine read tokenizers)
     ("kernels", ["tinylm.kernels"]),
     ("model", ["tinylm.model"]),
