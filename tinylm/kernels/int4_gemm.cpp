@@ -39,13 +39,7 @@
 #define TINYLM_INT4_VNNI 1
 #endif
 
-// Every float operation rounded on its own, on every path (GCC otherwise fuses a * b + c into one FMA in some
-// places and not others, and the paths would differ in the last bit).
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "fp_contract_off.h"
 
 namespace {
 
