@@ -4,15 +4,16 @@
 changed: `LLM(model=..., dtype=..., quantization=..., seed=...)`, `generate(prompts, sampling_params)` and
 `chat(messages, sampling_params)` returning RequestOutputs with `.outputs` (n CompletionOutputs each) and vLLM's
 logprob dictionaries. tinylm's shorter forms stay: `res[0].text`, `res[0].token_ids`, `res[0].logprobs[0].top`.
+
+This file holds the entry points: the LLM class and `load`. What they return is tinylm/outputs.py; how their
+arguments become a model, a draft and an EngineConfig is tinylm/llm_loading.py. Both sit below this file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
@@ -22,106 +23,23 @@ from tinylm.engine.lora import LoRARequest
 from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.ngram import NGRAM
 from tinylm.engine.sequence import StepOutput, TokenLogprob
-from tinylm.engine.speculative import check_draft, check_num_tokens
+from tinylm.engine.speculative import check_num_tokens
 from tinylm.errors import ConfigError
+from tinylm.llm_loading import (_check_extra_args, _engine_config, _file_bytes, _load_draft, _resolve_device,
+                                _resolve_dtype, _speculative, _with_tokenizer, native_bf16)
 from tinylm.loading import load_model
 from tinylm.model.transformer import CausalLMOutput
+from tinylm.outputs import CompletionOutput, Logprob, RequestOutput, StepEvent
 from tinylm.sampling_params import SamplingParams
 from tinylm.weights.loader import LoadedModel
 
+# The output types (tinylm/outputs.py) and native_bf16 (tinylm/llm_loading.py) live apart now; re-exported so that
+# `from tinylm.llm import X` keeps working for every name it gave before the split
+__all__ = ["LLM", "load", "Prompt", "Message", "StepEvent", "Logprob", "CompletionOutput", "RequestOutput",
+           "native_bf16"]
+
 Prompt = str | Sequence[int] | dict  # text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": [...]}
 Message = dict
-
-
-@dataclass
-class StepEvent:
-    """One generated token of one prompt, with the text it completes (may be empty while UTF-8 is partial)."""
-
-    index: int  # which prompt of the call
-    token_id: int
-    text: str
-    logprob: TokenLogprob | None
-    finish_reason: str | None  # None while running; "stop" (EOS / stop string / stop token) or "length"
-    choice: int = 0  # which of the prompt's n completions (SamplingParams.n)
-    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # with a choice's first token, when asked for
-
-
-@dataclass
-class Logprob:
-    """vLLM's Logprob: a token's log-probability, its rank in the distribution (1: most likely), its text."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-@dataclass
-class CompletionOutput:
-    """One of a prompt's n completions, as vLLM's CompletionOutput."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    cumulative_logprob: float | None = None  # None unless logprobs were asked for (as vLLM)
-    logprobs: list[dict[int, Logprob]] | None = None  # per token: {token id: Logprob}, the chosen one and top-N
-    finish_reason: str | None = None  # "stop" or "length"
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (None: EOS, length)
-    token_logprobs: list[TokenLogprob] | None = None  # tinylm's form of `logprobs`
-
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class RequestOutput:
-    """One prompt's result, as vLLM's RequestOutput; the properties below are tinylm's shorter forms, those of
-    the first completion (README: res[0].text, res[0].logprobs[0].top)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, {id: Logprob} per later prompt token]
-    outputs: list[CompletionOutput] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return all(o.finished() for o in self.outputs)
-
-    @property
-    def text(self) -> str:
-        return self.outputs[0].text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.outputs[0].token_ids
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.outputs[0].finish_reason
-
-    @property
-    def logprobs(self) -> list[TokenLogprob] | None:
-        """tinylm's form: one TokenLogprob (token_id, logprob, top) per token; vLLM's is outputs[i].logprobs."""
-        return self.outputs[0].token_logprobs
-
-    @property
-    def cumulative_logprob(self) -> float | None:
-        return self.outputs[0].cumulative_logprob
-
-
-# vLLM constructor arguments that change no output here (GPU memory, logging, graph capture, downloads): accepted
-_IGNORED_ARGS = frozenset({
-    "trust_remote_code", "gpu_memory_utilization", "swap_space", "disable_log_stats", "max_seq_len_to_capture",
-    "disable_custom_all_reduce", "disable_async_output_proc", "compilation_config", "download_dir", "hf_token",
-    "enforce_eager", "max_logprobs",
-})
-# vLLM constructor arguments tinylm honours only at their default value (one process, one device, no adapters)
-_DEFAULT_ONLY = {
-    "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1, "cpu_offload_gb": 0,
-    "enable_lora": False, "tokenizer_mode": "auto", "revision": None, "tokenizer_revision": None,
-    "code_revision": None, "load_format": "auto", "distributed_executor_backend": None,
-}
 
 
 class LLM:
@@ -461,98 +379,6 @@ def _plain_message(message: Message) -> Message:
     return {**message, "content": "".join(str(part.get("text", "")) for part in content)}
 
 
-
-def _check_extra_args(kwargs: dict) -> None:
-    """Refuse, by name, vLLM arguments tinylm cannot honour and names it does not know."""
-    unknown = sorted(name for name in kwargs if name not in _IGNORED_ARGS and name not in _DEFAULT_ONLY)
-    if unknown:
-        raise ValueError(f"LLM() got arguments tinylm does not know or support: {', '.join(unknown)}")
-    refused = [f"{name}={value!r} (supported: {_DEFAULT_ONLY[name]!r})" for name, value in kwargs.items()
-               if name in _DEFAULT_ONLY and value != _DEFAULT_ONLY[name]]
-    if refused:
-        raise ValueError(f"tinylm cannot honour {', '.join(refused)}: it runs one model on one device")
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | torch.dtype:
-    """vLLM's "auto": the checkpoint's dtype (config.json torch_dtype), bfloat16 for float16 checkpoints on CPU
-    (as vLLM's CPU backend); float32 where a folder records none.
-
-    A GGUF file records no float dtype (its weights are quantized blocks): it computes in bfloat16 where the device
-    does so natively (AVX512-BF16 or AMX, a GPU), else float32. bfloat16 halves the weight bytes every decode step
-    reads, and compiled bfloat16 products run at memory speed on such CPUs (DESIGN.md, kernel facts); elsewhere
-    bfloat16 products are emulated, and float32 is the faster of the two."""
-    if dtype != "auto":
-        return dtype
-    if path.is_file():
-        return "bfloat16" if native_bf16(device) else "float32"
-    try:
-        config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
-    except (OSError, ValueError):
-        config = {}
-    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
-    if stored == "float16" and not device.startswith("cuda"):
-        return "bfloat16"
-    return stored if stored in ("float32", "bfloat16", "float16") else "float32"
-
-
-def native_bf16(device: str) -> bool:
-    """Whether `device` computes bfloat16 natively: a GPU, or a CPU with AVX512-BF16 or AMX (its /proc/cpuinfo)."""
-    if str(device).startswith("cuda"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _with_tokenizer(loaded: LoadedModel, tokenizer, model, skip: bool) -> LoadedModel:
-    """vLLM's tokenizer argument (a folder holding another tokenizer) and skip_tokenizer_init (token ids only)."""
-    if skip:
-        return replace(loaded, tokenizer=None)
-    if tokenizer is None or str(tokenizer) == str(model):
-        return loaded
-    from tinylm.tokenizer import Tokenizer
-
-    folder = Path(tokenizer).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"tokenizer must be a local folder with tokenizer.json, got {str(tokenizer)!r}")
-    return replace(loaded, tokenizer=Tokenizer.from_folder(folder))
-
-
-def _engine_config(**given) -> EngineConfig:
-    """EngineConfig from the vLLM arguments given (None: tinylm's default)."""
-    pool_dtype(given["kv_cache_dtype"], torch.float32)  # a bad name is refused here, with tinylm's message
-    return EngineConfig(**{name: value for name, value in given.items() if value is not None})
-
-
-def _speculative(spec: dict, loaded: LoadedModel, dtype, device: str) -> tuple[LoadedModel | str, int]:
-    """vLLM's speculative_config: {"method": "ngram"} or {"model": draft}, with "num_speculative_tokens"."""
-    unknown = sorted(set(spec) - {"method", "model", "num_speculative_tokens"})
-    if unknown:
-        raise ValueError(f"speculative_config keys tinylm does not support: {', '.join(unknown)}")
-    count = spec.get("num_speculative_tokens", 3)
-    check_num_tokens(count)
-    if spec.get("method") == "ngram":
-        return NGRAM, count
-    if spec.get("method") not in (None, "draft_model") or "model" not in spec:
-        raise ValueError("speculative_config needs {'method': 'ngram'} or {'model': DRAFT}")
-    draft_path = hub.resolve(spec["model"])
-    return _load_draft(loaded, spec["model"], _resolve_dtype(dtype, draft_path, device), device, None), count
-
-
-def _file_bytes(source) -> int:
-    if source.is_dir():
-        return sum(p.stat().st_size for p in source.iterdir() if p.is_file())
-    return source.stat().st_size
-
-
 def _as_batch(value, device) -> torch.Tensor | None:
     if value is None:
         return None
@@ -597,17 +423,3 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "aut
     return llm
 
 
-def _load_draft(loaded: LoadedModel, draft: str | os.PathLike, dtype, device: str,
-                draft_quantize: str | None, check_finite: bool = True) -> LoadedModel:
-    draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize,
-                              check_finite=check_finite)
-    check_draft(loaded.model.config, draft_loaded.model.config)
-    _check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
-    return draft_loaded
-
-
-def _check_same_tokens(target, draft) -> None:
-    """A draft with another tokenizer of the same size would be accepted token id by token id, meaninglessly."""
-    if target is not None and draft is not None and target.backend.get_vocab() != draft.backend.get_vocab():
-        raise ConfigError("the draft model's tokenizer differs from the model's; speculative decoding needs one "
-                          "tokenizer")
