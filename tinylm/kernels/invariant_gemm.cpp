@@ -70,6 +70,43 @@ inline void prefetch_step(const char* next, int64_t c) {
   for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(line + b, 0, 3);
 }
 
+// 256-bit vectors (AVX2: 16 registers, FMA latency 4-5 cycles at 2 a cycle): a 4 x 4 tile's 16 accumulators plus
+// its 4 weight and 1 activation vectors spilled to the stack, and 8 accumulators are too few chains to keep both FMA
+// pipes busy. There a tile is 3 activation rows x 4 weight rows (12 chains): the 3 activation vectors are loaded
+// first, then each weight vector in turn into one register (16 in all). Each element's accumulator sees the same
+// chunks in the same order whatever the tile: only registers change.
+template <class Ops>
+constexpr bool kNarrowTile = sizeof(typename Ops::Acc) == 32;
+template <class Ops>
+constexpr int kTileRows = kNarrowTile<Ops> ? 3 : kX;
+
+// acc[i * kW + r] += chunk of weight row r x chunk of activation row i, for i < MB; `load` gives a row's chunk
+template <class Ops, int MB, class Load>
+inline void tile_step(typename Ops::Acc* acc, const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k,
+                      Load load) {
+  if constexpr (kNarrowTile<Ops> && MB > 1) {  // (one row, a decode step: 4 chains either way)
+    typename Ops::In xv[MB];
+    #pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) xv[i] = load(x + i * k);
+    #pragma GCC unroll 4
+    for (int r = 0; r < kW; ++r) {
+      const typename Ops::In wv = load(wr[r]);
+      #pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) acc[i * kW + r] = Ops::madd(acc[i * kW + r], wv, xv[i]);
+    }
+  } else {
+    typename Ops::In wv[kW];
+    #pragma GCC unroll 4
+    for (int r = 0; r < kW; ++r) wv[r] = load(wr[r]);
+    #pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const typename Ops::In xv = load(x + i * k);
+      #pragma GCC unroll 4
+      for (int r = 0; r < kW; ++r) acc[i * kW + r] = Ops::madd(acc[i * kW + r], wv[r], xv);
+    }
+  }
+}
+
 // sums[4i + r] = dot(x row i, weight row r) for MB activation rows at x (stride k) and the kW weight rows wr.
 template <class Ops, int MB>
 void tile(const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k, const char* next, float* sums) {
@@ -79,28 +116,12 @@ void tile(const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k,
   int64_t c = 0;
   for (; c + Ops::kChunk <= k; c += Ops::kChunk) {
     if (next != nullptr) prefetch_step<Ops>(next, c);
-    typename Ops::In wv[kW];
-    #pragma GCC unroll 4
-    for (int r = 0; r < kW; ++r) wv[r] = Ops::load(wr[r] + c);
-    #pragma GCC unroll 4
-    for (int i = 0; i < MB; ++i) {
-      const typename Ops::In xv = Ops::load(x + i * k + c);
-      #pragma GCC unroll 4
-      for (int r = 0; r < kW; ++r) acc[i * kW + r] = Ops::madd(acc[i * kW + r], wv[r], xv);
-    }
+    tile_step<Ops, MB>(acc, wr, x, k, [c](const typename Ops::T* row) { return Ops::load(row + c); });
   }
   if (c < k) {  // the last K % kChunk columns, zero-filled (0 * 0 adds nothing): the same step for every row
-    typename Ops::In wv[kW];
-    #pragma GCC unroll 4
-    for (int r = 0; r < kW; ++r) wv[r] = Ops::load_tail(wr[r] + c, k - c);
-    #pragma GCC unroll 4
-    for (int i = 0; i < MB; ++i) {
-      const typename Ops::In xv = Ops::load_tail(x + i * k + c, k - c);
-      #pragma GCC unroll 4
-      for (int r = 0; r < kW; ++r) acc[i * kW + r] = Ops::madd(acc[i * kW + r], wv[r], xv);
-    }
+    tile_step<Ops, MB>(acc, wr, x, k, [c, k](const typename Ops::T* row) { return Ops::load_tail(row + c, k - c); });
   }
-  Ops::reduce(acc, sums);
+  Ops::reduce(acc, sums, MB * kW);
 }
 
 // The problem as the kernel sees it: raw pointers (bias float32 or null) and sizes.
@@ -148,16 +169,16 @@ void store_tile(const Problem<Ops, Out>& p, const float* sums, int64_t i0, int m
 }
 
 // One weight tile (rows n0 .. n0 + 3; past N the last row again, its sums dropped) against activation rows
-// [i_begin, i_end), 4 at a time; the tile stays in L1 meanwhile.
+// [i_begin, i_end), kTileRows at a time; the tile stays in L1 meanwhile.
 template <class Ops, typename Out>
 void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t i_end, const char* next) {
   const typename Ops::T* wr[kW];
   for (int r = 0; r < kW; ++r) wr[r] = p.w + std::min(n0 + r, p.n - 1) * p.k;
   const int cols = static_cast<int>(std::min<int64_t>(kW, p.n - n0));
   alignas(64) float sums[kX * kW];
-  for (int64_t i = i_begin; i < i_end; i += kX, next = nullptr) {  // prefetch during the first pass only
+  for (int64_t i = i_begin; i < i_end; i += kTileRows<Ops>, next = nullptr) {  // prefetch during the first pass only
     const typename Ops::T* x = p.x + i * p.k;
-    const int mb = static_cast<int>(std::min<int64_t>(kX, i_end - i));
+    const int mb = static_cast<int>(std::min<int64_t>(kTileRows<Ops>, i_end - i));
     switch (mb) {
       case 4: tile<Ops, 4>(wr, x, p.k, next, sums); break;
       case 3: tile<Ops, 3>(wr, x, p.k, next, sums); break;

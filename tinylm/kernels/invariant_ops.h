@@ -14,6 +14,8 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define TINYLM_INV_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
 #endif
 
 namespace tinylm_invariant {
@@ -49,7 +51,7 @@ inline __m512 sum16(const __m512* v) {
 struct Avx512Acc {
   using Acc = __m512;
   static Acc zero() { return _mm512_setzero_ps(); }
-  static void reduce(const Acc* acc, float* sums) { _mm512_storeu_ps(sums, sum16(acc)); }  // sums[4i + r]
+  static void reduce(const Acc* acc, float* sums, int = 0) { _mm512_storeu_ps(sums, sum16(acc)); }  // sums[4i + r]
 };
 
 struct F32Fma : Avx512Acc {  // float32: 16 columns per FMA
@@ -109,8 +111,14 @@ struct Portable {
     return load(part);
   }
   static Acc madd(Acc acc, In w, In x) { return at::vec::fmadd(w, x, acc); }
-  static void reduce(const Acc* acc, float* sums) {
-    for (int j = 0; j < kW * kX; ++j) {
+  static void reduce(const Acc* acc, float* sums, int count = kW * kX) {  // the first `count` accumulators
+#if defined(__AVX2__) && !defined(TINYLM_INV_AVX512)
+    if constexpr (kChunk == 8) {
+      for (int j = 0; j < count; j += 4) reduce4(acc + j, sums + j);
+      return;
+    }
+#endif
+    for (int j = 0; j < count; ++j) {
       alignas(64) float lanes[kChunk];
       acc[j].store(lanes);
       for (int width = kChunk / 2; width > 0; width /= 2) {
@@ -119,6 +127,23 @@ struct Portable {
       sums[j] = lanes[0];
     }
   }
+#if defined(__AVX2__) && !defined(TINYLM_INV_AVX512)
+  // The tree above for 4 accumulators of 8 lanes at once, the same adds on the same operands (a scalar loop of
+  // stores and adds was ~10% of a prefill product on AVX2): width 4 adds the high half to the low half, width 2
+  // lanes 2-3 to 0-1 (two accumulators per register), width 1 lane 1 to lane 0 (four per register).
+  static void reduce4(const Acc* acc, float* sums) {
+    __m128 half[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = acc[j];
+      half[j] = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // lanes l + (l + 4)
+    }
+    const __m128 w01 = _mm_add_ps(_mm_movelh_ps(half[0], half[1]), _mm_movehl_ps(half[1], half[0]));  // l + (l + 2)
+    const __m128 w23 = _mm_add_ps(_mm_movelh_ps(half[2], half[3]), _mm_movehl_ps(half[3], half[2]));
+    const __m128 first = _mm_shuffle_ps(w01, w23, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m128 second = _mm_shuffle_ps(w01, w23, _MM_SHUFFLE(3, 1, 3, 1));
+    _mm_storeu_ps(sums, _mm_add_ps(first, second));  // lane 0 + lane 1
+  }
+#endif
 };
 
 #ifdef TINYLM_INV_AVX512
