@@ -86,7 +86,7 @@ constexpr int kTileRows = kNarrowTile<Ops> ? 3 : kX;
 template <class V>
 inline void pin(V& v) {
 #ifdef __AVX2__
-  if constexpr (sizeof(V) == 32) {
+  if constexpr (std::is_convertible_v<V, __m256>) {  // ATen's AVX2 Vectorized<float> (not its generic one)
     __m256 reg = v;
     asm("" : "+x"(reg));
     v = reg;

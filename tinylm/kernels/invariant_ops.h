@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -113,7 +114,7 @@ struct Portable {
   static Acc madd(Acc acc, In w, In x) { return at::vec::fmadd(w, x, acc); }
   static void reduce(const Acc* acc, float* sums, int count = kW * kX) {  // the first `count` accumulators
 #if defined(__AVX2__) && !defined(TINYLM_INV_AVX512)
-    if constexpr (kChunk == 8) {
+    if constexpr (std::is_convertible_v<Vec, __m256>) {  // ATen's AVX2 Vectorized<float>
       for (int j = 0; j < count; j += 4) reduce4(acc + j, sums + j);
       return;
     }
