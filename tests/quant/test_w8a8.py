@@ -80,6 +80,19 @@ def test_every_path_gives_the_same_sums():
         torch.testing.assert_close(other, outputs[0], rtol=1e-6, atol=1e-6)  # exact int sums; scales applied alike
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_the_batched_int8_product_sums_exactly_at_full_range(rows):
+    """Inputs near +-127 (where uint8 x int8 pair sums overflow int16): oneDNN's packed product saturated on x86
+    without VNNI (off by ~1e5), so there tinylm must not prepack; whatever path this CPU takes, the sums are exact."""
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randint(0, 2, (rows, 256), generator=g) * 2 - 1).to(torch.int8) * 127  # all +-127
+    weight = torch.randint(-127, 128, (48, 256), dtype=torch.int8, generator=g)
+    handle, packed = int8_matmul.prepack(weight)
+    out = int8_matmul.int8_mm((x.to(torch.int16) + 128).to(torch.uint8), weight, torch.ones(48), handle)
+    assert torch.equal(out.double(), (x.double() @ weight.double().T))
+    del packed
+
+
 def test_layers_the_vnni_kernel_cannot_tile_use_onednn():
     layer = Int8Linear.from_float(torch.randn(200, 96), None, dtype=torch.float32, activations="int8")
     assert layer.weight_sums is None and layer._packed is not None  # 200 rows: not a multiple of 16
