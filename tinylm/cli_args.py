@@ -8,10 +8,10 @@ commands together, so nothing below it depends on it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import tinylm
 from tinylm import hub
+from tinylm.llm_loading import native_bf16
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -81,15 +81,7 @@ def resolve_dtype(name: str, device: str) -> str:
         return name
     if device.startswith("cuda"):
         return "bfloat16"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "bfloat16" if native_bf16("cpu") else "float32"
 
 
 def load_from_args(args) -> tinylm.LLM:

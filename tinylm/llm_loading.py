@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tinylm import hub
+from tinylm import hub, kernels
 from tinylm.engine.engine import EngineConfig
 from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.ngram import NGRAM
@@ -81,10 +81,7 @@ def native_bf16(device: str) -> bool:
     """Whether `device` computes bfloat16 natively: a GPU, or a CPU with AVX512-BF16 or AMX (its /proc/cpuinfo)."""
     if str(device).startswith("cuda"):
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = kernels.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -18,6 +18,7 @@ that is impossible, `available()` says False, warns once, and callers keep their
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -116,12 +117,15 @@ def _extension_name() -> str:
     digest = hashlib.sha1()
     for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
-    digest.update(_cpu_flags().encode())
+    digest.update(cpu_flags().encode())
     digest.update(torch.__version__.encode())
     return f"tinylm_kernels_{digest.hexdigest()[:12]}"
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> str:
+    """This CPU's flags line of /proc/cpuinfo ("flags ..." on x86, "Features ..." on ARM), read once; else the
+    processor name. What the build is keyed by, and what callers test ISA extensions against."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):

@@ -14,7 +14,7 @@ build without it), the op runs `torch._int_mm`.
 On x86 CPUs without VNNI (AVX2 only) the prepacked product is not exact: its uint8 x int8 products are summed in
 pairs into int16 (VPMADDUBSW), which saturates (sums off by up to ~1e5 on random int8 inputs, measured on an AVX2
 EPYC), so results were wrong and depended on the batch. There no weight is prepacked and the op runs
-`torch._int_mm`, whose sums are exact there (tests/quant/test_int8_matmul.py), at a fraction of the speed: on such
+`torch._int_mm`, whose sums are exact there (tests/quant/test_w8a8.py, full int8 range), at a fraction of the speed: on such
 CPUs the int8 weight-only and int4 policies are the fast ones.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import platform
 import weakref
-from pathlib import Path
 
 import torch
 
@@ -34,16 +33,11 @@ _HAS_ONEDNN = hasattr(torch.ops.onednn, "qlinear_prepack") and torch.backends.mk
 
 def _exact_onednn_int8() -> bool:
     """Whether oneDNN's uint8 x int8 products sum exactly here: not on x86 without VNNI (see the docstring)."""
+    from tinylm import kernels
+
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(name in flags for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-_EXACT_ONEDNN_INT8 = _exact_onednn_int8()
+    return any(name in kernels.cpu_flags() for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def vnni_sums(qweight: torch.Tensor) -> torch.Tensor | None:
@@ -69,7 +63,7 @@ def prepack(qweight: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     """(handle, packed weight or None when oneDNN cannot pack it). The caller keeps the packed tensor alive; the
     registry only points at it."""
     handle = next(_HANDLES)
-    if not (_HAS_ONEDNN and _EXACT_ONEDNN_INT8):
+    if not (_HAS_ONEDNN and _exact_onednn_int8()):
         return handle, None
     try:
         packed = torch.ops.onednn.qlinear_prepack(qweight, None)
