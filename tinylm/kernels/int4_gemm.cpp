@@ -19,7 +19,7 @@
 // lanes are the tile's 16 output rows (4 features each), against 4 activation bytes broadcast: no horizontal sums,
 // and each weight byte is read once per pass of up to 8 activation rows (16 rows: twice, the second time from
 // L1). scales (N/16, G, 2, 16) float16: the tile's 16 s, then its 16 m. Activations are quantized with AVX-512 on
-// the VNNI path, by the scalar loop on the others (the same bits).
+// the VNNI path, AVX2 on the AVX2 path, by the scalar loop on the scalar path (the same bits).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -113,10 +113,58 @@ inline float quantize_block_avx512(const float* src, int8_t* dst, int32_t* sum_o
 }
 #endif
 
-// Rows [begin, end) of x (M, K) into `out` (sized for all M rows).
-// `vector`: the AVX-512 block quantizer (the VNNI path's), else the scalar one (AVX2 and scalar paths: the tests
-// compare every path's bits, the quantizers' included)
-void quantize_range(const float* x, int64_t begin, int64_t end, int64_t k, int64_t group, bool vector,
+#if defined(__AVX2__)
+// The block quantizer with AVX2, the same bits as quantize_block (see there): max(v, m) gives m for a NaN, the
+// rounding is to nearest even, and a NaN becomes -127 after max(v, -127) as std::max(-127.0f, NaN) does.
+inline float quantize_block_avx2(const float* src, int8_t* dst, int32_t* sum_out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(src + 8 * i);
+    m = _mm256_max_ps(_mm256_andnot_ps(sign, v[i]), m);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float amax = _mm_cvtss_f32(h);
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const __m256 vid = _mm256_set1_ps(id), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  __m256i q[4];
+  __m256i sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    sum = _mm256_add_epi32(sum, q[i]);
+  }
+  // packs interleave 128-bit lanes: bytes come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4] q0[4:8] ...; one dword
+  // permutation puts them in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  *sum_out = _mm_cvtsi128_si32(s);
+  return d;
+}
+
+#endif
+
+// The block quantizer of a path: each its own code, the same bits (the tests compare every path's)
+inline float quantize_block_isa(int64_t isa, const float* src, int8_t* dst, int32_t* sum_out) {
+#if defined(TINYLM_INT4_VNNI)
+  if (isa == kAvx512Vnni) return quantize_block_avx512(src, dst, sum_out);
+#endif
+#if defined(__AVX2__)
+  if (isa == kAvx2) return quantize_block_avx2(src, dst, sum_out);
+#endif
+  return quantize_block(src, dst, sum_out);
+}
+
+// Rows [begin, end) of x (M, K) into `out` (sized for all M rows), with the block quantizer of path `isa`.
+void quantize_range(const float* x, int64_t begin, int64_t end, int64_t k, int64_t group, int64_t isa,
                     Quantized& out) {
   const int64_t blocks = k / kBlock, groups = k / group, per_group = group / kBlock;
   for (int64_t i = begin; i < end; ++i) {
@@ -126,11 +174,7 @@ void quantize_range(const float* x, int64_t begin, int64_t end, int64_t k, int64
         int32_t sum;
         const float* src = x + i * k + b * kBlock;
         int8_t* dst = out.xq.data() + i * k + b * kBlock;
-#if defined(TINYLM_INT4_VNNI)
-        const float d = vector ? quantize_block_avx512(src, dst, &sum) : quantize_block(src, dst, &sum);
-#else
-        const float d = quantize_block(src, dst, &sum);
-#endif
+        const float d = quantize_block_isa(isa, src, dst, &sum);
         out.dx[i * blocks + b] = d;
         acc = acc + d * static_cast<float>(sum);
       }
@@ -139,10 +183,10 @@ void quantize_range(const float* x, int64_t begin, int64_t end, int64_t k, int64
   }
 }
 
-Quantized quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, bool vector) {
+Quantized quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, int64_t isa) {
   Quantized out{std::vector<int8_t>(m * k), std::vector<float>(m * (k / kBlock)), std::vector<float>(m * (k / group))};
   // a row is ~0.1-0.3 us: threads only for many rows (prefill), where waking them pays
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) { quantize_range(x, begin, end, k, group, vector, out); });
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) { quantize_range(x, begin, end, k, group, isa, out); });
   return out;
 }
 
@@ -186,8 +230,11 @@ void run_scalar(const Problem& p, int64_t tile) {
   for (int64_t row = 0; row < p.m; ++row) tile_scalar(p, tile, row);
 }
 
-// ---- AVX2: the 16 rows of a tile as two halves of 8 int32 lanes; VPMADDUBSW + VPMADDWD make the same integers
-// (pairs of q * xq are at most 2 * 15 * 127 in magnitude: no int16 saturation)
+// ---- AVX2: R (<= 2) activation rows against one tile of 16 weight rows, its two halves of 8 int32 lanes at
+// once, so each 64-byte line is unpacked once per pass and each activation broadcast feeds both halves.
+// VPMADDUBSW gives pairs of q * xq (at most 2 * 15 * 127 = 3810 in magnitude); a block's 4 lines give 8 such
+// int16 terms per lane, at most 30480: they are summed in int16 without saturation or wrap-around, then one
+// VPMADDWD per block widens the lane pairs to int32. The same integers as the scalar path.
 
 #if defined(__AVX2__)
 inline __m256i bcast4(const int8_t* p) {
@@ -196,40 +243,70 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(quad);
 }
 
-inline __m256i dot4(__m256i q, __m256i x) {  // 8 lanes: sum of 4 q (u8) * x (s8) each
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
-}
-
-void tile_avx2(const Problem& p, int64_t tile, int64_t row, int64_t half) {
+template <int R>
+void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
   const int64_t groups = p.k / p.group, per_group = p.group / kBlock, blocks = p.k / kBlock;
-  const uint8_t* w = p.w + tile * (p.k / 8) * 64 + half * 32;
-  const c10::Half* sm = p.sm + tile * groups * 2 * kTile + half * 8;
-  const int8_t* xq = p.act->xq.data() + row * p.k;
-  const __m256i mask = _mm256_set1_epi8(15);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + g * 2 * kTile)));
-    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm + (g * 2 + 1) * kTile)));
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      __m256i dot = _mm256_setzero_si256();
-      for (int64_t o = b * 4; o < b * 4 + 4; ++o) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + o * 64));
-        dot = _mm256_add_epi32(dot, dot4(_mm256_and_si256(v, mask), bcast4(xq + 8 * o)));
-        dot = _mm256_add_epi32(dot, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), bcast4(xq + 8 * o + 4)));
-      }
-      const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(p.act->dx[row * blocks + b]));
-      acc = _mm256_add_ps(acc, _mm256_mul_ps(scaled, s));
-    }
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(mn, _mm256_set1_ps(p.act->xsum[row * groups + g])));
+  const uint8_t* w = p.w + tile * (p.k / 8) * 64;
+  const c10::Half* sm = p.sm + tile * groups * 2 * kTile;
+  const int8_t* xq[R];
+  const float* dx[R];
+  const float* xsum[R];
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = p.act->xq.data() + (row0 + r) * p.k;
+    dx[r] = p.act->dx.data() + (row0 + r) * blocks;
+    xsum[r] = p.act->xsum.data() + (row0 + r) * groups;
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   }
-  _mm256_storeu_ps(p.out + row * p.n + tile * kTile + half * 8, acc);
+  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    const c10::Half* s_half = sm + g * 2 * kTile;  // the tile's 16 s, then its 16 m
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m256i sums[R][2];
+      for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o) {  // the block's 4 lines of 8 features
+        const uint8_t* line = w + (b * 4 + o) * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(line + TINYLM_INT4_AHEAD), TINYLM_INT4_HINT);
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + 32));
+        const __m256i l0 = _mm256_and_si256(v0, mask), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+        const __m256i l1 = _mm256_and_si256(v1, mask), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        for (int r = 0; r < R; ++r) {
+          const __m256i xl = bcast4(xq[r] + b * kBlock + 8 * o), xh = bcast4(xq[r] + b * kBlock + 8 * o + 4);
+          sums[r][0] = _mm256_add_epi16(
+              sums[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(h0, xh)));
+          sums[r][1] = _mm256_add_epi16(
+              sums[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(h1, xh)));
+        }
+      }
+      for (int half = 0; half < 2; ++half) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s_half + half * 8)));
+        for (int r = 0; r < R; ++r) {
+          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r][half], ones));
+          const __m256 scaled = _mm256_mul_ps(dot, _mm256_set1_ps(dx[r][b]));
+          acc[r][half] = _mm256_add_ps(acc[r][half], _mm256_mul_ps(scaled, s));
+        }
+      }
+    }
+    for (int half = 0; half < 2; ++half) {
+      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s_half + kTile + half * 8)));
+      for (int r = 0; r < R; ++r) {
+        acc[r][half] = _mm256_add_ps(acc[r][half], _mm256_mul_ps(mn, _mm256_set1_ps(xsum[r][g])));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int half = 0; half < 2; ++half) _mm256_storeu_ps(p.out + (row0 + r) * p.n + tile * kTile + half * 8, acc[r][half]);
+  }
 }
 
+// Rows in passes of 2 over each tile (an odd count ends with one): every row's arithmetic is the same whatever
+// pass it falls in.
 void run_avx2(const Problem& p, int64_t tile) {
-  for (int64_t row = 0; row < p.m; ++row) {
-    tile_avx2(p, tile, row, 0);
-    tile_avx2(p, tile, row, 1);
-  }
+  int64_t row = 0;
+  for (; row + 2 <= p.m; row += 2) tile_avx2<2>(p, tile, row);
+  if (row < p.m) tile_avx2<1>(p, tile, row);
 }
 #endif
 
@@ -352,7 +429,7 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
   const int64_t chosen = isa == kAuto ? best_isa() : isa;
-  const Quantized act = quantize_rows(x.data_ptr<float>(), m, k, group, chosen == kAvx512Vnni);
+  const Quantized act = quantize_rows(x.data_ptr<float>(), m, k, group, chosen);
   const Problem p{&act, qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), out.data_ptr<float>(), m, n, k,
                   group};
   at::parallel_for(0, n / kTile, 4, [&](int64_t begin, int64_t end) {
