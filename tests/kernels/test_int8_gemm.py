@@ -1,4 +1,4 @@
-"""tinylm's VNNI int8 product (tinylm/kernels/int8_gemm.cpp) against exact integer arithmetic."""
+"""tinylm's int8 product (tinylm/kernels/int8_gemm.cpp: AVX-512 VNNI, or AVX2) against exact integer arithmetic."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 
 from tinylm import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.int8_gemm_available(), reason="needs the kernels and AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not kernels.int8_gemm_available(), reason="needs the kernels and AVX-512 VNNI or AVX2")
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])  # one tile, a partial tile, oneDNN above 16 rows
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])  # a tile, part of one, more (VNNI: oneDNN)
 @pytest.mark.parametrize("shape", [(16, 4), (48, 64), (960, 576)])
 def test_exact_sums_times_scales(rows, shape):
     cols, depth = shape

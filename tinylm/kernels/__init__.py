@@ -201,8 +201,8 @@ def _register_fakes() -> None:
 
 
 def int8_gemm_available() -> bool:
-    """Whether tinylm::int8_gemm runs here (the kernels are built and the CPU has AVX-512 VNNI)."""
-    return available() and bool(torch.ops.tinylm.int8_vnni_available())
+    """Whether tinylm::int8_gemm runs here (the kernels are built and the CPU has AVX-512 VNNI, or AVX2)."""
+    return available() and bool(torch.ops.tinylm.int8_gemm_available())
 
 
 def bf16_gemm_available() -> bool:

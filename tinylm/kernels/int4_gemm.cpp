@@ -297,7 +297,8 @@ void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int half = 0; half < 2; ++half) _mm256_storeu_ps(p.out + (row0 + r) * p.n + tile * kTile + half * 8, acc[r][half]);
+    float* dst = p.out + (row0 + r) * p.n + tile * kTile;
+    for (int half = 0; half < 2; ++half) _mm256_storeu_ps(dst + half * 8, acc[r][half]);
   }
 }
 

@@ -1,4 +1,5 @@
-// W8A8 products for decode batches on AVX-512 VNNI, straight from the plain (N, K) int8 weight.
+// W8A8 products straight from the plain (N, K) int8 weight: decode batches on AVX-512 VNNI, every row count on
+// AVX2 CPUs without VNNI (see the AVX2 section below).
 //
 // x_u8 (M, K) uint8 = int8 activations + 128, weight (N, K) int8 row-major, weight_sums (N,) int32 = each row's
 // sum, weight_scales (N,) float32 -> (M, N) float32 = (x_int8 @ weight.T) * weight_scales. Up to 16 rows (decode
@@ -11,7 +12,10 @@
 // one output column for the 16 rows, transposed through the stack into the row-major output. x + 128 is corrected
 // exactly by subtracting 128 * weight_sums[n].
 //
-// Without AVX-512 VNNI the op refuses (int8_vnni_available() is false) and tinylm uses oneDNN instead.
+// On x86 CPUs without VNNI oneDNN's uint8 x int8 product sums pairs in int16 and saturates (tinylm/quant/
+// int8_matmul.py), and `_int_mm` is exact there but runs at well under 1 GMAC/s: the AVX2 section below takes every
+// row count instead. Where neither path is built the op refuses (int8_gemm_available() is false) and tinylm uses
+// `_int_mm`.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,19 +23,24 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define TINYLM_VNNI 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define TINYLM_INT8_AVX2 1
 #endif
 
 namespace {
 
 constexpr int64_t kLanes = 16;  // activation rows per tile
 
-bool int8_vnni_available() {
-#ifdef TINYLM_VNNI
+bool int8_gemm_available() {
+#if defined(TINYLM_VNNI) || defined(TINYLM_INT8_AVX2)
   return true;
 #else
   return false;
@@ -103,9 +112,95 @@ void tile(const int32_t* xt, const int8_t* w, const int32_t* sums, const float* 
 #undef TINYLM_DP
 #endif
 
+#if defined(TINYLM_INT8_AVX2)
+// ---- AVX2 (no VNNI): exact int8 sums through VPMADDWD, every row count
+//
+// Each activation row is widened once to int16 (x_u8 - 128: the signed int8 value), each 16-byte piece of a weight
+// row sign-extended to int16 as it is loaded (VPMOVSXBW); VPMADDWD multiplies 16 int16 pairs and adds adjacent
+// products into 8 int32 lanes: |a b + c d| <= 2 * 128 * 128, exact, and the lanes' running sums stay exact for K
+// up to 2^17. A tile is 3 activation rows x 4 weight rows (12 int32 accumulators in AVX2's 16 registers). The
+// weight is read in its stored (N, K) layout. Each output is float(its exact sum) * scale: the same bits as the
+// VNNI path and as `torch._int_mm(...).float() * scales`.
+
+constexpr int64_t kStep = 16;       // k per VPMADDWD step
+constexpr int64_t kActRows = 3;     // activation rows per tile
+constexpr int64_t kWeightRows = 4;  // weight rows per tile
+constexpr int64_t kBlockRows = 16;  // weight rows per parallel work item (the op's N is a multiple of 16)
+
+inline int32_t hsum(__m256i v) {  // the 8 int32 lanes' sum (integers: any order)
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline __m256i widen(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Activation rows [i0, i0 + R) x weight rows [n0, n0 + C) into out (M, N): x16 (M, K) int16, w (N, K) int8.
+template <int R, int C>
+void tile_avx2(const int16_t* x16, const int8_t* w, const float* scales, int64_t k, int64_t n, int64_t i0,
+               int64_t n0, float* out) {
+  __m256i acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+  }
+  const int64_t body = k - k % kStep;
+  for (int64_t o = 0; o < body; o += kStep) {
+    for (int c = 0; c < C; ++c) {
+      const __m256i wv = widen(w + (n0 + c) * k + o);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + (i0 + r) * k + o));
+        acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(xv, wv));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      int32_t dot = hsum(acc[r][c]);
+      for (int64_t o = body; o < k; ++o) dot += int32_t(x16[(i0 + r) * k + o]) * int32_t(w[(n0 + c) * k + o]);
+      out[(i0 + r) * n + n0 + c] = static_cast<float>(dot) * scales[n0 + c];
+    }
+  }
+}
+
+// The m activation rows against weight rows [n0, n0 + 16), 3 x 4 tiles (the last rows as 2 or 1).
+void block_avx2(const int16_t* x16, const int8_t* w, const float* scales, int64_t m, int64_t k, int64_t n,
+                int64_t n0, float* out) {
+  for (int64_t c = n0; c < n0 + kBlockRows; c += kWeightRows) {
+    int64_t i = 0;
+    for (; i + kActRows <= m; i += kActRows) tile_avx2<kActRows, kWeightRows>(x16, w, scales, k, n, i, c, out);
+    if (m - i == 2) tile_avx2<2, kWeightRows>(x16, w, scales, k, n, i, c, out);
+    if (m - i == 1) tile_avx2<1, kWeightRows>(x16, w, scales, k, n, i, c, out);
+  }
+}
+
+void int8_gemm_avx2(const at::Tensor& x_u8, const at::Tensor& weight, const at::Tensor& weight_scales,
+                    at::Tensor& out) {
+  const int64_t m = x_u8.size(0), k = x_u8.size(1), n = weight.size(0);
+  std::vector<int16_t> x16(m * k);  // (M, K) the signed activations
+  const uint8_t* xu = x_u8.data_ptr<uint8_t>();
+  for (int64_t j = 0; j < m * k; ++j) x16[j] = static_cast<int16_t>(xu[j]) - 128;
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* scales = weight_scales.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  // many rows (prefill): activations in chunks that stay in L2 while every weight block passes over them
+  const int64_t chunk = std::max<int64_t>(kActRows, (96 * 1024 / (2 * k)) / kActRows * kActRows);
+  at::parallel_for(0, n / kBlockRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i0 = 0; i0 < m; i0 += chunk) {
+      const int64_t rows = std::min(chunk, m - i0);
+      for (int64_t block = begin; block < end; ++block) {
+        block_avx2(x16.data() + i0 * k, w, scales, rows, k, n, block * kBlockRows, dst + i0 * n);
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at::Tensor& weight_sums,
                      const at::Tensor& weight_scales) {
-  TORCH_CHECK(int8_vnni_available(), "tinylm::int8_gemm needs AVX-512 VNNI");
+  TORCH_CHECK(int8_gemm_available(), "tinylm::int8_gemm needs AVX-512 VNNI or AVX2");
   TORCH_CHECK(x_u8.dim() == 2 && x_u8.scalar_type() == at::kByte && x_u8.is_contiguous(), "x_u8: contiguous (M, K) uint8");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight: contiguous (N, K) int8");
@@ -115,6 +210,11 @@ at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at:
               "weight_sums: (N,) int32");
   TORCH_CHECK(weight_scales.numel() == n && weight_scales.scalar_type() == at::kFloat && weight_scales.is_contiguous(),
               "weight_scales: (N,) float32");
+#if defined(TINYLM_INT8_AVX2)
+  at::Tensor result = at::empty({m, n}, x_u8.options().dtype(at::kFloat));
+  if (m > 0 && n > 0) int8_gemm_avx2(x_u8, weight, weight_scales, result);
+  return result;
+#endif
   if (m > kLanes) {
     // More rows than one tile (prefill): oneDNN's kernel, which reorders the weight per call, is faster there
     // (1.7-2x at 24-512 rows: it reuses each loaded weight vector across rows; this kernel reloads per row).
@@ -140,9 +240,9 @@ at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at:
 
 TORCH_LIBRARY_FRAGMENT(tinylm, m) {
   m.def("int8_gemm(Tensor x_u8, Tensor weight, Tensor weight_sums, Tensor weight_scales) -> Tensor");
-  m.def("int8_vnni_available() -> bool");
+  m.def("int8_gemm_available() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("int8_gemm", &int8_gemm); }
 
-TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("int8_vnni_available", &int8_vnni_available); }
+TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("int8_gemm_available", &int8_gemm_available); }

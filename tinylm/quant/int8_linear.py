@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tinylm.errors import ConfigError
 from tinylm.model.fuse import concat_biases
 from tinylm.quant.formats import Bounds, LayerSpec, check_scales, expect, register, required, same_options
-from tinylm.quant.int8_matmul import int8_gemm, int8_mm, prepack, vnni_sums
+from tinylm.quant.int8_matmul import int8_gemm, int8_mm, kernel_sums, prepack
 from tinylm.quant.linear_base import _DEQUANT_ROWS, QuantLinearBase, _aligned, _part, _same
 
 
@@ -38,10 +38,10 @@ class Int8Linear(QuantLinearBase):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().contiguous())
         self.register_buffer("qweight", _aligned(qweight.to(torch.int8).contiguous()))
         self.register_buffer("scales", scales.to(self.kernel_dtype).contiguous())
-        # The batched int8 product: tinylm's VNNI kernel on qweight itself (it needs the row sums), else oneDNN's
+        # The batched int8 product: tinylm's kernel on qweight itself (it needs the row sums), else oneDNN's
         # over a (handle, packed copy of qweight); made here, outside any traced code.
         self.weight_sums: torch.Tensor | None
-        self.register_buffer("weight_sums", vnni_sums(self.qweight) if activations == "int8" else None,
+        self.register_buffer("weight_sums", kernel_sums(self.qweight) if activations == "int8" else None,
                              persistent=False)
         self._packed = self._prepack()
         # weight-only, per channel: tinylm::int8_rows for every row count (int8_rows.cpp: one float32 sequence per
@@ -194,7 +194,7 @@ class Int8Linear(QuantLinearBase):
         self._packed = self._prepack()
 
     def _prepack(self) -> tuple[int, torch.Tensor | None] | None:
-        """oneDNN's packed copy, for W8A8 layers that tinylm's VNNI kernel cannot run."""
+        """oneDNN's packed copy, for W8A8 layers that tinylm's kernel cannot run."""
         return prepack(self.qweight) if self.activations == "int8" and self.weight_sums is None else None
 
     def _packed_handle(self) -> int:

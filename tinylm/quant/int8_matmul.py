@@ -1,5 +1,6 @@
-"""int8 x int8 products for W8A8 layers: tinylm's VNNI kernel over the stored weight where it runs (`vnni_sums`,
-`int8_gemm`; tinylm/kernels/int8_gemm.cpp), else oneDNN over a weight it has reordered once instead of on every call.
+"""int8 x int8 products for W8A8 layers: tinylm's kernel over the stored weight where it runs (`kernel_sums`,
+`int8_gemm`; tinylm/kernels/int8_gemm.cpp: decode batches on AVX-512 VNNI, every row count on AVX2 CPUs without
+VNNI), else oneDNN over a weight it has reordered once instead of on every call.
 
 `torch._int_mm` (oneDNN underneath) reorders the weight into its blocked VNNI layout on every call: at batch 16
 that reorder reads the whole weight from memory again and costs as much as the product (the default model's layers:
@@ -13,9 +14,9 @@ build without it), the op runs `torch._int_mm`.
 
 On x86 CPUs without VNNI (AVX2 only) the prepacked product is not exact: its uint8 x int8 products are summed in
 pairs into int16 (VPMADDUBSW), which saturates (sums off by up to ~1e5 on random int8 inputs, measured on an AVX2
-EPYC), so results were wrong and depended on the batch. There no weight is prepacked and the op runs
-`torch._int_mm`, whose sums are exact there (tests/quant/test_w8a8.py, full int8 range), at a fraction of the speed: on such
-CPUs the int8 weight-only and int4 policies are the fast ones.
+EPYC), so results were wrong and depended on the batch. There no weight is prepacked: tinylm's AVX2 kernel
+(VPMADDWD, exact) takes the layers whose shapes it tiles, and `torch._int_mm`, exact there but at well under
+1 GMAC/s, the rest (tests/quant/test_w8a8.py checks the sums at full int8 range).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ def _exact_onednn_int8() -> bool:
     return any(name in kernels.cpu_flags() for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def vnni_sums(qweight: torch.Tensor) -> torch.Tensor | None:
+def kernel_sums(qweight: torch.Tensor) -> torch.Tensor | None:
     """(N,) int32 row sums of qweight (N, K) for tinylm::int8_gemm (tinylm/kernels/int8_gemm.cpp, which reads the
-    plain weight: no packed copy), or None where that kernel cannot run (no AVX-512 VNNI, no C++ toolchain, N not
-    a multiple of 16 or K of 4); oneDNN's packed product is used then."""
+    plain weight: no packed copy), or None where that kernel cannot run (neither AVX-512 VNNI nor AVX2, no C++
+    toolchain, N not a multiple of 16 or K of 4); oneDNN's packed product is used then."""
     from tinylm import kernels
 
     rows, cols = qweight.shape
@@ -55,7 +56,7 @@ def vnni_sums(qweight: torch.Tensor) -> torch.Tensor | None:
 def int8_gemm(x_u8: torch.Tensor, qweight: torch.Tensor, weight_sums: torch.Tensor,
               weight_scales: torch.Tensor) -> torch.Tensor:
     """x_u8 (M, K) uint8 = int8 + 128, qweight (N, K) int8 -> (M, N) float32 = (x_int8 @ qweight.T) * weight_scales,
-    on tinylm's VNNI kernel (exact int32 sums, as oneDNN's)."""
+    on tinylm's kernel (exact int32 sums, as oneDNN's)."""
     return torch.ops.tinylm.int8_gemm(x_u8, qweight, weight_sums, weight_scales)
 
 

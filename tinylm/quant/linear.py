@@ -7,8 +7,9 @@ features (GGUF Q8_0 blocks, exact), run by dequantizing row chunks. With `activa
 each input row is also quantized to int8 on the fly, one scale per token (W8A8 dynamic, as vLLM's int8 w8a8), and
 several rows multiply in int8 with exact int32 sums: up to 16 rows on tinylm's AVX-512 VNNI kernel over the stored
 weight (tinylm/kernels/int8_gemm.cpp; the default model's products at 16 rows: 5.7 ms from memory, against 7.9 on
-oneDNN's prepacked weight), more rows on oneDNN's `_int_mm`; without VNNI or a C++ toolchain, on oneDNN over a
-prepacked copy of the weight (int8_matmul.py). Int4Linear: asymmetric 4-bit by groups (GGUF Q4_0 / Q4_1 blocks as
+oneDNN's prepacked weight), more rows on oneDNN's `_int_mm`; on AVX2 CPUs without VNNI every row count on the
+same file's VPMADDWD kernel (oneDNN's products are not exact there); without either or a C++ toolchain, on oneDNN
+over a prepacked copy of the weight (int8_matmul.py). Int4Linear: asymmetric 4-bit by groups (GGUF Q4_0 / Q4_1 blocks as
 stored) on tinylm's int4 x int8 kernel (tinylm/kernels/int4_gemm.cpp: activations quantized per block of 32 as
 llama.cpp's Q8_0, exact int32 sums). Both keep checkpoint-readable names (`qweight`, `scales`, `zeros`, `bias`), and
 both can also return dequantized rows (`lookup`), which is how one quantized copy serves as the embedding and the
