@@ -200,9 +200,18 @@ def _register_fakes() -> None:
     register_autograd()
 
 
+INT8_GEMM_AVX2, INT8_GEMM_VNNI = 2, 3  # int8_gemm_isa()'s answers (0: no path)
+
+
+def int8_gemm_isa() -> int:
+    """Which path tinylm::int8_gemm has here: 0 none (no kernels, or neither ISA), INT8_GEMM_AVX2 (every row count),
+    INT8_GEMM_VNNI (up to 16 rows; more through oneDNN)."""
+    return int(torch.ops.tinylm.int8_gemm_isa()) if available() else 0
+
+
 def int8_gemm_available() -> bool:
     """Whether tinylm::int8_gemm runs here (the kernels are built and the CPU has AVX-512 VNNI, or AVX2)."""
-    return available() and bool(torch.ops.tinylm.int8_gemm_available())
+    return int8_gemm_isa() != 0
 
 
 def bf16_gemm_available() -> bool:

@@ -14,8 +14,7 @@
 //
 // On x86 CPUs without VNNI oneDNN's uint8 x int8 product sums pairs in int16 and saturates (tinylm/quant/
 // int8_matmul.py), and `_int_mm` is exact there but runs at well under 1 GMAC/s: the AVX2 section below takes every
-// row count instead. Where neither path is built the op refuses (int8_gemm_available() is false) and tinylm uses
-// `_int_mm`.
+// row count instead. Where neither path is built the op refuses (int8_gemm_isa() is 0) and tinylm uses `_int_mm`.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -39,11 +38,14 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // activation rows per tile
 
-bool int8_gemm_available() {
-#if defined(TINYLM_VNNI) || defined(TINYLM_INT8_AVX2)
-  return true;
+// Which path this build has: 0 none, 2 AVX2 (every row count), 3 AVX-512 VNNI (up to 16 rows; more on oneDNN)
+int64_t int8_gemm_isa() {
+#if defined(TINYLM_VNNI)
+  return 3;
+#elif defined(TINYLM_INT8_AVX2)
+  return 2;
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -200,7 +202,7 @@ void int8_gemm_avx2(const at::Tensor& x_u8, const at::Tensor& weight, const at::
 
 at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at::Tensor& weight_sums,
                      const at::Tensor& weight_scales) {
-  TORCH_CHECK(int8_gemm_available(), "tinylm::int8_gemm needs AVX-512 VNNI or AVX2");
+  TORCH_CHECK(int8_gemm_isa() != 0, "tinylm::int8_gemm needs AVX-512 VNNI or AVX2");
   TORCH_CHECK(x_u8.dim() == 2 && x_u8.scalar_type() == at::kByte && x_u8.is_contiguous(), "x_u8: contiguous (M, K) uint8");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight: contiguous (N, K) int8");
@@ -240,9 +242,9 @@ at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at:
 
 TORCH_LIBRARY_FRAGMENT(tinylm, m) {
   m.def("int8_gemm(Tensor x_u8, Tensor weight, Tensor weight_sums, Tensor weight_scales) -> Tensor");
-  m.def("int8_gemm_available() -> bool");
+  m.def("int8_gemm_isa() -> int");
 }
 
 TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("int8_gemm", &int8_gemm); }
 
-TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("int8_gemm_available", &int8_gemm_available); }
+TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) { m.impl("int8_gemm_isa", &int8_gemm_isa); }

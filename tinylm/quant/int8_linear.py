@@ -44,6 +44,10 @@ class Int8Linear(QuantLinearBase):
         self.register_buffer("weight_sums", kernel_sums(self.qweight) if activations == "int8" else None,
                              persistent=False)
         self._packed = self._prepack()
+        # One row inside a compiled graph: Inductor's reduction (_reduced_row) streams the weight at memory speed
+        # on AVX-512, but its int8 -> float32 loop on AVX2 ran at ~2 GB/s (W8A8 batch-1 decode 15 tok/s, 0.83x
+        # transformers float32, AVX2 EPYC): there the AVX2 kernel (tinylm/kernels/int8_gemm.cpp) takes it
+        self.one_row_kernel = self.weight_sums is not None and kernels.int8_gemm_isa() == kernels.INT8_GEMM_AVX2
         # weight-only, per channel: tinylm::int8_rows for every row count (int8_rows.cpp: one float32 sequence per
         # output element, so batch invariant; faster than oneDNN's int8-weight product at 1-128 rows here)
         self.use_rows_kernel = (activations == "float" and self.group_size is None and self.in_features % 16 == 0
@@ -73,7 +77,7 @@ class Int8Linear(QuantLinearBase):
     def compiled_int_rows(self) -> bool:
         """True when a compiled batch-1 product is a reduction over integer weight rows (`_reduced_row`: one scale
         per row); the compiled decode step reads it to pick its Inductor settings (tinylm/engine/compiled.py)."""
-        return self.group_size is None and not self.use_rows_kernel
+        return self.group_size is None and not self.use_rows_kernel and not self.one_row_kernel
 
     def options(self) -> dict:
         return {**super().options(), "activations": self.activations}
@@ -164,7 +168,7 @@ class Int8Linear(QuantLinearBase):
         x = flat.float() if self.input_scale is None else flat.float() * self.input_scale  # (M, K), smoothed
         x_scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-10)  # (M, 1)
         xq = (x / x_scale).round().clamp(-127, 127)  # (M, K) integers, in float
-        if torch.compiler.is_compiling() and flat.shape[0] == 1:
+        if torch.compiler.is_compiling() and flat.shape[0] == 1 and not self.one_row_kernel:
             # sums of int products, exact in fp32 while below 2^24 (|q_x q_w| <= 127^2: K up to 1040 at worst)
             y = self._reduced_row(xq, rows)
         elif self.weight_sums is not None and (rows.stop - rows.start) % 16 == 0:
