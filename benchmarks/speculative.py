@@ -70,7 +70,7 @@ def main() -> None:
         rows.append((label, k, value, accepted, same_prefix(LAST["ids"], plain_ids), compile_s))
         reference.append(transformers_run(model, prompt_ids, args.new_tokens).decode_tok_s)
         print(f"  draft {label} k={k}: {value:.1f} tok/s, then transformers bf16 {reference[-1]:.1f}", flush=True)
-        del llm
+        llm = None  # free this engine before the next loads (not `del`: the lambdas above name it)
     base = max(reference)
     lookup = best_of(lambda: transformers_run(model, prompt_ids, args.new_tokens, prompt_lookup_num_tokens=3),
                      args.repeats).decode_tok_s

@@ -8,7 +8,6 @@ import torch
 import transformers
 
 import tinylm
-from tinylm.train.config import config_from_dict
 from tinylm.train.lora import load_adapter
 from tinylm.train.trainer import Trainer
 

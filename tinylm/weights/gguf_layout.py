@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
