@@ -10,8 +10,10 @@ from tinylm import kernels
 pytestmark = pytest.mark.skipif(not kernels.int8_gemm_available(), reason="needs the kernels and AVX-512 VNNI or AVX2")
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])  # a tile, part of one, more (VNNI: oneDNN)
-@pytest.mark.parametrize("shape", [(16, 4), (48, 64), (960, 576)])
+# a tile, part of one, more (VNNI: oneDNN); 100 rows of K = 576: two of the AVX2 path's row chunks (81 rows)
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 100])
+# K = 4 and 36: the AVX2 path's steps of 16 k with a tail of 4 (none, and after 32)
+@pytest.mark.parametrize("shape", [(16, 4), (32, 36), (48, 64), (960, 576)])
 def test_exact_sums_times_scales(rows, shape):
     cols, depth = shape
     torch.manual_seed(rows)
