@@ -25,8 +25,8 @@ from tinylm.engine.ngram import NGRAM
 from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.engine.speculative import check_num_tokens
 from tinylm.errors import ConfigError
-from tinylm.llm_loading import (_check_extra_args, _engine_config, _file_bytes, _load_draft, _resolve_device,
-                                _resolve_dtype, _speculative, _with_tokenizer, native_bf16)
+from tinylm.llm_loading import (build_engine_config, check_extra_args, file_bytes, load_draft, native_bf16,
+                                resolve_device, resolve_dtype, speculative_draft, with_tokenizer)
 from tinylm.loading import load_model
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.outputs import CompletionOutput, Logprob, RequestOutput, StepEvent
@@ -54,7 +54,7 @@ class LLM:
                  draft: LoadedModel | str | None = None, check_finite: bool = True, **kwargs) -> None:
         """vLLM's constructor: `model` is a built-in name, a Hugging Face folder or a .gguf file; dtype "auto"
         (the checkpoint's, bfloat16 for float16 ones on CPU; for GGUF files bfloat16 where the device computes it
-        natively, else float32: see _resolve_dtype), "float32", "bfloat16", "float16" or a torch.dtype; compile
+        natively, else float32: see resolve_dtype), "float32", "bfloat16", "float16" or a torch.dtype; compile
         None (on unless TINYLM_COMPILE=0, tinylm/engine/compile_cache.py), True or False; quantization None or a
         tinylm policy ("int8", "int4", "w8a8", ...); seed seeds torch's
         global generator (requests without their own seed draw from it), as vLLM seeds its workers; device "auto"
@@ -63,25 +63,25 @@ class LLM:
 
         tinylm's own form, `LLM(loaded_model, engine_config=..., draft=...)`, wraps a model already loaded
         (what `tinylm.load` builds)."""
-        _check_extra_args(kwargs)
+        check_extra_args(kwargs)
         if isinstance(model, LoadedModel):
             self._attach(model, tokenizer if isinstance(tokenizer, EngineConfig) else engine_config, draft)
             return
         # Everything checkable without weights is checked before any are read
-        config = engine_config or _engine_config(
+        config = engine_config or build_engine_config(
             compile=compile, batch_invariant=batch_invariant, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             block_size=block_size, kv_cache_dtype=kv_cache_dtype, kv_cache_bytes=kv_cache_memory_bytes)
         if seed is not None:
             torch.manual_seed(seed)
-        device = _resolve_device(device)
+        device = resolve_device(device)
         path = hub.resolve(model)
-        loaded = load_model(path, dtype=_resolve_dtype(dtype, path, device), device=device, quantize=quantization,
+        loaded = load_model(path, dtype=resolve_dtype(dtype, path, device), device=device, quantize=quantization,
                             check_finite=check_finite)
-        loaded = _with_tokenizer(loaded, tokenizer, model, skip_tokenizer_init)
+        loaded = with_tokenizer(loaded, tokenizer, model, skip_tokenizer_init)
         model_context(loaded.model.config.max_position_embeddings, config.max_model_len)
         if speculative_config:
-            draft, config.num_speculative_tokens = _speculative(speculative_config, loaded, dtype, device)
+            draft, config.num_speculative_tokens = speculative_draft(speculative_config, loaded, dtype, device)
         self._attach(loaded, config, draft)
         self.model_name = hub.DEFAULT_MODEL if model is None else str(model)
 
@@ -237,7 +237,7 @@ class LLM:
             "context": self.config.max_position_embeddings,
             "parameters": sum(p.numel() for p in params),
             "bytes": weight_bytes(self.model),  # what the loaded weights (quantized or not) hold in memory
-            "file_bytes": _file_bytes(self.loaded.source),
+            "file_bytes": file_bytes(self.loaded.source),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
         }
@@ -411,13 +411,12 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "aut
     if draft_quantize is not None and (draft is None or draft == NGRAM):
         raise ValueError("draft_quantize quantizes a draft model: give one with draft")
     path = hub.resolve(model)
-    dtype = _resolve_dtype(dtype, path, device)
+    dtype = resolve_dtype(dtype, path, device)
     loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
-    draft_loaded = draft if draft in (None, NGRAM) else _load_draft(loaded, draft, dtype, device, draft_quantize,
-                                                                    check_finite)
-    config = _engine_config(compile=compile, batch_invariant=batch_invariant,
-                            num_speculative_tokens=num_speculative_tokens,
-                            kv_cache_dtype=kv_cache_dtype)
+    draft_loaded = draft if draft in (None, NGRAM) else load_draft(loaded, draft, dtype, device, draft_quantize,
+                                                                   check_finite)
+    config = build_engine_config(compile=compile, batch_invariant=batch_invariant,
+                                 num_speculative_tokens=num_speculative_tokens, kv_cache_dtype=kv_cache_dtype)
     llm = LLM(loaded, engine_config=config, draft=draft_loaded)
     llm.model_name = hub.DEFAULT_MODEL if model is None else str(model)
     return llm

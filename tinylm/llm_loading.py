@@ -38,7 +38,7 @@ _DEFAULT_ONLY = {
 }
 
 
-def _check_extra_args(kwargs: dict) -> None:
+def check_extra_args(kwargs: dict) -> None:
     """Refuse, by name, vLLM arguments tinylm cannot honour and names it does not know."""
     unknown = sorted(name for name in kwargs if name not in _IGNORED_ARGS and name not in _DEFAULT_ONLY)
     if unknown:
@@ -49,13 +49,13 @@ def _check_extra_args(kwargs: dict) -> None:
         raise ValueError(f"tinylm cannot honour {', '.join(refused)}: it runs one model on one device")
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
-def _resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | torch.dtype:
     """vLLM's "auto": the checkpoint's dtype (config.json torch_dtype), bfloat16 for float16 checkpoints on CPU
     (as vLLM's CPU backend); float32 where a folder records none.
 
@@ -85,7 +85,7 @@ def native_bf16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _with_tokenizer(loaded: LoadedModel, tokenizer, model, skip: bool) -> LoadedModel:
+def with_tokenizer(loaded: LoadedModel, tokenizer, model, skip: bool) -> LoadedModel:
     """vLLM's tokenizer argument (a folder holding another tokenizer) and skip_tokenizer_init (token ids only)."""
     if skip:
         return replace(loaded, tokenizer=None)
@@ -99,13 +99,13 @@ def _with_tokenizer(loaded: LoadedModel, tokenizer, model, skip: bool) -> Loaded
     return replace(loaded, tokenizer=Tokenizer.from_folder(folder))
 
 
-def _engine_config(**given) -> EngineConfig:
+def build_engine_config(**given) -> EngineConfig:
     """EngineConfig from the vLLM arguments given (None: tinylm's default)."""
     pool_dtype(given["kv_cache_dtype"], torch.float32)  # a bad name is refused here, with tinylm's message
     return EngineConfig(**{name: value for name, value in given.items() if value is not None})
 
 
-def _speculative(spec: dict, loaded: LoadedModel, dtype, device: str) -> tuple[LoadedModel | str, int]:
+def speculative_draft(spec: dict, loaded: LoadedModel, dtype, device: str) -> tuple[LoadedModel | str, int]:
     """vLLM's speculative_config: {"method": "ngram"} or {"model": draft}, with "num_speculative_tokens"."""
     unknown = sorted(set(spec) - {"method", "model", "num_speculative_tokens"})
     if unknown:
@@ -117,25 +117,26 @@ def _speculative(spec: dict, loaded: LoadedModel, dtype, device: str) -> tuple[L
     if spec.get("method") not in (None, "draft_model") or "model" not in spec:
         raise ValueError("speculative_config needs {'method': 'ngram'} or {'model': DRAFT}")
     draft_path = hub.resolve(spec["model"])
-    return _load_draft(loaded, spec["model"], _resolve_dtype(dtype, draft_path, device), device, None), count
+    return load_draft(loaded, spec["model"], resolve_dtype(dtype, draft_path, device), device, None), count
 
 
-def _file_bytes(source) -> int:
+def file_bytes(source) -> int:
+    """The size of a checkpoint: its file, or the files directly in its folder."""
     if source.is_dir():
         return sum(p.stat().st_size for p in source.iterdir() if p.is_file())
     return source.stat().st_size
 
 
-def _load_draft(loaded: LoadedModel, draft: str | os.PathLike, dtype, device: str,
-                draft_quantize: str | None, check_finite: bool = True) -> LoadedModel:
+def load_draft(loaded: LoadedModel, draft: str | os.PathLike, dtype, device: str,
+               draft_quantize: str | None, check_finite: bool = True) -> LoadedModel:
     draft_loaded = load_model(hub.resolve(draft), dtype=dtype, device=device, quantize=draft_quantize,
                               check_finite=check_finite)
     check_draft(loaded.model.config, draft_loaded.model.config)
-    _check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
+    check_same_tokens(loaded.tokenizer, draft_loaded.tokenizer)
     return draft_loaded
 
 
-def _check_same_tokens(target, draft) -> None:
+def check_same_tokens(target, draft) -> None:
     """A draft with another tokenizer of the same size would be accepted token id by token id, meaninglessly."""
     if target is not None and draft is not None and target.backend.get_vocab() != draft.backend.get_vocab():
         raise ConfigError("the draft model's tokenizer differs from the model's; speculative decoding needs one "

@@ -201,12 +201,12 @@ def test_bad_drafts_are_refused(paths, target):
 def test_a_draft_with_another_tokenizer_is_refused(paths, smollm2_gguf):
     """The default model's vocabulary is 49152 tokens, the tiny models' 512: resized to match, the ids would still
     mean other tokens."""
-    from tinylm.llm_loading import _check_same_tokens
+    from tinylm.llm_loading import check_same_tokens
 
     target, other = tinylm.load(paths["target"]), tinylm.load(smollm2_gguf)
     with pytest.raises(ConfigError, match="tokenizer"):
-        _check_same_tokens(target.tokenizer, other.tokenizer)
-    _check_same_tokens(target.tokenizer, tinylm.load(paths["other"]).tokenizer)  # the same tokenizer: accepted
+        check_same_tokens(target.tokenizer, other.tokenizer)
+    check_same_tokens(target.tokenizer, tinylm.load(paths["other"]).tokenizer)  # the same tokenizer: accepted
 
 
 def _counts(draws, size):
