@@ -11,7 +11,8 @@ DeltaNet's recurrence token by token, `deltanet_mix.cpp` its whole token mixing 
 mixture-of-experts block's routed experts (batch-invariant inference), `int8_rows.cpp` weight-only int8 products
 (the int4 policy's output head). The sources are compiled with torch's cpp_extension (the C++ compiler
 torch.compile needs anyway, and the `ninja` package) into ~/.cache/torch_extensions, once per source and CPU
-(`-march=native`: ~20 s, then loaded in about a second); if that is impossible, `available()` says False, warns once, and callers keep their PyTorch formulation.
+(`-march=native`: ~20 s, then loaded in about a second); if that is impossible, `available()` says False, warns
+once, and callers keep their PyTorch formulation.
 
     tinylm.kernels.available()  -> True once torch.ops.tinylm.paged_attention exists
 """
