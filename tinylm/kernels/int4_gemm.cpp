@@ -278,6 +278,9 @@ void tile_avx2(const Problem& p, int64_t tile, int64_t row0) {
               sums[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(l0, xl), _mm256_maddubs_epi16(h0, xh)));
           sums[r][1] = _mm256_add_epi16(
               sums[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(l1, xl), _mm256_maddubs_epi16(h1, xh)));
+          // an empty asm per line: GCC otherwise hoists a block's 16-32 products ahead of their sums and spills
+          // them to the stack (integer sums: the order changes nothing)
+          asm("" : "+x"(sums[r][0]), "+x"(sums[r][1]));
         }
       }
       for (int half = 0; half < 2; ++half) {
