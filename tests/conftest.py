@@ -19,7 +19,7 @@ from tinylm.tokenizer import Tokenizer
 # tests/engine/test_compile_cache.py runs the default-on path in processes of its own.
 os.environ["TINYLM_COMPILE"] = "0"
 
-# Under pytest-xdist (README's test command: two workers, one per core) each worker and the commands it starts
+# Under pytest-xdist (README's test command: one worker per core) each worker and the commands it starts
 # run one torch thread: more threads than cores spin against each other (see one_thread below).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
