@@ -21,9 +21,14 @@ os.environ["TINYLM_COMPILE"] = "0"
 
 # Under pytest-xdist (README's test command: one worker per core) each worker and the commands it starts
 # run one torch thread: more threads than cores spin against each other (see one_thread below).
+# Inductor compiles in the worker's own process (no pool of compile processes per worker).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     torch.set_num_threads(1)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1  # in case Inductor's config was read before the variable was set
 
 
 @pytest.fixture(scope="session")

@@ -230,6 +230,7 @@ def test_compiled_decode_equals_eager_prefill(load_tiny, arch, quantize, dtype):
     alone = _alone(llm.engine, prompts)
     assert llm.engine.runner.compiled is not None and not llm.engine.runner.compiled.failed
     assert _together(llm.engine, prompts) == alone
+    assert not llm.engine.runner.compiled.failed  # the batched graph compiled too (a fallback is eager == eager)
     assert _scored(llm, prompts, alone) == _decoded_logprobs(alone)
     if quantize is None:
         assert _forward_logprobs(llm, prompts, alone) == _decoded_logprobs(alone)

@@ -110,8 +110,7 @@ class CompiledDecode:
             return self._first_call(batched, inputs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             self.failed = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                          "decoding eagerly", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"torch.compile failed ({_root_cause(exc)}); decoding eagerly", RuntimeWarning, stacklevel=2)
             return None
 
     def _first_call(self, batched: bool, inputs: tuple) -> torch.Tensor:
@@ -220,6 +219,15 @@ class _KernelSources(CustomGraphPass):
 # graph took 9.8-13 s instead of 38.6 s (2 cores under load; quiet figures in BENCHMARKS.md, Start-up). Off: the
 # issue's 10 s warm start. `python benchmarks/startup.py --freezing-ab` measures the decode cost both ways.
 FREEZE_WEIGHTS = False
+
+
+def _root_cause(exc: BaseException) -> str:
+    """'Type: first line' of the innermost exception: Dynamo's BackendCompilerFailed says only "backend='inductor'
+    raised:" on its first line, the compiler's own error is its cause."""
+    while getattr(exc, "inner_exception", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _inductor_options(model) -> dict:
