@@ -39,7 +39,7 @@ SOURCES = [Path(__file__).with_name(name)
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
            for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h", "delta_rule.h",
-                         "invariant_vec.h", "fp_contract_off.h")]
+                         "invariant_vec.h", "fp_contract_off.h", "avx2_int.h")]
 _STATE: dict[str, bool] = {}
 
 

@@ -39,6 +39,7 @@
 #define TINYLM_INT4_VNNI 1
 #endif
 
+#include "avx2_int.h"
 #include "fp_contract_off.h"
 
 namespace {
@@ -143,10 +144,7 @@ inline float quantize_block_avx2(const float* src, int8_t* dst, int32_t* sum_out
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                       _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  *sum_out = _mm_cvtsi128_si32(s);
+  *sum_out = hsum_epi32(sum);
   return d;
 }
 

@@ -26,6 +26,8 @@
 #include <cstring>
 #include <vector>
 
+#include "avx2_int.h"
+
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define TINYLM_VNNI 1
@@ -129,13 +131,6 @@ constexpr int64_t kActRows = 3;     // activation rows per tile
 constexpr int64_t kWeightRows = 4;  // weight rows per tile
 constexpr int64_t kBlockRows = 16;  // weight rows per parallel work item (the op's N is a multiple of 16)
 
-inline int32_t hsum(__m256i v) {  // the 8 int32 lanes' sum (integers: any order)
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-}
-
 inline __m256i widen(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -160,7 +155,7 @@ void tile_avx2(const int16_t* x16, const int8_t* w, const float* scales, int64_t
   }
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
-      int32_t dot = hsum(acc[r][c]);
+      int32_t dot = hsum_epi32(acc[r][c]);
       for (int64_t o = body; o < k; ++o) dot += int32_t(x16[(i0 + r) * k + o]) * int32_t(w[(n0 + c) * k + o]);
       out[(i0 + r) * n + n0 + c] = static_cast<float>(dot) * scales[n0 + c];
     }
@@ -216,7 +211,7 @@ at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at:
   at::Tensor result = at::empty({m, n}, x_u8.options().dtype(at::kFloat));
   if (m > 0 && n > 0) int8_gemm_avx2(x_u8, weight, weight_scales, result);
   return result;
-#endif
+#else
   if (m > kLanes) {
     // More rows than one tile (prefill): oneDNN's kernel, which reorders the weight per call, is faster there
     // (1.7-2x at 24-512 rows: it reuses each loaded weight vector across rows; this kernel reloads per row).
@@ -236,6 +231,7 @@ at::Tensor int8_gemm(const at::Tensor& x_u8, const at::Tensor& weight, const at:
   });
 #endif
   return out;
+#endif
 }
 
 }  // namespace
