@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "tinylm"
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["tinylm.errors", "tinylm.config", "tinylm.config_next", "tinylm.config_qed", "tinylm.sampling_params",
               "tinylm.chat_template", "tinylm.template_budget", "tinylm.template_guard", "tinylm.tokenizer",
-              "tinylm.reasoning", "tinylm.tool_calls"]),
+              "tinylm.detokenize", "tinylm.reasoning", "tinylm.tool_calls"]),
     # (base: no model code; weights and engine read tokenizers)
     ("kernels", ["tinylm.kernels"]),
     ("model", ["tinylm.model"]),

@@ -1,4 +1,4 @@
-"""tinylm.tokenizer.IncrementalDecoder: streamed text equals a full decode, characters split over byte tokens are
+"""tinylm.detokenize.IncrementalDecoder: streamed text equals a full decode, characters split over byte tokens are
 held back until complete, and the work per token stays constant."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from tests.tokenizer_helpers import FAMILIES, TEXTS, USER_CHAT
-from tinylm.tokenizer import IncrementalDecoder, Tokenizer
+from tinylm.detokenize import IncrementalDecoder
+from tinylm.tokenizer import Tokenizer
 
 pytest.importorskip("transformers")  # the pairs fixture compares against transformers
 

@@ -266,61 +266,6 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, {self.special_tokens_map}, templates={sorted(self.templates)})"
 
 
-class IncrementalDecoder:
-    """Streaming detokenizer: push token ids one at a time, get back only new, complete text.
-
-    The prefix-offset technique of TGI and vLLM (`detokenize_incrementally`): decode a short window that starts a
-    few tokens back, and emit what the newest tokens add to it. Decoding a window rather than single tokens keeps
-    SentencePiece's "▁" spaces and the decoder's start-of-text stripping right, and costs O(1) per token. Text that
-    ends in U+FFFD is an incomplete UTF-8 character (byte-fallback or byte-level tokens) and is held back. Special
-    tokens that decode() would skip never enter the window: they add no text, and a run of them (padding, repeated
-    EOS) would otherwise widen it without bound.
-    """
-
-    _CONTEXT = 5  # prompt tokens decoded before the first new one, as vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
-        # The window: only its tail is ever decoded again
-        self._ids = [i for i in map(int, prompt_ids) if i not in self._skipped][-self._CONTEXT:]
-        self._prefix = 0  # window[_prefix:_read] is text already emitted, decoded again for context
-        self._read = len(self._ids)  # window[_read:] is not emitted yet
-        self._chunks: list[str] = []
-
-    def push(self, token_id: int) -> str:
-        if int(token_id) in self._skipped:
-            return ""
-        self._ids.append(int(token_id))
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""  # nothing new yet, or a character still missing some of its bytes
-        return self._emit(new_text[len(prefix_text):])
-
-    def flush(self) -> str:
-        """Whatever is still held back (a character that never completed) at the end of the stream."""
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        return self._emit(new_text[len(prefix_text):]) if len(new_text) > len(prefix_text) else ""
-
-    def _emit(self, text: str) -> str:
-        # The emitted tokens become the next window's context; older tokens are dropped so memory stays bounded
-        self._ids = self._ids[self._read:]
-        self._prefix, self._read = 0, len(self._ids)
-        self._chunks.append(text)
-        return text
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far."""
-        return "".join(self._chunks)
-
-
 def _check_request_variables(variables: Mapping) -> None:
     refused = [name for name in variables if name not in REQUEST_TEMPLATE_KWARGS]
     if refused:

@@ -17,7 +17,7 @@ class StopChecker:
     def __init__(self, tokenizer, params: SamplingParams, stop_token_ids: set[int]) -> None:
         self.decoder = _NoText()
         if tokenizer is not None:  # token-id prompts to a model without a tokenizer produce ids only
-            from tinylm.tokenizer import IncrementalDecoder
+            from tinylm.detokenize import IncrementalDecoder
 
             self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.stop_strings = params.stop
