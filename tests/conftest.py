@@ -29,6 +29,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1  # in case Inductor's config was read before the variable was set
+    # Each worker compiles into its own Inductor cache folder: two workers writing the same entry of a shared
+    # folder raced (g++ failed on a half-written file and a compiled-decode test fell back to eager).
+    from tinylm.engine import compile_cache
+
+    _worker_cache = hub.cache_dir() / "compiled" / f"{compile_cache.cache_key()}-{os.environ['PYTEST_XDIST_WORKER']}"
+    _worker_cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_worker_cache)
 
 
 @pytest.fixture(scope="session")
