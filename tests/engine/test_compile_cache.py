@@ -165,3 +165,13 @@ def test_switch_turns_the_default_off(monkeypatch):
     monkeypatch.setenv("TINYLM_COMPILE", "1")
     assert EngineConfig().compile is True
     assert EngineConfig(compile=False).compile is False
+
+
+def test_cache_folder_changes_with_the_kernel_sources(monkeypatch):
+    from tinylm import kernels
+    from tinylm.engine import compile_cache
+
+    monkeypatch.setattr(kernels, "version", lambda: "tinylm_kernels_0123456789ab")
+    before = compile_cache.cache_key()
+    monkeypatch.setattr(kernels, "version", lambda: "tinylm_kernels_ba9876543210")
+    assert compile_cache.cache_key() != before and before.endswith("0123456789ab")

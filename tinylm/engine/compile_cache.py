@@ -56,7 +56,8 @@ def missing_compiler() -> str:
 def cache_key() -> str:
     """The sub-folder of this torch, CPU and kernel sources: artifacts of any other combination are never read."""
     cpu = torch.backends.cpu.get_cpu_capability()
-    return f"torch-{torch.__version__}-{cpu}-kernels-{kernels.version()[:12]}".replace("+", "_")
+    sources = kernels.version().rsplit("_", 1)[-1]  # tinylm_kernels_<hash of the sources, CPU and torch>
+    return f"torch-{torch.__version__}-{cpu}-kernels-{sources}".replace("+", "_")
 
 
 def use_cache_dir() -> Path:
