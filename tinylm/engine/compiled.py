@@ -74,8 +74,8 @@ class CompiledDecode:
         # call (Inductor's debug asserts: ~250 checks, 0.25 ms per batch-1 step).
         # The compiled step's wrapper is C++ (cpp_wrapper), not Python: a decode step makes ~300 calls (Inductor's
         # fused loops and tinylm's kernels) and ~450 tensor views, ~0.7 ms of Python per step by cProfile (the w8a8
-        # batch-16 step is ~8 ms). Measured gain is smaller (`tinylm bench --variant`, 2-core EPYC): batch 16 w8a8 +0.5-3%
-        # (two A/Bs, 13 of 14 pairs), batch 1 bf16 within the VM's noise.
+        # batch-16 step is ~8 ms). Measured gain is smaller (`tinylm bench --variant`, 2-core EPYC): batch 16 w8a8
+        # +0.5-3% (two A/Bs, 13 of 14 pairs), batch 1 bf16 within the VM's noise.
         # The wrapper (~5,000 lines of C++ for a 30-layer model: one call per op) is built apart from the fused
         # loops and at -O2: in one file at -O3, g++ took 50 s of the built-in model's 100 s first compile on an AVX2
         # EPYC (int4: 125 s -> 51 s of warm-up); the loops, where the time is spent, stay at -O3.
