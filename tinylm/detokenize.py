@@ -26,32 +26,35 @@ class IncrementalDecoder:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
-        # The window: only its tail is ever decoded again
+        # The window: window[:_read] is text already emitted (decoded again for context), window[_read:] is not yet
         self._ids = [i for i in map(int, prompt_ids) if i not in self._skipped][-self._CONTEXT:]
-        self._prefix = 0  # window[_prefix:_read] is text already emitted, decoded again for context
-        self._read = len(self._ids)  # window[_read:] is not emitted yet
+        self._read = len(self._ids)
         self._chunks: list[str] = []
 
     def push(self, token_id: int) -> str:
         if int(token_id) in self._skipped:
             return ""
         self._ids.append(int(token_id))
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        added = self._added_text()
+        if not added or added.endswith("\ufffd"):
             return ""  # nothing new yet, or a character still missing some of its bytes
-        return self._emit(new_text[len(prefix_text):])
+        return self._emit(added)
 
     def flush(self) -> str:
         """Whatever is still held back (a character that never completed) at the end of the stream."""
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        return self._emit(new_text[len(prefix_text):]) if len(new_text) > len(prefix_text) else ""
+        added = self._added_text()
+        return self._emit(added) if added else ""
+
+    def _added_text(self) -> str:
+        """What the tokens not yet emitted add to the window's text ("" when they add nothing)."""
+        emitted = self._decode(self._ids[:self._read])
+        whole = self._decode(self._ids)
+        return whole[len(emitted):] if len(whole) > len(emitted) else ""
 
     def _emit(self, text: str) -> str:
         # The emitted tokens become the next window's context; older tokens are dropped so memory stays bounded
         self._ids = self._ids[self._read:]
-        self._prefix, self._read = 0, len(self._ids)
+        self._read = len(self._ids)
         self._chunks.append(text)
         return text
 
