@@ -1,7 +1,8 @@
-"""Compiled decode graphs are cached on disk (tinylm/engine/compile_cache.py): a second process loads them instead of
-compiling (counted by Inductor's and AOTAutograd's cache counters, not timed), a corrupt entry is rebuilt, an entry
-compiled against other kernel sources is not reused, and without a C++ compiler the engine warns once and decodes
-eagerly.
+"""Compiled decode steps are saved on disk (tinylm/engine/saved_steps.py, compile_cache.py): a second process loads
+them whole instead of tracing and compiling (counted by Dynamo's, Inductor's and AOTAutograd's counters and the
+engine's own, not timed), a corrupt entry is rebuilt, an entry compiled against other kernel sources is not reused,
+a step's key changes with what the trace fixed (the model's structure, the pool) and not with the weights, and
+without a C++ compiler the engine warns once and decodes eagerly.
 
 Three processes in all (the fewest that show it: a graph loaded once stays loaded in its process, so a second
 process is the only honest reader of the cache, and a corrupt file is noticed only by a process that has not loaded
@@ -48,8 +49,9 @@ def decode(llm, prompts):
 def both(llm):
     return decode(llm, PROMPTS[:1]) + ([] if mode == "corrupt" else decode(llm, PROMPTS))
 
-def lookups():  # graphs compiled (misses) and loaded (hits) by Inductor and by AOTAutograd so far
-    return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],
+def lookups():  # graphs traced by Dynamo, compiled (misses) and loaded (hits) by Inductor and AOTAutograd so far
+    return {"traced": counters["stats"]["unique_graphs"], "hits": counters["inductor"]["fxgraph_cache_hit"],
+            "misses": counters["inductor"]["fxgraph_cache_miss"],
             "aot_hits": counters["aot_autograd"]["autograd_cache_hit"],
             "aot_misses": counters["aot_autograd"]["autograd_cache_miss"]}
 
@@ -64,13 +66,14 @@ if mode == "cold":
     step._building.join()
     report["while_building"]["after_join"] = llm.engine.compiling  # what /metrics' compile_in_progress reads
 report.update(tokens=both(llm), compiled=not step.failed, rebuilt=step.rebuilt, graphs=sorted(step._traced),
-              **lookups())
+              loaded=step.loaded, **lookups())
 if mode == "cold":
     compiled._KernelSources.uuid = lambda self: "other kernel sources"
     stale = tinylm.load(sys.argv[1])
     stale_tokens = decode(stale, PROMPTS[:1])
     after = lookups()
     report["stale"] = {"compiled": not stale.engine.runner.compiled.failed, "tokens": stale_tokens,
+                       "loaded": stale.engine.runner.compiled.loaded,
                        **{k: after[k] - report[k] for k in after}}
 print(json.dumps(report))
 """
@@ -102,18 +105,21 @@ def warm_cache(model_dir, tmp_path_factory) -> tuple[Path, dict]:
     """A cache folder one process has compiled into, and that process's report."""
     cache = tmp_path_factory.mktemp("tinylm-cache")
     first = _process(model_dir, cache, "cold")
-    assert first["misses"] >= 2 and first["hits"] == 0 and first["aot_misses"] >= 2  # compiled from scratch
+    assert first["traced"] >= 2 and first["aot_misses"] >= 2 and first["loaded"] == 0  # compiled from scratch
     assert first["graphs"] == [False, True]  # batch 1 and batched, both through their graphs
-    assert list(cache.glob("compiled/*/fxgraph"))  # in tinylm's cache folder, not /tmp/torchinductor_$USER
+    # saved in tinylm's cache folder, not /tmp/torchinductor_$USER: one file per step (batch 1 twice: once more
+    # against the other kernel sources at the end)
+    assert len(list(cache.glob("compiled/*/tinylm-steps/*-batch1-*.bin"))) == 2
+    assert len(list(cache.glob("compiled/*/tinylm-steps/*-batched-*.bin"))) == 1
     return cache, first
 
 
 def test_second_process_reuses_the_compiled_graphs(model_dir, warm_cache):
     cache, first = warm_cache
     second = _process(model_dir, cache, "warm")
-    # nothing recompiled, nothing traced by AOTAutograd again: every graph the first process compiled is loaded
-    assert second["misses"] == 0 and second["hits"] == first["misses"]
-    assert second["aot_misses"] == 0 and second["aot_hits"] == first["aot_misses"]
+    # both steps loaded whole: nothing traced by Dynamo or AOTAutograd again, nothing recompiled
+    assert second["loaded"] == 2 and second["traced"] == 0
+    assert second["misses"] == 0 and second["aot_misses"] == 0
     assert second["tokens"] == first["tokens"]
 
 
@@ -128,18 +134,20 @@ def test_server_warmup_builds_the_batched_graph_while_decoding_eagerly(warm_cach
 def test_corrupt_cache_entry_is_rebuilt(model_dir, warm_cache, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(warm_cache[0], cache)
-    shared_objects = list(cache.rglob("*.so"))
-    assert shared_objects
-    for path in shared_objects:  # a disk that filled up mid-write, a crash: files that no longer load
+    damaged = list(cache.rglob("*.so")) + list(cache.rglob("*.bin"))
+    assert damaged
+    for path in damaged:  # a disk that filled up mid-write, a crash: files that no longer load
         path.write_bytes(b"not a shared object")
     report = _process(model_dir, cache, "warm")  # still compiled, still the eager tokens (checked in _process)
-    assert report["rebuilt"] == 1 and report["misses"] >= 1  # detected: the cache emptied and the graph compiled
-    assert not any(path.read_bytes() == b"not a shared object" for path in cache.rglob("*.so"))  # none left
+    assert report["rebuilt"] == 1 and report["traced"] >= 1  # detected: the cache emptied and the step compiled
+    assert report["loaded"] == 0
+    left = list(cache.rglob("*.so")) + list(cache.rglob("*.bin"))
+    assert left and not any(path.read_bytes() == b"not a shared object" for path in left)  # none left
 
 
 def test_entry_of_other_kernel_sources_is_not_reused(warm_cache):
     stale = warm_cache[1]["stale"]  # the first process again, its kernels' version changed after it compiled
-    assert stale["compiled"] and stale["hits"] == 0 and stale["misses"] >= 1 and stale["aot_hits"] == 0
+    assert stale["compiled"] and stale["loaded"] == 0 and stale["traced"] >= 1 and stale["aot_hits"] == 0
     assert stale["tokens"] == warm_cache[1]["eager"][:1]
 
 
@@ -175,3 +183,27 @@ def test_cache_folder_changes_with_the_kernel_sources(monkeypatch):
     before = compile_cache.cache_key()
     monkeypatch.setattr(kernels, "version", lambda: "tinylm_kernels_ba9876543210")
     assert compile_cache.cache_key() != before and before.endswith("0123456789ab")
+
+
+def test_saved_step_key_follows_the_structure_not_the_weights(model_dir):
+    """A saved step fixes the model's structure and the pool's shape (its file name hashes them): another checkpoint
+    of the same architecture reuses it; another dtype, pool size or switch is compiled anew."""
+    from tinylm.engine import saved_steps
+    from tinylm.engine.kv_pool import KVPool
+
+    def key(model, blocks=8, **flags):
+        pool = KVPool(model.config, blocks, 16, 4, torch.float32, "cpu")
+        return saved_steps.fingerprint(model, pool, {"attention_kernel": True, **flags})
+
+    model = tinylm.load(model_dir, compile=False).model
+    base = key(model)
+    assert key(model) == base
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # other weights, same architecture
+    assert key(model) == base
+    assert key(model, blocks=9) != base  # the pool's size is fixed in the graph
+    assert key(model, attention_kernel=False) != base
+    assert key(model.to(torch.bfloat16)) != base
+    model.config.rms_norm_eps = model.config.rms_norm_eps * 2  # a constant the trace reads
+    assert key(model.float()) != base

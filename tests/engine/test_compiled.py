@@ -119,11 +119,12 @@ def test_warmup_compiles_every_graph_before_requests(tiny_dir):
     engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
     torch._dynamo.reset()
     engine.warmup()
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 2  # batch 1 and batched
+    compiled = engine.runner.compiled
+    assert compiled._traced == {False, True} and not compiled.failed  # batch 1 and batched (compiled or loaded)
+    graphs, loaded = counters["stats"]["unique_graphs"], compiled.loaded
     outputs = _run(engine, [llm.encode(t) for t in TEXTS])  # batch 4, then 3, 2, 1 as rows finish; growing S
     assert all(len(tokens) == GREEDY.max_tokens for tokens in outputs)
-    assert counters["stats"]["unique_graphs"] == graphs  # no request paid for a compile
+    assert counters["stats"]["unique_graphs"] == graphs and compiled.loaded == loaded  # no request paid for one
 
 
 def test_float_weights_are_frozen_into_the_graphs_when_asked(tiny_dir, monkeypatch):
@@ -153,11 +154,38 @@ def test_float_weights_are_frozen_into_the_graphs_when_asked(tiny_dir, monkeypat
     assert torch._inductor.config.freezing is False  # the process-wide flag is left as it was
 
 
-def test_each_engine_keeps_its_own_graphs(tiny_dir):
-    """Graphs are cached per engine: a second model compiled in the same process neither counts against the
-    first one's recompile limit nor makes it recompile."""
+def test_each_engine_keeps_its_own_graphs(tiny_dir, tmp_path, monkeypatch):
+    """Steps traced in the process (those that cannot be saved whole) are cached per engine: a second model
+    compiled in the same process neither counts against the first one's recompile limit nor makes it recompile."""
+    from tinylm.engine import saved_steps
+
+    def not_saveable(*args):
+        raise saved_steps.NotSaveable("as if the step had a graph break")
+
+    monkeypatch.setattr(saved_steps, "path", lambda graph, key: tmp_path / f"{graph}.bin")  # none saved there
+    monkeypatch.setattr(saved_steps, "compile", not_saveable)
     with torch._dynamo.config.patch(recompile_limit=2):  # exactly one engine's two graphs
         _compile_two_engines(tiny_dir)
+
+
+def test_a_saved_step_serves_another_checkpoint_of_the_same_shape(tiny_folder, tmp_path, monkeypatch):
+    """A saved step holds no weights: the engine that loads it decodes its own model's tokens (another seed's
+    checkpoint of the same architecture), equal to that model's eager tokens."""
+    from tinylm.engine import saved_steps
+
+    folder = tmp_path / "steps"
+    monkeypatch.setattr(saved_steps, "path", lambda graph, key: folder / f"{graph}-{key[:24]}.bin")
+    tokens = []
+    for seed, loaded in ((3, 0), (4, 2)):  # the first compiles and saves both steps, the second loads them
+        llm = tinylm.load(tiny_folder("qwen3", seed))
+        engine = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=True))
+        engine.warmup()
+        assert engine.runner.compiled.loaded == loaded and not engine.runner.compiled.failed
+        prompts = [llm.encode(t) for t in TEXTS]
+        eager = LLMEngine(llm.model, llm.tokenizer, llm.eos_token_ids, EngineConfig(compile=False))
+        tokens.append(_run(engine, prompts))
+        assert tokens[-1] == _run(eager, prompts)
+    assert tokens[0] != tokens[1]  # two different models
 
 
 def _compile_two_engines(tiny_dir) -> None:

@@ -16,32 +16,48 @@ graph (PyTorch specializes sizes 0 and 1) and larger batches another, which alwa
 Prefill stays eager: it is matmul-bound, where compiling buys little and costs a graph per prompt shape.
 
 If compiling fails (no C++ compiler, an op Inductor cannot lower), the engine warns once and decodes eagerly.
-Compiled graphs are cached on disk and reused by the next process (tinylm/engine/compile_cache.py: what is reused,
-where, and how a corrupt entry is rebuilt); a graph is compiled when first needed (batch 1 by the first decode
-step, the batched one by the first step of two rows), or by warmup(). A server answers once the batch-1 graph is
-ready: warmup(background=True) builds the batched one on a passing thread while batched steps decode eagerly.
+Each compiled step is saved whole and loaded by the next process in about a second, without tracing the model again
+(tinylm/engine/saved_steps.py; compile_cache.py: where, and how a corrupt entry is rebuilt); a graph is compiled
+when first needed (batch 1 by the first decode step, the batched one by the first step of two rows), or by warmup().
+A server answers once the batch-1 graph is ready: warmup(background=True) builds the batched one on a passing thread
+while batched steps decode eagerly. A one-token context (a one-token prompt's prefill step) decodes eagerly: PyTorch
+specializes size 1, so it would need a third graph.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 import types
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch._inductor.inductor_prims  # noqa: F401 - registers prims.inductor_force_stride_order (attention.py)
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from tinylm import kernels
-from tinylm.engine import compile_cache
+from tinylm.engine import compile_cache, saved_steps
 from tinylm.engine.kv_pool import KVPool, PagedBatch
 from tinylm.model.deltanet import GatedDeltaNet
 from tinylm.model.moe import SparseMoE, plain_linear
 
 log = logging.getLogger(__name__)
+
+
+def _marked(inputs: tuple, batched: bool) -> tuple:
+    """The step's inputs with their batch and context sizes marked dynamic for a trace (one graph for all sizes)."""
+    ids, positions, valid, write_slots, gather_slots, state_rows = inputs
+    torch._dynamo.mark_dynamic(gather_slots, 1)
+    if batched:  # size 1 is always its own graph
+        for tensor in (ids, positions, write_slots, gather_slots, valid, state_rows):
+            if tensor is not None:
+                torch._dynamo.mark_dynamic(tensor, 0)
+        torch._dynamo.mark_dynamic(valid, 1)
+    return inputs
 
 
 def can_compile(model) -> tuple[bool, str]:
@@ -64,9 +80,9 @@ class CompiledDecode:
         self.model = model
         self.pool = pool
         self.failed = False
-        self.attention_kernel = kernels.available()  # paged one-query attention in C++ (else Inductor's loops)
-        self.batch_invariant = getattr(model, "batch_invariant", False)  # use_batch_invariant ran on it
-        # Only the batch and context sizes are marked dynamic (in __call__): dynamic=True would also make every
+        self._context = StepContext(model, pool, attention_kernel=kernels.available(),
+                                    batch_invariant=getattr(model, "batch_invariant", False))
+        # Only the batch and context sizes are marked dynamic (_marked): dynamic=True would also make every
         # weight and pool dimension symbolic, and equal sizes would be unified with them (duck sizing).
         # No guards on the model's modules and parameters: checking them cost ~1 ms per step (a quantized model
         # has more attributes), and this engine's model is never changed once it decodes. Inputs, sizes and the
@@ -83,62 +99,105 @@ class CompiledDecode:
                    "size_asserts": False, "alignment_asserts": False, "cpp_wrapper": True,
                    "cpp_wrapper_build_separate": True, "aot_inductor.compile_wrapper_opt_level": "O2",
                    "post_grad_custom_post_pass": _KernelSources()}
-        self._compiled = torch.compile(types.MethodType(_own_code(CompiledDecode._step), self), options=options)
+        # Each graph is compiled ahead of time and saved whole (tinylm/engine/saved_steps.py): a later process loads
+        # it without tracing the model again. Where a step cannot be saved, it is traced in every process instead.
+        saveable = {**options, "guard_filter_fn": saved_steps.serializable_guards(_keep_guard)}
+        self._fullgraph = torch.compile(_own_code(decode_step), fullgraph=True, options=saveable)
+        self._compiled = torch.compile(_own_code(decode_step), options=options)
         # Freezing must also be on while dynamo traces (it decides then whether weights become graph attributes);
         # the options above reach only Inductor. Set around the calls that trace: the first of each graph.
         self._freeze = options.get("freezing", False)
-        self._traced: set[bool] = set()  # batched? for each graph traced so far
+        self._options = options
+        self._steps: dict[bool, Callable] = {}  # batched? -> its compiled step (saved or traced), once built
         self._building: threading.Thread | None = None  # builds the batched graph while batched steps run eagerly
         self.rebuilt = 0  # compiles retried from an emptied cache (an entry there no longer loaded)
+        self.loaded = 0  # steps loaded from disk whole (no trace, no compile)
         compile_cache.use_cache_dir()
         self.hybrid = _reserve_states(model, pool)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
                  write_slots: torch.Tensor, gather_slots: torch.Tensor,
                  state_rows: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Logits, or None when compiling failed (the caller runs the eager path, now and from then on).
-        state_rows (B,): each row's DeltaNet state slot, for hybrid models (None otherwise)."""
-        if self.failed or (ids.shape[0] > 1 and self._building_batched()):
-            return None
-        torch._dynamo.mark_dynamic(gather_slots, 1)
-        if ids.shape[0] > 1:  # size 1 is always its own graph
-            for tensor in (ids, positions, write_slots, gather_slots, valid, state_rows):
-                if tensor is not None:
-                    torch._dynamo.mark_dynamic(tensor, 0)
-            torch._dynamo.mark_dynamic(valid, 1)
+        """Logits, or None for an eager step: compiling failed (the caller runs the eager path, now and from then on),
+        the context is one token, or the batched graph is still being built. state_rows (B,): each row's DeltaNet state
+        slot, for hybrid models (None otherwise)."""
+        if self.failed or gather_slots.shape[1] < 2 or (ids.shape[0] > 1 and self._building_batched()):
+            return None  # a one-token context (a one-token prompt's prefill) would need a graph of its own: eager
         inputs = (ids, positions, valid, write_slots, gather_slots, state_rows)
         batched = ids.shape[0] > 1
         try:
-            if batched in self._traced:
-                return self._compiled(*inputs)
+            step = self._steps.get(batched)
+            if step is not None:
+                return step(*inputs)
             return self._first_call(batched, inputs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
             self.failed = True
             warnings.warn(f"torch.compile failed ({_root_cause(exc)}); decoding eagerly", RuntimeWarning, stacklevel=2)
             return None
 
+    @property
+    def attention_kernel(self) -> bool:
+        """Whether the step reads the pool through tinylm's C++ attention kernel (else Inductor's loops)."""
+        return self._context.attention_kernel
+
+    @attention_kernel.setter
+    def attention_kernel(self, value: bool) -> None:  # before the first step only: a built step keeps its choice
+        self._context.attention_kernel = value
+
+    def _flags(self) -> dict:
+        """What a saved step's file name hashes besides the model and the pool (saved_steps.fingerprint)."""
+        return {"options": self._options, "kernel_sources": _KernelSources().uuid(),
+                "attention_kernel": self._context.attention_kernel, "batch_invariant": self._context.batch_invariant}
+
+    @property
+    def _traced(self) -> set[bool]:
+        """batched? for each graph built so far."""
+        return set(self._steps)
+
     def _first_call(self, batched: bool, inputs: tuple) -> torch.Tensor:
-        """Compile a graph (or load it from the on-disk cache) and run it. When a graph that compiled here before
-        (same torch, CPU and kernels: the cache folder's key) fails, its cache entry is damaged (a truncated .so,
-        a corrupt pickle or header: the failure shows as a load error or as a C++ compile error): the cache is
-        emptied and the graph built once more. A graph that never compiled here fails once, without a retry."""
+        """Load a graph saved by an earlier process, or compile it (from Inductor's on-disk cache where it can), and
+        run it. When a graph that compiled here before (same torch, CPU and kernels: the cache folder's key) fails,
+        its cache entry is damaged (a truncated .so or saved step, a corrupt pickle or header: the failure shows as
+        a load error or as a C++ compile error): the cache is emptied and the graph built once more. A graph that
+        never compiled here fails once, without a retry."""
         graph = self._graph_name(batched)
         with compile_cache.progress(graph, f"tinylm: compiling the {'batched' if batched else 'batch-1'} "
                                            "decode step (cached on disk for the next start)"):
             try:
-                logits = self._compile_and_run(inputs)
+                step, logits = self._build(graph, batched, inputs)
             except Exception as exc:  # noqa: BLE001 - retried once from an empty cache, then run eagerly
                 if not compile_cache.compiled_before(graph) or not compile_cache.discard_cache():
                     raise
                 log.warning("compiled decode failed to load from the cache (%s); rebuilding it", exc)
                 self.rebuilt += 1
-                logits = self._compile_and_run(inputs)
-        self._traced.add(batched)
+                step, logits = self._build(graph, batched, inputs)
+        self._steps[batched] = step
         return logits
 
-    def _compile_and_run(self, inputs: tuple) -> torch.Tensor:
+    def _build(self, graph: str, batched: bool, inputs: tuple) -> tuple[Callable, torch.Tensor]:
+        """The graph's step, loaded from disk or compiled (saved for the next process where it can be), and its
+        logits for `inputs`."""
+        if not self._freeze:  # frozen weights would be saved in the step: never reused across checkpoints
+            file = saved_steps.path(graph, saved_steps.fingerprint(self.model, self.pool, self._flags()))
+            try:
+                if file.exists():
+                    saved = saved_steps.load(file)
+                    self.loaded += 1
+                else:
+                    saved = saved_steps.compile(self._fullgraph, file, (self._context, *_marked(inputs, batched)))
+                if not saved.guard_check(self._context, *inputs):  # sizes or types this saved trace does not cover
+                    raise saved_steps.NotSaveable("its guards reject this step's inputs")
+                step = functools.partial(saved, self._context)
+                return step, step(*inputs)
+            except saved_steps.NotSaveable as exc:
+                log.info("the %s decode step is traced in every process (%s)", graph, exc)
+        step = functools.partial(self._traced_step, batched)
         with torch._inductor.config.patch(freezing=self._freeze):
-            return self._compiled(*inputs)
+            return step, step(*inputs)
+
+    def _traced_step(self, batched: bool, *inputs) -> torch.Tensor:
+        """The step through torch.compile (Dynamo's guards, Inductor's caches): for graphs that cannot be saved."""
+        return self._compiled(self._context, *_marked(inputs, batched))
 
     def _graph_name(self, batched: bool) -> str:
         """What the compile-time estimate is kept under: the graph's architecture, dtype and batch kind."""
@@ -193,13 +252,27 @@ class CompiledDecode:
             self(ids, positions, valid, torch.zeros(batch, dtype=torch.long),
                  torch.zeros(batch, context, dtype=torch.long), states)  # distinct tensors: aliasing is guarded on
 
-    def _step(self, ids, positions, valid, write_slots, gather_slots, state_rows) -> torch.Tensor:
-        # length: the context before the new token (the query offset)
-        cache = PagedBatch(self.pool, write_slots, None, gather_slots, state_rows,
-                           length=gather_slots.shape[1] - 1, attention_kernel=self.attention_kernel,
-                           batch_invariant=self.batch_invariant)
-        out = self.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
-        return out.logits[:, -1].float()
+class StepContext:
+    """What a decode step reads besides its inputs: the model, the K/V pool and two switches. Its own small object,
+    not the CompiledDecode: a saved step pickles the traced function's arguments with its guards (tensors as
+    metadata, the model as a placeholder), and the engine's threads and compiled functions cannot be pickled."""
+
+    def __init__(self, model, pool: KVPool, attention_kernel: bool, batch_invariant: bool) -> None:
+        self.model = model
+        self.pool = pool
+        self.attention_kernel = attention_kernel  # paged one-query attention in C++ (else Inductor's loops)
+        self.batch_invariant = batch_invariant  # use_batch_invariant ran on the model
+
+
+def decode_step(context: StepContext, ids, positions, valid, write_slots, gather_slots, state_rows) -> torch.Tensor:
+    """The traced function: one new token per row, (B, 1) ids and positions, (B, S) key mask or None, (B,) write
+    slots, (B, S) gather slots, (B,) DeltaNet state rows or None -> (B, V) float32 logits."""
+    # length: the context before the new token (the query offset)
+    cache = PagedBatch(context.pool, write_slots, None, gather_slots, state_rows,
+                       length=gather_slots.shape[1] - 1, attention_kernel=context.attention_kernel,
+                       batch_invariant=context.batch_invariant)
+    out = context.model(ids, attention_mask=valid, position_ids=positions, cache=cache, logits_to_keep=1)
+    return out.logits[:, -1].float()
 
 
 class _KernelSources(CustomGraphPass):
@@ -274,7 +347,7 @@ def _keep_guard(entries) -> list[bool]:
     either once it decodes, and the pool's 2 x layers tensors each cost a tensor match, an aliasing check and five
     dynamic-marking checks per call. The step's own inputs (ids, positions, slots, mask) stay guarded."""
     keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
-    return [k and not e.name.startswith("self.pool.") for k, e in zip(keep, entries)]
+    return [k and not e.name.startswith("context.pool.") for k, e in zip(keep, entries)]
 
 
 def _own_code(function):

@@ -110,7 +110,8 @@ class CausalLM(nn.Module):
             mask = same & (_causal(seq, x.device) if mask is None else mask)
         pad_mask = new_token_mask(attention_mask, seq, cache) if self.config.has_linear_layers else None
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for layer in self.model.layers:
+        for index in range(len(self.model.layers)):
+            layer = self.model.layers[index]
             if recompute:  # keep only each layer's input; its activations are recomputed in the backward
                 x = checkpoint(layer, x, cos, sin, mask, None, pad_mask, use_reentrant=False)
             else:
