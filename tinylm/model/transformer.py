@@ -110,6 +110,8 @@ class CausalLM(nn.Module):
             mask = same & (_causal(seq, x.device) if mask is None else mask)
         pad_mask = new_token_mask(attention_mask, seq, cache) if self.config.has_linear_layers else None
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        # by index, not `for layer in layers`: iterating a ModuleList makes Dynamo guard on its dict's key order, a
+        # guard a saved compiled step cannot load without the model itself (tinylm/engine/saved_steps.py)
         for index in range(len(self.model.layers)):
             layer = self.model.layers[index]
             if recompute:  # keep only each layer's input; its activations are recomputed in the backward
