@@ -178,22 +178,29 @@ class CompiledDecode:
         """The graph's step, loaded from disk or compiled (saved for the next process where it can be), and its
         logits for `inputs`."""
         if not self._freeze:  # frozen weights would be saved in the step: never reused across checkpoints
-            file = saved_steps.path(graph, saved_steps.fingerprint(self.model, self.pool, self._flags()))
             try:
-                if file.exists():
-                    saved = saved_steps.load(file)
-                    self.loaded += 1
-                else:
-                    saved = saved_steps.compile(self._fullgraph, file, (self._context, *_marked(inputs, batched)))
-                if not saved.guard_check(self._context, *inputs):  # sizes or types this saved trace does not cover
-                    raise saved_steps.NotSaveable("its guards reject this step's inputs")
-                step = functools.partial(saved, self._context)
+                step = functools.partial(self._saved_step(graph, batched, inputs), self._context)
                 return step, step(*inputs)
             except saved_steps.NotSaveable as exc:
                 log.info("the %s decode step is traced in every process (%s)", graph, exc)
         step = functools.partial(self._traced_step, batched)
         with torch._inductor.config.patch(freezing=self._freeze):
             return step, step(*inputs)
+
+    def _saved_step(self, graph: str, batched: bool, inputs: tuple):
+        """The step an earlier process saved for this model's structure, else compiled now and saved. A saved file
+        that does not load (written by a crashed process, or by another tinylm) is compiled and written again."""
+        file = saved_steps.path(graph, saved_steps.fingerprint(self.model, self.pool, self._flags()))
+        if file.exists():
+            try:
+                saved = saved_steps.load(file, decode_step.__globals__)
+                if saved.guard_check(self._context, *inputs):
+                    self.loaded += 1
+                    return saved
+                log.warning("the saved %s decode step does not take these inputs; compiling it again", graph)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is replaced
+                log.warning("the saved %s decode step did not load (%s); compiling it again", graph, exc)
+        return saved_steps.compile(self._fullgraph, file, (self._context, *_marked(inputs, batched)))
 
     def _traced_step(self, batched: bool, *inputs) -> torch.Tensor:
         """The step through torch.compile (Dynamo's guards, Inductor's caches): for graphs that cannot be saved."""

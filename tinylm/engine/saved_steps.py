@@ -59,17 +59,22 @@ def path(graph: str, fingerprint: str) -> Path:
     return folder / f"{graph}-{fingerprint[:24]}.bin"
 
 
-def load(file: Path):
-    """The saved step, callable as step(decode, ids, positions, valid, write slots, gather slots, state rows)."""
+def load(file: Path, f_globals: dict):
+    """The saved step, callable as step(context, ids, positions, valid, write slots, gather slots, state rows).
+    f_globals: the traced function's module globals (its bytecode reads names from them)."""
     with open(file, "rb") as handle:
-        return torch.compiler.load_compiled_function(handle)
+        return torch.compiler.load_compiled_function(handle, f_globals=f_globals)
 
 
 def compile(fullgraph, file: Path, example: tuple):
     """Compile `fullgraph` (torch.compile(..., fullgraph=True)) for the example arguments, save it to `file` (best
     effort: a read-only cache only costs the next start its trace) and return it."""
     try:
-        step = fullgraph.aot_compile((example, {}))
+        # Float scalars as constants of the graph (the batch-invariant step's casts use some): left symbolic, Dynamo
+        # restarts the trace to turn them into tensors, which an ahead-of-time compile cannot do
+        # (TensorifyScalarRestartAnalysis). Any float the trace reads is in the fingerprint.
+        with torch._dynamo.config.patch(specialize_float=True):
+            step = fullgraph.aot_compile((example, {}))
     except Exception as exc:  # noqa: BLE001 - a graph break, a guard or cache entry it cannot hold: trace instead
         raise NotSaveable(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}") from exc
     try:
