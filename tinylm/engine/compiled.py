@@ -193,7 +193,7 @@ class CompiledDecode:
         file = saved_steps.path(graph, saved_steps.fingerprint(self.model, self.pool, self._flags()))
         if file.exists():
             try:
-                saved = saved_steps.load(file, decode_step.__globals__)
+                saved = saved_steps.load(file, decode_step.__globals__, self._options)
                 if saved.guard_check(self._context, *inputs):
                     self.loaded += 1
                     return saved

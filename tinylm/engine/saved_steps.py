@@ -59,10 +59,13 @@ def path(graph: str, fingerprint: str) -> Path:
     return folder / f"{graph}-{fingerprint[:24]}.bin"
 
 
-def load(file: Path, f_globals: dict):
+def load(file: Path, f_globals: dict, options: dict):
     """The saved step, callable as step(context, ids, positions, valid, write slots, gather slots, state rows).
-    f_globals: the traced function's module globals (its bytecode reads names from them)."""
-    with open(file, "rb") as handle:
+    f_globals: the traced function's module globals (its bytecode reads names from them). options: the Inductor
+    options it was compiled with: loading links its C++ wrapper from the cache folder by a hash of the code and the
+    compiler's command line, which these options shape (without them, the first load built it again: 7 s)."""
+    inductor = {key: value for key, value in options.items() if key != "guard_filter_fn"}  # Dynamo's, not Inductor's
+    with open(file, "rb") as handle, torch._inductor.config.patch(inductor):
         return torch.compiler.load_compiled_function(handle, f_globals=f_globals)
 
 
