@@ -139,10 +139,35 @@ def test_corrupt_cache_entry_is_rebuilt(model_dir, warm_cache, tmp_path):
     for path in damaged:  # a disk that filled up mid-write, a crash: files that no longer load
         path.write_bytes(b"not a shared object")
     report = _process(model_dir, cache, "warm")  # still compiled, still the eager tokens (checked in _process)
-    assert report["rebuilt"] == 1 and report["traced"] >= 1  # detected: the cache emptied and the step compiled
-    assert report["loaded"] == 0
-    left = list(cache.rglob("*.so")) + list(cache.rglob("*.bin"))
-    assert left and not any(path.read_bytes() == b"not a shared object" for path in left)  # none left
+    assert report["loaded"] == 0 and report["traced"] >= 2  # detected: both steps compiled again
+    # and saved again whole (the batched step has one file; batch 1's other file is the other kernels', never read)
+    batched = list(cache.rglob("*-batched-*.bin"))
+    assert len(batched) == 1 and batched[0].read_bytes() != b"not a shared object"
+    report = _process(model_dir, cache, "warm")
+    assert report["loaded"] == 2 and report["traced"] == 0  # what the repair wrote loads
+
+
+def test_a_build_failing_where_it_compiled_before_empties_the_cache_once(tiny_folder, monkeypatch):
+    """The last resort for a damaged entry that even a fresh compile reads (an AOTAutograd or Inductor cache entry):
+    where this graph compiled before, the cache folder is emptied and the step built once more."""
+    from tinylm.engine import compile_cache
+    from tinylm.engine.compiled import CompiledDecode
+
+    build, failures, discarded = CompiledDecode._build, [], []
+
+    def fail_once(self, *args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a damaged cache entry")
+        return build(self, *args)
+
+    monkeypatch.setattr(CompiledDecode, "_build", fail_once)
+    monkeypatch.setattr(compile_cache, "compiled_before", lambda graph: True)
+    monkeypatch.setattr(compile_cache, "discard_cache", lambda: discarded.append(1) or True)
+    llm = tinylm.load(tiny_folder("qwen3", 3), compile=True)
+    step = llm.engine.runner.compiled
+    step.warmup(batches=(1,))
+    assert step.rebuilt == 1 and discarded == [1] and not step.failed and step._traced == {False}
 
 
 def test_entry_of_other_kernel_sources_is_not_reused(warm_cache):

@@ -31,8 +31,6 @@ from pathlib import Path
 import torch
 from torch._dynamo.guards import CheckFunctionManager
 
-import tinylm
-
 log = logging.getLogger(__name__)
 _FOLDER = "tinylm-steps"  # inside the Inductor cache folder: emptied with it when an entry is damaged
 
@@ -123,7 +121,7 @@ def _describe(value, depth: int = 0):
 @functools.cache
 def _sources_hash() -> str:
     """tinylm's Python sources (what Dynamo traced into the step), hashed: an edited layer is traced again."""
-    root = Path(tinylm.__file__).parent
+    root = Path(__file__).resolve().parents[1]  # the tinylm package
     digest = hashlib.sha256()
     for file in sorted(root.rglob("*.py")):
         digest.update(str(file.relative_to(root)).encode())
