@@ -232,3 +232,30 @@ def test_saved_step_key_follows_the_structure_not_the_weights(model_dir):
     assert key(model.to(torch.bfloat16)) != base
     model.config.rms_norm_eps = model.config.rms_norm_eps * 2  # a constant the trace reads
     assert key(model.float()) != base
+
+
+def test_folders_and_steps_unused_for_a_month_are_deleted(tmp_path, monkeypatch):
+    """Each torch or tinylm upgrade leaves a cache folder and saved steps behind: those no process used for
+    compile_cache.UNUSED_DAYS are deleted when another is opened or saved; recent ones stay."""
+    import time
+
+    from tinylm.engine import compile_cache
+
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setitem(compile_cache._MANAGED, "dir", None)
+    month = time.time() - (compile_cache.UNUSED_DAYS + 1) * 86400
+    old, recent = tmp_path / "compiled" / "torch-old", tmp_path / "compiled" / "torch-recent"
+    for folder in (old, recent):
+        (folder / "tinylm-steps").mkdir(parents=True)
+    os.utime(old, (month, month))
+    current = compile_cache.use_cache_dir()
+    assert current.exists() and recent.exists() and not old.exists()
+
+    steps = current / "tinylm-steps"
+    steps.mkdir()
+    (steps / "unused.bin").write_bytes(b"")
+    (steps / "used.bin").write_bytes(b"")
+    os.utime(steps / "unused.bin", (month, month))
+    compile_cache.prune_files(steps, "*.bin")
+    assert [p.name for p in steps.iterdir()] == ["used.bin"]

@@ -36,6 +36,7 @@ from tinylm import hub, kernels
 
 SWITCH = "TINYLM_COMPILE"  # "0", "false", "no" or "off": eager unless compile=True is asked for explicitly
 _INDUCTOR_DIR = "TORCHINDUCTOR_CACHE_DIR"
+UNUSED_DAYS = 30  # a cache folder of another torch, CPU or kernel version, or a saved step, unused this long: deleted
 FIRST_COMPILE_S = 60.0  # the estimate shown before this machine has compiled a graph (2 cores, SmolLM2's shapes)
 _MANAGED: dict[str, Path] = {}  # "dir": the folder tinylm pointed Inductor at (None of it when the user chose one)
 
@@ -72,8 +73,32 @@ def use_cache_dir() -> Path:
     folder = hub.cache_dir() / "compiled" / cache_key()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[_INDUCTOR_DIR] = str(folder)  # read by Inductor on every cache access
+    if _MANAGED.get("dir") != folder:  # once a process
+        _prune(folder)
     _MANAGED["dir"] = folder
     return folder
+
+
+def _prune(folder: Path) -> None:
+    """Mark `folder` used now and delete the sibling folders (other torch versions, CPUs, kernel sources: each
+    tinylm or torch upgrade leaves one, tens of MB each) that no process has used for UNUSED_DAYS."""
+    try:
+        os.utime(folder)
+        for other in folder.parent.iterdir():
+            if other != folder and other.is_dir() and time.time() - other.stat().st_mtime > UNUSED_DAYS * 86400:
+                shutil.rmtree(other, ignore_errors=True)
+    except OSError:  # a read-only or shared cache: nothing to clean
+        pass
+
+
+def prune_files(folder: Path, pattern: str) -> None:
+    """Delete the files of `folder` matching `pattern` unused (not modified) for UNUSED_DAYS."""
+    try:
+        for file in folder.glob(pattern):
+            if time.time() - file.stat().st_mtime > UNUSED_DAYS * 86400:
+                file.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def discard_cache() -> bool:

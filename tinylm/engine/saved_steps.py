@@ -19,6 +19,7 @@ and the caller traces as before (torch.compile, Inductor's caches only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.guards import CheckFunctionManager
+
+from tinylm.engine import compile_cache
 
 log = logging.getLogger(__name__)
 _FOLDER = "tinylm-steps"  # inside the Inductor cache folder: emptied with it when an entry is damaged
@@ -64,7 +67,10 @@ def load(file: Path, f_globals: dict, options: dict):
     compiler's command line, which these options shape (without them, the first load built it again: 7 s)."""
     inductor = {key: value for key, value in options.items() if key != "guard_filter_fn"}  # Dynamo's, not Inductor's
     with open(file, "rb") as handle, torch._inductor.config.patch(inductor):
-        return torch.compiler.load_compiled_function(handle, f_globals=f_globals)
+        step = torch.compiler.load_compiled_function(handle, f_globals=f_globals)
+    with contextlib.suppress(OSError):
+        os.utime(file)  # its last use: steps unused for compile_cache.UNUSED_DAYS are deleted
+    return step
 
 
 def compile(fullgraph, file: Path, example: tuple):
@@ -81,6 +87,7 @@ def compile(fullgraph, file: Path, example: tuple):
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         step.save_compiled_function(str(file))
+        compile_cache.prune_files(file.parent, "*.bin")  # steps of older sources or other models, long unused
     except (OSError, RuntimeError, TypeError, AttributeError) as exc:
         log.info("the compiled decode step was not saved (%s); the next start traces it again", exc)
     return step
