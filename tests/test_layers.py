@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("quant", ["tinylm.quant"]),  # formats, policies, quantized checkpoints
     ("loading", ["tinylm.loading", "tinylm.hub", "tinylm.tiny"]),  # path + policy -> model; names -> files
     ("engine", ["tinylm.engine"]),
-    ("llm", ["tinylm.llm", "tinylm.outputs", "tinylm.llm_loading", "tinylm"]),  # the public API (tinylm/__init__.py)
+    ("llm", ["tinylm.llm", "tinylm.outputs", "tinylm.request_outputs", "tinylm.llm_loading", "tinylm"]),  # the public API (tinylm/__init__.py)
     ("command helpers", ["tinylm.cli_args"]),  # flags shared by the commands and train's config loader
     # each package's `tinylm <command>` group (its cli.py) belongs to its package, except `tinylm quantize`, which
     # lives beside the quantization code but loads models through the public API

@@ -5,15 +5,15 @@ changed: `LLM(model=..., dtype=..., quantization=..., seed=...)`, `generate(prom
 `chat(messages, sampling_params)` returning RequestOutputs with `.outputs` (n CompletionOutputs each) and vLLM's
 logprob dictionaries. tinylm's shorter forms stay: `res[0].text`, `res[0].token_ids`, `res[0].logprobs[0].top`.
 
-This file holds the entry points: the LLM class and `load`. What they return is tinylm/outputs.py; how their
-arguments become a model, a draft and an EngineConfig is tinylm/llm_loading.py. Both sit below this file.
+This file holds the entry points: the LLM class and `load`. What they return is tinylm/outputs.py, filled from the
+engine's steps by tinylm/request_outputs.py; how their arguments become a model, a draft and an EngineConfig is
+tinylm/llm_loading.py. All three sit below this file.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 import torch
 
@@ -22,7 +22,6 @@ from tinylm.engine.engine import EngineBusyError, EngineConfig, LLMEngine, make_
 from tinylm.engine.lora import LoRARequest
 from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.ngram import NGRAM
-from tinylm.engine.sequence import StepOutput, TokenLogprob
 from tinylm.engine.speculative import check_num_tokens
 from tinylm.errors import ConfigError
 from tinylm.llm_loading import (build_engine_config, check_extra_args, file_bytes, load_draft, native_bf16,
@@ -30,6 +29,7 @@ from tinylm.llm_loading import (build_engine_config, check_extra_args, file_byte
 from tinylm.loading import load_model
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.outputs import CompletionOutput, Logprob, RequestOutput, StepEvent
+from tinylm.request_outputs import OutputCollector, choice_params, step_event
 from tinylm.sampling_params import SamplingParams
 from tinylm.weights.loader import LoadedModel
 
@@ -97,8 +97,8 @@ class LLM:
             make_invariant(self.model)
         self.model_name = str(loaded.source)  # what get_default_sampling_params reads the recommendation of
         self._engine: LLMEngine | None = None
-        self._request_ids = 0
-        self._token_texts: dict[int, str] = {}  # decoded_token of vLLM's Logprob, per token id
+        self._request_ids = 0  # numbers RequestOutputs and the engine's requests alike
+        self._outputs = OutputCollector(self.tokenizer)
 
     @property
     def engine(self) -> LLMEngine:
@@ -168,10 +168,13 @@ class LLM:
         unmerged: tinylm/engine/lora.py)."""
         prompts, params = self._normalize(prompts, sampling_params)
         lora_id = self._lora_id(lora_request)
-        outputs = [self._request_output(text, ids, p) for (text, ids), p in zip(prompts, params)]
+        outputs = []
+        for (text, ids), p in zip(prompts, params):
+            self._request_ids += 1
+            outputs.append(self._outputs.new_output(str(self._request_ids), text, ids, p))
         for events in self._steps([ids for _, ids in prompts], params, lora_id):
             for event in events:
-                self._collect(outputs[event.index], event, params[event.index])
+                self._outputs.collect(outputs[event.index], event, params[event.index])
         return outputs
 
     def stream(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
@@ -310,63 +313,13 @@ class LLM:
                 for choice in range(p.n):
                     self._request_ids += 1
                     request_id = f"llm-{self._request_ids}"
-                    engine.add_request(request_id, ids, _choice_params(p, choice), lora_id=lora_id)
+                    engine.add_request(request_id, ids, choice_params(p, choice), lora_id=lora_id)
                     where[request_id] = (index, choice)
             while any(r in engine.requests for r in where):
-                yield [_event(*where[o.request_id], o) for o in engine.step() if o.request_id in where]
+                yield [step_event(*where[o.request_id], o) for o in engine.step() if o.request_id in where]
         finally:
             for request_id in where:
                 engine.abort(request_id)
-
-    def _request_output(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
-        self._request_ids += 1
-        completions = [CompletionOutput(i, logprobs=None if params.logprobs is None else [],
-                                        token_logprobs=None if params.logprobs is None else [],
-                                        cumulative_logprob=None if params.logprobs is None else 0.0)
-                       for i in range(params.n)]
-        return RequestOutput(str(self._request_ids), text, ids, outputs=completions)
-
-    def _collect(self, output: RequestOutput, event: StepEvent, params: SamplingParams) -> None:
-        completion = output.outputs[event.choice]
-        if event.prompt_logprobs is not None and event.choice == 0:
-            output.prompt_logprobs = [None if e is None else self._logprob_dict(e) for e in event.prompt_logprobs]
-        if event.token_id is None:
-            return
-        completion.token_ids.append(event.token_id)
-        completion.text += event.text
-        completion.finish_reason = event.finish_reason
-        completion.stop_reason = event.stop_reason
-        if params.logprobs is not None and event.logprob is not None:
-            completion.token_logprobs.append(event.logprob)
-            completion.logprobs.append(self._logprob_dict(event.logprob))
-            completion.cumulative_logprob += event.logprob.logprob
-
-    def _logprob_dict(self, entry: TokenLogprob) -> dict[int, Logprob]:
-        """vLLM's per-token form: the chosen token first (its rank in the distribution), then the top-N (ranks
-        1..N); a chosen token among the top-N appears once."""
-        logprobs = {entry.token_id: Logprob(entry.logprob, entry.rank, self._token_text(entry.token_id))}
-        for rank, (token, value) in enumerate(entry.top, start=1):
-            logprobs.setdefault(token, Logprob(value, rank, self._token_text(token)))
-        return logprobs
-
-    def _token_text(self, token: int) -> str | None:
-        if self.tokenizer is None:
-            return None
-        if token not in self._token_texts:
-            self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
-        return self._token_texts[token]
-
-
-def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:
-    """Choice i of n: seed + i (SamplingParams.for_choice); prompt logprobs are the same for every choice, so
-    only the first computes them."""
-    params = params.for_choice(choice)
-    return params if choice == 0 or params.prompt_logprobs is None else replace(params, prompt_logprobs=None)
-
-
-def _event(index: int, choice: int, output: StepOutput) -> StepEvent:
-    return StepEvent(index, output.token_id, output.text, output.logprob, output.finish_reason, choice,
-                     output.stop_reason, output.prompt_logprobs)
 
 
 def _plain_message(message: Message) -> Message:
