@@ -85,7 +85,7 @@ def _prune(folder: Path) -> None:
     try:
         os.utime(folder)
         for other in folder.parent.iterdir():
-            if other != folder and other.is_dir() and time.time() - other.stat().st_mtime > UNUSED_DAYS * 86400:
+            if other != folder and other.is_dir() and _unused(other):
                 shutil.rmtree(other, ignore_errors=True)
     except OSError:  # a read-only or shared cache: nothing to clean
         pass
@@ -95,10 +95,15 @@ def prune_files(folder: Path, pattern: str) -> None:
     """Delete the files of `folder` matching `pattern` unused (not modified) for UNUSED_DAYS."""
     try:
         for file in folder.glob(pattern):
-            if time.time() - file.stat().st_mtime > UNUSED_DAYS * 86400:
+            if _unused(file):
                 file.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def _unused(path: Path) -> bool:
+    """Whether `path` was last modified (used, for what tinylm touches) more than UNUSED_DAYS ago."""
+    return time.time() - path.stat().st_mtime > UNUSED_DAYS * 86400
 
 
 def discard_cache() -> bool:
@@ -138,8 +143,14 @@ def record(graph: str, seconds: float) -> None:
         pass
 
 
+def cache_folder() -> Path:
+    """The folder Inductor caches in now (the user's, or the one use_cache_dir chose): saved steps and compile times
+    are kept beside its entries, and emptied with them."""
+    return Path(os.environ.get(_INDUCTOR_DIR) or use_cache_dir())
+
+
 def _timings_path() -> Path:
-    return Path(os.environ.get(_INDUCTOR_DIR) or use_cache_dir()) / "tinylm-compile-times.json"
+    return cache_folder() / "tinylm-compile-times.json"
 
 
 @contextlib.contextmanager

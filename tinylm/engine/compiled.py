@@ -259,6 +259,7 @@ class CompiledDecode:
             self(ids, positions, valid, torch.zeros(batch, dtype=torch.long),
                  torch.zeros(batch, context, dtype=torch.long), states)  # distinct tensors: aliasing is guarded on
 
+
 class StepContext:
     """What a decode step reads besides its inputs: the model, the K/V pool and two switches. Its own small object,
     not the CompiledDecode: a saved step pickles the traced function's arguments with its guards (tensors as

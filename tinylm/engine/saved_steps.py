@@ -56,8 +56,7 @@ def serializable_guards(keep):
 
 def path(graph: str, fingerprint: str) -> Path:
     """Where the step `graph` ("llama-576x30-float32-batch1") of this fingerprint is saved."""
-    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or ".") / _FOLDER
-    return folder / f"{graph}-{fingerprint[:24]}.bin"
+    return compile_cache.cache_folder() / _FOLDER / f"{graph}-{fingerprint[:24]}.bin"
 
 
 def load(file: Path, f_globals: dict, options: dict):
