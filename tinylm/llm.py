@@ -25,7 +25,8 @@ from tinylm.engine.ngram import NGRAM
 from tinylm.engine.speculative import check_num_tokens
 from tinylm.errors import ConfigError
 from tinylm.llm_loading import (build_engine_config, check_extra_args, file_bytes, load_draft, native_bf16,
-                                resolve_device, resolve_dtype, speculative_draft, with_tokenizer)
+                                resolve_device, resolve_dtype, resolve_weight_dtype, speculative_draft,
+                                with_tokenizer)
 from tinylm.loading import load_model
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.outputs import CompletionOutput, Logprob, RequestOutput, StepEvent
@@ -78,6 +79,7 @@ class LLM:
         path = hub.resolve(model)
         loaded = load_model(path, dtype=resolve_dtype(dtype, path, device), device=device, quantize=quantization,
                             check_finite=check_finite)
+        loaded.model.weight_dtype = resolve_weight_dtype(dtype, path, device, quantization)
         loaded = with_tokenizer(loaded, tokenizer, model, skip_tokenizer_init)
         model_context(loaded.model.config.max_position_embeddings, config.max_model_len)
         if speculative_config:
@@ -135,7 +137,7 @@ class LLM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.dtype
 
     def get_tokenizer(self):
         """vLLM's accessor: the model's tinylm Tokenizer (encode, decode, apply_chat_template), or None."""
@@ -364,8 +366,10 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "aut
     if draft_quantize is not None and (draft is None or draft == NGRAM):
         raise ValueError("draft_quantize quantizes a draft model: give one with draft")
     path = hub.resolve(model)
+    weight_dtype = resolve_weight_dtype(dtype, path, device, quantize)
     dtype = resolve_dtype(dtype, path, device)
     loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
+    loaded.model.weight_dtype = weight_dtype
     draft_loaded = draft if draft in (None, NGRAM) else load_draft(loaded, draft, dtype, device, draft_quantize,
                                                                    check_finite)
     config = build_engine_config(compile=compile, batch_invariant=batch_invariant,

@@ -77,6 +77,18 @@ def resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | to
     return stored if stored in ("float32", "bfloat16", "float16") else "float32"
 
 
+def resolve_weight_dtype(dtype: str | torch.dtype, path: Path, device: str, quantize: str | None) -> torch.dtype | None:
+    """What "auto" stores float linear weights in when it is not the compute dtype: bfloat16 for a GGUF file that
+    computes in float32 on a CPU without native bfloat16. tinylm's kernels widen bfloat16 weights to float32
+    exactly (float32 arithmetic on weights rounded once, as the bfloat16 model of AVX-512 BF16 hosts stores them),
+    and a batch-1 decode step reads half the bytes: the default model's 540 MB -> 270 MB, 47 -> ~85 tokens/s on an
+    AVX2 EPYC (BENCHMARKS.md). None: weights in the compute dtype (an explicit dtype, a quantization policy, a
+    folder's own dtype, a GPU)."""
+    if dtype != "auto" or quantize is not None or not path.is_file() or str(device).startswith("cuda"):
+        return None
+    return None if native_bf16(device) else torch.bfloat16
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bfloat16 natively: a GPU, or a CPU with AVX512-BF16 or AMX (its /proc/cpuinfo)."""
     if str(device).startswith("cuda"):

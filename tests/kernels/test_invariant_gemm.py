@@ -129,9 +129,35 @@ def test_wrapper_keeps_leading_dims_and_equals_the_op():
     assert torch.equal(out.reshape(6, 48), torch.ops.tinylm.invariant_linear(x.reshape(6, 64), weight, bias))
 
 
+@pytest.mark.parametrize("path", ["auto", "avx512", "portable"])
+@pytest.mark.parametrize("shape", MODEL_SHAPES + ODD_SHAPES)
+def test_bfloat16_weights_of_float32_rows_are_the_float32_product_of_the_widened_weight(path, shape):
+    """float32 x against a bfloat16 weight (a float32 model's weights stored in bfloat16): bitwise the float32 path
+    on weight.float() for every row count, a decode step's (widened in registers) and a prefill's (widened once)."""
+    if path != "auto":
+        skip_unless_here(path, torch.float32)
+    weight, bias, _ = make(shape, torch.bfloat16)
+    bias = None if bias is None else bias.float()
+    for rows in ROWS:
+        x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
+        out = product(path, x, weight, bias)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, product(path, x, weight.float(), bias)), f"{rows} rows"
+
+
+@pytest.mark.parametrize("shape", [(192, 576, True), (49152, 576, False)] + ODD_SHAPES)
+def test_bfloat16_weights_of_float32_rows_are_batch_invariant(shape):
+    weight, bias, probe = make(shape, torch.bfloat16)
+    bias, probe = None if bias is None else bias.float(), probe.float()
+    alone = product("auto", probe, weight, bias)[0]
+    for threads in (1, 2):
+        for rows, place, row in outputs_of_probe("auto", weight, bias, probe, threads):
+            assert torch.equal(row, alone), f"row {place} of {rows} rows differs ({threads} threads)"
+
+
 def test_refuses_what_it_cannot_compute():
     weight = torch.randn(8, 16)
-    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+    with pytest.raises(RuntimeError, match="weight in x's dtype or bfloat16"):
         torch.ops.tinylm.invariant_linear(torch.randn(2, 16).bfloat16(), weight)
     with pytest.raises(RuntimeError, match="x's K"):
         torch.ops.tinylm.invariant_linear(torch.randn(2, 15), weight)

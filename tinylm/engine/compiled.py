@@ -343,7 +343,7 @@ def _reserve_states(model, pool: KVPool) -> bool:
     layers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
     if layers:
         with torch.inference_mode():  # the activations' dtype: what the conv state is stored in
-            dtype = model.model.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=pool.device)).dtype
+            dtype = model.dtype
     for layer in layers:
         conv_row, recurrent_row = layer.state_shapes()
         pool.reserve_linear_state(layer.layer_idx, conv_row, dtype, recurrent_row)

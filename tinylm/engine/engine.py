@@ -84,7 +84,7 @@ class LLMEngine:
         self.context = model_context(model_config.max_position_embeddings, config.max_model_len)
         self.vocab_size = model_config.vocab_size
         device = model.lm_head.weight.device
-        dtype = pool_dtype(config.kv_cache_dtype, model.lm_head.weight.dtype)
+        dtype = pool_dtype(config.kv_cache_dtype, model.dtype)
         self.hybrid = model_config.has_linear_layers
         num_blocks = max(2, config.kv_cache_bytes // KVPool.bytes_per_block(model_config, config.block_size, dtype))
         self.pool = KVPool(model_config, num_blocks, config.block_size, config.max_num_seqs, dtype, device)

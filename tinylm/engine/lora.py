@@ -81,7 +81,7 @@ class LoRAAdapters:
             raise ValueError(f"at most {MAX_ADAPTERS} LoRA adapters can be loaded at once")
         adapter = read_adapter(path, self.model)
         adapter_id = self._next_id
-        device, dtype = self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
+        device, dtype = self.model.lm_head.weight.device, self.model.dtype
         for module_name, (a, b) in adapter.weights.items():
             layer = self._wrapped(module_name)
             layer.adapters[adapter_id] = (a.to(device, dtype), b.to(device, dtype), adapter.scaling)

@@ -182,7 +182,7 @@ class DraftProposer:
                  compile_decode: bool, kv_cache_dtype: str = "auto") -> None:
         self.num_tokens = num_tokens
         self.context = model.config.max_position_embeddings  # drafts past it are not proposed
-        dtype = pool_dtype(kv_cache_dtype, model.lm_head.weight.dtype)  # the target's choice, as in vLLM
+        dtype = pool_dtype(kv_cache_dtype, model.dtype)  # the target's choice, as in vLLM
         num_blocks = max(2, cache_bytes // KVPool.bytes_per_block(model.config, block_size, dtype))
         self.pool = KVPool(model.config, num_blocks, block_size, max_num_seqs, dtype, model.lm_head.weight.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)

@@ -124,7 +124,8 @@ class SharedContextScorer:
             ids[row, width - len(tokens):] = torch.tensor(tokens)
             mask[row, len(head) + width - len(tokens):] = True
         ids, mask = ids.to(weight.device), mask.to(weight.device)
-        cache = make_cache(self.model.config, len(own), len(head) + width + room, weight.dtype, weight.device)
+        cache = make_cache(self.model.config, len(own), len(head) + width + room, self.model.dtype,
+                           weight.device)
         if head:
             self.heads.write(cache, head, max(self.least, 1))
         # always the mask: a compiled forward then has one graph for every batch, padded or not

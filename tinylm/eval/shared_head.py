@@ -99,7 +99,7 @@ class HeadCache:
         if head != self.tokens:
             weight = self.model.lm_head.weight
             ids = torch.tensor([head] * rows, device=weight.device)  # (rows, L)
-            cache = make_cache(self.model.config, rows, len(head), weight.dtype, weight.device)
+            cache = make_cache(self.model.config, rows, len(head), self.model.dtype, weight.device)
             self.hidden_states(ids, torch.ones_like(ids, dtype=torch.bool), cache)  # a mask: the prefill's graph
             self.keys = [None if k is None else k[:1].clone() for k in cache.keys]
             self.values = [None if v is None else v[:1].clone() for v in cache.values]

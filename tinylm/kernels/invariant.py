@@ -1,5 +1,6 @@
 """Batch-invariant linear layers: `invariant_linear(x, weight, bias)` is F.linear whose every output row is
-bitwise the same whatever else is in the batch (issue 21).
+bitwise the same whatever else is in the batch (issue 21). A bfloat16 weight also takes float32 x: the kernel widens
+it exactly (the float32 product of the rounded weight, at half the weight bytes).
 
 PyTorch's CPU products pick their algorithm by the number of rows (oneDNN / MKL block K differently for 1, 2,
 16+ rows; bf16 switches to AMX tiles from 64 rows), so a token's logits change with the batch it is in. The C++
@@ -97,7 +98,7 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors  # (M, K), (N, K); grad (M, N)
     grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
     grad = grad.to(x.dtype)  # float_out's float32 gradient, back in the inputs' dtype
-    grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+    grad_x = grad @ weight.to(x.dtype) if ctx.needs_input_grad[0] else None  # (a bfloat16 weight of float32 x)
     grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
     return grad_x, grad_weight, grad_bias, None
 
@@ -108,7 +109,7 @@ def _fallback_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
         return "tinylm's CPU kernels are not built here"
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return f"the batch-invariant product runs on CPU only (got {x.device.type})"
-    if x.dtype not in KERNEL_DTYPES or weight.dtype != x.dtype:
+    if x.dtype not in KERNEL_DTYPES or weight.dtype not in (x.dtype, torch.bfloat16):
         return f"the batch-invariant product takes float32 or bfloat16 (got {x.dtype} x {weight.dtype})"
     return None
 

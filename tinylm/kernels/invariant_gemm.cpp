@@ -3,7 +3,9 @@
 // run and however the work is split (issue 21: a token's logits must not depend on what shares its batch).
 //
 // x (M, K), weight (N, K), bias (N,) or none, float32 or bfloat16 -> (M, N) in x's dtype (as F.linear), computed
-// with float32 sums and rounded once at the end. Element (i, n) is, on every path:
+// with float32 sums and rounded once at the end. A bfloat16 weight also takes float32 x (half the weight bytes a
+// decode step reads, float32 arithmetic): its values widened exactly, so the result is bitwise x @ weight.float().T
+// on the float32 path. Element (i, n) is, on every path:
 //   1. a vector accumulator of L lanes, zero, takes the K columns in chunks of C (C = L, or 2L with VDPBF16PS)
 //      from k = 0 upwards, one multiply-add instruction per chunk; the last K % C columns are zero-filled;
 //   2. its L lanes are summed by one fixed tree (the same tree for every lane position of the tile);
@@ -64,8 +66,8 @@ inline int64_t grain(int64_t unit_rows, int64_t unit_cols, int64_t k) {
 // model's lm_head at 1 row 2.5-4x slower (49152 x 576: float32 28.6 -> 8.9 ms, bf16 9.6 -> 2.1-3.5 ms).
 template <class Ops>
 inline void prefetch_step(const char* next, int64_t c) {
-  constexpr int kBytes = kW * Ops::kChunk * sizeof(typename Ops::T);
-  const char* line = next + kW * c * static_cast<int64_t>(sizeof(typename Ops::T));
+  constexpr int kBytes = kW * Ops::kChunk * sizeof(typename Ops::W);
+  const char* line = next + kW * c * static_cast<int64_t>(sizeof(typename Ops::W));
   #pragma GCC unroll 8
   for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(line + b, 0, 3);
 }
@@ -96,7 +98,7 @@ inline void pin(V& v) {
 
 // acc[i * kW + r] += chunk of weight row r x chunk of activation row i, for i < MB; `load` gives a row's chunk
 template <class Ops, int MB, class Load>
-inline void tile_step(typename Ops::Acc* acc, const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k,
+inline void tile_step(typename Ops::Acc* acc, const typename Ops::W* const* wr, const typename Ops::T* x, int64_t k,
                       Load load) {
   if constexpr (kNarrowTile<Ops> && MB > 1) {  // (one row, a decode step: 4 chains either way)
     typename Ops::In xv[MB];
@@ -127,17 +129,17 @@ inline void tile_step(typename Ops::Acc* acc, const typename Ops::T* const* wr, 
 
 // sums[4i + r] = dot(x row i, weight row r) for MB activation rows at x (stride k) and the kW weight rows wr.
 template <class Ops, int MB>
-void tile(const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k, const char* next, float* sums) {
+void tile(const typename Ops::W* const* wr, const typename Ops::T* x, int64_t k, const char* next, float* sums) {
   typename Ops::Acc acc[kX * kW];
   #pragma GCC unroll 16
   for (int j = 0; j < kX * kW; ++j) acc[j] = Ops::zero();
   int64_t c = 0;
   for (; c + Ops::kChunk <= k; c += Ops::kChunk) {
     if (next != nullptr) prefetch_step<Ops>(next, c);
-    tile_step<Ops, MB>(acc, wr, x, k, [c](const typename Ops::T* row) { return Ops::load(row + c); });
+    tile_step<Ops, MB>(acc, wr, x, k, [c](const auto* row) { return Ops::load(row + c); });
   }
   if (c < k) {  // the last K % kChunk columns, zero-filled (0 * 0 adds nothing): the same step for every row
-    tile_step<Ops, MB>(acc, wr, x, k, [c, k](const typename Ops::T* row) { return Ops::load_tail(row + c, k - c); });
+    tile_step<Ops, MB>(acc, wr, x, k, [c, k](const auto* row) { return Ops::load_tail(row + c, k - c); });
   }
   Ops::reduce(acc, sums, MB * kW);
 }
@@ -146,7 +148,7 @@ void tile(const typename Ops::T* const* wr, const typename Ops::T* x, int64_t k,
 template <class Ops, typename Out>
 struct Problem {
   const typename Ops::T* x;
-  const typename Ops::T* w;
+  const typename Ops::W* w;
   const float* bias;
   Out* out;
   int64_t m, k, n;
@@ -186,12 +188,30 @@ void store_tile(const Problem<Ops, Out>& p, const float* sums, int64_t i0, int m
   }
 }
 
+// bfloat16 bits -> float32, exactly (a bfloat16 is a float32's high half): one weight row of a mixed product
+inline void widen_row(const uint16_t* bits, float* out, int64_t k) {
+  using Vec = at::vec::Vectorized<float>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= k; j += Vec::size()) {
+    Vec v;
+    at::vec::load_fp32_from_bf16(reinterpret_cast<const c10::BFloat16*>(bits + j), v);
+    v.store(out + j);
+  }
+  for (; j < k; ++j) {
+    const uint32_t word = static_cast<uint32_t>(bits[j]) << 16;
+    std::memcpy(out + j, &word, sizeof(float));
+  }
+}
+
+// Activation rows a mixed (float32 x bfloat16) tile must face before its weight rows are widened to a float32 copy
+// once (Ops::Base's tiles over it) rather than in registers at every pass: one pass widens in registers.
+constexpr int64_t kWidenRows = 17;  // up to a decode batch (16 rows: 246 us in registers, 302 widened once)
+
 // One weight tile (rows n0 .. n0 + 3; past N the last row again, its sums dropped) against activation rows
-// [i_begin, i_end), kTileRows at a time; the tile stays in L1 meanwhile.
-template <class Ops, typename Out>
-void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t i_end, const char* next) {
-  const typename Ops::T* wr[kW];
-  for (int r = 0; r < kW; ++r) wr[r] = p.w + std::min(n0 + r, p.n - 1) * p.k;
+// [i_begin, i_end), kTileRows at a time, with Ops over the weight rows wr; the tile stays in L1 meanwhile.
+template <class Ops, class P>
+void tile_passes(const P& p, const typename Ops::W* const* wr, int64_t n0, int64_t i_begin, int64_t i_end,
+                 const char* next) {
   const int cols = static_cast<int>(std::min<int64_t>(kW, p.n - n0));
   alignas(64) float sums[kX * kW];
   for (int64_t i = i_begin, mb = 0; i < i_end; i += mb, next = nullptr) {  // prefetch during the first pass only
@@ -208,14 +228,35 @@ void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t 
   }
 }
 
+template <class Ops, typename Out>
+void tile_rows(const Problem<Ops, Out>& p, int64_t n0, int64_t i_begin, int64_t i_end, const char* next) {
+  const typename Ops::W* wr[kW];
+  for (int r = 0; r < kW; ++r) wr[r] = p.w + std::min(n0 + r, p.n - 1) * p.k;
+  if constexpr (!std::is_same_v<typename Ops::W, typename Ops::T>) {
+    if (i_end - i_begin >= kWidenRows) {  // widened once: Base's float32 sequence on the same values, same bits
+      using Base = typename Ops::Base;
+      thread_local std::vector<float> widened;
+      widened.resize(kW * p.k);
+      const float* rows[kW];
+      for (int r = 0; r < kW; ++r) {
+        widen_row(reinterpret_cast<const uint16_t*>(wr[r]), widened.data() + r * p.k, p.k);
+        rows[r] = widened.data() + r * p.k;
+      }
+      return tile_passes<Base>(p, rows, n0, i_begin, i_end, nullptr);
+    }
+  }
+  tile_passes<Ops>(p, wr, n0, i_begin, i_end, next);
+}
+
 // Rows per activation block and weight tiles per chunk: ~kBlockBytes each, a multiple of the tile; the chunks are
 // also cut small enough that every thread gets some when there is one block (decode). Results do not depend on it.
 template <class Ops>
 void plan(int64_t m, int64_t k, int64_t n, int64_t* block_rows, int64_t* chunk_tiles) {
   const int64_t row_bytes = std::max<int64_t>(1, k * static_cast<int64_t>(sizeof(typename Ops::T)));
+  const int64_t weight_row_bytes = std::max<int64_t>(1, k * static_cast<int64_t>(sizeof(typename Ops::W)));
   *block_rows = std::max<int64_t>(kX, (kBlockBytes / row_bytes) / kX * kX);
   const int64_t tiles = (n + kW - 1) / kW;
-  int64_t chunk = std::max<int64_t>(1, kBlockBytes / (row_bytes * kW));
+  int64_t chunk = std::max<int64_t>(1, kBlockBytes / (weight_row_bytes * kW));
   if (m <= *block_rows) chunk = std::min(chunk, std::max<int64_t>(1, tiles / (4 * at::get_num_threads())));
   *chunk_tiles = chunk;
 }
@@ -243,9 +284,9 @@ void run(const Problem<Ops, Out>& p) {
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "tinylm::invariant_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "tinylm::invariant_linear: x (M, K) and weight (N, K)");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "tinylm::invariant_linear: x and weight both float32 or both bfloat16");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kBFloat16),
+              "tinylm::invariant_linear: x float32 or bfloat16, weight in x's dtype or bfloat16");
   TORCH_CHECK(weight.size(1) == x.size(1), "tinylm::invariant_linear: weight (N, K) with x's K");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->device().is_cpu() &&
@@ -375,7 +416,7 @@ std::vector<std::string> invariant_linear_paths() {
   return paths;
 }
 
-template <class Ops, typename Elem, typename Out = Elem>
+template <class Ops, typename Elem, typename Out = Elem, typename WeightElem = Elem>
 at::Tensor linear_on(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      bool amx) {
   check_inputs(x, weight, bias);
@@ -385,7 +426,7 @@ at::Tensor linear_on(const at::Tensor& x, const at::Tensor& weight, const std::o
   at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options().dtype(c10::CppTypeToScalarType<Out>::value));
   if (out.numel() == 0) return out;
   Problem<Ops, Out> p{reinterpret_cast<const typename Ops::T*>(xc.data_ptr<Elem>()),
-                      reinterpret_cast<const typename Ops::T*>(wc.data_ptr<Elem>()),
+                      reinterpret_cast<const typename Ops::W*>(wc.data_ptr<WeightElem>()),
                       bc.defined() ? bc.data_ptr<float>() : nullptr, out.data_ptr<Out>(),
                        x.size(0), x.size(1), weight.size(0)};
 #ifdef TINYLM_INV_AMX
@@ -404,15 +445,18 @@ at::Tensor invariant_linear_on(const at::Tensor& x, const at::Tensor& weight, co
                                c10::string_view path, bool float_out = false) {
   const std::vector<std::string> paths = invariant_linear_paths();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool mixed = !bf16 && weight.scalar_type() == at::kBFloat16;  // float32 x, bfloat16 weight
   const std::string chosen = path != "auto" ? std::string(path) : (bf16 || paths[0] != "amx") ? paths[0] : paths[1];
   TORCH_CHECK(std::find(paths.begin(), paths.end(), chosen) != paths.end() && (bf16 || chosen != "amx"),
               "tinylm::invariant_linear: no path '", chosen, "' here for ", x.scalar_type());
   if (chosen == "portable") {
+    if (mixed) return linear_on<Portable<float, c10::BFloat16>, float, float, c10::BFloat16>(x, weight, bias, false);
     if (bf16 && float_out) return linear_on<Portable<c10::BFloat16>, c10::BFloat16, float>(x, weight, bias, false);
     if (bf16) return linear_on<Portable<c10::BFloat16>, c10::BFloat16>(x, weight, bias, false);
     return linear_on<Portable<float>, float>(x, weight, bias, false);
   }
 #ifdef TINYLM_INV_AVX512
+  if (mixed) return linear_on<F32BF16Fma, float, float, c10::BFloat16>(x, weight, bias, false);
   if (!bf16) return linear_on<F32Fma, float>(x, weight, bias, false);
 #if defined(__AVX512BF16__)
   if (float_out) return linear_on<BF16Dot, c10::BFloat16, float>(x, weight, bias, chosen == "amx");

@@ -57,6 +57,7 @@ struct Avx512Acc {
 
 struct F32Fma : Avx512Acc {  // float32: 16 columns per FMA
   using T = float;
+  using W = float;
   using In = __m512;
   static constexpr int kChunk = 16;
   static In load(const T* p) { return _mm512_loadu_ps(p); }
@@ -66,6 +67,7 @@ struct F32Fma : Avx512Acc {  // float32: 16 columns per FMA
 
 struct BF16Fma : Avx512Acc {  // bfloat16 without AVX-512 BF16: 16 columns widened exactly (<< 16), then FMA
   using T = uint16_t;
+  using W = uint16_t;
   using In = __m512;
   static constexpr int kChunk = 16;
   static In widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -76,9 +78,21 @@ struct BF16Fma : Avx512Acc {  // bfloat16 without AVX-512 BF16: 16 columns widen
   static Acc madd(Acc acc, In w, In x) { return _mm512_fmadd_ps(w, x, acc); }
 };
 
+// float32 activations, bfloat16 weights widened exactly: F32Fma's sequence on the widened weight, so the same bits
+// as float32 x against weight.float(); rows of many-row blocks are widened once into a float32 copy (Base's tiles).
+struct F32BF16Fma : F32Fma {
+  using W = uint16_t;
+  using Base = F32Fma;
+  using F32Fma::load;
+  using F32Fma::load_tail;
+  static In load(const W* p) { return BF16Fma::load(p); }
+  static In load_tail(const W* p, int64_t left) { return BF16Fma::load_tail(p, left); }
+};
+
 #if defined(__AVX512BF16__)
 struct BF16Dot : Avx512Acc {  // bfloat16 on AVX-512 BF16: 32 columns per VDPBF16PS (exact products, float32 adds)
   using T = uint16_t;
+  using W = uint16_t;
   using In = __m512bh;
   static constexpr int kChunk = 32;
   static In load(const T* p) { return (__m512bh)_mm512_loadu_si512(p); }
@@ -91,10 +105,12 @@ struct BF16Dot : Avx512Acc {  // bfloat16 on AVX-512 BF16: 32 columns per VDPBF1
 #endif  // TINYLM_INV_AVX512
 
 // Portable path (any CPU at::vec supports): Vectorized<float> FMAs, each accumulator reduced by a pairwise tree.
-template <typename Elem>
+template <typename Elem, typename WeightElem = Elem>
 struct Portable {
   using Vec = at::vec::Vectorized<float>;
   using T = Elem;
+  using W = WeightElem;
+  using Base = Portable<float>;  // what a mixed (float32 x bfloat16) path runs on weight rows widened to float32
   using Acc = Vec;
   using In = Vec;
   static constexpr int kChunk = Vec::size();
@@ -105,10 +121,11 @@ struct Portable {
     at::vec::load_fp32_from_bf16(p, out);
     return out;
   }
-  static In load_tail(const T* p, int64_t left) {  // zero-filled copy of the last K % kChunk columns
-    T part[kChunk];
+  template <typename E>
+  static In load_tail(const E* p, int64_t left) {  // zero-filled copy of the last K % kChunk columns
+    E part[kChunk];
     std::memset(part, 0, sizeof(part));
-    std::memcpy(part, p, left * sizeof(T));
+    std::memcpy(part, p, left * sizeof(E));
     return load(part);
   }
   static Acc madd(Acc acc, In w, In x) { return at::vec::fmadd(w, x, acc); }

@@ -71,7 +71,16 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.rotary = RotaryEmbedding(config)
         self.activation_checkpointing = False  # training option (train.activation_checkpointing): less memory
+        # bfloat16: float linear weights stored in bfloat16 once the batch-invariant kernels run them (a float32
+        # model on a CPU without native bfloat16: half the bytes a decode step reads; tinylm/model/invariant.py)
+        self.weight_dtype: torch.dtype | None = None
         self.tie_weights()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in (the final norm's): linear weights may be stored narrower, as
+        bfloat16 weights of a float32 model (tinylm/model/invariant.py), or quantized."""
+        return self.model.norm.weight.dtype
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -102,7 +111,7 @@ class CausalLM(nn.Module):
         packed = packed_segments(position_ids) if position_ids is not None and cache is None else None
         if position_ids is None:
             position_ids = _default_positions(attention_mask, past, seq, input_ids.device)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.dtype)  # (B, T, C): rows of a bfloat16 table widened
         cos, sin = self.rotary(position_ids, x.dtype)
         mask = build_attention_mask(attention_mask, past, seq, x.device)
         if packed is not None:  # several sequences packed in a row: each attends only to itself
