@@ -8,6 +8,7 @@ commands together, so nothing below it depends on it.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import tinylm
 from tinylm import hub
@@ -84,9 +85,18 @@ def resolve_dtype(name: str, device: str) -> str:
     return "bfloat16" if native_bf16("cpu") else "float32"
 
 
+def load_dtype(args) -> str:
+    """The dtype given to tinylm.load: --dtype auto stays "auto" for a GGUF file (the same compute dtype as
+    resolve_dtype's, and on CPUs without native bfloat16 its linear weights stored in bfloat16:
+    tinylm/llm_loading.py resolve_weight_dtype); a folder computes in resolve_dtype's choice."""
+    if args.dtype == "auto" and (hub.builtin(args.model) is not None or Path(str(args.model)).expanduser().is_file()):
+        return "auto"
+    return resolve_dtype(args.dtype, args.device)
+
+
 def load_from_args(args) -> tinylm.LLM:
     """tinylm.load with add_model_args' flags; flags a command lacks take tinylm.load's defaults."""
-    return tinylm.load(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
+    return tinylm.load(args.model, dtype=load_dtype(args), device=args.device,
                        quantize=args.quantize, compile=getattr(args, "compile", None),
                        draft=getattr(args, "draft_model", None), draft_quantize=getattr(args, "draft_quantize", None),
                        num_speculative_tokens=getattr(args, "num_speculative_tokens", 3),

@@ -147,7 +147,7 @@ def _subject(llm, args, load_args, name: str = "tinylm"):
     """tinylm as timed: through the Python API, or with --serve through `tinylm serve` in a process of its own."""
     from tinylm.bench.systems import TinyLMSystem
 
-    label = tinylm_label(load_args)
+    label = tinylm_label(load_args, llm)
     if not args.serve:
         return TinyLMSystem(llm, name, label)
     from tinylm.bench.serve import ServedTinyLMSystem
@@ -178,15 +178,20 @@ def _stream_reference(llm, load_args):
     """--serve's reference: the same model through llm.stream in this process (what the server should match)."""
     from tinylm.bench.serve import StreamedTinyLMSystem
 
-    return StreamedTinyLMSystem(llm, "tinylm-stream", tinylm_label(load_args) + ", llm.stream in the bench process")
+    label = tinylm_label(load_args, llm) + ", llm.stream in the bench process"
+    return StreamedTinyLMSystem(llm, "tinylm-stream", label)
 
 
-def tinylm_label(args) -> str:
-    """What tinylm ran, in words: "bfloat16 + w8a8, compiled, int8 K/V cache"."""
+def tinylm_label(args, llm=None) -> str:
+    """What tinylm ran, in words: "bfloat16 + w8a8, compiled, int8 K/V cache", "float32 (bfloat16 weights),
+    compiled"."""
     from tinylm.cli_args import resolve_dtype
     from tinylm.engine.compile_cache import compile_by_default
 
     parts = [resolve_dtype(args.dtype, args.device) + (f" + {args.quantize}" if args.quantize else "")]
+    weights = None if llm is None else llm.model.lm_head.weight.dtype
+    if weights is not None and weights != llm.dtype:  # float32 computed on bfloat16 weights (resolve_weight_dtype)
+        parts[0] += f" ({str(weights).removeprefix('torch.')} weights)"
     compiled = compile_by_default() if args.compile is None else args.compile
     parts.append("compiled" if compiled else "eager")
     if args.device != "cpu":
