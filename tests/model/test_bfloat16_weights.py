@@ -37,11 +37,11 @@ def test_only_auto_on_a_gguf_file_without_native_bfloat16_narrows_weights(monkey
 
 
 def rounded_float32_model(path: Path):
-    """The float32 model with every linear weight rounded to bfloat16 and back (the reference)."""
+    """The float32 model with every linear weight but the MoE routers' rounded to bfloat16 and back (the reference)."""
     llm = tinylm.load(path, dtype="float32", compile=False)
     with torch.no_grad():
-        for module in llm.model.modules():
-            if isinstance(module, torch.nn.Linear):
+        for name, module in llm.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith(("mlp.gate", "shared_expert_gate")):
                 module.weight.data = module.weight.data.to(torch.bfloat16).float()
     return llm
 
@@ -68,3 +68,45 @@ def test_bfloat16_weights_give_the_float32_model_of_the_rounded_weights(no_nativ
 def test_an_explicit_float32_keeps_float32_weights(no_native_bf16, default_llm):
     assert default_llm.model.lm_head.weight.dtype == torch.float32
     assert default_llm.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next"])
+def test_every_gguf_family_with_bfloat16_weights_is_its_rounded_float32_model(no_native_bf16, family, tmp_path):
+    """Tiny models of each family llama.cpp has, written as GGUF: attention, MoE experts (kept float32), DeltaNet's
+    projections; the engine's tokens too (prefill and decode steps)."""
+    from tinylm.tiny import make_tiny
+    from tinylm.weights.gguf_writer import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(make_tiny(family, tmp_path / family, seed=3), tmp_path / f"{family}.gguf", "f32")
+    llm = tinylm.load(path, compile=False)
+    assert llm.dtype == torch.float32 and llm.model.model.layers[0].mlp is not None
+    linear = {name: m.weight.dtype for name, m in llm.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert sum(dtype == torch.bfloat16 for dtype in linear.values()) >= 3 * llm.config.num_hidden_layers
+    assert all(dtype == torch.float32 for name, dtype in linear.items() if name.endswith(("mlp.gate", "expert_gate")))
+    reference = rounded_float32_model(path)
+    ids = torch.tensor([[5, 77, 300, 12, 9, 101, 44, 2], [17, 260, 3, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(llm.model(ids).logits, reference.model(ids).logits)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[5, 77, 300, 12], [17, 260, 3]]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+
+
+def test_compiled_decode_with_bfloat16_weights_gives_the_eager_tokens(no_native_bf16, tmp_path):
+    from tinylm.engine.engine import EngineConfig
+    from tinylm.tiny import make_tiny
+    from tinylm.weights.gguf_writer import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(make_tiny("llama", tmp_path / "llama", seed=5), tmp_path / "llama.gguf", "f32")
+    llm = tinylm.load(path, compile=False)
+    assert llm.model.lm_head.weight.dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 77, 300, 12, 9], [17, 260, 3], [8, 8, 40, 41]]
+    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    compiled = llm.engine_for(EngineConfig(compile=True))
+    assert compiled.runner.compiled is not None
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
+    assert llm.model.lm_head.weight.dtype == torch.bfloat16  # fused projections keep the stored dtype
+    fused = [m for m in llm.model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > 64]
+    assert fused and all(m.weight.dtype == torch.bfloat16 for m in fused)
