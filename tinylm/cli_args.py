@@ -8,7 +8,6 @@ commands together, so nothing below it depends on it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import tinylm
 from tinylm import hub
@@ -86,12 +85,11 @@ def resolve_dtype(name: str, device: str) -> str:
 
 
 def load_dtype(args) -> str:
-    """The dtype given to tinylm.load: --dtype auto stays "auto" for a GGUF file (the same compute dtype as
-    resolve_dtype's, and on CPUs without native bfloat16 its linear weights stored in bfloat16:
-    tinylm/llm_loading.py resolve_weight_dtype); a folder computes in resolve_dtype's choice."""
-    if args.dtype == "auto" and (hub.builtin(args.model) is not None or Path(str(args.model)).expanduser().is_file()):
-        return "auto"
-    return resolve_dtype(args.dtype, args.device)
+    """The dtype given to tinylm.load: where --dtype auto means float32 (a CPU without native bfloat16), tinylm.load's
+    own "auto", which computes every model in float32 there too and stores the linear weights of GGUF files and
+    16-bit checkpoints in bfloat16 (tinylm/llm_loading.py resolve_weight_dtype); elsewhere resolve_dtype's choice."""
+    resolved = resolve_dtype(args.dtype, args.device)
+    return "auto" if args.dtype == "auto" and resolved == "float32" else resolved
 
 
 def load_from_args(args) -> tinylm.LLM:

@@ -62,31 +62,40 @@ def resolve_dtype(dtype: str | torch.dtype, path: Path, device: str) -> str | to
     A GGUF file records no float dtype (its weights are quantized blocks): it computes in bfloat16 where the device
     does so natively (AVX512-BF16 or AMX, a GPU), else float32. bfloat16 halves the weight bytes every decode step
     reads, and compiled bfloat16 products run at memory speed on such CPUs (DESIGN.md, kernel facts); elsewhere
-    bfloat16 products are emulated, and float32 is the faster of the two."""
+    bfloat16 products are emulated, and float32 is the faster of the two: there a GGUF file and a 16-bit
+    checkpoint compute in float32 on weights stored in bfloat16 (resolve_weight_dtype)."""
     if dtype != "auto":
         return dtype
+    if resolve_weight_dtype(dtype, path, device, None) is not None:
+        return "float32"
     if path.is_file():
         return "bfloat16" if native_bf16(device) else "float32"
-    try:
-        config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
-    except (OSError, ValueError):
-        config = {}
-    stored = config.get("torch_dtype") or config.get("dtype") or "float32"
+    stored = _stored_dtype(path)
     if stored == "float16" and not device.startswith("cuda"):
         return "bfloat16"
     return stored if stored in ("float32", "bfloat16", "float16") else "float32"
 
 
 def resolve_weight_dtype(dtype: str | torch.dtype, path: Path, device: str, quantize: str | None) -> torch.dtype | None:
-    """What "auto" stores float linear weights in when it is not the compute dtype: bfloat16 for a GGUF file that
-    computes in float32 on a CPU without native bfloat16. tinylm's kernels widen bfloat16 weights to float32
-    exactly (float32 arithmetic on weights rounded once, as the bfloat16 model of AVX-512 BF16 hosts stores them),
-    and a batch-1 decode step reads half the bytes: the default model's 540 MB -> 270 MB, 47 -> ~85 tokens/s on an
-    AVX2 EPYC (BENCHMARKS.md). None: weights in the compute dtype (an explicit dtype, a quantization policy, a
-    folder's own dtype, a GPU)."""
-    if dtype != "auto" or quantize is not None or not path.is_file() or str(device).startswith("cuda"):
+    """What "auto" stores float linear weights in when it is not the compute dtype: on a CPU without native
+    bfloat16, bfloat16 for a GGUF file and for a checkpoint stored in bfloat16 or float16, which compute in float32
+    there (resolve_dtype). tinylm's kernels widen bfloat16 weights to float32 exactly (float32 arithmetic on
+    weights rounded once, as the bfloat16 model of AVX-512 BF16 hosts stores them; a bfloat16 checkpoint's exactly
+    as stored), and a batch-1 decode step reads half the bytes: the default model's 540 MB -> 270 MB, 47 -> 82
+    tokens/s on an AVX2 EPYC (BENCHMARKS.md). None: weights in the compute dtype (an explicit dtype, a quantization
+    policy, a float32 checkpoint, native bfloat16, a GPU)."""
+    if dtype != "auto" or quantize is not None or str(device).startswith("cuda") or native_bf16(device):
         return None
-    return None if native_bf16(device) else torch.bfloat16
+    return torch.bfloat16 if path.is_file() or _stored_dtype(path) in ("bfloat16", "float16") else None
+
+
+def _stored_dtype(path: Path) -> str:
+    """A folder's config.json torch_dtype (or dtype); float32 where it records none."""
+    try:
+        config = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    except (OSError, ValueError):
+        config = {}
+    return config.get("torch_dtype") or config.get("dtype") or "float32"
 
 
 def native_bf16(device: str) -> bool:

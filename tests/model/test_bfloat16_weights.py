@@ -1,11 +1,12 @@
-"""A GGUF file run in float32 on a CPU without native bfloat16 stores its linear weights in bfloat16
-(tinylm/llm_loading.py resolve_weight_dtype, tinylm/model/invariant.py store_bfloat16): the model still computes in
-float32, and every product is bitwise the float32 product of the weight rounded to bfloat16 once, so its logits and
+"""A GGUF file or a 16-bit checkpoint run by dtype "auto" on a CPU without native bfloat16 computes in float32 and
+stores its linear weights in bfloat16 (tinylm/llm_loading.py resolve_weight_dtype, tinylm/model/invariant.py
+store_bfloat16): every product is bitwise the float32 product of the weight rounded to bfloat16 once, so its logits and
 tokens are exactly those of a float32 model holding the rounded weights. Checked on every host by pretending the CPU
 has no native bfloat16."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,38 @@ def test_only_auto_on_a_gguf_file_without_native_bfloat16_narrows_weights(monkey
     assert resolve_weight_dtype("auto", gguf, "cuda", None) is None
     monkeypatch.setattr(llm_loading, "native_bf16", lambda device: True)
     assert resolve_weight_dtype("auto", gguf, "cpu", None) is None  # computes in bfloat16 there
+
+
+def test_sixteen_bit_checkpoints_compute_in_float32_on_bfloat16_weights(monkeypatch, tmp_path):
+    for stored, narrowed in (("bfloat16", torch.bfloat16), ("float16", torch.bfloat16), ("float32", None)):
+        (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": stored}))
+        monkeypatch.setattr(llm_loading, "native_bf16", lambda device: False)
+        assert resolve_weight_dtype("auto", tmp_path, "cpu", None) == narrowed
+        assert llm_loading.resolve_dtype("auto", tmp_path, "cpu") == "float32"
+        monkeypatch.setattr(llm_loading, "native_bf16", lambda device: True)
+        assert resolve_weight_dtype("auto", tmp_path, "cpu", None) is None
+        assert llm_loading.resolve_dtype("auto", tmp_path, "cpu") == ("bfloat16" if stored != "float32" else stored)
+
+
+def test_a_bfloat16_checkpoint_keeps_its_weights_exactly(no_native_bf16, tmp_path):
+    """Stored in bfloat16, computed in float32: the weights are the checkpoint's own values (no rounding), so the
+    logits are bitwise those of the checkpoint loaded in float32."""
+    from safetensors.torch import load_file, save_file
+
+    from tinylm.tiny import make_tiny
+
+    folder = make_tiny("qwen3", tmp_path / "qwen3", seed=2)
+    tensors = {name: t.to(torch.bfloat16) for name, t in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    (folder / "SHA256SUMS").unlink(missing_ok=True)  # rewritten files: no manifest
+    llm = tinylm.load(folder, compile=False)
+    assert llm.dtype == torch.float32 and llm.model.lm_head.weight.dtype == torch.bfloat16
+    exact = tinylm.load(folder, dtype="float32", compile=False)
+    ids = torch.tensor([[5, 77, 300, 12, 9, 101, 44, 2]])
+    with torch.no_grad():
+        assert torch.equal(llm.model(ids).logits, exact.model(ids).logits)
 
 
 def rounded_float32_model(path: Path):
