@@ -32,7 +32,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-invariant", default="on", choices=["on", "off"],
                         help="on (default): a request's tokens and logprobs are the same bits whatever else shares "
                              "its batch, however its prompt is chunked, and when scored later; off: the library "
-                             "products' last few percent of speed, results that depend on the batch")
+                             "products, results that depend on the batch (on CPUs without native bfloat16 also "
+                             "float32 weights: slower there)")
     parser.add_argument("--draft-model", default=None, metavar="D",
                         help="speculative decoding: a smaller model with the same tokenizer (or this one, with "
                              "--draft-quantize) proposes tokens that the model checks several at a time")
