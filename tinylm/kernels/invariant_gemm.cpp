@@ -203,9 +203,10 @@ inline void widen_row(const uint16_t* bits, float* out, int64_t k) {
   }
 }
 
-// Activation rows a mixed (float32 x bfloat16) tile must face before its weight rows are widened to a float32 copy
-// once (Ops::Base's tiles over it) rather than in registers at every pass: one pass widens in registers.
-constexpr int64_t kWidenRows = 17;  // up to a decode batch (16 rows: 246 us in registers, 302 widened once)
+// A mixed (float32 x bfloat16) tile facing at least this many activation rows widens its weight rows once into a
+// float32 copy (Ops::Base's tiles then run over it); fewer rows, up to a decode batch, widen them in registers at
+// every pass (16 rows of 1536 x 576: 246 us in registers, 302 widened once).
+constexpr int64_t kWidenRows = 17;
 
 // One weight tile (rows n0 .. n0 + 3; past N the last row again, its sums dropped) against activation rows
 // [i_begin, i_end), kTileRows at a time, with Ops over the weight rows wr; the tile stays in L1 meanwhile.
