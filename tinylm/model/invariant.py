@@ -10,8 +10,9 @@ tinylm::invariant_attention (keys in fixed blocks from each row's first key, the
 a decode's one; tinylm/kernels/invariant_attention.cpp). Everything else the model computes is per row already:
 norms reduce each row alone, elementwise ops do not mix rows.
 
-A float32 model whose `weight_dtype` is bfloat16 (GGUF files on CPUs without native bfloat16, tinylm/llm_loading.py)
-also stores its linear weights in bfloat16 here: the kernels widen them exactly and compute in float32.
+A float32 model whose `weight_dtype` is bfloat16 (GGUF files and 16-bit checkpoints on CPUs without native
+bfloat16, tinylm/llm_loading.py) also stores its linear weights in bfloat16 here: the kernels widen them exactly and
+compute in float32.
 
 In place and for good, like fused projections: the engine applies it when EngineConfig.batch_invariant is on, and
 `llm.forward` then runs the same operations, so a pipeline can recompute bitwise what the engine sampled.
