@@ -143,3 +143,18 @@ def test_compiled_decode_with_bfloat16_weights_gives_the_eager_tokens(no_native_
     assert llm.model.lm_head.weight.dtype == torch.bfloat16  # fused projections keep the stored dtype
     fused = [m for m in llm.model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > 64]
     assert fused and all(m.weight.dtype == torch.bfloat16 for m in fused)
+
+
+def test_the_cli_gives_tinylm_load_its_own_auto_where_auto_means_float32(monkeypatch):
+    """chat, serve, generate and bench load through cli_args.load_dtype: on a CPU without native bfloat16 their
+    --dtype auto reaches tinylm.load as "auto" (so GGUF files get bfloat16 weights); elsewhere the CLI's choice."""
+    from argparse import Namespace
+
+    from tinylm import cli_args
+
+    monkeypatch.setattr(cli_args, "native_bf16", lambda device: False)
+    assert cli_args.load_dtype(Namespace(dtype="auto", device="cpu")) == "auto"
+    assert cli_args.load_dtype(Namespace(dtype="float32", device="cpu")) == "float32"
+    assert cli_args.load_dtype(Namespace(dtype="auto", device="cuda")) == "bfloat16"
+    monkeypatch.setattr(cli_args, "native_bf16", lambda device: True)
+    assert cli_args.load_dtype(Namespace(dtype="auto", device="cpu")) == "bfloat16"
