@@ -20,15 +20,12 @@ In place and for good, like fused projections: the engine applies it when Engine
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
 from tinylm import kernels
 from tinylm.kernels.invariant import invariant_linear
-
-KEEP_FLOAT32 = ("*.mlp.gate", "*.shared_expert_gate")  # module names store_bfloat16 leaves in float32
+from tinylm.model.moe import routes_tokens
 
 
 class InvariantLinear(nn.Linear):
@@ -81,11 +78,9 @@ def store_bfloat16(model: nn.Module) -> None:
     them exactly (tinylm/kernels/invariant_gemm.cpp), so each product is bitwise the float32 product with the
     weight rounded to bfloat16 once, at half the bytes a decode step reads (the default model's batch-1 step: 540
     -> 270 MB). A tied embedding shares the head's parameter and is stored so too (its rows are widened on lookup,
-    CausalLM.hidden_states). Biases stay float32, and so do MoE routers and shared-expert gates (KEEP_FLOAT32:
-    a few KB that decide routing, float32 in GGUF files too)."""
+    CausalLM.hidden_states). Biases stay float32, and so do MoE routers and shared-expert gates (routes_tokens)."""
     for name, module in model.named_modules():
-        if (isinstance(module, InvariantLinear) and module.weight.dtype == torch.float32
-                and not any(fnmatch.fnmatchcase(name, pattern) for pattern in KEEP_FLOAT32)):
+        if isinstance(module, InvariantLinear) and module.weight.dtype == torch.float32 and not routes_tokens(name):
             module.weight.data = module.weight.data.to(torch.bfloat16)
 
 

@@ -14,6 +14,8 @@ the chosen experts' weights, once per pair (a decode batch of B rows and top-k r
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,15 @@ from tinylm.config import ModelConfig
 from tinylm.kernels.invariant import invariant_linear, invariant_silu_mul, kernels_take
 from tinylm.model.layers import MLP
 from tinylm.model.opaque_ops import gate_by_sigmoid
+
+# The router and the shared-expert gate (module name patterns): a few KB that decide routing, kept in the model's
+# float dtype by quantization policies and by bfloat16 weight storage (float32 in GGUF files too)
+ROUTING_LAYERS = ("*.mlp.gate", "*.shared_expert_gate")
+
+
+def routes_tokens(module_name: str) -> bool:
+    """Whether the linear layer `module_name` is a MoE router or shared-expert gate (ROUTING_LAYERS)."""
+    return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in ROUTING_LAYERS)
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,14 +18,13 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from tinylm.errors import ConfigError
+from tinylm.model.moe import routes_tokens
 from tinylm.quant.formats import FLOAT, FORMATS, format_class
 from tinylm.quant.int4pack import GROUP_SIZES
 
 DEFAULT_GROUP_SIZE = 64  # divides every in_features of SmolLM2 (576, 1536) and Qwen2.5-3B (2048, 11008)
 ACTIVATIONS = ("float", "int8")
 KERNEL_DTYPES = {"auto": None, "model": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Always left in floating point: MoE routers and shared-expert gates are tiny and decide routing.
-_ALWAYS_FLOAT = ("*.mlp.gate", "*.shared_expert_gate")
 _QKV = ("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj")
 
 
@@ -76,7 +75,7 @@ class QuantPolicy:
 
     def scheme_for(self, module_name: str) -> str:
         """The scheme of a linear layer (not the embedding or the head)."""
-        if any(fnmatch.fnmatchcase(module_name, p) for p in _ALWAYS_FLOAT):
+        if routes_tokens(module_name):  # always left in floating point: tiny, and they decide routing
             return "float"
         for pattern, scheme in self.overrides:
             if fnmatch.fnmatchcase(module_name, pattern):
