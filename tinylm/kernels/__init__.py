@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("decode_attention.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "invariant_gemm.cpp",
                          "invariant_attention.cpp", "invariant_rows.cpp", "int4_gemm.cpp", "delta_rule.cpp",
-                         "deltanet_mix.cpp", "invariant_experts.cpp", "int8_rows.cpp")]
+                         "deltanet_mix.cpp", "invariant_experts.cpp", "int8_rows.cpp", "invariant_blocks.cpp")]
 # included by the sources: part of the build's name too
 HEADERS = [Path(__file__).with_name(name)
            for name in ("vec_rows.h", "attend_chunk.h", "invariant_amx.h", "invariant_ops.h", "delta_rule.h",
-                         "invariant_vec.h", "fp_contract_off.h", "avx2_int.h")]
+                         "invariant_vec.h", "fp_contract_off.h", "avx2_int.h", "invariant_tiles.h")]
 _STATE: dict[str, bool] = {}
 
 
@@ -166,6 +166,10 @@ def _register_fakes() -> None:
     def _(x, weight, bias=None, float_out=False):
         dtype = torch.float32 if float_out else x.dtype
         return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)  # (M, N) in x's dtype or float32
+
+    @torch.library.register_fake("tinylm::invariant_blocks_linear")
+    def _(x, codes, scales, mins, bits, bias=None):
+        return x.new_empty((x.shape[0], codes.shape[0]))  # (M, N) float32
 
     @torch.library.register_fake("tinylm::invariant_rms_norm")
     def _(x, weight, eps, zero_centered):
