@@ -25,8 +25,8 @@ from tinylm.engine.ngram import NGRAM
 from tinylm.engine.speculative import check_num_tokens
 from tinylm.errors import ConfigError
 from tinylm.llm_loading import (build_engine_config, check_extra_args, file_bytes, load_draft, native_bf16,
-                                resolve_device, resolve_dtype, resolve_weight_dtype, speculative_draft,
-                                with_tokenizer)
+                                resolve_device, resolve_dtype, resolve_weight_dtype, set_weight_storage,
+                                speculative_draft, with_tokenizer)
 from tinylm.loading import load_model
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.outputs import CompletionOutput, Logprob, RequestOutput, StepEvent
@@ -81,7 +81,7 @@ class LLM:
         path = hub.resolve(model)
         loaded = load_model(path, dtype=resolve_dtype(dtype, path, device), device=device, quantize=quantization,
                             check_finite=check_finite)
-        loaded.model.weight_dtype = resolve_weight_dtype(dtype, path, device, quantization)
+        set_weight_storage(loaded.model, resolve_weight_dtype(dtype, path, device, quantization), path)
         loaded = with_tokenizer(loaded, tokenizer, model, skip_tokenizer_init)
         model_context(loaded.model.config.max_position_embeddings, config.max_model_len)
         if speculative_config:
@@ -371,7 +371,7 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "aut
     weight_dtype = resolve_weight_dtype(dtype, path, device, quantize)
     dtype = resolve_dtype(dtype, path, device)
     loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
-    loaded.model.weight_dtype = weight_dtype
+    set_weight_storage(loaded.model, weight_dtype, path)
     draft_loaded = draft if draft in (None, NGRAM) else load_draft(loaded, draft, dtype, device, draft_quantize,
                                                                    check_finite)
     config = build_engine_config(compile=compile, batch_invariant=batch_invariant,

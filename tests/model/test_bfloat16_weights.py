@@ -1,8 +1,9 @@
 """A GGUF file or a 16-bit checkpoint run by dtype "auto" on a CPU without native bfloat16 computes in float32 and
-stores its linear weights in bfloat16 (tinylm/llm_loading.py resolve_weight_dtype, tinylm/model/invariant.py
-store_bfloat16): every product is bitwise the float32 product of the weight rounded to bfloat16 once, so its logits and
-tokens are exactly those of a float32 model holding the rounded weights. Checked on every host by pretending the CPU
-has no native bfloat16."""
+stores its float linear weights in bfloat16 (tinylm/llm_loading.py resolve_weight_dtype, tinylm/model/invariant.py
+store_compact): every product is bitwise the float32 product of the weight rounded to bfloat16 once, so its logits and
+tokens are exactly those of a float32 model holding the rounded weights. (A GGUF file's Q4_0 / Q4_1 / Q8_0 weights
+keep their blocks instead, exactly: test_block_weights.py; the files here are written in F32.) Checked on every host
+by pretending the CPU has no native bfloat16."""
 
 from __future__ import annotations
 
@@ -77,25 +78,6 @@ def rounded_float32_model(path: Path):
             if isinstance(module, torch.nn.Linear) and not name.endswith(("mlp.gate", "shared_expert_gate")):
                 module.weight.data = module.weight.data.to(torch.bfloat16).float()
     return llm
-
-
-def test_bfloat16_weights_give_the_float32_model_of_the_rounded_weights(no_native_bf16, smollm2_gguf):
-    llm = tinylm.load(smollm2_gguf, compile=False)
-    model = llm.model
-    assert llm.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
-    assert model.lm_head.weight.dtype == torch.bfloat16  # the tied embedding / head: 28 M values in 16 bits
-    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
-    reference = rounded_float32_model(smollm2_gguf)
-    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345], [1, 2, 3, 4, 5, 6, 7, 8]])
-    with torch.no_grad():
-        logits = llm.model(ids).logits
-        assert logits.dtype == torch.float32
-        assert torch.equal(logits, reference.model(ids).logits)
-        assert torch.equal(llm.model(ids[:1]).logits[0], logits[0])  # batch invariant
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    prompts = ["The capital of France is", "1, 2, 3,"]
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert got == [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
 
 
 def test_an_explicit_float32_keeps_float32_weights(no_native_bf16, default_llm):

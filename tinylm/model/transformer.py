@@ -74,6 +74,9 @@ class CausalLM(nn.Module):
         # bfloat16: float linear weights stored in bfloat16 once the batch-invariant kernels run them (a float32
         # model on a CPU without native bfloat16: half the bytes a decode step reads; tinylm/model/invariant.py)
         self.weight_dtype: torch.dtype | None = None
+        # a GGUF file's Q4_0 / Q4_1 / Q8_0 weights as stored, by parameter name: with bfloat16 weight storage those
+        # layers keep their blocks instead, exactly (tinylm/model/block_linear.py); emptied once applied
+        self.stored_blocks: dict = {}
         self.tie_weights()
 
     @property

@@ -1,0 +1,112 @@
+"""A GGUF file's Q4_0 / Q4_1 / Q8_0 weights kept as blocks (tinylm/model/block_linear.py) when dtype "auto" computes
+in float32 on a CPU without native bfloat16: every such layer's product is bitwise the float32 product of the
+weight gguf-py dequantizes, so logits and tokens are exactly those of the float32 model (`dtype="float32"`), for
+the default model and tiny models of every family; fused and compiled too. Checked on every host by pretending the
+CPU has no native bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinylm
+from tinylm import SamplingParams, kernels, llm_loading
+from tinylm.model.block_linear import BlockEmbedding, BlockLinear
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs tinylm's kernels (a C++ compiler)")
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    monkeypatch.setattr(llm_loading, "native_bf16", lambda device: False)
+
+
+def block_layers(model) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, BlockLinear)]
+
+
+def test_the_default_model_runs_on_its_blocks_as_its_float32_model(no_native_bf16, smollm2_gguf, default_llm):
+    llm = tinylm.load(smollm2_gguf, compile=False)
+    model = llm.model
+    assert llm.dtype == torch.float32 and model.stored_blocks == {}  # applied, then let go
+    assert isinstance(model.lm_head, BlockLinear) and model.lm_head.bits == 8  # the Q8_0 tied embedding / head
+    assert isinstance(model.model.embed_tokens, BlockEmbedding)
+    assert len(block_layers(model)) == 7 * model.config.num_hidden_layers + 1  # every Q4_1 projection, the head
+    stored = sum(t.numel() * t.element_size() for t in model.buffers())
+    assert stored < 120e6  # ~111 MB: 540 MB as float32, 270 MB as bfloat16
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345], [1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert torch.equal(logits, default_llm.model(ids).logits)
+        assert torch.equal(model(ids[:1]).logits[0], logits[0])  # batch invariant
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in default_llm.generate(prompts, params)]
+
+
+def test_an_explicit_float32_or_batch_invariance_off_keeps_float_layers(no_native_bf16, smollm2_gguf):
+    assert not block_layers(tinylm.load(smollm2_gguf, dtype="float32", compile=False).model)
+    assert not block_layers(tinylm.load(smollm2_gguf, compile=False, batch_invariant=False).model)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen3_next"])
+def test_every_family_on_blocks_is_its_float32_model(no_native_bf16, family, qtype, tmp_path):
+    """Tiny models of each family written as quantized GGUF (llama's permuted q/k rows, qwen2's biases, MoE experts
+    kept float, DeltaNet's projections): logits, and the engine's tokens (prefill and decode steps)."""
+    from tinylm.tiny import make_tiny
+    from tinylm.weights.gguf_writer import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(make_tiny(family, tmp_path / family, seed=3), tmp_path / f"{family}.gguf", qtype)
+    llm = tinylm.load(path, compile=False)
+    names = block_layers(llm.model)
+    assert len(names) >= 2 * llm.config.num_hidden_layers and not any(".experts." in n for n in names)
+    reference = tinylm.load(path, dtype="float32", compile=False)
+    with torch.no_grad():  # routed experts are stacked float layers: stored in bfloat16 (test_bfloat16_weights.py)
+        for name, module in reference.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".experts." in name:
+                module.weight.data = module.weight.data.to(torch.bfloat16).float()
+    ids = torch.tensor([[5, 77, 300, 12, 9, 101, 44, 2], [17, 260, 3, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(llm.model(ids).logits, reference.model(ids).logits)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[5, 77, 300, 12], [17, 260, 3]]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+
+
+def test_compiled_fused_decode_on_blocks_gives_the_eager_tokens(no_native_bf16, tmp_path):
+    from tinylm.engine.engine import EngineConfig
+    from tinylm.tiny import make_tiny
+    from tinylm.weights.gguf_writer import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(make_tiny("llama", tmp_path / "llama", seed=5), tmp_path / "llama.gguf", "q4_1")
+    llm = tinylm.load(path, compile=False)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 77, 300, 12, 9], [17, 260, 3], [8, 8, 40, 41]]
+    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    compiled = llm.engine_for(EngineConfig(compile=True))
+    assert compiled.runner.compiled is not None
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
+    fused = [m for m in llm.model.modules() if isinstance(m, BlockLinear) and m.out_features > 64]
+    assert fused and llm.model.model.layers[0].self_attn.qkv_proj is not None  # q/k/v joined on their blocks
+
+
+def test_blocks_that_do_not_give_the_loaded_weight_are_not_used(no_native_bf16, smollm2_gguf, monkeypatch):
+    """store_compact checks each layer's blocks against the float32 weight it replaces: a layer whose blocks differ
+    (here: one scale changed) stays a bfloat16 float layer."""
+    from tinylm.weights import gguf_blocks
+
+    read = gguf_blocks.read_blocks
+
+    def altered(path):
+        found = read(path)
+        found["model.layers.0.mlp.down_proj.weight"].scales[0, 0] *= 2
+        return found
+
+    monkeypatch.setattr(gguf_blocks, "read_blocks", altered)
+    model = tinylm.load(smollm2_gguf, compile=False).model
+    assert not isinstance(model.model.layers[0].mlp.down_proj, BlockLinear)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert isinstance(model.model.layers[0].mlp.up_proj, BlockLinear)

@@ -1,0 +1,143 @@
+"""Linear layers on GGUF Q4_0 / Q4_1 / Q8_0 blocks kept as the file stores them, computing exactly the float32 model.
+
+A GGUF model's float32 weights are its blocks dequantized (gguf-py: w = d * q + m for Q4_1, d * (q - 8) for Q4_0,
+d * q for Q8_0, in float32: d * q is exact and one rounding adds m). BlockLinear keeps the blocks and widens them to
+those same float32 values inside the product (tinylm::invariant_blocks_linear, tinylm/kernels/invariant_blocks.cpp),
+so its output is bitwise the batch-invariant float32 product on the dequantized weight (InvariantLinear), while a
+decode step reads ~0.75 byte a weight (4 bits with float32 scales and mins) or ~1.1 (8 bits) instead of 4, or 2 as
+bfloat16. Nothing is rounded: the model is the file's, not a bfloat16 approximation of it.
+
+Parts of one layer (BlockWeight), all rows (N) first:
+  bits 4: codes (N, K / 2) uint8, per 32-column block 16 bytes, byte j = q_j (low nibble) | q_j+16 (high nibble);
+          scales, mins (N, K / 32) float32, w = scales * q + mins (Q4_0: mins = -8 scales, exact).
+  bits 8: codes (N, K) int8, scales (N, K / 32) float32, w = scales * q.
+Inference only, like fused projections: the layers are built by store_compact (tinylm/model/invariant.py) from the
+parts the loader read (tinylm/weights/gguf_blocks.py) and never saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinylm import kernels
+
+BLOCK = 32  # columns a block
+
+
+@dataclass
+class BlockWeight:
+    """One weight's blocks (see the module docstring for the layout)."""
+
+    bits: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.scales.shape[1] * BLOCK
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight (N, K), or its rows `rows` (any shape of ids) -> (*rows.shape, K): the values the
+        kernel widens to (d * q is exact, so mul-then-add and fma agree)."""
+        codes, scales = self.codes, self.scales
+        mins = self.mins
+        if rows is not None:
+            codes, scales = codes[rows], scales[rows]
+            mins = None if mins is None else mins[rows]
+        groups = scales.shape[-1]
+        if self.bits == 4:
+            nibbles = codes.reshape(*codes.shape[:-1], groups, BLOCK // 2)  # (..., G, 16)
+            q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float()  # (..., G, 32)
+            values = q * scales[..., None] + mins[..., None]
+        else:
+            values = codes.reshape(*codes.shape[:-1], groups, BLOCK).float() * scales[..., None]
+        return values.reshape(*values.shape[:-2], groups * BLOCK)
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        """Whether these blocks dequantize to exactly `weight` (N, K) (checked before a float weight is replaced)."""
+        if tuple(weight.shape) != self.shape or weight.dtype != torch.float32:
+            return False
+        step = 4096  # rows at a time: bounds the float temporary (the default model's 49152-row head)
+        return all(torch.equal(self.dequantize(torch.arange(a, min(a + step, weight.shape[0]))),
+                               weight[a:a + step]) for a in range(0, weight.shape[0], step))
+
+
+class BlockLinear(nn.Module):
+    """x (..., K) float32 -> (..., N) float32 over a BlockWeight, bitwise InvariantLinear on the dequantized weight.
+    Other dtypes, devices or autograd take F.linear on the dequantized weight (correct, not batch invariant)."""
+
+    def __init__(self, weight: BlockWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.bits = weight.bits
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("mins", weight.mins)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @property
+    def blocks(self) -> BlockWeight:
+        return BlockWeight(self.bits, self.codes, self.scales, self.mins)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A 0-element float32 stand-in on the layer's device: code that reads `lm_head.weight.dtype` / `.device`
+        keeps working. The weight itself: `blocks.dequantize()`."""
+        return torch.empty(0, dtype=torch.float32, device=self.codes.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernel_takes(x):
+            rows = x.reshape(-1, self.in_features)  # (M, K)
+            out = torch.ops.tinylm.invariant_blocks_linear(rows, self.codes, self.scales, self.mins, self.bits,
+                                                           self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.blocks.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight as float32 (..., K): the tied embedding's lookup."""
+        return self.blocks.dequantize(ids)
+
+    @classmethod
+    def concat_rows(cls, layers: list[BlockLinear]) -> BlockLinear:
+        """One layer over the rows of `layers` end to end (fused q/k/v, gate/up: tinylm/model/fuse.py)."""
+        from tinylm.errors import ConfigError  # noqa: PLC0415
+        from tinylm.model.fuse import concat_biases  # noqa: PLC0415 - fuse imports the layers it joins
+
+        first = layers[0]
+        if any(m.bits != first.bits or m.in_features != first.in_features for m in layers):
+            raise ConfigError("concat_rows: the block layers differ in bits or input features")
+        mins = None if first.mins is None else torch.cat([m.mins for m in layers])
+        weight = BlockWeight(first.bits, torch.cat([m.codes for m in layers]), torch.cat([m.scales for m in layers]),
+                             mins)
+        return cls(weight, concat_biases(layers))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
+               f"bias={self.bias is not None}"
+
+
+class BlockEmbedding(nn.Module):
+    """The tied embedding over the head's blocks: ids (...) -> (..., C) float32 rows. Holds the head by reference
+    (a tuple hides it from nn.Module's registration), so the blocks are stored once, as `lm_head.*`."""
+
+    def __init__(self, head: BlockLinear) -> None:
+        super().__init__()
+        self._head = (head,)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._head[0].weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._head[0].lookup(ids)
+
+
+def _kernel_takes(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+            and kernels.available())
