@@ -82,7 +82,8 @@ def resolve_weight_dtype(dtype: str | torch.dtype, path: Path, device: str, quan
     there (resolve_dtype). tinylm's kernels widen bfloat16 weights to float32 exactly (float32 arithmetic on
     weights rounded once, as the bfloat16 model of AVX-512 BF16 hosts stores them; a bfloat16 checkpoint's exactly
     as stored), and a batch-1 decode step reads half the bytes: the default model's 540 MB -> 270 MB, 47 -> 82
-    tokens/s on an AVX2 EPYC (BENCHMARKS.md). None: weights in the compute dtype (an explicit dtype, a quantization
+    tokens/s on an AVX2 EPYC (BENCHMARKS.md). A GGUF file's Q4_0 / Q4_1 / Q8_0 weights go further: they keep their
+    blocks, exactly (set_weight_storage). None: weights in the compute dtype (an explicit dtype, a quantization
     policy, a float32 checkpoint, native bfloat16, a GPU)."""
     if dtype != "auto" or quantize is not None or str(device).startswith("cuda") or native_bf16(device):
         return None

@@ -183,15 +183,16 @@ def _stream_reference(llm, load_args):
 
 
 def tinylm_label(args, llm=None) -> str:
-    """What tinylm ran, in words: "bfloat16 + w8a8, compiled, int8 K/V cache", "float32 (bfloat16 weights),
+    """What tinylm ran, in words: "bfloat16 + w8a8, compiled, int8 K/V cache", "float32 (GGUF blocks),
     compiled"."""
     from tinylm.cli_args import resolve_dtype
     from tinylm.engine.compile_cache import compile_by_default
+    from tinylm.model.invariant import weight_storage
 
     parts = [resolve_dtype(args.dtype, args.device) + (f" + {args.quantize}" if args.quantize else "")]
-    weights = None if llm is None else llm.model.lm_head.weight.dtype
-    if weights is not None and weights != llm.dtype:  # float32 computed on bfloat16 weights (resolve_weight_dtype)
-        parts[0] += f" ({str(weights).removeprefix('torch.')} weights)"
+    storage = None if llm is None else weight_storage(llm.model)
+    if storage is not None:  # float32 computed on GGUF blocks / bfloat16 weights (store_compact)
+        parts[0] += f" ({storage})"
     compiled = compile_by_default() if args.compile is None else args.compile
     parts.append("compiled" if compiled else "eager")
     if args.device != "cpu":

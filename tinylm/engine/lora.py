@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tinylm.errors import ConfigError
+from tinylm.model.block_linear import BlockLinear
 from tinylm.weights.lora_files import read_adapter
 
 MAX_ADAPTERS = 64  # loaded at once per engine
@@ -108,7 +109,7 @@ class LoRAAdapters:
         layer = getattr(parent, leaf)
         if isinstance(layer, MultiLoRALinear):
             return layer
-        if not isinstance(layer, nn.Linear):
+        if not isinstance(layer, (nn.Linear, BlockLinear)):
             raise ConfigError(f"{module_name} is not a plain Linear here (fused or quantized): LoRA adapters are "
                               "served on float, unfused models")
         wrapped = MultiLoRALinear(layer, self.rows)

@@ -98,6 +98,18 @@ def store_compact(model: nn.Module) -> None:
     model.stored_blocks = {}
 
 
+def weight_storage(model: nn.Module) -> str | None:
+    """How store_compact stored this float32 model's linear weights, in words ("GGUF blocks", "bfloat16 weights",
+    both joined by " + "), or None when they are in the compute dtype."""
+    kinds = []
+    if any(isinstance(m, BlockLinear) for m in model.modules()):
+        kinds.append("GGUF blocks")
+    if model.dtype == torch.float32 and any(isinstance(m, InvariantLinear) and m.weight.dtype == torch.bfloat16
+                                           for m in model.modules()):
+        kinds.append("bfloat16 weights")
+    return " + ".join(kinds) or None
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)

@@ -81,9 +81,30 @@ class GGUFFile:
         return tokenizer
 
 
+_LAST_OPENED: dict[tuple, GGUFFile] = {}  # (path, size, mtime) -> the file last opened (see open_gguf)
+
+
 def open_gguf(path: str | Path) -> GGUFFile:
-    """Open a GGUF file and check its metadata and tensor list; no weights are decoded yet."""
+    """Open a GGUF file and check its metadata and tensor list; no weights are decoded yet. The file opened last is
+    kept (a memory map, no copy) and returned again while it is unchanged on disk: a load reads it twice (its
+    dequantized tensors, then the blocks of tinylm/weights/gguf_blocks.py), and parsing the metadata of the default
+    model takes ~0.7 s."""
     path = Path(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _LAST_OPENED:
+        return _LAST_OPENED[key]
+    opened = _open_gguf(path)
+    _LAST_OPENED.clear()
+    if key is not None:
+        _LAST_OPENED[key] = opened
+    return opened
+
+
+def _open_gguf(path: Path) -> GGUFFile:
     reader = _open(path)
     meta = _fields(reader, path)
     config = _wrap(path, "model metadata", _config, reader, meta, path, None)

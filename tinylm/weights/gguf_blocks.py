@@ -37,14 +37,14 @@ def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeigh
     raw = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
     scales = _f16(raw[..., 0:2])
     if qtype == QType.Q8_0:
-        codes = np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, cols)
-        return BlockWeight(8, torch.from_numpy(codes.copy()), scales)
+        codes = np.array(raw[..., 2:], copy=True).view(np.int8).reshape(rows, cols)  # one copy, out of the map
+        return BlockWeight(8, torch.from_numpy(codes), scales)
     offset = 4 if qtype == QType.Q4_1 else 2
     mins = _f16(raw[..., 2:4]) if qtype == QType.Q4_1 else -8 * scales
-    codes = np.ascontiguousarray(raw[..., offset:]).reshape(rows, cols // 2)  # byte j: q_j low, q_j+16 high
-    return BlockWeight(4, torch.from_numpy(codes.copy()), scales, mins)
+    codes = np.array(raw[..., offset:], copy=True).reshape(rows, cols // 2)  # byte j: q_j low, q_j+16 high
+    return BlockWeight(4, torch.from_numpy(codes), scales, mins)
 
 
 def _f16(pairs: np.ndarray) -> torch.Tensor:
     """(N, G, 2) bytes holding little-endian f16 values -> (N, G) float32."""
-    return torch.from_numpy(np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32))
+    return torch.from_numpy(np.array(pairs, copy=True).view(np.float16)[..., 0].astype(np.float32))

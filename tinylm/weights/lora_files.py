@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tinylm.errors import WeightsError
+from tinylm.model.block_linear import BlockLinear
 from tinylm.weights import name_maps
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,7 +56,8 @@ def read_adapter(folder: str | Path, model: nn.Module) -> AdapterFile:
         raise WeightsError(f"{folder}: adapter_config.json needs integer r and numeric lora_alpha") from None
     model_type = model.config.model_type
     # A Linear already wrapped by an adapter layer (training's or serving's) is its `base_layer`
-    linears = {n.removesuffix(".base_layer"): m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n.removesuffix(".base_layer"): m for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, BlockLinear))}  # float layers, or on a GGUF file's blocks
     by_key = {peft_key(model_type, n, "lora_A"): n for n in linears}
     names = sorted({by_key.get(k.replace(".lora_B.", ".lora_A.")) for k in tensors} - {None})
     if r < 1 or len(names) * 2 != len(tensors):
