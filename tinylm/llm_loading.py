@@ -96,10 +96,16 @@ def set_weight_storage(model, weight_dtype: torch.dtype | None, path: Path) -> N
     layers then compute on their blocks, bitwise the float32 model, at ~0.75-1.1 bytes a weight (the default model's
     batch-1 step: 270 MB in bfloat16 -> 111 MB; tinylm/model/invariant.py, store_compact)."""
     model.weight_dtype = weight_dtype
-    if weight_dtype == torch.bfloat16 and path.is_file() and path.suffix.lower() == ".gguf":
+    if weight_dtype == torch.bfloat16 and path.is_file() and path.suffix.lower() == ".gguf" and blocks_pay():
         from tinylm.weights.gguf_blocks import read_blocks  # noqa: PLC0415 - GGUF files only
 
         model.stored_blocks = read_blocks(path)
+
+
+def blocks_pay() -> bool:
+    """Whether tinylm's kernels widen GGUF blocks with vector instructions here (x86 with AVX2 or AVX-512): on
+    other CPUs the scalar widening would be slower than bfloat16 weights."""
+    return kernels.available() and torch.ops.tinylm.invariant_blocks_vectorized()
 
 
 def _stored_dtype(path: Path) -> str:

@@ -110,3 +110,12 @@ def test_blocks_that_do_not_give_the_loaded_weight_are_not_used(no_native_bf16, 
     assert not isinstance(model.model.layers[0].mlp.down_proj, BlockLinear)
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert isinstance(model.model.layers[0].mlp.up_proj, BlockLinear)
+
+
+def test_where_blocks_would_be_widened_by_scalar_code_the_weights_are_bfloat16(no_native_bf16, smollm2_gguf,
+                                                                                monkeypatch):
+    """On CPUs where the kernel has no vector widening (ARM builds), bfloat16 weights read faster than blocks."""
+    assert torch.ops.tinylm.invariant_blocks_vectorized() in (True, False)
+    monkeypatch.setattr(llm_loading, "blocks_pay", lambda: False)
+    model = tinylm.load(smollm2_gguf, compile=False).model
+    assert not block_layers(model) and model.lm_head.weight.dtype == torch.bfloat16

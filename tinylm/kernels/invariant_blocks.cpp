@@ -277,11 +277,26 @@ at::Tensor invariant_blocks_linear(const at::Tensor& x, const at::Tensor& codes,
   return out;
 }
 
+// Whether this build widens blocks with vector instructions (AVX2, AVX-512): elsewhere (ARM) the scalar widening
+// is slower than reading bfloat16 weights, so models keep those instead (tinylm/llm_loading.py)
+bool invariant_blocks_vectorized() {
+#if defined(TINYLM_INV_AVX512) || defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tinylm, m) {
   m.def("invariant_blocks_linear(Tensor x, Tensor codes, Tensor scales, Tensor? mins, int bits, Tensor? bias=None)"
         " -> Tensor");
+  m.def("invariant_blocks_vectorized() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(tinylm, CPU, m) { m.impl("invariant_blocks_linear", &invariant_blocks_linear); }
+
+TORCH_LIBRARY_IMPL(tinylm, CompositeExplicitAutograd, m) {
+  m.impl("invariant_blocks_vectorized", &invariant_blocks_vectorized);
+}
