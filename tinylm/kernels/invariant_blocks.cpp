@@ -152,7 +152,9 @@ void rows_in_registers(const Weight& w, const float* x, int64_t n0, bool prefetc
   for (int64_t b = 0; b < w.groups; ++b) {
     if (next != nullptr) {
       #pragma GCC unroll 2
-      for (int64_t byte = 0; byte < kW * kBlockCodes; byte += 64) __builtin_prefetch(next + (b * kW * kBlockCodes) + byte, 0, 3);
+      for (int64_t byte = 0; byte < kW * kBlockCodes; byte += 64) {
+        __builtin_prefetch(next + b * kW * kBlockCodes + byte, 0, 3);
+      }
     }
     #pragma GCC unroll 4
     for (int r = 0; r < kW; ++r) {
@@ -240,7 +242,9 @@ void run(const Weight& w, const float* x, const float* bias, float* out, int64_t
     for (int64_t u = begin; u < end; ++u) {
       const int64_t i_begin = (u % blocks) * block_rows, i_end = std::min(m, i_begin + block_rows);
       const int64_t t_end = std::min(tiles, (u / blocks + 1) * chunk_tiles);
-      for (int64_t t = (u / blocks) * chunk_tiles; t < t_end; ++t) tile_rows<Bits>(w, x, bias, t * kW, i_begin, i_end, out);
+      for (int64_t t = (u / blocks) * chunk_tiles; t < t_end; ++t) {
+        tile_rows<Bits>(w, x, bias, t * kW, i_begin, i_end, out);
+      }
     }
   });
 }
