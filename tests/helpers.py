@@ -48,3 +48,31 @@ def run_engine(engine, prompts: list[list[int]], params, max_steps: int = 10_000
         for output in engine.step():
             outputs[int(output.request_id)].append(output)
     return EngineRun(outputs, steps)
+
+
+def assert_same_model(llm, reference) -> None:
+    """`llm` and `reference` (two tinylm.LLM of one tiny model) give bitwise the same logits for two 8-token rows and
+    the same greedy tokens through the engine (its prefill and decode steps)."""
+    import torch  # noqa: PLC0415
+
+    from tinylm import SamplingParams  # noqa: PLC0415
+
+    ids = torch.tensor([[5, 77, 300, 12, 9, 101, 44, 2], [17, 260, 3, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(llm.model(ids).logits, reference.model(ids).logits)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[5, 77, 300, 12], [17, 260, 3]]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+
+
+def assert_compiled_gives_eager_tokens(llm) -> None:
+    """`llm` (loaded with compile=False) decodes the same greedy tokens once the engine compiles its steps."""
+    from tinylm import SamplingParams  # noqa: PLC0415
+    from tinylm.engine.engine import EngineConfig  # noqa: PLC0415
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 77, 300, 12, 9], [17, 260, 3], [8, 8, 40, 41]]
+    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert llm.engine_for(EngineConfig(compile=True)).runner.compiled is not None
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import tinylm
-from tinylm import SamplingParams, kernels, llm_loading
+from tests.helpers import assert_compiled_gives_eager_tokens, assert_same_model
+from tinylm import kernels, llm_loading
 from tinylm.llm_loading import resolve_weight_dtype
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs tinylm's kernels (a C++ compiler)")
@@ -99,29 +100,17 @@ def test_every_gguf_family_with_bfloat16_weights_is_its_rounded_float32_model(no
     assert sum(dtype == torch.bfloat16 for dtype in linear.values()) >= 3 * llm.config.num_hidden_layers
     assert all(dtype == torch.float32 for name, dtype in linear.items() if name.endswith(("mlp.gate", "expert_gate")))
     reference = rounded_float32_model(path)
-    ids = torch.tensor([[5, 77, 300, 12, 9, 101, 44, 2], [17, 260, 3, 8, 9, 10, 11, 12]])
-    with torch.no_grad():
-        assert torch.equal(llm.model(ids).logits, reference.model(ids).logits)
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    prompts = [[5, 77, 300, 12], [17, 260, 3]]
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert got == [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    assert_same_model(llm, reference)
 
 
 def test_compiled_decode_with_bfloat16_weights_gives_the_eager_tokens(no_native_bf16, tmp_path):
-    from tinylm.engine.engine import EngineConfig
     from tinylm.tiny import make_tiny
     from tinylm.weights.gguf_writer import convert_hf_to_gguf
 
     path = convert_hf_to_gguf(make_tiny("llama", tmp_path / "llama", seed=5), tmp_path / "llama.gguf", "f32")
     llm = tinylm.load(path, compile=False)
     assert llm.model.lm_head.weight.dtype == torch.bfloat16
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    prompts = [[5, 77, 300, 12, 9], [17, 260, 3], [8, 8, 40, 41]]
-    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    compiled = llm.engine_for(EngineConfig(compile=True))
-    assert compiled.runner.compiled is not None
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
+    assert_compiled_gives_eager_tokens(llm)
     assert llm.model.lm_head.weight.dtype == torch.bfloat16  # fused projections keep the stored dtype
     fused = [m for m in llm.model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > 64]
     assert fused and all(m.weight.dtype == torch.bfloat16 for m in fused)

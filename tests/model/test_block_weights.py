@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tinylm
+from tests.helpers import assert_compiled_gives_eager_tokens, assert_same_model
 from tinylm import SamplingParams, kernels, llm_loading
 from tinylm.model.block_linear import BlockEmbedding, BlockLinear
 
@@ -67,28 +68,16 @@ def test_every_family_on_blocks_is_its_float32_model(no_native_bf16, family, qty
         for name, module in reference.model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".experts." in name:
                 module.weight.data = module.weight.data.to(torch.bfloat16).float()
-    ids = torch.tensor([[5, 77, 300, 12, 9, 101, 44, 2], [17, 260, 3, 8, 9, 10, 11, 12]])
-    with torch.no_grad():
-        assert torch.equal(llm.model(ids).logits, reference.model(ids).logits)
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    prompts = [[5, 77, 300, 12], [17, 260, 3]]
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert got == [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    assert_same_model(llm, reference)
 
 
 def test_compiled_fused_decode_on_blocks_gives_the_eager_tokens(no_native_bf16, tmp_path):
-    from tinylm.engine.engine import EngineConfig
     from tinylm.tiny import make_tiny
     from tinylm.weights.gguf_writer import convert_hf_to_gguf
 
     path = convert_hf_to_gguf(make_tiny("llama", tmp_path / "llama", seed=5), tmp_path / "llama.gguf", "q4_1")
     llm = tinylm.load(path, compile=False)
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    prompts = [[5, 77, 300, 12, 9], [17, 260, 3], [8, 8, 40, 41]]
-    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    compiled = llm.engine_for(EngineConfig(compile=True))
-    assert compiled.runner.compiled is not None
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
+    assert_compiled_gives_eager_tokens(llm)
     fused = [m for m in llm.model.modules() if isinstance(m, BlockLinear) and m.out_features > 64]
     assert fused and llm.model.model.layers[0].self_attn.qkv_proj is not None  # q/k/v joined on their blocks
 
