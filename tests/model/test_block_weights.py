@@ -108,3 +108,39 @@ def test_where_blocks_would_be_widened_by_scalar_code_the_weights_are_bfloat16(n
     monkeypatch.setattr(llm_loading, "blocks_pay", lambda: False)
     model = tinylm.load(smollm2_gguf, compile=False).model
     assert not block_layers(model) and model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_lora_adapters_serve_on_block_layers(no_native_bf16, tmp_path):
+    """An adapter of q_proj / down_proj served on a model whose projections are blocks: the tokens of the float32
+    model with the adapter merged into its weights (scaling alpha / r = 2)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tinylm import LoRARequest
+    from tinylm.tiny import make_tiny
+    from tinylm.weights.gguf_writer import convert_hf_to_gguf
+    from tinylm.weights.lora_files import peft_key
+
+    path = convert_hf_to_gguf(make_tiny("llama", tmp_path / "llama", seed=7), tmp_path / "llama.gguf", "q4_1")
+    llm = tinylm.load(path, compile=False)
+    reference = tinylm.load(path, dtype="float32", compile=False)
+    generator, tensors = torch.Generator().manual_seed(0), {}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = reference.model.get_submodule(name)
+        a = torch.randn(4, layer.in_features, generator=generator) * 0.1
+        b = torch.randn(layer.out_features, 4, generator=generator) * 0.5
+        tensors[peft_key("llama", name, "lora_A")], tensors[peft_key("llama", name, "lora_B")] = a, b
+        with torch.no_grad():
+            layer.weight += (b @ a) * 2.0
+        assert isinstance(llm.model.get_submodule(name), BlockLinear)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5, 77, 300, 12], [17, 260, 3]]
+    served = [o.outputs[0].token_ids
+              for o in llm.generate(prompts, params, lora_request=LoRARequest("a", 1, str(adapter)))]
+    assert served == [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    assert served != [o.outputs[0].token_ids for o in llm.generate(prompts, params)]  # the adapter changed something
