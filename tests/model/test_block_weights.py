@@ -26,8 +26,10 @@ def block_layers(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, BlockLinear)]
 
 
-def test_the_default_model_runs_on_its_blocks_as_its_float32_model(no_native_bf16, smollm2_gguf, default_llm):
+def test_the_default_model_runs_on_its_blocks_as_its_float32_model(no_native_bf16, smollm2_gguf):
     llm = tinylm.load(smollm2_gguf, compile=False)
+    # its own float32 reference: the session's shared default_llm may be attached to a test server's engine
+    default_llm = tinylm.load(smollm2_gguf, dtype="float32", compile=False)
     model = llm.model
     assert llm.dtype == torch.float32 and model.stored_blocks == {}  # applied, then let go
     assert isinstance(model.lm_head, BlockLinear) and model.lm_head.bits == 8  # the Q8_0 tied embedding / head
