@@ -56,7 +56,8 @@ class LLM:
         """vLLM's constructor: `model` is a built-in name, a Hugging Face folder or a .gguf file; dtype "auto"
         (the checkpoint's, bfloat16 for float16 ones on CPU; for GGUF files bfloat16 where the device computes it
         natively, else float32; on CPUs without native bfloat16, GGUF files and 16-bit checkpoints compute in float32
-        on linear weights stored in bfloat16: see resolve_dtype and resolve_weight_dtype), "float32", "bfloat16",
+        on a GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, exactly, or on linear weights stored in bfloat16: see
+        resolve_dtype, resolve_weight_dtype and set_weight_storage), "float32", "bfloat16",
         "float16" or a torch.dtype; compile None (on unless TINYLM_COMPILE=0, tinylm/engine/compile_cache.py), True
         or False; quantization None or a
         tinylm policy ("int8", "int4", "w8a8", ...); seed seeds torch's
@@ -351,9 +352,10 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "aut
          draft_quantize: str | None = None, num_speculative_tokens: int = 3, kv_cache_dtype: str = "auto",
          check_finite: bool = True) -> LLM:
     """Load a built-in model name, a Hugging Face folder, or a .gguf file; dtype "auto" as LLM's (the built-in
-    model: bfloat16 where the CPU computes it natively, else float32 on weights stored in bfloat16); quantize:
-    None | "int8" | "int4" | a policy name. compile: decode through torch.compile with fused projections (inference only, see
-    tinylm/engine/compiled.py); None: on unless TINYLM_COMPILE=0, where a C++ compiler is present.
+    model: bfloat16 where the CPU computes it natively, else float32 on its own Q4_1 / Q8_0 blocks); quantize:
+    None | "int8" | "int4" | a policy name. compile: decode through torch.compile with fused projections
+    (inference only, see tinylm/engine/compiled.py); None: on unless TINYLM_COMPILE=0, where a C++ compiler is
+    present.
     batch_invariant: a request's tokens and logprobs the same bits whatever shares its batch, and llm.forward the
     bits the engine samples with (tinylm/model/invariant.py); False: the library products. draft: a
     smaller model with the same tokenizer (or this one with draft_quantize),

@@ -48,7 +48,6 @@ struct Weight {
   const uint8_t* codes;  // (N, row_bytes)
   const float* scales;   // (N, G)
   const float* mins;     // (N, G) or null (8 bits)
-  int bits;
   int64_t n, k, groups, row_bytes;
 };
 
@@ -274,7 +273,7 @@ at::Tensor invariant_blocks_linear(const at::Tensor& x, const at::Tensor& codes,
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   if (out.numel() == 0) return out;
   const Weight w{static_cast<const uint8_t*>(cc.data_ptr()), sc.data_ptr<float>(),
-                 bits == 4 ? mc.data_ptr<float>() : nullptr, static_cast<int>(bits), n, k, groups, cc.size(1)};
+                 bits == 4 ? mc.data_ptr<float>() : nullptr, n, k, groups, cc.size(1)};
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
   if (bits == 4) run<4>(w, xc.data_ptr<float>(), bp, out.data_ptr<float>(), x.size(0));
   else run<8>(w, xc.data_ptr<float>(), bp, out.data_ptr<float>(), x.size(0));

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinylm import kernels
+from tinylm.errors import ConfigError
+from tinylm.model.fuse import concat_biases
 
 BLOCK = 32  # columns a block
 
@@ -105,9 +107,6 @@ class BlockLinear(nn.Module):
     @classmethod
     def concat_rows(cls, layers: list[BlockLinear]) -> BlockLinear:
         """One layer over the rows of `layers` end to end (fused q/k/v, gate/up: tinylm/model/fuse.py)."""
-        from tinylm.errors import ConfigError  # noqa: PLC0415
-        from tinylm.model.fuse import concat_biases  # noqa: PLC0415 - fuse imports the layers it joins
-
         first = layers[0]
         if any(m.bits != first.bits or m.in_features != first.in_features for m in layers):
             raise ConfigError("concat_rows: the block layers differ in bits or input features")

@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as QType
 
 from tinylm.model.block_linear import BLOCK, BlockWeight
 from tinylm.weights.gguf import open_gguf
+from tinylm.weights.gguf_source import f16_values
 
 KINDS = (QType.Q4_0, QType.Q4_1, QType.Q8_0)
 
@@ -35,16 +36,12 @@ def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeigh
     """data: the tensor's raw blocks (N, row bytes) uint8 as the file stores them; shape (N, K)."""
     rows, cols = shape
     raw = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
-    scales = _f16(raw[..., 0:2])
+    scales = f16_values(raw[..., 0:2])
     if qtype == QType.Q8_0:
         codes = np.array(raw[..., 2:], copy=True).view(np.int8).reshape(rows, cols)  # one copy, out of the map
         return BlockWeight(8, torch.from_numpy(codes), scales)
     offset = 4 if qtype == QType.Q4_1 else 2
-    mins = _f16(raw[..., 2:4]) if qtype == QType.Q4_1 else -8 * scales
+    mins = f16_values(raw[..., 2:4]) if qtype == QType.Q4_1 else -8 * scales
     codes = np.array(raw[..., offset:], copy=True).reshape(rows, cols // 2)  # byte j: q_j low, q_j+16 high
     return BlockWeight(4, torch.from_numpy(codes), scales, mins)
 
-
-def _f16(pairs: np.ndarray) -> torch.Tensor:
-    """(N, G, 2) bytes holding little-endian f16 values -> (N, G) float32."""
-    return torch.from_numpy(np.array(pairs, copy=True).view(np.float16)[..., 0].astype(np.float32))

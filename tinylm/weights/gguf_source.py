@@ -55,18 +55,18 @@ def decode(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> NativeWeig
         return None
     rows, cols = shape
     blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
-    d = _f16(blocks[..., 0:2])
+    d = f16_values(blocks[..., 0:2])
     if qtype == QType.Q8_0:
         q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols))
         return NativeWeight("int8", q.clone(), d)
     offset = 4 if qtype == QType.Q4_1 else 2
     nibbles = blocks[..., offset:]  # (N, G, 16): byte j holds q_j (low) and q_j+16 (high)
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)
-    zeros = _f16(blocks[..., 2:4]) + 8 * d if qtype == QType.Q4_1 else torch.zeros_like(d)
+    zeros = f16_values(blocks[..., 2:4]) + 8 * d if qtype == QType.Q4_1 else torch.zeros_like(d)
     return NativeWeight("int4", torch.from_numpy(q), d, zeros)
 
 
-def _f16(pairs: np.ndarray) -> torch.Tensor:
+def f16_values(pairs: np.ndarray) -> torch.Tensor:
     """(N, G, 2) bytes holding little-endian f16 values -> (N, G) float32."""
     return torch.from_numpy(np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32))
 
