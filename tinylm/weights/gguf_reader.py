@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
 
-from tinylm.errors import WeightsError
+from tinylm.errors import ConfigError, WeightsError
 
 _TYPE_IDS = frozenset(int(t) for t in GGML_QUANT_SIZES)  # every type the gguf package knows the block size of
 
@@ -193,3 +193,18 @@ def open_reader(path: Path) -> GGUFReader:
 
 def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+
+
+def wrap_errors(path: Path, what: str, fn, *args):
+    """Call into the gguf package or the tokenizer builder; any failure becomes one WeightsError line."""
+    try:
+        return fn(*args)
+    except (WeightsError, ConfigError):
+        raise
+    except Exception as exc:
+        raise WeightsError(f"{path.name}: cannot read {what} ({one_line(exc)})") from None
+
+
+def torch_shape(tensor) -> tuple[int, ...]:
+    """GGUF lists dims innermost first: ne = (in, out); torch's shape is (out, in)."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
