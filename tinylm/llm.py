@@ -24,10 +24,8 @@ from tinylm.engine.kv_pool import pool_dtype
 from tinylm.engine.ngram import NGRAM
 from tinylm.engine.speculative import check_num_tokens
 from tinylm.errors import ConfigError
-from tinylm.llm_loading import (build_engine_config, check_extra_args, file_bytes, load_draft, native_bf16,
-                                resolve_device, resolve_dtype, resolve_weight_dtype, set_weight_storage,
-                                speculative_draft, with_tokenizer)
-from tinylm.loading import load_model
+from tinylm.llm_loading import (build_engine_config, check_extra_args, file_bytes, load_draft, load_for_engine,
+                                native_bf16, resolve_device, resolve_dtype, speculative_draft, with_tokenizer)
 from tinylm.model.transformer import CausalLMOutput
 from tinylm.outputs import CompletionOutput, Logprob, RequestOutput, StepEvent
 from tinylm.request_outputs import OutputCollector, choice_params, step_event
@@ -57,7 +55,7 @@ class LLM:
         (the checkpoint's, bfloat16 for float16 ones on CPU; for GGUF files bfloat16 where the device computes it
         natively, else float32; on CPUs without native bfloat16, GGUF files and 16-bit checkpoints compute in float32
         on a GGUF's own Q4_0 / Q4_1 / Q8_0 blocks, exactly, or on linear weights stored in bfloat16: see
-        resolve_dtype, resolve_weight_dtype and set_weight_storage), "float32", "bfloat16",
+        resolve_dtype, resolve_weight_dtype and load_for_engine), "float32", "bfloat16",
         "float16" or a torch.dtype; compile None (on unless TINYLM_COMPILE=0, tinylm/engine/compile_cache.py), True
         or False; quantization None or a
         tinylm policy ("int8", "int4", "w8a8", ...); seed seeds torch's
@@ -80,9 +78,7 @@ class LLM:
             torch.manual_seed(seed)
         device = resolve_device(device)
         path = hub.resolve(model)
-        loaded = load_model(path, dtype=resolve_dtype(dtype, path, device), device=device, quantize=quantization,
-                            check_finite=check_finite)
-        set_weight_storage(loaded.model, resolve_weight_dtype(dtype, path, device, quantization), path)
+        loaded = load_for_engine(path, dtype, device, quantization, check_finite, config.batch_invariant)
         loaded = with_tokenizer(loaded, tokenizer, model, skip_tokenizer_init)
         model_context(loaded.model.config.max_position_embeddings, config.max_model_len)
         if speculative_config:
@@ -370,10 +366,8 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype = "aut
     if draft_quantize is not None and (draft is None or draft == NGRAM):
         raise ValueError("draft_quantize quantizes a draft model: give one with draft")
     path = hub.resolve(model)
-    weight_dtype = resolve_weight_dtype(dtype, path, device, quantize)
+    loaded = load_for_engine(path, dtype, device, quantize, check_finite, batch_invariant)
     dtype = resolve_dtype(dtype, path, device)
-    loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, check_finite=check_finite)
-    set_weight_storage(loaded.model, weight_dtype, path)
     draft_loaded = draft if draft in (None, NGRAM) else load_draft(loaded, draft, dtype, device, draft_quantize,
                                                                    check_finite)
     config = build_engine_config(compile=compile, batch_invariant=batch_invariant,

@@ -30,9 +30,11 @@ from tinylm.weights.loader import (LoadedModel, folder_config, load_folder, load
 
 
 def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               quantize: str | QuantPolicy | None = None, check_finite: bool = True) -> LoadedModel:
+               quantize: str | QuantPolicy | None = None, check_finite: bool = True,
+               gguf_blocks: bool = False) -> LoadedModel:
     """A Hugging Face folder, a tinylm quantized folder or a .gguf file; `quantize` (a policy name such as "int8",
-    "int4", "qkv-fp16", optionally with options, or a QuantPolicy) quantizes while loading.
+    "int4", "qkv-fp16", optionally with options, or a QuantPolicy) quantizes while loading. `gguf_blocks` (a .gguf
+    file, float32, no policy): its Q4_0 / Q4_1 / Q8_0 linear weights stay blocks (weights/loader.py load_gguf_file).
 
     `check_finite` (default True) refuses weights holding NaN or Inf with a WeightsError naming the first such
     tensor; a quantize-while-loading path checks each float tensor before quantizing it."""
@@ -41,9 +43,23 @@ def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "
     if not path.is_dir() and not gguf:
         raise WeightsError(f"{path}: expected a Hugging Face folder or a .gguf file")
     policy = _parsed(quantize)
+    if not gguf:
+        return _load(path, False, torch_dtype, device, policy, check_finite, False)
+    from tinylm.weights.gguf import forget_opened  # noqa: PLC0415 - the gguf package only for GGUF files
+
+    try:
+        return _load(path, True, torch_dtype, device, policy, check_finite, gguf_blocks)
+    finally:  # the file's pages the load touched stay resident while its memory map is open: ~0.7 GB for 1.1B Q4_1
+        forget_opened()
+
+
+def _load(path: Path, gguf: bool, torch_dtype: torch.dtype, device: str, policy: QuantPolicy | None,
+          check_finite: bool, gguf_blocks: bool) -> LoadedModel:
     if not gguf and quantization_config(path) is not None:
         return _saved_quantized(path, torch_dtype, device, policy, check_finite)
     if policy is None:
+        if gguf and gguf_blocks and torch_dtype == torch.float32:
+            return load_gguf_file(path, torch_dtype, device, check_finite, blocks=True)
         return _float(path, gguf, torch_dtype, device, check_finite)
     if policy.activations == "int8":
         return _smoothed(_float(path, gguf, torch_dtype, device, check_finite), policy)

@@ -75,6 +75,6 @@ def test_a_hybrid_model_quantizes_its_attention_layers_only(load_tiny):
 
 
 def test_an_unknown_cache_dtype_is_refused_before_loading(monkeypatch):
-    monkeypatch.setattr("tinylm.llm.load_model", lambda *a, **k: pytest.fail("weights were read"))
+    monkeypatch.setattr("tinylm.llm.load_for_engine", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
         tinylm.load("anything", kv_cache_dtype="fp8")

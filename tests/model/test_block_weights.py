@@ -31,7 +31,7 @@ def test_the_default_model_runs_on_its_blocks_as_its_float32_model(no_native_bf1
     # its own float32 reference: the session's shared default_llm may be attached to a test server's engine
     default_llm = tinylm.load(smollm2_gguf, dtype="float32", compile=False)
     model = llm.model
-    assert llm.dtype == torch.float32 and model.stored_blocks == {}  # applied, then let go
+    assert llm.dtype == torch.float32
     assert isinstance(model.lm_head, BlockLinear) and model.lm_head.bits == 8  # the Q8_0 tied embedding / head
     assert isinstance(model.model.embed_tokens, BlockEmbedding)
     assert len(block_layers(model)) == 7 * model.config.num_hidden_layers + 1  # every Q4_1 projection, the head
@@ -84,23 +84,42 @@ def test_compiled_fused_decode_on_blocks_gives_the_eager_tokens(no_native_bf16, 
     assert fused and llm.model.model.layers[0].self_attn.qkv_proj is not None  # q/k/v joined on their blocks
 
 
-def test_blocks_that_do_not_give_the_loaded_weight_are_not_used(no_native_bf16, smollm2_gguf, monkeypatch):
-    """store_compact checks each layer's blocks against the float32 weight it replaces: a layer whose blocks differ
-    (here: one scale changed) stays a bfloat16 float layer."""
-    from tinylm.weights import gguf_blocks
+def test_a_block_layers_float32_weight_is_never_built(no_native_bf16, smollm2_gguf, monkeypatch):
+    """The loader reads Q4_0 / Q4_1 / Q8_0 weights straight into BlockLinear layers: none of them is dequantized
+    (a 1.1B-parameter Q4_1 file would otherwise hold ~4.4 GB of float32 weights at the peak), and the file's memory
+    map is closed once the model is loaded."""
+    from tinylm.weights import gguf
 
+    dequantized = []
+    read = gguf.GGUFFile.read
+    monkeypatch.setattr(gguf.GGUFFile, "read", lambda self, name: dequantized.append(name) or read(self, name))
+    model = tinylm.load(smollm2_gguf, compile=False).model
+    on_blocks = {f"{name}.weight" for name in block_layers(model)} | {"model.embed_tokens.weight"}
+    assert dequantized and not on_blocks & set(dequantized)  # norms (F32) are read; no Q4_1 / Q8_0 weight is
+    assert set(dequantized) | on_blocks >= {n for n in model.state_dict() if n.endswith(".weight")}
+    assert not gguf._LAST_OPENED
+
+
+def test_a_nan_scale_in_the_blocks_is_refused_at_load(no_native_bf16, tmp_path, monkeypatch):
+    """check_finite covers the blocks' float32 scales and mins as it covers float weights: a NaN scale would make
+    every product of its rows NaN."""
+    from tinylm.errors import WeightsError
+    from tinylm.tiny import make_tiny
+    from tinylm.weights import gguf_blocks
+    from tinylm.weights.gguf_writer import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(make_tiny("llama", tmp_path / "llama", seed=5), tmp_path / "llama.gguf", "q4_1")
     read = gguf_blocks.read_blocks
 
-    def altered(path):
-        found = read(path)
-        found["model.layers.0.mlp.down_proj.weight"].scales[0, 0] *= 2
+    def corrupt(file):
+        found = read(file)
+        found["model.layers.1.mlp.up_proj.weight"].scales[3, 0] = float("nan")
         return found
 
-    monkeypatch.setattr(gguf_blocks, "read_blocks", altered)
-    model = tinylm.load(smollm2_gguf, compile=False).model
-    assert not isinstance(model.model.layers[0].mlp.down_proj, BlockLinear)
-    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
-    assert isinstance(model.model.layers[0].mlp.up_proj, BlockLinear)
+    monkeypatch.setattr(gguf_blocks, "read_blocks", corrupt)
+    with pytest.raises(WeightsError, match=r"model\.layers\.1\.mlp\.up_proj\.scales holds NaN"):
+        tinylm.load(path, compile=False)
+    assert block_layers(tinylm.load(path, compile=False, check_finite=False).model)
 
 
 def test_where_blocks_would_be_widened_by_scalar_code_the_weights_are_bfloat16(no_native_bf16, smollm2_gguf,

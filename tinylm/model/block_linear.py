@@ -11,8 +11,9 @@ Parts of one layer (BlockWeight), all rows (N) first:
   bits 4: codes (N, K / 2) uint8, per 32-column block 16 bytes, byte j = q_j (low nibble) | q_j+16 (high nibble);
           scales, mins (N, K / 32) float32, w = scales * q + mins (Q4_0: mins = -8 scales, exact).
   bits 8: codes (N, K) int8, scales (N, K / 32) float32, w = scales * q.
-Inference only, like fused projections: the layers are built by store_compact (tinylm/model/invariant.py) from the
-parts the loader read (tinylm/weights/gguf_blocks.py) and never saved.
+Inference only, like fused projections: the loader builds the layers in the model before any weight is loaded
+(place_blocks, from the parts tinylm/weights/gguf_blocks.py reads), so a block layer's float32 weight is never
+built, and they are never saved.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from tinylm import kernels
 from tinylm.errors import ConfigError
 from tinylm.model.fuse import concat_biases
+from tinylm.model.moe import is_routed_expert, routes_tokens
 
 BLOCK = 32  # columns a block
 
@@ -60,13 +62,6 @@ class BlockWeight:
             values = codes.reshape(*codes.shape[:-1], groups, BLOCK).float() * scales[..., None]
         return values.reshape(*values.shape[:-2], groups * BLOCK)
 
-    def matches(self, weight: torch.Tensor) -> bool:
-        """Whether these blocks dequantize to exactly `weight` (N, K) (checked before a float weight is replaced)."""
-        if tuple(weight.shape) != self.shape or weight.dtype != torch.float32:
-            return False
-        step = 4096  # rows at a time: bounds the float temporary (the default model's 49152-row head)
-        return all(torch.equal(self.dequantize(torch.arange(a, min(a + step, weight.shape[0]))),
-                               weight[a:a + step]) for a in range(0, weight.shape[0], step))
 
 
 class BlockLinear(nn.Module):
@@ -135,6 +130,42 @@ class BlockEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._head[0].lookup(ids)
+
+
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def placeable(name: str, tied: bool) -> bool:
+    """Whether the 2-D weight `name` (a parameter name) can live on blocks: a linear layer's, or the embedding when it
+    is also the head. MoE routers and shared-expert gates stay float32, routed experts stacked float layers."""
+    if name == EMBEDDING:
+        return tied
+    layer = name.removesuffix(".weight")
+    return name.endswith(".weight") and not (routes_tokens(layer) or is_routed_expert(layer))
+
+
+def place_blocks(model: nn.Module, blocks: dict[str, BlockWeight]) -> dict[str, torch.Tensor]:
+    """Before `model`'s weights are loaded (built on the meta device): each linear layer whose weight is in `blocks`
+    (by parameter name; every name `placeable`) becomes a BlockLinear on them, its bias still to load; the tied head
+    takes the embedding's blocks, and the embedding becomes a BlockEmbedding of it. Returns the layers' buffers by
+    state-dict name, to load with the other tensors (`load_state_dict(assign=True)` keeps these very tensors)."""
+    buffers = {}
+    for name, weight in blocks.items():
+        layer_name = "lm_head" if name == EMBEDDING else name.removesuffix(".weight")
+        layer = model.get_submodule(layer_name)
+        if type(layer) is not nn.Linear or tuple(layer.weight.shape) != weight.shape:
+            raise ConfigError(f"{name}: blocks of shape {weight.shape} do not fit {layer}")
+        placed = BlockLinear(weight, layer.bias)
+        _set_module(model, layer_name, placed)
+        buffers.update({f"{layer_name}.{part}": t for part, t in placed.named_buffers()})
+        if name == EMBEDDING:
+            model.model.embed_tokens = BlockEmbedding(placed)
+    return buffers
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _kernel_takes(x: torch.Tensor) -> bool:

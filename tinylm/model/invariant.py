@@ -25,7 +25,7 @@ from torch import nn
 
 from tinylm import kernels
 from tinylm.kernels.invariant import invariant_linear
-from tinylm.model.block_linear import BlockEmbedding, BlockLinear
+from tinylm.model.block_linear import BlockLinear
 from tinylm.model.moe import routes_tokens
 
 
@@ -75,27 +75,16 @@ def use_batch_invariant(model: nn.Module) -> int:
 
 
 def store_compact(model: nn.Module) -> None:
-    """Store every InvariantLinear's weight compactly while the model computes in float32, each product bitwise the
-    float32 product it replaces: a GGUF file's Q4_0 / Q4_1 / Q8_0 weights as their blocks (BlockLinear, exact: they
-    are the float32 weights' source; `model.stored_blocks`, read by the loader), the others in bfloat16 (the
-    kernel widens them exactly: the float32 product with the weight rounded to bfloat16 once). A batch-1 step of the
-    default model reads 111 MB instead of 540 (270 in bfloat16). A tied embedding and head stay one weight (the
-    embedding looks its rows up in the head's blocks, or widens bfloat16 rows, CausalLM.hidden_states). Biases stay
-    float32, and so do MoE routers and shared-expert gates (routes_tokens); routed experts are never on blocks."""
-    blocks, tied = getattr(model, "stored_blocks", None) or {}, model.config.tie_word_embeddings
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, InvariantLinear) or module.weight.dtype != torch.float32 or routes_tokens(name):
-            continue
-        # routed experts stay nn.Linear: stacked for the compiled step and the expert kernel (SparseMoE)
-        stored = None if ".experts." in name else blocks.get(
-            "model.embed_tokens.weight" if name == "lm_head" and tied else f"{name}.weight")
-        if stored is not None and stored.matches(module.weight):
-            _set_module(model, name, BlockLinear(stored, module.bias))
-        else:
+    """Store every float32 InvariantLinear's weight in bfloat16 while the model computes in float32 (the kernel widens
+    it exactly: each product is bitwise the float32 product with the weight rounded to bfloat16 once). A GGUF file's
+    Q4_0 / Q4_1 / Q8_0 layers are BlockLinear already, on the file's own blocks (placed by the loader,
+    tinylm/model/block_linear.py: exact, ~0.75-1.1 bytes a weight): a batch-1 step of the default model reads 111 MB
+    instead of 540 (270 in bfloat16). A tied embedding and head stay one weight (the embedding widens the bfloat16
+    rows it looks up, CausalLM.hidden_states). Biases stay float32, and so do MoE routers and shared-expert gates
+    (routes_tokens)."""
+    for name, module in model.named_modules():
+        if isinstance(module, InvariantLinear) and module.weight.dtype == torch.float32 and not routes_tokens(name):
             module.weight.data = module.weight.data.to(torch.bfloat16)
-    if tied and isinstance(model.lm_head, BlockLinear):
-        model.model.embed_tokens = BlockEmbedding(model.lm_head)
-    model.stored_blocks = {}
 
 
 def weight_storage(model: nn.Module) -> str | None:
@@ -108,11 +97,6 @@ def weight_storage(model: nn.Module) -> str | None:
                                            for m in model.modules()):
         kinds.append("bfloat16 weights")
     return " + ".join(kinds) or None
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _plain_float(layer: nn.Linear) -> bool:

@@ -35,6 +35,12 @@ def routes_tokens(module_name: str) -> bool:
     return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in ROUTING_LAYERS)
 
 
+def is_routed_expert(module_name: str) -> bool:
+    """Whether the linear layer `module_name` belongs to a routed expert (`mlp.experts.N.*`): those stay plain
+    nn.Linear, stacked for the compiled step and the expert kernel (stack_experts)."""
+    return ".experts." in module_name
+
+
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits (N, E) -> (weights (N, k) in the logits' dtype, expert indices (N, k))."""
     probs = F.softmax(router_logits, dim=-1, dtype=torch.float)

@@ -74,9 +74,6 @@ class CausalLM(nn.Module):
         # bfloat16: float linear weights stored in bfloat16 once the batch-invariant kernels run them (a float32
         # model on a CPU without native bfloat16: half the bytes a decode step reads; tinylm/model/invariant.py)
         self.weight_dtype: torch.dtype | None = None
-        # a GGUF file's Q4_0 / Q4_1 / Q8_0 weights as stored, by parameter name: with bfloat16 weight storage those
-        # layers keep their blocks instead, exactly (tinylm/model/block_linear.py); emptied once applied
-        self.stored_blocks: dict = {}
         self.tie_weights()
 
     @property
@@ -86,7 +83,8 @@ class CausalLM(nn.Module):
         return self.model.norm.weight.dtype
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        """The head's weight is the embedding's (a tied pair on GGUF blocks is tied by construction: place_blocks)."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -83,8 +83,8 @@ _LAST_OPENED: dict[tuple, GGUFFile] = {}  # (path, size, mtime) -> the file last
 
 def open_gguf(path: str | Path) -> GGUFFile:
     """Open a GGUF file and check its metadata and tensor list; no weights are decoded yet. The file opened last is
-    kept (a memory map, no copy) and returned again while it is unchanged on disk: a load reads it twice (its
-    dequantized tensors, then the blocks of tinylm/weights/gguf_blocks.py), and parsing the metadata of the default
+    kept (a memory map, no copy) and returned again while it is unchanged on disk: a load on blocks opens it twice
+    (the blocks of tinylm/weights/gguf_blocks.py, then the other tensors), and parsing the metadata of the default
     model takes ~0.7 s."""
     path = Path(path)
     try:
@@ -99,6 +99,12 @@ def open_gguf(path: str | Path) -> GGUFFile:
     if key is not None:
         _LAST_OPENED[key] = opened
     return opened
+
+
+def forget_opened() -> None:
+    """Close the file open_gguf kept (once a load is done): its memory map, and the pages of it the load read, go
+    with it unless a loaded tensor still shares them."""
+    _LAST_OPENED.clear()
 
 
 def _open_gguf(path: Path) -> GGUFFile:
@@ -135,12 +141,14 @@ def _zero_output_bias(arch: str, config: ModelConfig, tensors: dict) -> tuple[Mo
     return replace(config, o_bias=True), tensors
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
-    """Read a GGUF file: config, dequantized tensors cast to `dtype`, tokenizer and metadata."""
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset()) -> GGUFModel:
+    """Read a GGUF file: config, dequantized tensors cast to `dtype` (all but those named in `skip`: the caller reads
+    them otherwise, as blocks), tokenizer and metadata."""
     gguf_file = open_gguf(path)
     config = replace(gguf_file.config, torch_dtype=str(dtype).removeprefix("torch."))
     # Dequantizing takes seconds on a CPU: show it (on stderr, and only where someone is watching).
-    progress = tqdm(list(gguf_file.tensors), desc=f"loading {gguf_file.path.name}", unit="tensor", file=sys.stderr,
+    names = [name for name in gguf_file.tensors if name not in skip]
+    progress = tqdm(names, desc=f"loading {gguf_file.path.name}", unit="tensor", file=sys.stderr,
                     leave=False, disable=not sys.stderr.isatty())
     tensors = {name: gguf_file.read(name).to(dtype) for name in progress}
     return GGUFModel(config=config, tensors=tensors, tokenizer=gguf_file.tokenizer(), metadata=gguf_file.metadata)

@@ -13,6 +13,7 @@ import torch
 
 from tinylm.config import ModelConfig, config_keys
 from tinylm.errors import WeightsError
+from tinylm.model.block_linear import place_blocks, placeable
 from tinylm.model.transformer import CausalLM
 from tinylm.weights import finite, name_maps, safetensors_io
 from tinylm.weights.fit import check_config_fits
@@ -102,12 +103,24 @@ def module_name(model_type: str, stored: str) -> str | None:
     return None if name_maps.is_computed_buffer(stored) else name_maps.to_module_name(model_type, stored)
 
 
-def load_gguf_file(path: Path, dtype: torch.dtype, device: str, check_finite: bool = True) -> LoadedModel:
-    from tinylm.weights.gguf import load_gguf
+def load_gguf_file(path: Path, dtype: torch.dtype, device: str, check_finite: bool = True,
+                   blocks: bool = False) -> LoadedModel:
+    """blocks (a float32 model on CPU): the file's Q4_0 / Q4_1 / Q8_0 linear weights stay the blocks it stores, in
+    BlockLinear layers (tinylm/model/block_linear.py, bitwise the float32 product of the dequantized weight); their
+    float32 weights are never built (a 1.1B-parameter Q4_1 file: ~1 GB resident instead of ~6 GB at the peak)."""
+    from tinylm.weights.gguf import load_gguf, open_gguf
+    from tinylm.weights.gguf_blocks import read_blocks
 
-    gguf_model = load_gguf(path, dtype=dtype)
+    stored = {}
+    if blocks:
+        if dtype != torch.float32:  # the blocks widen to float32 values: a model computing in another dtype differs
+            raise ValueError(f"GGUF blocks compute in float32, not {dtype}")
+        tied = open_gguf(path).config.tie_word_embeddings
+        stored = {name: weight for name, weight in read_blocks(path).items() if placeable(name, tied)}
+    gguf_model = load_gguf(path, dtype=dtype, skip=frozenset(stored))
     model = build_model(gguf_model.config)  # load_gguf already checked every tensor's name and shape
-    assign_weights(model, gguf_model.tensors, dtype, device, check_finite)
+    tensors = {**gguf_model.tensors, **place_blocks(model, stored)}  # scales and mins checked finite with the rest
+    assign_weights(model, tensors, dtype, device, check_finite)
     return LoadedModel(model=model, tokenizer=gguf_model.tokenizer, source=path, format="gguf",
                        metadata=gguf_model.metadata)
 
