@@ -65,6 +65,8 @@ def test_every_family_on_blocks_is_its_float32_model(no_native_bf16, family, qty
     llm = tinylm.load(path, compile=False)
     names = block_layers(llm.model)
     assert len(names) >= 2 * llm.config.num_hidden_layers and not any(".experts." in n for n in names)
+    embedding = llm.model.model.embed_tokens  # tied (qwen2, qwen3, qwen3_next) or its own blocks (llama, qwen3_moe)
+    assert isinstance(embedding, BlockEmbedding) and hasattr(embedding, "table") != llm.config.tie_word_embeddings
     reference = tinylm.load(path, dtype="float32", compile=False)
     with torch.no_grad():  # routed experts are stacked float layers: stored in bfloat16 (test_bfloat16_weights.py)
         for name, module in reference.model.named_modules():

@@ -116,50 +116,54 @@ class BlockLinear(nn.Module):
 
 
 class BlockEmbedding(nn.Module):
-    """The tied embedding over the head's blocks: ids (...) -> (..., C) float32 rows. Holds the head by reference
-    (a tuple hides it from nn.Module's registration), so the blocks are stored once, as `lm_head.*`."""
+    """An embedding on blocks: ids (...) -> (..., C) float32 rows, dequantized as they are looked up (exactly the
+    float32 table's rows). Tied to the head, it holds the head by reference (a tuple hides it from nn.Module's
+    registration), so the blocks are stored once, as `lm_head.*`; untied (owned), its own blocks are `table.*`."""
 
-    def __init__(self, head: BlockLinear) -> None:
+    def __init__(self, table: BlockLinear, owned: bool = False) -> None:
         super().__init__()
-        self._head = (head,)
-        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        if owned:
+            self.table = table
+        self._table = (table,)
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._head[0].weight
+        return self._table[0].weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._head[0].lookup(ids)
+        return self._table[0].lookup(ids)
 
 
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def placeable(name: str, tied: bool) -> bool:
-    """Whether the 2-D weight `name` (a parameter name) can live on blocks: a linear layer's, or the embedding when it
-    is also the head. MoE routers and shared-expert gates stay float32, routed experts stacked float layers."""
-    if name == EMBEDDING:
-        return tied
+def placeable(name: str) -> bool:
+    """Whether the 2-D weight `name` (a parameter name) can live on blocks: a linear layer's, or the embedding (tied
+    to the head or not). MoE routers and shared-expert gates stay float32, routed experts stacked float layers."""
     layer = name.removesuffix(".weight")
     return name.endswith(".weight") and not (routes_tokens(layer) or is_routed_expert(layer))
 
 
 def place_blocks(model: nn.Module, blocks: dict[str, BlockWeight]) -> dict[str, torch.Tensor]:
     """Before `model`'s weights are loaded (built on the meta device): each linear layer whose weight is in `blocks`
-    (by parameter name; every name `placeable`) becomes a BlockLinear on them, its bias still to load; the tied head
-    takes the embedding's blocks, and the embedding becomes a BlockEmbedding of it. Returns the layers' buffers by
-    state-dict name, to load with the other tensors (`load_state_dict(assign=True)` keeps these very tensors)."""
-    buffers = {}
+    (by parameter name; every name `placeable`) becomes a BlockLinear on them, its bias still to load; the embedding
+    a BlockEmbedding (a tied head: a BlockLinear on the embedding's blocks, which the embedding looks rows up in).
+    Returns the blocks by state-dict name, to load with the other tensors (`load_state_dict(assign=True)` keeps
+    these very tensors)."""
+    buffers, tied = {}, model.config.tie_word_embeddings
     for name, weight in blocks.items():
-        layer_name = "lm_head" if name == EMBEDDING else name.removesuffix(".weight")
+        layer_name = "lm_head" if name == EMBEDDING and tied else name.removesuffix(".weight")
         layer = model.get_submodule(layer_name)
-        if type(layer) is not nn.Linear or tuple(layer.weight.shape) != weight.shape:
+        if type(layer) not in (nn.Linear, nn.Embedding) or tuple(layer.weight.shape) != weight.shape:
             raise ConfigError(f"{name}: blocks of shape {weight.shape} do not fit {layer}")
-        placed = BlockLinear(weight, layer.bias)
-        _set_module(model, layer_name, placed)
-        buffers.update({f"{layer_name}.{part}": t for part, t in placed.named_buffers()})
+        placed = BlockLinear(weight, getattr(layer, "bias", None))
         if name == EMBEDDING:
-            model.model.embed_tokens = BlockEmbedding(placed)
+            model.model.embed_tokens = BlockEmbedding(placed, owned=not tied)
+        if name != EMBEDDING or tied:
+            _set_module(model, layer_name, placed)
+        prefix = "model.embed_tokens.table" if name == EMBEDDING and not tied else layer_name
+        buffers.update({f"{prefix}.{part}": t for part, t in placed.named_buffers()})
     return buffers
 
 

@@ -108,15 +108,14 @@ def load_gguf_file(path: Path, dtype: torch.dtype, device: str, check_finite: bo
     """blocks (a float32 model on CPU): the file's Q4_0 / Q4_1 / Q8_0 linear weights stay the blocks it stores, in
     BlockLinear layers (tinylm/model/block_linear.py, bitwise the float32 product of the dequantized weight); their
     float32 weights are never built (a 1.1B-parameter Q4_1 file: ~1 GB resident instead of ~6 GB at the peak)."""
-    from tinylm.weights.gguf import load_gguf, open_gguf
+    from tinylm.weights.gguf import load_gguf
     from tinylm.weights.gguf_blocks import read_blocks
 
     stored = {}
     if blocks:
         if dtype != torch.float32:  # the blocks widen to float32 values: a model computing in another dtype differs
             raise ValueError(f"GGUF blocks compute in float32, not {dtype}")
-        tied = open_gguf(path).config.tie_word_embeddings
-        stored = {name: weight for name, weight in read_blocks(path).items() if placeable(name, tied)}
+        stored = {name: weight for name, weight in read_blocks(path).items() if placeable(name)}
     gguf_model = load_gguf(path, dtype=dtype, skip=frozenset(stored))
     model = build_model(gguf_model.config)  # load_gguf already checked every tensor's name and shape
     tensors = {**gguf_model.tensors, **place_blocks(model, stored)}  # scales and mins checked finite with the rest
