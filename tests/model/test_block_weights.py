@@ -1,6 +1,6 @@
-"""A GGUF file's Q4_0 / Q4_1 / Q8_0 weights kept as blocks (tinylm/model/block_linear.py) when dtype "auto" computes
-in float32 on a CPU without native bfloat16: every such layer's product is bitwise the float32 product of the
-weight gguf-py dequantizes, so logits and tokens are exactly those of the float32 model (`dtype="float32"`), for
+"""A GGUF file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights kept as blocks (tinylm/model/block_linear.py) when dtype
+"auto" computes in float32 on a CPU without native bfloat16: every such layer's product is bitwise the float32 product
+of the weight gguf-py dequantizes, so logits and tokens are exactly those of the float32 model (`dtype="float32"`), for
 the default model and tiny models of every family; fused and compiled too. Checked on every host by pretending the
 CPU has no native bfloat16."""
 
@@ -75,6 +75,28 @@ def test_every_family_on_blocks_is_its_float32_model(no_native_bf16, family, qty
     assert_same_model(llm, reference)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0"])
+def test_q4_k_and_q5_0_files_on_blocks_are_their_float32_model(no_native_bf16, qtype, tmp_path):
+    """Q4_K (most of a Q4_K_M file: 256 columns with 8 sub-blocks of 32, 6-bit scales and mins) as 4-bit blocks with
+    float32 scales d * sc and mins -dmin * m, Q5_0 as 8-bit codes q - 16: random blocks of a one-layer llama file
+    (q/k rows permuted) give the logits and tokens of the float32 model gguf-py dequantizes, bitwise."""
+    from gguf import GGMLQuantizationType
+
+    from tests.weights.conftest import write_tiny
+
+    path = tmp_path / f"{qtype}.gguf"
+    write_tiny(path, arch="llama", qtype=GGMLQuantizationType[qtype], seed=3)
+    llm = tinylm.load(path, compile=False)
+    assert len(block_layers(llm.model)) == 8  # 7 projections and the head, tied to the embedding
+    reference = tinylm.load(path, dtype="float32", compile=False)
+    ids = torch.tensor([[5, 77, 200, 12, 9, 101, 44, 2], [17, 250, 3, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(llm.model(ids).logits, reference.model(ids).logits)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(ids.tolist(), params)]
+    assert got == [o.outputs[0].token_ids for o in reference.generate(ids.tolist(), params)]
+
+
 def test_compiled_fused_decode_on_blocks_gives_the_eager_tokens(no_native_bf16, tmp_path):
     from tinylm.tiny import make_tiny
     from tinylm.weights.gguf_writer import convert_hf_to_gguf
@@ -87,9 +109,9 @@ def test_compiled_fused_decode_on_blocks_gives_the_eager_tokens(no_native_bf16, 
 
 
 def test_a_block_layers_float32_weight_is_never_built(no_native_bf16, smollm2_gguf, monkeypatch):
-    """The loader reads Q4_0 / Q4_1 / Q8_0 weights straight into BlockLinear layers: none of them is dequantized
-    (a 1.1B-parameter Q4_1 file would otherwise hold ~4.4 GB of float32 weights at the peak), and the file's memory
-    map is closed once the model is loaded."""
+    """The loader reads Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights straight into BlockLinear layers: none of them is
+    dequantized (a 1.1B-parameter Q4_1 file would otherwise hold ~4.4 GB of float32 weights at the peak), and the file's
+    memory map is closed once the model is loaded."""
     from tinylm.weights import gguf
 
     dequantized = []

@@ -1,4 +1,5 @@
-"""Linear layers on GGUF Q4_0 / Q4_1 / Q8_0 blocks kept as the file stores them, computing exactly the float32 model.
+"""Linear layers on GGUF Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 blocks kept as the file stores them (tinylm/weights/
+gguf_blocks.py puts them in one form: blocks of 32 columns), computing exactly the float32 model.
 
 A GGUF model's float32 weights are its blocks dequantized (gguf-py: w = d * q + m for Q4_1, d * (q - 8) for Q4_0,
 d * q for Q8_0, in float32: d * q is exact and one rounding adds m). BlockLinear keeps the blocks and widens them to
