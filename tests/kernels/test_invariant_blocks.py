@@ -1,7 +1,8 @@
-"""tinylm::invariant_blocks_linear (tinylm/kernels/invariant_blocks.cpp): float32 products on GGUF Q4_0 / Q4_1 /
-Q8_0 blocks are bitwise tinylm::invariant_linear on the weight gguf-py dequantizes, for every row count (in
-registers up to 16 rows, over a widened copy from 17), every thread count, with and without bias, and refuse
-malformed parts with one clear error."""
+"""tinylm::invariant_blocks_linear (tinylm/kernels/invariant_blocks.cpp): float32 products on GGUF blocks (Q4_0 /
+Q4_1 / Q8_0 as stored, Q4_K / Q5_0 / Q5_1 / Q5_K / Q6_K in the forms tinylm/weights/gguf_blocks.py gives them) are
+bitwise tinylm::invariant_linear on the weight gguf-py dequantizes, for every row count (in registers up to 16 rows,
+over a widened copy from 17), every thread count, with and without bias, and refuse malformed parts with one clear
+error."""
 
 from __future__ import annotations
 
@@ -11,20 +12,26 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize, quantize
 
+from tests.weights.conftest import encode_tensor
 from tinylm import kernels
-from tinylm.weights.gguf_blocks import blocks
+from tinylm.weights.gguf_blocks import K_QUANTS, blocks
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs tinylm's kernels (a C++ compiler)")
 
 ROWS = [1, 2, 3, 4, 5, 16, 17, 40, 130]
-KINDS = [QType.Q4_1, QType.Q4_0, QType.Q8_0]
+KINDS = [QType.Q4_1, QType.Q4_0, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 SHAPES = [(1536, 576), (576, 1536), (7, 64), (37, 96)]  # the default model's, then tails of 4- and 8-row tiles
+K_SHAPES = [(1536, 512), (512, 1536), (7, 256), (37, 768)]  # K-quants: 256 columns a block
 
 
 def quantized(qtype, n, k, seed=0):
-    """A random (N, K) weight through gguf-py: (the blocks as a file stores them, the float32 weight they stand for)."""
+    """A random (N, K) weight through gguf-py (K-quants: random blocks with small f16 scales, which gguf-py reads but
+    does not write): (the blocks as a file stores them, the float32 weight they stand for)."""
     values = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).numpy()
-    raw = quantize(values, qtype)  # (N, row bytes) uint8
+    if qtype in K_QUANTS:
+        raw, _ = encode_tensor(values, qtype, np.random.default_rng(seed))
+    else:
+        raw = quantize(values, qtype)  # (N, row bytes) uint8
     weight = torch.from_numpy(dequantize(raw, qtype).astype(np.float32)).reshape(n, k)
     return blocks(qtype, raw, (n, k)), weight
 
@@ -34,8 +41,9 @@ def product(parts, x, bias=None):
 
 
 @pytest.mark.parametrize("qtype", KINDS, ids=lambda q: q.name)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", range(4), ids=lambda i: str(SHAPES[i]))
 def test_blocks_give_the_float32_product_of_the_dequantized_weight_bitwise(qtype, shape):
+    shape = (K_SHAPES if qtype in K_QUANTS else SHAPES)[shape]
     parts, weight = quantized(qtype, *shape)
     assert torch.equal(parts.dequantize(), weight)  # tinylm's own widening (lookups, fallback)
     bias = torch.randn(shape[0])
@@ -66,7 +74,7 @@ def test_malformed_parts_are_refused_with_one_clear_error():
     x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="bits 4 or 8"):
         torch.ops.tinylm.invariant_blocks_linear(x, parts.codes, parts.scales, parts.mins, 5)
-    with pytest.raises(RuntimeError, match="need mins"):
+    with pytest.raises(RuntimeError, match="required for 4-bit codes"):
         torch.ops.tinylm.invariant_blocks_linear(x, parts.codes, parts.scales, None, 4)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         torch.ops.tinylm.invariant_blocks_linear(torch.randn(2, 48), parts.codes, parts.scales, parts.mins, 4)

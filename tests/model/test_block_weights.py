@@ -75,17 +75,23 @@ def test_every_family_on_blocks_is_its_float32_model(no_native_bf16, family, qty
     assert_same_model(llm, reference)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_0"])
-def test_q4_k_and_q5_0_files_on_blocks_are_their_float32_model(no_native_bf16, qtype, tmp_path):
-    """Q4_K (most of a Q4_K_M file: 256 columns with 8 sub-blocks of 32, 6-bit scales and mins) as 4-bit blocks with
-    float32 scales d * sc and mins -dmin * m, Q5_0 as 8-bit codes q - 16: random blocks of a one-layer llama file
-    (q/k rows permuted) give the logits and tokens of the float32 model gguf-py dequantizes, bitwise."""
-    from gguf import GGMLQuantizationType
+Q4_K_M = {"blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K", "token_embd.weight": "Q6_K"}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q4_K_M"])
+def test_k_quant_and_5_bit_files_on_blocks_are_their_float32_model(no_native_bf16, qtype, tmp_path):
+    """Q4_K (256 columns, 8 sub-blocks of 32 with 6-bit scales and mins) as 4-bit blocks with float32 scales d * sc and
+    mins -dmin * m, Q5_K and Q5_1 as 8-bit codes with mins, Q6_K as 8-bit codes with a scale per 16 columns, Q5_0 as
+    codes q - 16, and a Q4_K_M-like mix (Q4_K with Q6_K v / down / embedding: q/k/v are then not fused): random
+    blocks of a one-layer llama file (q/k rows permuted) give the logits and tokens of the float32 model gguf-py
+    dequantizes, bitwise."""
+    from gguf import GGMLQuantizationType as QType
 
     from tests.weights.conftest import write_tiny
 
     path = tmp_path / f"{qtype}.gguf"
-    write_tiny(path, arch="llama", qtype=GGMLQuantizationType[qtype], seed=3)
+    mix = {name: QType[kind] for name, kind in Q4_K_M.items()} if qtype == "Q4_K_M" else None
+    write_tiny(path, arch="llama", qtype=QType[qtype.removesuffix("_M")], seed=3, qtypes=mix)
     llm = tinylm.load(path, compile=False)
     assert len(block_layers(llm.model)) == 8  # 7 projections and the head, tied to the embedding
     reference = tinylm.load(path, dtype="float32", compile=False)
@@ -95,6 +101,11 @@ def test_q4_k_and_q5_0_files_on_blocks_are_their_float32_model(no_native_bf16, q
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate(ids.tolist(), params)]
     assert got == [o.outputs[0].token_ids for o in reference.generate(ids.tolist(), params)]
+    from tinylm.model.fuse import fuse_projections  # as the compiled step runs them: joined where forms agree
+
+    assert fuse_projections(llm.model) == (1 if mix else 2)  # the mix: gate/up only (its v is Q6_K, q/k Q4_K)
+    with torch.no_grad():
+        assert torch.equal(llm.model(ids).logits, reference.model(ids).logits)
 
 
 def test_compiled_fused_decode_on_blocks_gives_the_eager_tokens(no_native_bf16, tmp_path):

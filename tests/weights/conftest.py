@@ -55,8 +55,10 @@ def tiny_tensors(arch: str, layers: int = 1, vocab: int = 260) -> dict[str, tupl
     return shapes
 
 
-def write_tiny(path, arch="llama", qtype=Q.F32, drop=(), extra=None, meta=None, values=None, seed=0, vocab=None):
-    """Write a tiny GGUF; return {gguf name: float32 values as the file decodes them}.
+def write_tiny(path, arch="llama", qtype=Q.F32, drop=(), extra=None, meta=None, values=None, seed=0, vocab=None,
+               qtypes=None):
+    """Write a tiny GGUF; return {gguf name: float32 values as the file decodes them}. `qtype`: the 2-D tensors'
+    type, but those named in `qtypes` ({gguf name: type}, as llama.cpp's mixes: Q4_K_M's Q6_K attn_v / ffn_down).
 
     `vocab`: tokenizer.* metadata as {GGUFWriter method name without "add_": value}, e.g. {"token_list": [...]}.
     """
@@ -82,7 +84,7 @@ def write_tiny(path, arch="llama", qtype=Q.F32, drop=(), extra=None, meta=None, 
         if name in drop:
             continue
         full = (values or {}).get(name, rng.standard_normal(shape).astype(np.float32))
-        data, raw = encode_tensor(full, qtype if len(shape) == 2 else Q.F32, rng)
+        data, raw = encode_tensor(full, (qtypes or {}).get(name, qtype) if len(shape) == 2 else Q.F32, rng)
         writer.add_tensor(name, data, raw_dtype=raw)
         decoded[name] = decode_tensor(data, raw).reshape(shape)
     writer.write_header_to_file()

@@ -1,17 +1,19 @@
-"""Linear layers on GGUF Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 blocks kept as the file stores them (tinylm/weights/
-gguf_blocks.py puts them in one form: blocks of 32 columns), computing exactly the float32 model.
+"""Linear layers on GGUF blocks kept as the file stores them (Q4_0 / Q4_1 / Q4_K / Q5_0 / Q5_1 / Q5_K / Q6_K / Q8_0,
+which tinylm/weights/gguf_blocks.py puts in the forms below), computing exactly the float32 model.
 
-A GGUF model's float32 weights are its blocks dequantized (gguf-py: w = d * q + m for Q4_1, d * (q - 8) for Q4_0,
-d * q for Q8_0, in float32: d * q is exact and one rounding adds m). BlockLinear keeps the blocks and widens them to
-those same float32 values inside the product (tinylm::invariant_blocks_linear, tinylm/kernels/invariant_blocks.cpp),
-so its output is bitwise the batch-invariant float32 product on the dequantized weight (InvariantLinear), while a
-decode step reads ~0.75 byte a weight (4 bits with float32 scales and mins) or ~1.1 (8 bits) instead of 4, or 2 as
-bfloat16. Nothing is rounded: the model is the file's, not a bfloat16 approximation of it.
+A GGUF model's float32 weights are its blocks dequantized by gguf-py, in float32: w = d * q + m for Q4_1, d * (q - 8)
+for Q4_0, d * q for Q8_0; the K-quants' sub-block scales d * sc and mins dmin * m are exact products, so they are
+the same forms. BlockLinear keeps the blocks and widens them to those same float32 values inside the product
+(tinylm::invariant_blocks_linear, tinylm/kernels/invariant_blocks.cpp), so its output is bitwise the batch-invariant
+float32 product on the dequantized weight (InvariantLinear), while a decode step reads ~0.75 byte a weight (4 bits
+with float32 scales and mins) or ~1.1-1.25 (8 bits) instead of 4, or 2 as bfloat16. Nothing is rounded: the model
+is the file's, not a bfloat16 approximation of it.
 
 Parts of one layer (BlockWeight), all rows (N) first:
   bits 4: codes (N, K / 2) uint8, per 32-column block 16 bytes, byte j = q_j (low nibble) | q_j+16 (high nibble);
           scales, mins (N, K / 32) float32, w = scales * q + mins (Q4_0: mins = -8 scales, exact).
-  bits 8: codes (N, K) int8, scales (N, K / 32) float32, w = scales * q.
+  bits 8: codes (N, K) int8, scales (N, K / 32) float32, w = scales * q; with mins (N, K / 32), w = scales * q +
+          mins (Q5_1, Q5_K); or scales (N, K / 16), one per 16 columns, w = scales * q rounded once (Q6_K).
 Inference only, like fused projections: the loader builds the layers in the model before any weight is loaded
 (place_blocks, from the parts tinylm/weights/gguf_blocks.py reads), so a block layer's float32 weight is never
 built, and they are never saved.
@@ -44,24 +46,22 @@ class BlockWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.codes.shape[0], self.scales.shape[1] * BLOCK
+        return self.codes.shape[0], self.codes.shape[1] * (2 if self.bits == 4 else 1)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight (N, K), or its rows `rows` (any shape of ids) -> (*rows.shape, K): the values the
-        kernel widens to (d * q is exact, so mul-then-add and fma agree)."""
-        codes, scales = self.codes, self.scales
-        mins = self.mins
+        kernel widens to (d * q is exact where a min is added, so mul-then-add and fma agree)."""
+        codes, scales, mins = self.codes, self.scales, self.mins
         if rows is not None:
             codes, scales = codes[rows], scales[rows]
             mins = None if mins is None else mins[rows]
-        groups = scales.shape[-1]
         if self.bits == 4:
-            nibbles = codes.reshape(*codes.shape[:-1], groups, BLOCK // 2)  # (..., G, 16)
-            q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float()  # (..., G, 32)
-            values = q * scales[..., None] + mins[..., None]
-        else:
-            values = codes.reshape(*codes.shape[:-1], groups, BLOCK).float() * scales[..., None]
-        return values.reshape(*values.shape[:-2], groups * BLOCK)
+            nibbles = codes.reshape(*codes.shape[:-1], -1, BLOCK // 2)  # (..., G, 16)
+            q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float()  # (..., G, 32) in column order
+        else:  # (..., G, 32), or (..., 2G, 16) with a scale per 16 columns
+            q = codes.reshape(*codes.shape[:-1], scales.shape[-1], -1).float()
+        values = q * scales[..., None] if mins is None else q * scales[..., None] + mins[..., None]
+        return values.flatten(-2)
 
 
 
@@ -81,6 +81,11 @@ class BlockLinear(nn.Module):
     @property
     def blocks(self) -> BlockWeight:
         return BlockWeight(self.bits, self.codes, self.scales, self.mins)
+
+    @property
+    def form(self) -> tuple[int, bool, int]:
+        """(bits, with mins, scales a row): layers of one form can be joined (concat_rows)."""
+        return self.bits, self.mins is not None, self.scales.shape[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -104,8 +109,8 @@ class BlockLinear(nn.Module):
     def concat_rows(cls, layers: list[BlockLinear]) -> BlockLinear:
         """One layer over the rows of `layers` end to end (fused q/k/v, gate/up: tinylm/model/fuse.py)."""
         first = layers[0]
-        if any(m.bits != first.bits or m.in_features != first.in_features for m in layers):
-            raise ConfigError("concat_rows: the block layers differ in bits or input features")
+        if any(m.form != first.form or m.in_features != first.in_features for m in layers):
+            raise ConfigError("concat_rows: the block layers differ in form or input features")
         mins = None if first.mins is None else torch.cat([m.mins for m in layers])
         weight = BlockWeight(first.bits, torch.cat([m.codes for m in layers]), torch.cat([m.scales for m in layers]),
                              mins)

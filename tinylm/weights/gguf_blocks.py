@@ -1,10 +1,15 @@
-"""A GGUF file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights as blocks of 32 columns (tinylm/model/block_linear.py's
-BlockWeight), for the float32 model that computes on them exactly: each weight is the float32 value gguf-py's
-dequantize gives it. Scales and mins widened from f16 to float32 (exact); Q4_0's implicit -8 as mins = -8 d (exact);
-Q4_K's sub-block scales d * sc and mins -(dmin * m) are exact float32 products (11 x 6 significant bits), so
-sc * q + min rounds once as gguf-py's (d * sc) * q - dmin * m does; Q5_0's 5-bit codes q - 16 as int8 (d * c is
-exact); llama.cpp's q/k row permutation undone on every part (blocks never span rows). Q5_1, Q6_K and the other
-K-quants are not kept (their weights load as float and are stored in bfloat16).
+"""A GGUF file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q5_1 / Q5_K / Q6_K / Q8_0 weights as blocks of 32 columns
+(tinylm/model/block_linear.py's BlockWeight), for the float32 model that computes on them exactly: each weight is the
+float32 value gguf-py's dequantize gives it, and llama.cpp's q/k row permutation is undone on every part (blocks
+never span rows).
+
+Q4_0 / Q4_1 / Q8_0 are copied as stored (scales and mins widened from f16 to float32, exact; Q4_0's implicit -8 as
+mins = -8 d). The others' integer codes come from gguf-py itself: dequantizing a copy of the blocks whose scales are
+1 and mins 0 gives the codes exactly (small integers), so no bit layout is decoded here. Their scales are exact
+float32 products as gguf-py forms them (the K-quants' d * sc: 11 x 6 or 8 significant bits) and mins the negated
+dmin * m, so scale * q + min rounds once where gguf-py's (d * sc) * q - dmin * m does (d * sc * q is exact for 4 and
+5 bits). Q6_K keeps a scale per 16 columns (its sub-blocks) and rounds d * sc * q once, as gguf-py does. Other
+types (Q2_K, Q3_K, IQ*) load as float and are stored in bfloat16.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 from gguf.quants import Q4_K, dequantize
 
@@ -20,8 +26,16 @@ from tinylm.model.block_linear import BLOCK, BlockWeight
 from tinylm.weights.gguf import open_gguf
 from tinylm.weights.gguf_source import f16_values
 
-KINDS = (QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0, QType.Q8_0)
-SUPER_BLOCK = 256  # columns of a K-quant block (Q4_K: 8 sub-blocks of 32)
+KINDS = (QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0, QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
+SUPER_BLOCK = 256  # columns of a K-quant block
+K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+# f16 value fields (byte offset) and byte runs set to make each type's scales 1 and mins 0 (see the docstring)
+_UNIT_F16 = {QType.Q5_0: {0: 1.0}, QType.Q5_1: {0: 1.0, 2: 0.0}, QType.Q4_K: {0: 1.0, 2: 0.0},
+             QType.Q5_K: {0: 1.0, 2: 0.0}, QType.Q6_K: {208: 1.0}}
+# Q4_K / Q5_K: 12 bytes of 6-bit (scale, min) pairs at byte 4 (gguf-py's Q4_K.get_scale_min): all scales 1, mins 0;
+# Q6_K: 16 int8 sub-block scales at byte 192
+_UNIT_BYTES = {QType.Q4_K: (4, [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]), QType.Q5_K: (4, [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]),
+               QType.Q6_K: (192, [1] * 16)}
 
 
 def read_blocks(path: str | Path) -> dict[str, BlockWeight]:
@@ -31,7 +45,7 @@ def read_blocks(path: str | Path) -> dict[str, BlockWeight]:
     found = {}
     for name, tensor in file.tensors.items():
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        width = SUPER_BLOCK if tensor.tensor_type == QType.Q4_K else BLOCK
+        width = SUPER_BLOCK if tensor.tensor_type in K_QUANTS else BLOCK
         if tensor.tensor_type not in KINDS or len(shape) != 2 or shape[1] % width:
             continue
         weight = blocks(tensor.tensor_type, tensor.data, shape)
@@ -43,12 +57,10 @@ def read_blocks(path: str | Path) -> dict[str, BlockWeight]:
 def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
     """data: the tensor's raw blocks (N, row bytes) uint8 as the file stores them; shape (N, K)."""
     rows, cols = shape
-    if qtype == QType.Q4_K:
-        return _q4_k(np.asarray(data, dtype=np.uint8).reshape(rows, cols // SUPER_BLOCK, -1), shape)
+    if qtype in _UNIT_F16:
+        return _from_codes(qtype, np.asarray(data, dtype=np.uint8).reshape(rows, -1), shape)
     raw = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
     scales = f16_values(raw[..., 0:2])
-    if qtype == QType.Q5_0:
-        return BlockWeight(8, _codes_of(dequantize(data, qtype).reshape(rows, -1, BLOCK), scales), scales)
     if qtype == QType.Q8_0:
         codes = np.array(raw[..., 2:], copy=True).view(np.int8).reshape(rows, cols)  # one copy, out of the map
         return BlockWeight(8, torch.from_numpy(codes), scales)
@@ -58,25 +70,39 @@ def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeigh
     return BlockWeight(4, torch.from_numpy(codes), scales, mins)
 
 
-def _q4_k(raw: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
-    """raw (N, S, 144): per 256 columns f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and mins (unpacked by
-    gguf-py's Q4_K.get_scale_min), then 128 bytes of codes: sub-block 2i in the low nibbles of bytes 32i..32i+31,
-    2i + 1 in their high nibbles. -> 4-bit blocks of 32 in BlockWeight's nibble order."""
+def _from_codes(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
+    """Q4_K, Q5_0, Q5_1, Q5_K, Q6_K: the codes gguf-py decodes with unit scales, and the blocks' own scales and mins.
+    data (N, row bytes)."""
     rows, cols = shape
+    codes = _unit_codes(qtype, data)  # (N, K) int8
+    width = SUPER_BLOCK if qtype in K_QUANTS else BLOCK
+    raw = data.reshape(rows, cols // width, -1)  # (N, blocks, block bytes)
+    if qtype in (QType.Q5_0, QType.Q5_1):
+        scales = f16_values(raw[..., 0:2])  # (N, K / 32)
+        mins = f16_values(raw[..., 2:4]) if qtype == QType.Q5_1 else None  # Q5_0's codes are q - 16 already
+        return BlockWeight(8, codes, scales, mins)
+    if qtype == QType.Q6_K:
+        d = f16_values(raw[..., 208:210])  # (N, S)
+        sc = torch.from_numpy(raw[..., 192:208].view(np.int8).astype(np.float32))  # (N, S, 16)
+        return BlockWeight(8, codes, (d[..., None] * sc).reshape(rows, -1))  # (N, K / 16)
     d, dmin = f16_values(raw[..., 0:2]), f16_values(raw[..., 2:4])  # (N, S)
     sc, m = (torch.from_numpy(part.astype(np.float32)).reshape(rows, -1, 8)
-             for part in Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12)))
-    scales = (d[..., None] * sc).reshape(rows, -1)  # (N, K / 32), exact products
-    mins = -(dmin[..., None] * m).reshape(rows, -1)
-    qs = raw[..., 16:].reshape(rows, -1, 4, 1, 32)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, -1, BLOCK)  # (N, K / 32, 32) in column order
-    codes = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)  # byte j: q_j low, q_j+16 high
-    return BlockWeight(4, torch.from_numpy(np.ascontiguousarray(codes).reshape(rows, cols // 2)), scales, mins)
+             for part in Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12)))  # (N, S, 8) each
+    scales, mins = (d[..., None] * sc).reshape(rows, -1), -(dmin[..., None] * m).reshape(rows, -1)  # (N, K / 32)
+    if qtype == QType.Q5_K:
+        return BlockWeight(8, codes, scales, mins)
+    q = codes.to(torch.uint8).reshape(rows, -1, BLOCK)  # Q4_K: codes 0..15 packed as 4-bit blocks
+    return BlockWeight(4, (q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)).reshape(rows, cols // 2), scales, mins)
 
 
-def _codes_of(values: np.ndarray, scales: torch.Tensor) -> torch.Tensor:
-    """values (N, G, 32) = scales * c exactly (gguf-py's dequantized Q5_0: c = q - 16 in [-16, 15]) -> c as int8
-    (N, G * 32): the division is exact, and a zero scale's block is all zeros whatever its codes."""
-    scale = scales[..., None]
-    codes = torch.where(scale != 0, torch.from_numpy(values) / torch.where(scale != 0, scale, 1), 0)
-    return codes.round().to(torch.int8).reshape(values.shape[0], -1)
+def _unit_codes(qtype: QType, data: np.ndarray) -> torch.Tensor:
+    """data (N, row bytes) -> the blocks' integer codes (N, K) int8, as gguf-py dequantizes a copy whose scales are 1
+    and mins 0 (small integers: exact in float32)."""
+    unit = np.array(data, copy=True).reshape(-1, GGML_QUANT_SIZES[qtype][1])  # (blocks, block bytes)
+    for offset, value in _UNIT_F16[qtype].items():
+        unit[:, offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
+    if qtype in _UNIT_BYTES:
+        offset, values = _UNIT_BYTES[qtype]
+        unit[:, offset:offset + len(values)] = np.array(values, dtype=np.uint8)
+    values = dequantize(unit.reshape(data.shape[0], -1), qtype)  # (N, K) float32 integers
+    return torch.from_numpy(values).to(torch.int8)
