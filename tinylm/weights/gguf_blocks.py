@@ -4,8 +4,9 @@ float32 value gguf-py's dequantize gives it, and llama.cpp's q/k row permutation
 never span rows).
 
 Q4_0 / Q4_1 / Q8_0 are copied as stored (scales and mins widened from f16 to float32, exact; Q4_0's implicit -8 as
-mins = -8 d). The others' integer codes come from gguf-py itself: dequantizing a copy of the blocks whose scales are
-1 and mins 0 gives the codes exactly (small integers), so no bit layout is decoded here. Their scales are exact
+mins = -8 d), Q4_K's nibbles moved to that order. The others' integer codes come from gguf-py itself: dequantizing a
+copy of the blocks whose scales are 1 and mins 0 gives the codes exactly (small integers), so their bit layouts are
+not decoded here. Their scales are exact
 float32 products as gguf-py forms them (the K-quants' d * sc: 11 x 6 or 8 significant bits) and mins the negated
 dmin * m, so scale * q + min rounds once where gguf-py's (d * sc) * q - dmin * m does (d * sc * q is exact for 4 and
 5 bits). Q6_K keeps a scale per 16 columns (its sub-blocks) and rounds d * sc * q once, as gguf-py does. Other
@@ -30,12 +31,11 @@ KINDS = (QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0, QType.Q5_1, QType.Q5_K,
 SUPER_BLOCK = 256  # columns of a K-quant block
 K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
 # f16 value fields (byte offset) and byte runs set to make each type's scales 1 and mins 0 (see the docstring)
-_UNIT_F16 = {QType.Q5_0: {0: 1.0}, QType.Q5_1: {0: 1.0, 2: 0.0}, QType.Q4_K: {0: 1.0, 2: 0.0},
-             QType.Q5_K: {0: 1.0, 2: 0.0}, QType.Q6_K: {208: 1.0}}
+_UNIT_F16 = {QType.Q5_0: {0: 1.0}, QType.Q5_1: {0: 1.0, 2: 0.0}, QType.Q5_K: {0: 1.0, 2: 0.0},
+             QType.Q6_K: {208: 1.0}}
 # Q4_K / Q5_K: 12 bytes of 6-bit (scale, min) pairs at byte 4 (gguf-py's Q4_K.get_scale_min): all scales 1, mins 0;
 # Q6_K: 16 int8 sub-block scales at byte 192
-_UNIT_BYTES = {QType.Q4_K: (4, [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]), QType.Q5_K: (4, [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]),
-               QType.Q6_K: (192, [1] * 16)}
+_UNIT_BYTES = {QType.Q5_K: (4, [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]), QType.Q6_K: (192, [1] * 16)}
 
 
 def read_blocks(path: str | Path) -> dict[str, BlockWeight]:
@@ -57,6 +57,8 @@ def read_blocks(path: str | Path) -> dict[str, BlockWeight]:
 def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
     """data: the tensor's raw blocks (N, row bytes) uint8 as the file stores them; shape (N, K)."""
     rows, cols = shape
+    if qtype == QType.Q4_K:  # the most common K-quant: its nibbles moved here (7x faster than dequantizing)
+        return _q4_k(np.asarray(data, dtype=np.uint8).reshape(rows, cols // SUPER_BLOCK, -1), shape)
     if qtype in _UNIT_F16:
         return _from_codes(qtype, np.asarray(data, dtype=np.uint8).reshape(rows, -1), shape)
     raw = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
@@ -71,12 +73,12 @@ def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeigh
 
 
 def _from_codes(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
-    """Q4_K, Q5_0, Q5_1, Q5_K, Q6_K: the codes gguf-py decodes with unit scales, and the blocks' own scales and mins.
+    """Q5_0, Q5_1, Q5_K, Q6_K: the codes gguf-py decodes with unit scales, and the blocks' own scales and mins.
     data (N, row bytes)."""
     rows, cols = shape
-    codes = _unit_codes(qtype, data)  # (N, K) int8
     width = SUPER_BLOCK if qtype in K_QUANTS else BLOCK
     raw = data.reshape(rows, cols // width, -1)  # (N, blocks, block bytes)
+    codes = _unit_codes(qtype, data)  # (N, K) int8
     if qtype in (QType.Q5_0, QType.Q5_1):
         scales = f16_values(raw[..., 0:2])  # (N, K / 32)
         mins = f16_values(raw[..., 2:4]) if qtype == QType.Q5_1 else None  # Q5_0's codes are q - 16 already
@@ -85,14 +87,26 @@ def _from_codes(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> Block
         d = f16_values(raw[..., 208:210])  # (N, S)
         sc = torch.from_numpy(raw[..., 192:208].view(np.int8).astype(np.float32))  # (N, S, 16)
         return BlockWeight(8, codes, (d[..., None] * sc).reshape(rows, -1))  # (N, K / 16)
+    return BlockWeight(8, codes, *_k_scales_mins(raw, rows))  # Q5_K
+
+
+def _k_scales_mins(raw: np.ndarray, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K blocks (N, S, bytes) -> scales d * sc and mins -(dmin * m), (N, K / 32) float32 each (exact)."""
     d, dmin = f16_values(raw[..., 0:2]), f16_values(raw[..., 2:4])  # (N, S)
     sc, m = (torch.from_numpy(part.astype(np.float32)).reshape(rows, -1, 8)
              for part in Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12)))  # (N, S, 8) each
-    scales, mins = (d[..., None] * sc).reshape(rows, -1), -(dmin[..., None] * m).reshape(rows, -1)  # (N, K / 32)
-    if qtype == QType.Q5_K:
-        return BlockWeight(8, codes, scales, mins)
-    q = codes.to(torch.uint8).reshape(rows, -1, BLOCK)  # Q4_K: codes 0..15 packed as 4-bit blocks
-    return BlockWeight(4, (q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)).reshape(rows, cols // 2), scales, mins)
+    return (d[..., None] * sc).reshape(rows, -1), -(dmin[..., None] * m).reshape(rows, -1)
+
+
+def _q4_k(raw: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
+    """Q4_K blocks (N, S, 144): after d, dmin and the 12 scale bytes, 128 bytes of codes: sub-block 2i in the low
+    nibbles of bytes 32i .. 32i + 31, sub-block 2i + 1 in their high nibbles (gguf-py's Q4_K.dequantize_blocks) ->
+    4-bit blocks of 32 in BlockWeight's nibble order."""
+    rows, cols = shape
+    qs = raw[..., 16:].reshape(rows, -1, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, -1, BLOCK)  # (N, K / 32, 32) column order
+    codes = np.ascontiguousarray(q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)).reshape(rows, cols // 2)
+    return BlockWeight(4, torch.from_numpy(codes), *_k_scales_mins(raw, rows))
 
 
 def _unit_codes(qtype: QType, data: np.ndarray) -> torch.Tensor:
