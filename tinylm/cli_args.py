@@ -20,7 +20,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="built-in name, Hugging Face folder or .gguf file (default: smollm2-135m-instruct)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 where the CPU or GPU computes it natively, else float32 (there a GGUF "
-                             "file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights keep their blocks, the float32 results "
+                             "file's Q4_0-Q8_0 and Q4_K-Q6_K weights keep their blocks, the float32 results "
                              "exactly, and other GGUF tensors and 16-bit checkpoints keep linear weights in bfloat16)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quantize", default=None, metavar="Q",

@@ -54,7 +54,7 @@ class LLM:
         """vLLM's constructor: `model` is a built-in name, a Hugging Face folder or a .gguf file; dtype "auto"
         (the checkpoint's, bfloat16 for float16 ones on CPU; for GGUF files bfloat16 where the device computes it
         natively, else float32; on CPUs without native bfloat16, GGUF files and 16-bit checkpoints compute in float32
-        on a GGUF's own Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 blocks, exactly, or on linear weights stored in bfloat16: see
+        on a GGUF's own Q4_0-Q8_0 and Q4_K-Q6_K blocks, exactly, or on linear weights stored in bfloat16: see
         resolve_dtype, resolve_weight_dtype and load_for_engine), "float32", "bfloat16",
         "float16" or a torch.dtype; compile None (on unless TINYLM_COMPILE=0, tinylm/engine/compile_cache.py), True
         or False; quantization None or a

@@ -82,7 +82,7 @@ def resolve_weight_dtype(dtype: str | torch.dtype, path: Path, device: str, quan
     there (resolve_dtype). tinylm's kernels widen bfloat16 weights to float32 exactly (float32 arithmetic on
     weights rounded once, as the bfloat16 model of AVX-512 BF16 hosts stores them; a bfloat16 checkpoint's exactly
     as stored), and a batch-1 decode step reads half the bytes: the default model's 540 MB -> 270 MB, 47 -> 82
-    tokens/s on an AVX2 EPYC (BENCHMARKS.md). A GGUF file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights go further: they
+    tokens/s on an AVX2 EPYC (BENCHMARKS.md). A GGUF file's Q4_0-Q8_0 and Q4_K-Q6_K weights go further: they
     keep their blocks, exactly (load_for_engine). None: weights in the compute dtype (an explicit dtype, a quantization
     policy, a float32 checkpoint, native bfloat16, a GPU)."""
     if dtype != "auto" or quantize is not None or str(device).startswith("cuda") or native_bf16(device):
@@ -93,9 +93,9 @@ def resolve_weight_dtype(dtype: str | torch.dtype, path: Path, device: str, quan
 def load_for_engine(path: Path, dtype: str | torch.dtype, device: str, quantize: str | None, check_finite: bool,
                     batch_invariant: bool) -> LoadedModel:
     """load_model with the weight storage the engine computes on (`model.weight_dtype`, resolve_weight_dtype): where
-    float32 linear weights are stored in bfloat16, a GGUF file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights instead keep
+    float32 linear weights are stored in bfloat16, a GGUF file's Q4_0-Q8_0 and Q4_K-Q6_K weights instead keep
     their blocks as they are, read straight into BlockLinear layers (tinylm/weights/loader.py load_gguf_file): bitwise
-    the float32 model, at ~0.75-1.1 bytes a weight (the default model's batch-1 step: 270 MB in bfloat16 -> 111 MB), and
+    the float32 model, at ~0.75-1.25 bytes a weight (the default model's batch-1 step: 270 MB in bfloat16 -> 111 MB), and
     never held as float32. Blocks run on the batch-invariant kernels: with batch invariance off, float layers."""
     weight_dtype = resolve_weight_dtype(dtype, path, device, quantize)
     blocks = batch_invariant and weight_dtype == torch.bfloat16 and path.is_file() and blocks_pay()

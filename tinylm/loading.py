@@ -34,7 +34,7 @@ def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "
                gguf_blocks: bool = False) -> LoadedModel:
     """A Hugging Face folder, a tinylm quantized folder or a .gguf file; `quantize` (a policy name such as "int8",
     "int4", "qkv-fp16", optionally with options, or a QuantPolicy) quantizes while loading. `gguf_blocks` (a .gguf
-    file, float32, no policy): its Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 linear weights stay blocks (weights/loader.py
+    file, float32, no policy): its Q4_0-Q8_0 and Q4_K-Q6_K linear weights stay blocks (weights/loader.py
     load_gguf_file).
 
     `check_finite` (default True) refuses weights holding NaN or Inf with a WeightsError naming the first such

@@ -1,7 +1,7 @@
 """A GGUF file or a 16-bit checkpoint run by dtype "auto" on a CPU without native bfloat16 computes in float32 and
 stores its float linear weights in bfloat16 (tinylm/llm_loading.py resolve_weight_dtype, tinylm/model/invariant.py
 store_compact): every product is bitwise the float32 product of the weight rounded to bfloat16 once, so its logits and
-tokens are exactly those of a float32 model holding the rounded weights. (A GGUF file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0
+tokens are exactly those of a float32 model holding the rounded weights. (A GGUF file's Q4_0-Q8_0 and Q4_K-Q6_K
 weights keep their blocks instead, exactly: test_block_weights.py; the files here are written in F32.) Checked on every
 host by pretending the CPU has no native bfloat16."""
 

@@ -1,4 +1,4 @@
-"""A GGUF file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights kept as blocks (tinylm/model/block_linear.py) when dtype
+"""A GGUF file's Q4_0-Q8_0 and Q4_K-Q6_K weights kept as blocks (tinylm/model/block_linear.py) when dtype
 "auto" computes in float32 on a CPU without native bfloat16: every such layer's product is bitwise the float32 product
 of the weight gguf-py dequantizes, so logits and tokens are exactly those of the float32 model (`dtype="float32"`), for
 the default model and tiny models of every family; fused and compiled too. Checked on every host by pretending the
@@ -120,7 +120,7 @@ def test_compiled_fused_decode_on_blocks_gives_the_eager_tokens(no_native_bf16, 
 
 
 def test_a_block_layers_float32_weight_is_never_built(no_native_bf16, smollm2_gguf, monkeypatch):
-    """The loader reads Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 weights straight into BlockLinear layers: none of them is
+    """The loader reads Q4_0-Q8_0 and Q4_K-Q6_K weights straight into BlockLinear layers: none of them is
     dequantized (a 1.1B-parameter Q4_1 file would otherwise hold ~4.4 GB of float32 weights at the peak), and the file's
     memory map is closed once the model is loaded."""
     from tinylm.weights import gguf

@@ -9,7 +9,7 @@ decode, its batches, speculative verification), `invariant_gemm.cpp` batch-invar
 element one fixed float32 sequence whatever the batch; wrapper `invariant.py`), `delta_rule.cpp` Gated
 DeltaNet's recurrence token by token, `deltanet_mix.cpp` its whole token mixing and `invariant_experts.cpp` a
 mixture-of-experts block's routed experts (batch-invariant inference), `int8_rows.cpp` weight-only int8 products
-(the int4 policy's output head), `invariant_blocks.cpp` float32 products on GGUF Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 blocks
+(the int4 policy's output head), `invariant_blocks.cpp` float32 products on GGUF Q4_0-Q8_0 and Q4_K-Q6_K blocks
 widened exactly (a GGUF model's default form on CPUs without native bfloat16; tinylm/model/block_linear.py). The sources
 are compiled with torch's cpp_extension (the C++ compiler torch.compile needs anyway, and the `ninja` package) into
 ~/.cache/torch_extensions, once per source and CPU (`-march=native`: ~20 s, then loaded in about a second); if that

@@ -77,8 +77,8 @@ def use_batch_invariant(model: nn.Module) -> int:
 def store_compact(model: nn.Module) -> None:
     """Store every float32 InvariantLinear's weight in bfloat16 while the model computes in float32 (the kernel widens
     it exactly: each product is bitwise the float32 product with the weight rounded to bfloat16 once). A GGUF file's
-    Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 layers are BlockLinear already, on the file's own blocks (placed by the loader,
-    tinylm/model/block_linear.py: exact, ~0.75-1.1 bytes a weight): a batch-1 step of the default model reads 111 MB
+    Q4_0-Q8_0 and Q4_K-Q6_K layers are BlockLinear already, on the file's own blocks (placed by the loader,
+    tinylm/model/block_linear.py: exact, ~0.75-1.25 bytes a weight): a batch-1 step of the default model reads 111 MB
     instead of 540 (270 in bfloat16). A tied embedding and head stay one weight (the embedding widens the bfloat16
     rows it looks up, CausalLM.hidden_states). Biases stay float32, and so do MoE routers and shared-expert gates
     (routes_tokens)."""

@@ -39,7 +39,7 @@ _UNIT_BYTES = {QType.Q5_K: (4, [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]), QType.Q6_K
 
 
 def read_blocks(path: str | Path) -> dict[str, BlockWeight]:
-    """{parameter name (Hugging Face's): its blocks} for every 2-D Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 tensor of the
+    """{parameter name (Hugging Face's): its blocks} for every 2-D Q4_0-Q8_0 and Q4_K-Q6_K tensor of the
     file."""
     file = open_gguf(path)
     found = {}

@@ -105,7 +105,7 @@ def module_name(model_type: str, stored: str) -> str | None:
 
 def load_gguf_file(path: Path, dtype: torch.dtype, device: str, check_finite: bool = True,
                    blocks: bool = False) -> LoadedModel:
-    """blocks (a float32 model on CPU): the file's Q4_0 / Q4_1 / Q4_K / Q5_0 / Q8_0 linear weights stay the blocks it
+    """blocks (a float32 model on CPU): the file's Q4_0-Q8_0 and Q4_K-Q6_K linear weights stay the blocks it
     stores, in BlockLinear layers (tinylm/model/block_linear.py, bitwise the float32 product of the dequantized weight);
     their float32 weights are never built (a 1.1B-parameter Q4_1 file: ~1 GB resident instead of ~6 GB at the peak)."""
     from tinylm.weights.gguf import load_gguf
