@@ -93,9 +93,9 @@ def resolve_weight_dtype(dtype: str | torch.dtype, path: Path, device: str, quan
 def load_for_engine(path: Path, dtype: str | torch.dtype, device: str, quantize: str | None, check_finite: bool,
                     batch_invariant: bool) -> LoadedModel:
     """load_model with the weight storage the engine computes on (`model.weight_dtype`, resolve_weight_dtype): where
-    float32 linear weights are stored in bfloat16, a GGUF file's Q4_0-Q8_0 and Q4_K-Q6_K weights instead keep
-    their blocks as they are, read straight into BlockLinear layers (tinylm/weights/loader.py load_gguf_file): bitwise
-    the float32 model, at ~0.75-1.25 bytes a weight (the default model's batch-1 step: 270 MB in bfloat16 -> 111 MB), and
+    float32 linear weights are stored in bfloat16, a GGUF file's Q4_0-Q8_0 and Q4_K-Q6_K weights instead keep their
+    blocks as they are, read straight into BlockLinear layers (tinylm/weights/loader.py load_gguf_file): bitwise the
+    float32 model, at ~0.75-1.25 bytes a weight (the default model's batch-1 step: 270 MB in bfloat16 -> 111 MB), and
     never held as float32. Blocks run on the batch-invariant kernels: with batch invariance off, float layers."""
     weight_dtype = resolve_weight_dtype(dtype, path, device, quantize)
     blocks = batch_invariant and weight_dtype == torch.bfloat16 and path.is_file() and blocks_pay()
