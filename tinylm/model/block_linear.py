@@ -64,7 +64,6 @@ class BlockWeight:
         return values.flatten(-2)
 
 
-
 class BlockLinear(nn.Module):
     """x (..., K) float32 -> (..., N) float32 over a BlockWeight, bitwise InvariantLinear on the dequantized weight.
     Other dtypes, devices or autograd take F.linear on the dequantized weight (correct, not batch invariant)."""
@@ -164,12 +163,14 @@ def place_blocks(model: nn.Module, blocks: dict[str, BlockWeight]) -> dict[str, 
         if type(layer) not in (nn.Linear, nn.Embedding) or tuple(layer.weight.shape) != weight.shape:
             raise ConfigError(f"{name}: blocks of shape {weight.shape} do not fit {layer}")
         placed = BlockLinear(weight, getattr(layer, "bias", None))
-        if name == EMBEDDING:
-            model.model.embed_tokens = BlockEmbedding(placed, owned=not tied)
-        if name != EMBEDDING or tied:
+        if name == EMBEDDING and not tied:  # its own blocks, only looked up
+            model.model.embed_tokens = BlockEmbedding(placed, owned=True)
+            layer_name = "model.embed_tokens.table"
+        else:
             _set_module(model, layer_name, placed)
-        prefix = "model.embed_tokens.table" if name == EMBEDDING and not tied else layer_name
-        buffers.update({f"{prefix}.{part}": t for part, t in placed.named_buffers()})
+            if name == EMBEDDING:  # the tied head's blocks, which the embedding looks its rows up in
+                model.model.embed_tokens = BlockEmbedding(placed)
+        buffers.update({f"{layer_name}.{part}": t for part, t in placed.named_buffers()})
     return buffers
 
 
