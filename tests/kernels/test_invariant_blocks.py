@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 
 from tests.weights.conftest import encode_tensor
 from tinylm import kernels
-from tinylm.weights.gguf_blocks import K_QUANTS, blocks
+from tinylm.weights.gguf_blocks import blocks
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs tinylm's kernels (a C++ compiler)")
 
@@ -22,6 +22,7 @@ ROWS = [1, 2, 3, 4, 5, 16, 17, 40, 130]
 KINDS = [QType.Q4_1, QType.Q4_0, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 SHAPES = [(1536, 576), (576, 1536), (7, 64), (37, 96)]  # the default model's, then tails of 4- and 8-row tiles
 K_SHAPES = [(1536, 512), (512, 1536), (7, 256), (37, 768)]  # K-quants: 256 columns a block
+K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)  # gguf-py reads them but does not write them
 
 
 def quantized(qtype, n, k, seed=0):

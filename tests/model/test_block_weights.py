@@ -146,8 +146,8 @@ def test_a_nan_scale_in_the_blocks_is_refused_at_load(no_native_bf16, tmp_path, 
     path = convert_hf_to_gguf(make_tiny("llama", tmp_path / "llama", seed=5), tmp_path / "llama.gguf", "q4_1")
     read = gguf_blocks.read_blocks
 
-    def corrupt(file):
-        found = read(file)
+    def corrupt(file, keep):
+        found = read(file, keep)
         found["model.layers.1.mlp.up_proj.weight"].scales[3, 0] = float("nan")
         return found
 

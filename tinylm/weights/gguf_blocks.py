@@ -6,15 +6,15 @@ never span rows).
 Q4_0 / Q4_1 / Q8_0 are copied as stored (scales and mins widened from f16 to float32, exact; Q4_0's implicit -8 as
 mins = -8 d), Q4_K's nibbles moved to that order. The others' integer codes come from gguf-py itself: dequantizing a
 copy of the blocks whose scales are 1 and mins 0 gives the codes exactly (small integers), so their bit layouts are
-not decoded here. Their scales are exact
-float32 products as gguf-py forms them (the K-quants' d * sc: 11 x 6 or 8 significant bits) and mins the negated
-dmin * m, so scale * q + min rounds once where gguf-py's (d * sc) * q - dmin * m does (d * sc * q is exact for 4 and
-5 bits). Q6_K keeps a scale per 16 columns (its sub-blocks) and rounds d * sc * q once, as gguf-py does. Other
-types (Q2_K, Q3_K, IQ*) load as float and are stored in bfloat16.
+not decoded here. Their scales are exact float32 products as gguf-py forms them (the K-quants' d * sc: 11 x 6 or 8
+significant bits) and mins the negated dmin * m, so scale * q + min rounds once where gguf-py's (d * sc) * q - dmin *
+m does (d * sc * q is exact for 4 and 5 bits). Q6_K keeps a scale per 16 columns (its sub-blocks) and rounds
+d * sc * q once, as gguf-py does. Other types (Q2_K, Q3_K) load as float and are stored in bfloat16.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,10 @@ from gguf.quants import Q4_K, dequantize
 
 from tinylm.model.block_linear import BLOCK, BlockWeight
 from tinylm.weights.gguf import open_gguf
+from tinylm.weights.gguf_reader import torch_shape
 from tinylm.weights.gguf_source import f16_values
 
 KINDS = (QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0, QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
-SUPER_BLOCK = 256  # columns of a K-quant block
-K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
 # f16 value fields (byte offset) and byte runs set to make each type's scales 1 and mins 0 (see the docstring)
 _UNIT_F16 = {QType.Q5_0: {0: 1.0}, QType.Q5_1: {0: 1.0, 2: 0.0}, QType.Q5_K: {0: 1.0, 2: 0.0},
              QType.Q6_K: {208: 1.0}}
@@ -38,15 +37,15 @@ _UNIT_F16 = {QType.Q5_0: {0: 1.0}, QType.Q5_1: {0: 1.0, 2: 0.0}, QType.Q5_K: {0:
 _UNIT_BYTES = {QType.Q5_K: (4, [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]), QType.Q6_K: (192, [1] * 16)}
 
 
-def read_blocks(path: str | Path) -> dict[str, BlockWeight]:
-    """{parameter name (Hugging Face's): its blocks} for every 2-D Q4_0-Q8_0 and Q4_K-Q6_K tensor of the
-    file."""
+def read_blocks(path: str | Path, keep: Callable[[str], bool] = lambda name: True) -> dict[str, BlockWeight]:
+    """{parameter name (Hugging Face's): its blocks} for every 2-D Q4_0-Q8_0 and Q4_K-Q6_K tensor of the file whose
+    name the caller keeps (the others are not decoded)."""
     file = open_gguf(path)
     found = {}
     for name, tensor in file.tensors.items():
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        width = SUPER_BLOCK if tensor.tensor_type in K_QUANTS else BLOCK
-        if tensor.tensor_type not in KINDS or len(shape) != 2 or shape[1] % width:
+        shape = torch_shape(tensor)
+        kind = tensor.tensor_type
+        if kind not in KINDS or len(shape) != 2 or shape[1] % GGML_QUANT_SIZES[kind][0] or not keep(name):
             continue
         weight = blocks(tensor.tensor_type, tensor.data, shape)
         found[name] = BlockWeight(weight.bits, *(None if part is None else file.unpermute(name, part)
@@ -58,7 +57,7 @@ def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeigh
     """data: the tensor's raw blocks (N, row bytes) uint8 as the file stores them; shape (N, K)."""
     rows, cols = shape
     if qtype == QType.Q4_K:  # the most common K-quant: its nibbles moved here (7x faster than dequantizing)
-        return _q4_k(np.asarray(data, dtype=np.uint8).reshape(rows, cols // SUPER_BLOCK, -1), shape)
+        return _q4_k(np.asarray(data, dtype=np.uint8).reshape(rows, -1, GGML_QUANT_SIZES[qtype][1]), shape)
     if qtype in _UNIT_F16:
         return _from_codes(qtype, np.asarray(data, dtype=np.uint8).reshape(rows, -1), shape)
     raw = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
@@ -75,9 +74,8 @@ def blocks(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeigh
 def _from_codes(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
     """Q5_0, Q5_1, Q5_K, Q6_K: the codes gguf-py decodes with unit scales, and the blocks' own scales and mins.
     data (N, row bytes)."""
-    rows, cols = shape
-    width = SUPER_BLOCK if qtype in K_QUANTS else BLOCK
-    raw = data.reshape(rows, cols // width, -1)  # (N, blocks, block bytes)
+    rows = shape[0]
+    raw = data.reshape(rows, -1, GGML_QUANT_SIZES[qtype][1])  # (N, blocks, block bytes)
     codes = _unit_codes(qtype, data)  # (N, K) int8
     if qtype in (QType.Q5_0, QType.Q5_1):
         scales = f16_values(raw[..., 0:2])  # (N, K / 32)

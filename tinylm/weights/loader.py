@@ -115,7 +115,7 @@ def load_gguf_file(path: Path, dtype: torch.dtype, device: str, check_finite: bo
     if blocks:
         if dtype != torch.float32:  # the blocks widen to float32 values: a model computing in another dtype differs
             raise ValueError(f"GGUF blocks compute in float32, not {dtype}")
-        stored = {name: weight for name, weight in read_blocks(path).items() if placeable(name)}
+        stored = read_blocks(path, keep=placeable)
     gguf_model = load_gguf(path, dtype=dtype, skip=frozenset(stored))
     model = build_model(gguf_model.config)  # load_gguf already checked every tensor's name and shape
     tensors = {**gguf_model.tensors, **place_blocks(model, stored)}  # scales and mins checked finite with the rest
