@@ -34,8 +34,8 @@ def load_model(path: Path, dtype: str | torch.dtype = "float32", device: str = "
                gguf_blocks: bool = False) -> LoadedModel:
     """A Hugging Face folder, a tinylm quantized folder or a .gguf file; `quantize` (a policy name such as "int8",
     "int4", "qkv-fp16", optionally with options, or a QuantPolicy) quantizes while loading. `gguf_blocks` (a .gguf
-    file, float32, no policy): its Q4_0-Q8_0 and Q4_K-Q6_K linear weights stay blocks (weights/loader.py
-    load_gguf_file).
+    file, float32 or a ValueError, no policy): its Q4_0-Q8_0 and Q4_K-Q6_K linear weights stay blocks
+    (weights/loader.py load_gguf_file).
 
     `check_finite` (default True) refuses weights holding NaN or Inf with a WeightsError naming the first such
     tensor; a quantize-while-loading path checks each float tensor before quantizing it."""
@@ -59,7 +59,7 @@ def _load(path: Path, gguf: bool, torch_dtype: torch.dtype, device: str, policy:
     if not gguf and quantization_config(path) is not None:
         return _saved_quantized(path, torch_dtype, device, policy, check_finite)
     if policy is None:
-        if gguf and gguf_blocks and torch_dtype == torch.float32:
+        if gguf_blocks:
             return load_gguf_file(path, torch_dtype, device, check_finite, blocks=True)
         return _float(path, gguf, torch_dtype, device, check_finite)
     if policy.activations == "int8":
