@@ -35,6 +35,12 @@ from tinylm.model.moe import is_routed_expert, routes_tokens
 BLOCK = 32  # columns a block
 
 
+def unpack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (..., K / 2) uint8, per 32 columns 16 bytes with q_j low and q_j+16 high -> (..., K) uint8."""
+    nibbles = codes.reshape(*codes.shape[:-1], -1, BLOCK // 2)  # (..., G, 16)
+    return torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).flatten(-2)
+
+
 @dataclass
 class BlockWeight:
     """One weight's blocks (see the module docstring for the layout)."""
@@ -55,11 +61,8 @@ class BlockWeight:
         if rows is not None:
             codes, scales = codes[rows], scales[rows]
             mins = None if mins is None else mins[rows]
-        if self.bits == 4:
-            nibbles = codes.reshape(*codes.shape[:-1], -1, BLOCK // 2)  # (..., G, 16)
-            q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float()  # (..., G, 32) in column order
-        else:  # (..., G, 32), or (..., 2G, 16) with a scale per 16 columns
-            q = codes.reshape(*codes.shape[:-1], scales.shape[-1], -1).float()
+        q = unpack_4bit(codes) if self.bits == 4 else codes  # (..., K) in column order
+        q = q.reshape(*q.shape[:-1], scales.shape[-1], -1).float()  # (..., G, 32), or (..., 2G, 16) for Q6_K
         values = q * scales[..., None] if mins is None else q * scales[..., None] + mins[..., None]
         return values.flatten(-2)
 

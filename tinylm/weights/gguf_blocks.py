@@ -25,8 +25,7 @@ from gguf.quants import Q4_K, dequantize
 
 from tinylm.model.block_linear import BLOCK, BlockWeight
 from tinylm.weights.gguf import open_gguf
-from tinylm.weights.gguf_reader import torch_shape
-from tinylm.weights.gguf_source import f16_values
+from tinylm.weights.gguf_reader import f16_values, torch_shape
 
 KINDS = (QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_0, QType.Q5_1, QType.Q5_K, QType.Q6_K, QType.Q8_0)
 # f16 value fields (byte offset) and byte runs set to make each type's scales 1 and mins 0 (see the docstring)

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
 
@@ -208,3 +209,8 @@ def wrap_errors(path: Path, what: str, fn, *args):
 def torch_shape(tensor) -> tuple[int, ...]:
     """GGUF lists dims innermost first: ne = (in, out); torch's shape is (out, in)."""
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def f16_values(pairs: np.ndarray) -> torch.Tensor:
+    """(N, G, 2) bytes holding little-endian f16 values -> (N, G) float32."""
+    return torch.from_numpy(np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32))

@@ -23,9 +23,10 @@ from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
 from tinylm.errors import WeightsError
+from tinylm.model.block_linear import unpack_4bit
+from tinylm.weights.gguf_blocks import blocks
 from tinylm.weights.sources import Rows
 
-BLOCK = 32
 NATIVE_TYPES = {QType.Q8_0: "int8", QType.Q4_0: "int4", QType.Q4_1: "int4"}
 
 
@@ -53,22 +54,11 @@ def decode(qtype: QType, data: np.ndarray, shape: tuple[int, int]) -> NativeWeig
     """data: the tensor's raw blocks (N, row bytes) uint8; shape (N, K). None for types with no native layer."""
     if qtype not in NATIVE_TYPES:
         return None
-    rows, cols = shape
-    blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // BLOCK, -1)  # (N, G, block bytes)
-    d = f16_values(blocks[..., 0:2])
+    stored = blocks(qtype, data, shape)  # the bytes parsed once, as the float32 model's block layers take them
     if qtype == QType.Q8_0:
-        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols))
-        return NativeWeight("int8", q.clone(), d)
-    offset = 4 if qtype == QType.Q4_1 else 2
-    nibbles = blocks[..., offset:]  # (N, G, 16): byte j holds q_j (low) and q_j+16 (high)
-    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)
-    zeros = f16_values(blocks[..., 2:4]) + 8 * d if qtype == QType.Q4_1 else torch.zeros_like(d)
-    return NativeWeight("int4", torch.from_numpy(q), d, zeros)
-
-
-def f16_values(pairs: np.ndarray) -> torch.Tensor:
-    """(N, G, 2) bytes holding little-endian f16 values -> (N, G) float32."""
-    return torch.from_numpy(np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32))
+        return NativeWeight("int8", stored.codes, stored.scales)
+    zeros = stored.mins + 8 * stored.scales if qtype == QType.Q4_1 else torch.zeros_like(stored.scales)
+    return NativeWeight("int4", unpack_4bit(stored.codes), stored.scales, zeros)
 
 
 class GGUFSource:
